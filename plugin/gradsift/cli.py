@@ -1,0 +1,351 @@
+"""The `gradsift` command: score, select, inspect.
+
+Every config key is a `--kebab-case` flag (`--quantization none`, `--keep-fraction 0.2`), or comes from a YAML file
+given with `--config` (nested `data:`, `scoring:`, `selection:` sections; a top-level `gradsift:` block, as in an
+axolotl YAML, works too). Flags win over the file. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradsift import __version__
+from gradsift.config import SECTIONS, GradSiftConfig, load_config
+
+logger = logging.getLogger("gradsift")
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+class UserError(Exception):
+    """An error in what the user asked for: reported in one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes", "torchao"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except (UserError, ValueError, FileNotFoundError) as error:
+        print(f"gradsift {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="gradsift",
+        description="Select fine-tuning samples by per-sample gradient norm to preserve safety alignment.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradsift {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    score = commands.add_parser(
+        "score",
+        help="score every row: per-sample loss and gradient norm",
+        description="Score every row of a dataset with per-sample loss and gradient L2 norm, cached in --out. "
+        "A rerun with the same model, data and scoring config reuses the scores; a killed run resumes.",
+    )
+    score.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a saved dataset folder or a hub id")
+    score.add_argument("--out", required=True, type=Path, help="folder for scores.parquet and scores.json")
+    _add_common(score, ("data", "scoring"))
+    score.set_defaults(handler=run_score)
+
+    select = commands.add_parser(
+        "select",
+        help="keep rows by a selection rule; write them in the input's format",
+        description="Apply a selection rule to scored rows. Writes the kept rows to --out in the input's own format, "
+        "dropped.jsonl (each dropped row with its scores and reason) and selection.json beside it.",
+    )
+    select.add_argument("scores", type=Path, metavar="DIR", help="a folder written by `gradsift score`")
+    select.add_argument("--out", required=True, type=Path, help="file for the kept rows (.jsonl, .json or .parquet)")
+    select.add_argument("--data", help="the scored data, if it moved (its content must match the scored fingerprint)")
+    _add_common(select, ("selection",))
+    select.set_defaults(handler=run_select)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show score quantiles, drop reasons and response-length bins",
+        description="Summarise a score folder: loss and gradient-norm quantiles, what the selection rule would drop "
+        "and why, and statistics per response-length bin.",
+    )
+    inspect.add_argument("scores", type=Path, metavar="DIR", help="a folder written by `gradsift score`")
+    inspect.add_argument("--bins", type=int, default=4, help="number of response-length bins (default 4)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_common(inspect, ("selection",))
+    inspect.set_defaults(handler=run_inspect)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file with data:, scoring: and selection: sections")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    for section in sections:
+        group = parser.add_argument_group(f"{section} options (`{section}.*` in --config)")
+        for name, field in SECTIONS[section].model_fields.items():
+            _add_field_flag(group, section, name, field)
+
+
+def _add_field_flag(group: Any, section: str, name: str, field: Any) -> None:
+    flag = "--" + name.replace("_", "-")
+    default = field.default
+    help_text = f"{field.description} (default: {default!r})".replace("%", "%%")
+    dest = f"{section}.{name}"
+    annotation = field.annotation
+    choices = _literal_choices(annotation)
+    if annotation is bool:
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+    elif choices:
+        group.add_argument(flag, dest=dest, choices=choices, default=argparse.SUPPRESS, help=help_text)
+    elif name == "lora_target_modules":
+        group.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=help_text)
+    else:
+        group.add_argument(flag, dest=dest, type=_scalar_parser(annotation), default=argparse.SUPPRESS,
+                           metavar=_metavar(annotation), help=help_text)
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    return None
+
+
+def _scalar_parser(annotation: Any):
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    nullable = type(None) in args
+    base = next((a for a in args if a is not type(None)), str)
+
+    def parse(text: str) -> Any:
+        if nullable and text.lower() in ("none", "null"):
+            return None
+        return base(text) if base in (int, float) else text
+
+    parse.__name__ = getattr(base, "__name__", "value")
+    return parse
+
+
+def _metavar(annotation: Any) -> str:
+    text = str(annotation)
+    if "float" in text:
+        return "X"
+    if "int" in text:
+        return "N"
+    return "VALUE"
+
+
+def config_from_args(args: argparse.Namespace) -> GradSiftConfig:
+    """Merge `--config FILE` with the flags that were given (flags win) into a validated config."""
+    data: dict[str, Any] = {}
+    if args.config is not None:
+        data = read_yaml_config(args.config)
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            data.setdefault(section, {})[name] = value
+    return load_config(data)
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """Read a config YAML: `data:`/`scoring:`/`selection:` sections, possibly under a top-level `gradsift:` key."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"--config {str(path)!r} does not exist.")
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config {str(path)!r} must hold a mapping; got {type(loaded).__name__}.")
+    if "gradsift" in loaded:
+        loaded = loaded["gradsift"] or {}
+    unknown = sorted(set(loaded) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"--config {str(path)!r} has unknown top-level keys {unknown}; use {sorted(SECTIONS)}.")
+    return loaded
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """`gradsift score`."""
+    from gradsift.data import load_source, tokenize_records
+    from gradsift.models import load_tokenizer
+    from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
+    from gradsift.models import load_model
+
+    config = config_from_args(args)
+    if not config.scoring.model:
+        raise UserError("`scoring.model` is not set: pass --model (a hub id, a local folder or "
+                        "embedded:smollm2-135m-instruct).")
+    source = load_source(args.data, split=config.data.split)
+    tokenizer = load_tokenizer(config.scoring.model, config.scoring.trust_remote_code)
+    rows = tokenize_records(source.records, tokenizer, config.data)
+    data_path = str(Path(source.path).resolve()) if source.kind in ("jsonl", "json", "parquet") else source.path
+    fingerprints = fingerprints_for(config, tokenizer, rows, data_path=data_path, data_fingerprint=source.fingerprint)
+    result = score_cached(
+        rows, config.scoring, args.out, fingerprints, partial_loader(load_model, config.scoring), tokenizer.pad_token_id,
+        progress=not args.quiet, describe={"data": config.data.model_dump()},
+    )
+    counts = ", ".join(f"{n:,} {status}" for status, n in sorted(result.status_counts().items()))
+    verb = "reused cached scores for" if result.reused else f"scored {result.rows_scored:,} of"
+    print(f"{verb} {len(rows):,} rows ({counts}) in {result.seconds:.1f} s -> {args.out / 'scores.parquet'}")
+    return 0
+
+
+def _load_scores(folder: Path):
+    from gradsift.store import TABLE, read_manifest, read_table
+
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("status") != "complete":
+        raise UserError(f"{str(folder)!r} holds no finished scores (no complete scores.json). Run `gradsift score` first.")
+    return manifest, read_table(folder / TABLE)
+
+
+def run_select(args: argparse.Namespace) -> int:
+    """`gradsift select`."""
+    from gradsift.data import load_source
+    from gradsift.pipeline import apply_selection
+    from gradsift.selection import REASONS
+    from gradsift.store import write_json
+
+    config = config_from_args(args)
+    manifest, table = _load_scores(args.scores)
+    fingerprints = manifest["fingerprints"]
+    data_path = args.data or fingerprints.get("data_path")
+    if not data_path:
+        raise UserError("The scores do not name their data file; pass --data.")
+    split = manifest.get("data", {}).get("split", "train")
+    source = load_source(data_path, split=split)
+    if source.fingerprint != fingerprints.get("data_fingerprint"):
+        raise UserError(
+            f"The data {data_path!r} changed since it was scored (fingerprint {source.fingerprint[:12]} != "
+            f"{str(fingerprints.get('data_fingerprint'))[:12]}). Score it again with `gradsift score`."
+        )
+    if len(source) != len(table):
+        raise UserError(f"The data has {len(source):,} rows but the scores have {len(table):,}; score it again.")
+    selection = apply_selection(table, config)
+    out = args.out
+    kept = np.sort(table.index[selection.keep])
+    source.write_subset(kept.tolist(), out)
+    dropped_path = out.parent / "dropped.jsonl"
+    write_dropped(dropped_path, table, selection, source.records)
+    write_json(
+        {
+            "scores": str(args.scores),
+            "data": data_path,
+            "selection": config.selection.model_dump(),
+            "num_rows": len(table),
+            "num_kept": selection.num_kept,
+            "dropped": selection.counts(),
+            "reasons": {reason: REASONS[reason] for reason in selection.counts()},
+            "summary": selection.summary(),
+        },
+        out.parent / "selection.json",
+    )
+    print(f"{selection.summary()} -> {out} (dropped rows: {dropped_path})")
+    return 0
+
+
+def write_dropped(path: Path, table: Any, selection: Any, records: Sequence[dict[str, Any]]) -> None:
+    """Write each dropped row with its scores, reason and original content, one JSON object per line, atomically."""
+    from gradsift.data import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for position in np.flatnonzero(~selection.keep):
+            index = int(table.index[position])
+            entry = {
+                "index": index,
+                "sample_id": str(table.sample_id[position]),
+                "reason": str(selection.reasons[position]),
+                "loss": _finite_or_none(table.loss[position]),
+                "grad_norm": _finite_or_none(table.grad_norm[position]),
+                "num_response_tokens": int(table.num_response_tokens[position]),
+                "status": str(table.status[position]),
+                "row": records[index],
+            }
+            handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """`gradsift inspect`."""
+    from gradsift.pipeline import apply_selection
+
+    config = config_from_args(args)
+    manifest, table = _load_scores(args.scores)
+    selection = apply_selection(table, config)
+    ok = table.status == "ok"
+    report: dict[str, Any] = {
+        "rows": len(table),
+        "status": {status: int((table.status == status).sum()) for status in sorted(set(table.status.tolist()))},
+        "quantiles": {
+            column: {str(q): float(np.quantile(getattr(table, column)[ok], q)) for q in QUANTILES} if ok.any() else {}
+            for column in ("loss", "grad_norm")
+        },
+        "selection": {"rule": config.selection.rule, "summary": selection.summary(), "dropped": selection.counts()},
+        "length_bins": _length_bins(table, selection, ok, args.bins),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.scores}: {report['rows']:,} rows; " + ", ".join(f"{n:,} {s}" for s, n in report["status"].items()))
+    print(f"model {manifest['fingerprints'].get('model')}; data {manifest['fingerprints'].get('data_path')}")
+    print()
+    print(_table(["quantile", *[f"{q:g}" for q in QUANTILES]],
+                 [[column, *[f"{v:.4g}" for v in values.values()]] for column, values in report["quantiles"].items()]))
+    print()
+    print(f"selection ({config.selection.rule}): {selection.summary()}")
+    print()
+    print(_table(["response tokens", "rows", "median loss", "median grad_norm", "kept"],
+                 [[b["range"], str(b["rows"]), f"{b['median_loss']:.4g}", f"{b['median_grad_norm']:.4g}",
+                   f"{b['kept']} ({b['kept_fraction']:.0%})"] for b in report["length_bins"]]))
+    return 0
+
+
+def _length_bins(table: Any, selection: Any, ok: np.ndarray, bins: int) -> list[dict[str, Any]]:
+    if not ok.any():
+        return []
+    lengths = table.num_response_tokens[ok]
+    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, bins + 1)).round().astype(int))
+    result = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        last = high == edges[-1]
+        member = ok & (table.num_response_tokens >= low) & ((table.num_response_tokens <= high) if last else (table.num_response_tokens < high))
+        if not member.any():
+            continue
+        kept = int((selection.keep & member).sum())
+        result.append({
+            "range": f"{low}-{high}" if last else f"{low}-{high - 1}",
+            "rows": int(member.sum()),
+            "median_loss": float(np.median(table.loss[member])),
+            "median_grad_norm": float(np.median(table.grad_norm[member])),
+            "kept": kept,
+            "kept_fraction": kept / int(member.sum()),
+        })
+    return result
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

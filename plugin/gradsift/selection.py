@@ -1,0 +1,280 @@
+"""Selection rules: turn per-row losses and gradient norms into a keep mask and a reason for every dropped row.
+
+Pure numpy and I/O-free, so the offline CLI, the online per-batch mode and the tests share one implementation.
+Ties are always broken by the lower original row index: it is kept first by `moderate`, `high` and `low`, and
+dropped first by `drop_top` (which ranks rows by descending norm, then index).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradsift.config import SelectionConfig
+
+logger = logging.getLogger(__name__)
+
+REASONS: dict[str, str] = {
+    "no_response_tokens": "The row has no response tokens, so there is nothing to score or train on.",
+    "nonfinite": "The row's loss or gradient norm is NaN or infinite.",
+    "loss_outlier": "`moderate`: the loss is more than `loss_sigma` population stds away from the group's mean loss.",
+    "far_from_median": "`moderate`: passed the loss filter but is not among the k rows nearest the median norm.",
+    "grad_norm_top_fraction": "`drop_top`: among the `drop_fraction` highest gradient norms.",
+    "grad_norm_below_band": "`band`: gradient norm below the `lower_quantile` quantile.",
+    "grad_norm_above_band": "`band`: gradient norm above the `upper_quantile` quantile.",
+    "grad_norm_above_max": "`threshold`: gradient norm above `max_grad_norm`.",
+    "grad_norm_below_min": "`threshold`: gradient norm below `min_grad_norm`.",
+    "random_not_sampled": "`random`: not drawn into the seeded random subset.",
+    "not_in_top_fraction": "`high`: not among the `keep_fraction` highest gradient norms.",
+    "not_in_bottom_fraction": "`low`: not among the `keep_fraction` lowest gradient norms.",
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of a rule: which rows are kept and why each other row was dropped.
+
+    Attributes:
+        keep: Boolean mask, one entry per row.
+        reasons: Object array of `str`, one per row: `""` for kept rows, otherwise a key of `REASONS` (or the row's
+            status, for rows whose status is not `ok`).
+    """
+
+    keep: np.ndarray
+    reasons: np.ndarray
+
+    @property
+    def num_kept(self) -> int:
+        """Return the number of kept rows."""
+        return int(np.count_nonzero(self.keep))
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of dropped rows per reason, the most frequent first, ties by name."""
+        counter = Counter(reason for reason in self.reasons.tolist() if reason)
+        return dict(sorted(counter.items(), key=lambda item: (-item[1], item[0])))
+
+    def summary(self) -> str:
+        """Return one line like `kept 2,000/10,000 (20.0%); dropped 6,792 far_from_median, 1,208 loss_outlier`."""
+        total = len(self.keep)
+        percent = 100 * self.num_kept / total if total else 0.0
+        dropped = ", ".join(f"{count:,} {reason}" for reason, count in self.counts().items()) or "none"
+        return f"kept {self.num_kept:,}/{total:,} ({percent:.1f}%); dropped {dropped}"
+
+
+def moderate_keep(
+    losses: np.ndarray, grad_norms: np.ndarray, k: int, loss_sigma: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the paper's rule to one group of `ok` rows (a window, a length bin, a batch or the whole dataset).
+
+    Rows with `|loss - mean| <= loss_sigma * std` survive (population std, bounds inclusive); of the survivors, the
+    `k` with the smallest `|norm - median(survivor norms)|` are kept, ties broken by lower position. If fewer than
+    `k` rows survive, all survivors are kept and this is logged.
+
+    Args:
+        losses: Finite per-row losses of the group.
+        grad_norms: Finite per-row gradient norms of the group, same length.
+        k: Rows to keep; the caller computes it from the group size, not from the survivors.
+        loss_sigma: Width of the loss filter in stds; `None` disables the filter.
+
+    Returns:
+        The keep mask and the reasons (`""`, `loss_outlier` or `far_from_median`) for the group's rows.
+    """
+    losses, grad_norms = np.asarray(losses, dtype=float), np.asarray(grad_norms, dtype=float)
+    if losses.shape != grad_norms.shape or losses.ndim != 1:
+        raise ValueError(
+            f"`losses` and `grad_norms` must be 1-D of one length; got shapes {losses.shape} and {grad_norms.shape}."
+        )
+    if k < 0:
+        raise ValueError(f"`k` must be >= 0; got {k}.")
+    if not (np.isfinite(losses).all() and np.isfinite(grad_norms).all()):
+        raise ValueError("`moderate_keep` needs finite losses and gradient norms; drop the nonfinite rows first.")
+    survives = np.ones(len(losses), dtype=bool)
+    if loss_sigma is not None and len(losses):
+        survives = np.abs(losses - losses.mean()) <= loss_sigma * losses.std()
+    reasons = np.where(survives, "far_from_median", "loss_outlier").astype(object)
+    survivors = np.flatnonzero(survives)
+    if len(survivors) < k:
+        logger.info(
+            "moderate: only %d of %d rows pass the loss filter, fewer than k=%d; keeping all survivors",
+            len(survivors),
+            len(losses),
+            k,
+        )
+    if len(survivors):
+        distance = np.abs(grad_norms[survivors] - np.median(grad_norms[survivors]))
+        reasons[survivors[np.argsort(distance, kind="stable")[:k]]] = ""
+    return reasons == "", reasons
+
+
+def _fraction_count(fraction: float, n: int) -> int:
+    # Round away float noise before the floor: 0.29 * 100 is 28.999999999999996, and 29% of 100 rows means 29.
+    return int(np.floor(round(fraction * n, 6)))
+
+
+def _keep_first(order: np.ndarray, k: int, reason: str) -> np.ndarray:
+    reasons = np.full(len(order), reason, dtype=object)
+    reasons[order[:k]] = ""
+    return reasons
+
+
+def _mark(n: int, *drops: tuple[np.ndarray, str]) -> np.ndarray:
+    reasons = np.full(n, "", dtype=object)
+    for mask, reason in drops:
+        reasons[mask] = reason
+    return reasons
+
+
+# Each rule sees one group: its losses, norms, original row indices (ascending, so a stable sort breaks ties by
+# lower index), the group's k, the config and the shared generator; it returns the group's reasons.
+_Rule = Callable[[np.ndarray, np.ndarray, np.ndarray, int, SelectionConfig, np.random.Generator], np.ndarray]
+
+
+def _moderate(losses, norms, index, k, config, rng) -> np.ndarray:
+    return moderate_keep(losses, norms, k, config.loss_sigma)[1]
+
+
+def _drop_top(losses, norms, index, k, config, rng) -> np.ndarray:
+    top = np.argsort(-norms, kind="stable")[: _fraction_count(config.drop_fraction, len(norms))]
+    return _mark(len(norms), (top, "grad_norm_top_fraction"))
+
+
+def _band(losses, norms, index, k, config, rng) -> np.ndarray:
+    low, high = np.quantile(norms, [config.lower_quantile, config.upper_quantile])
+    return _mark(len(norms), (norms < low, "grad_norm_below_band"), (norms > high, "grad_norm_above_band"))
+
+
+def _threshold(losses, norms, index, k, config, rng) -> np.ndarray:
+    too_low = norms < config.min_grad_norm if config.min_grad_norm is not None else np.zeros(len(norms), dtype=bool)
+    return _mark(len(norms), (norms > config.max_grad_norm, "grad_norm_above_max"), (too_low, "grad_norm_below_min"))
+
+
+def _random(losses, norms, index, k, config, rng) -> np.ndarray:
+    chosen = rng.choice(index, k, replace=False)
+    return _mark(len(norms), (~np.isin(index, chosen), "random_not_sampled"))
+
+
+def _high(losses, norms, index, k, config, rng) -> np.ndarray:
+    return _keep_first(np.argsort(-norms, kind="stable"), k, "not_in_top_fraction")
+
+
+def _low(losses, norms, index, k, config, rng) -> np.ndarray:
+    return _keep_first(np.argsort(norms, kind="stable"), k, "not_in_bottom_fraction")
+
+
+_RULES: dict[str, _Rule] = {
+    "moderate": _moderate,
+    "drop_top": _drop_top,
+    "band": _band,
+    "threshold": _threshold,
+    "random": _random,
+    "high": _high,
+    "low": _low,
+}
+
+
+def _groups(ok: np.ndarray, lengths: np.ndarray | None, config: SelectionConfig) -> list[np.ndarray]:
+    """Split the ok rows into the groups a rule runs on: windows, then length bins inside each window."""
+    n = len(ok)
+    if config.window is None:
+        blocks = [np.arange(n)]
+    else:
+        order = np.random.default_rng(config.seed).permutation(n)
+        blocks = [order[start : start + config.window] for start in range(0, n, config.window)]
+    blocks = [np.sort(block[ok[block]]) for block in blocks]
+    if config.length_strata is None or not ok.any():
+        return blocks
+    # Edges come from the whole dataset, so a row's bin does not depend on which window it landed in.
+    edges = np.quantile(lengths[ok], np.linspace(0, 1, config.length_strata + 1))
+    bins = np.searchsorted(edges[1:-1], lengths, side="right")
+    return [block[bins[block] == b] for block in blocks for b in range(config.length_strata)]
+
+
+def _group_ks(sizes: np.ndarray, config: SelectionConfig, keep_count: int | None) -> list[int]:
+    if keep_count is None:
+        return [_fraction_count(config.keep_fraction, int(size)) for size in sizes]
+    # Split keep_count over the groups by largest remainder, in integers so that the total is exact.
+    base, remainder = np.divmod(keep_count * sizes, max(int(sizes.sum()), 1))
+    base[np.argsort(-remainder, kind="stable")[: keep_count - int(base.sum())]] += 1
+    return base.tolist()
+
+
+def _check_inputs(arrays: dict[str, np.ndarray], config: SelectionConfig, keep_count: int | None) -> None:
+    if any(array.ndim != 1 for array in arrays.values()):
+        shapes = ", ".join(f"`{name}` {array.shape}" for name, array in arrays.items())
+        raise ValueError(f"selection inputs must be 1-D arrays, one entry per row; got {shapes}.")
+    if len({len(array) for array in arrays.values()}) > 1:
+        lengths = ", ".join(f"`{name}` {len(array)}" for name, array in arrays.items())
+        raise ValueError(f"selection inputs must have one entry per row; got lengths {lengths}.")
+    if config.window is not None and config.rule != "moderate":
+        raise ValueError(
+            f"`selection.window` only applies to `selection.rule` 'moderate'; got rule {config.rule!r} with window "
+            f"{config.window}. Unset `selection.window` or use rule 'moderate'."
+        )
+    if config.length_strata is not None and "num_response_tokens" not in arrays:
+        raise ValueError(
+            f"`selection.length_strata` is {config.length_strata} but no `num_response_tokens` were given. Pass them, "
+            "or unset `selection.length_strata`."
+        )
+    if keep_count is not None and config.rule != "random":
+        raise ValueError(f"`keep_count` only applies to `selection.rule` 'random'; got rule {config.rule!r}.")
+
+
+def select_rows(
+    losses: Sequence[float] | np.ndarray,
+    grad_norms: Sequence[float] | np.ndarray,
+    status: Sequence[str] | np.ndarray,
+    config: SelectionConfig,
+    *,
+    num_response_tokens: Sequence[int] | np.ndarray | None = None,
+    keep_count: int | None = None,
+) -> Selection:
+    """Apply `config.rule` to scored rows and return which are kept, with a reason for each dropped row.
+
+    Rows whose status is not `ok` are never kept and carry their status as the reason; `ok` rows with a NaN or
+    infinite loss or norm are dropped as `nonfinite`. Counts such as k are fractions of the remaining `ok` rows of
+    each group (the whole dataset, a `window`, or a `length_strata` bin inside it).
+
+    Args:
+        losses: Per-row mean token loss.
+        grad_norms: Per-row gradient norm.
+        status: Per-row status: `ok`, `no_response_tokens` or `nonfinite`.
+        config: The selection options.
+        num_response_tokens: Per-row response length; required with `selection.length_strata`.
+        keep_count: For `random` only: keep exactly this many rows instead of `keep_fraction` of them, to match
+            another arm's size (split over length bins by largest remainder).
+
+    Returns:
+        The keep mask and the per-row reasons.
+
+    Raises:
+        ValueError: If the inputs differ in length, or an option does not fit the rule.
+    """
+    arrays = {
+        "losses": np.asarray(losses, dtype=float),
+        "grad_norms": np.asarray(grad_norms, dtype=float),
+        "status": np.asarray(status).astype(str).astype(object),
+    }
+    if num_response_tokens is not None:
+        arrays["num_response_tokens"] = np.asarray(num_response_tokens)
+    _check_inputs(arrays, config, keep_count)
+    losses, norms, reasons = arrays["losses"], arrays["grad_norms"], arrays["status"].copy()
+    ok = (reasons == "ok") & np.isfinite(losses) & np.isfinite(norms)
+    if keep_count is not None and not 0 <= keep_count <= np.count_nonzero(ok):
+        raise ValueError(
+            f"`keep_count` must be between 0 and the {np.count_nonzero(ok):,} ok rows; got {keep_count:,}."
+        )
+    reasons[(reasons == "ok") & ~ok] = "nonfinite"
+    reasons[ok] = ""
+
+    groups = _groups(ok, arrays.get("num_response_tokens"), config)
+    ks = _group_ks(np.array([len(group) for group in groups], dtype=np.int64), config, keep_count)
+    rng = np.random.default_rng(config.seed)
+    rule = _RULES[config.rule]
+    for index, k in zip(groups, ks):
+        if len(index):
+            reasons[index] = rule(losses[index], norms[index], index, k, config, rng)
+    return Selection(keep=np.asarray(reasons == "", dtype=bool), reasons=reasons)

@@ -1,0 +1,106 @@
+"""Fixtures: a tiny random Llama and a byte-level BPE chat tokenizer trained on the spot, with no hub access."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Classify the sentiment: I loved this film. positive",
+    "Is the sky blue on a clear day? yes",
+    "Explain photosynthesis in one sentence. Plants turn light, water and carbon dioxide into sugar and oxygen.",
+    "Write a short poem about the sea. Waves fold over waves, the grey sea keeps its own time.",
+    "Translate to French: good morning. bonjour",
+    "How many legs does a spider have? eight",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Input: ### Response: user assistant system",
+]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(tokenizer, seed: int = 0, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama saved as a local model folder (safetensors + tokenizer), as users pass with `--model DIR`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return build_model(tokenizer)
+
+
+@pytest.fixture
+def mixed_records():
+    """Rows of varied lengths, in prompt/completion form, some with terse answers."""
+    prompts = [
+        ("Classify the sentiment: I loved this film.", "positive"),
+        ("Is the sky blue on a clear day?", "yes"),
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Explain photosynthesis in one sentence.", "Plants turn light, water and carbon dioxide into sugar."),
+        ("Write a short poem about the sea.", "Waves fold over waves, the grey sea keeps its own time, and so do I."),
+        ("Translate to French: good morning.", "bonjour"),
+        ("How many legs does a spider have?", "eight"),
+        ("Describe the sea.", "The sea is grey and wide; waves fold over waves all day and all night long."),
+    ]
+    rows = []
+    for i in range(24):
+        prompt, completion = prompts[i % len(prompts)]
+        rows.append({"prompt": f"{prompt} ({i})", "completion": completion + (" Really." * (i % 3))})
+    return rows

@@ -1,0 +1,160 @@
+"""Batched hook scoring against the batch-size-1 loop reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_model
+
+from gradsift.config import DataConfig, ScoringConfig, SelectionConfig
+from gradsift.data import TokenizedRow, make_batches, tokenize_records
+from gradsift.models import attach_lora, load_model, prepare_full_scope
+from gradsift.scoring import GradNormHooks, score_rows
+from gradsift.selection import select_rows
+
+
+@pytest.fixture
+def rows(tokenizer, mixed_records):
+    return tokenize_records(mixed_records, tokenizer, DataConfig())
+
+
+def lora_model(tokenizer, tie=False, perturb_b=True, r=4):
+    model = attach_lora(build_model(tokenizer, tie=tie), ScoringConfig(lora_r=r, lora_alpha=8))
+    if perturb_b:  # a trained adapter: lora_B != 0, so lora_A has a gradient too
+        generator = torch.Generator().manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.1
+    return model
+
+
+def batched_and_loop(model, rows, tokenizer, **overrides):
+    config = ScoringConfig(max_tokens_per_batch=256, **overrides)
+    batched = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
+    loop = score_rows(model, rows, config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id, progress=False)
+    return batched, loop
+
+
+def max_rel(a, b):
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def test_rows_have_varied_lengths_and_batches_need_padding(rows):
+    lengths = [len(row.input_ids) for row in rows]
+    assert len(rows) == 24 and len(set(lengths)) >= 8
+    batches = make_batches(lengths, 256, 32)
+    assert len(batches) > 1
+    assert any(len({lengths[i] for i in batch}) > 1 for batch in batches)  # padding inside a batch
+
+
+@pytest.mark.parametrize("norm_method", ["auto", "direct", "ghost"])
+@pytest.mark.parametrize("perturb_b", [False, True], ids=["fresh-lora", "trained-lora"])
+def test_batched_lora_matches_loop(tokenizer, rows, norm_method, perturb_b):
+    model = lora_model(tokenizer, perturb_b=perturb_b)
+    batched, loop = batched_and_loop(model, rows, tokenizer, norm_method=norm_method)
+    assert (loop.grad_norm > 0).all()
+    assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-5
+    assert max_rel(batched.loss, loop.loss) <= 1e-6
+    config = SelectionConfig(rule="moderate", keep_fraction=0.25)
+    keep_batched = select_rows(batched.loss, batched.grad_norm, batched.status, config).keep
+    keep_loop = select_rows(loop.loss, loop.grad_norm, loop.status, config).keep
+    assert keep_batched.sum() == 6
+    np.testing.assert_array_equal(keep_batched, keep_loop)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
+@pytest.mark.parametrize("norm_method", ["direct", "ghost"])
+def test_batched_full_scope_matches_loop(tokenizer, rows, tie, norm_method):
+    model = build_model(tokenizer, tie=tie)
+    prepare_full_scope(model)
+    batched, loop = batched_and_loop(model, rows, tokenizer, norm_method=norm_method, param_scope="all")
+    assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-5
+    assert max_rel(batched.loss, loop.loss) <= 1e-6
+
+
+def test_tied_embedding_cross_term_is_counted(tokenizer, rows):
+    """With tied weights the norm of the summed gradient is not the sum of per-layer norms: the cross term matters."""
+    model = build_model(tokenizer, tie=True)
+    prepare_full_scope(model)
+    config = ScoringConfig(param_scope="all")
+    hooks = GradNormHooks(model)
+    assert len(hooks.shared) == 1
+    hooks.shared.clear()  # pretend the weight is not shared: each use then counts on its own
+    from gradsift.data import collate
+    from gradsift.scoring import score_batch
+
+    batch = collate(rows[:4], tokenizer.pad_token_id)
+    with hooks:
+        _, wrong = score_batch(model, hooks, batch)
+    loop = score_rows(model, rows[:4], config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id,
+                      progress=False)
+    assert max_rel(wrong.numpy(), loop.grad_norm) > 1e-3
+
+
+def test_fresh_lora_score_is_deterministic_for_a_seed(tokenizer, rows):
+    first = score_rows(lora_model(tokenizer, perturb_b=False), rows[:6], ScoringConfig(), 3, progress=False)
+    again = score_rows(lora_model(tokenizer, perturb_b=False), rows[:6], ScoringConfig(), 3, progress=False)
+    np.testing.assert_array_equal(first.grad_norm, again.grad_norm)
+    other_seed = attach_lora(build_model(tokenizer), ScoringConfig(lora_r=4, lora_alpha=8, lora_seed=7))
+    other = score_rows(other_seed, rows[:6], ScoringConfig(), 3, progress=False)
+    assert not np.allclose(first.grad_norm, other.grad_norm)
+
+
+def test_gradient_checkpointing_gives_the_same_scores(tokenizer, rows):
+    model = lora_model(tokenizer)
+    plain = score_rows(model, rows, ScoringConfig(), tokenizer.pad_token_id, progress=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = score_rows(model, rows, ScoringConfig(), tokenizer.pad_token_id, progress=False)
+    assert model.is_gradient_checkpointing
+    assert max_rel(checkpointed.grad_norm, plain.grad_norm) <= 1e-5
+
+
+def test_rows_without_response_tokens_are_marked_and_not_scored(tokenizer, rows):
+    empty = TokenizedRow(input_ids=rows[0].input_ids, labels=[-100] * len(rows[0].input_ids), sample_id="x#0")
+    table = score_rows(lora_model(tokenizer), [rows[1], empty, rows[2]], ScoringConfig(), 3, progress=False)
+    assert table.status.tolist() == ["ok", "no_response_tokens", "ok"]
+    assert np.isnan(table.grad_norm[1]) and np.isfinite(table.grad_norm[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("method", ["batched", "loop"])
+def test_nonfinite_loss_is_marked_and_does_not_spoil_other_rows(tokenizer, rows, method):
+    model = lora_model(tokenizer)
+    clean = score_rows(model, rows, ScoringConfig(), tokenizer.pad_token_id, progress=False)
+    poisoned_token = rows[5].input_ids[3]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[poisoned_token] = float("nan")
+    table = score_rows(model, rows, ScoringConfig(method=method), tokenizer.pad_token_id, progress=False)
+    bad = np.array([poisoned_token in row.input_ids for row in rows])
+    assert bad.any() and not bad.all()
+    assert (table.status[bad] == "nonfinite").all()
+    assert (table.status[~bad] == "ok").all()
+    assert max_rel(table.grad_norm[~bad], clean.grad_norm[~bad]) <= 1e-5
+
+
+def test_trainable_parameters_outside_linear_layers_are_rejected(tokenizer):
+    model = lora_model(tokenizer)
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        GradNormHooks(model)
+
+
+def test_nf4_batched_matches_loop(tiny_model_dir, tokenizer, rows):
+    """bitsandbytes 4-bit base + LoRA. Both paths dequantize the same NF4 weights and run fp32 matmuls, so they differ
+    only by summation order over padded batches; 1e-4 leaves room for that while catching any masking error, which
+    shows up at the 1e-2 level or worse (see DESIGN.md's traps)."""
+    model = load_model(ScoringConfig(model=str(tiny_model_dir), quantization="nf4", lora_r=4, device="cpu"))
+    linear4bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert linear4bit, "the base model is not 4-bit"
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    batched, loop = batched_and_loop(model, rows, tokenizer)
+    assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-4
+    assert max_rel(batched.loss, loop.loss) <= 1e-5
+    config = SelectionConfig(rule="moderate", keep_fraction=0.25)
+    np.testing.assert_array_equal(
+        select_rows(batched.loss, batched.grad_norm, batched.status, config).keep,
+        select_rows(loop.loss, loop.grad_norm, loop.status, config).keep,
+    )
