@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_model
 
 from gradsift.config import DataConfig, ScoringConfig, SelectionConfig
 from gradsift.data import TokenizedRow, make_batches, tokenize_records
 from gradsift.models import attach_lora, load_model, prepare_full_scope
 from gradsift.scoring import GradNormHooks, score_rows
 from gradsift.selection import select_rows
+
+from conftest import build_model
 
 
 @pytest.fixture
@@ -32,7 +33,9 @@ def lora_model(tokenizer, tie=False, perturb_b=True, r=4):
 def batched_and_loop(model, rows, tokenizer, **overrides):
     config = ScoringConfig(max_tokens_per_batch=256, **overrides)
     batched = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
-    loop = score_rows(model, rows, config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id, progress=False)
+    loop = score_rows(
+        model, rows, config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id, progress=False
+    )
     return batched, loop
 
 
@@ -87,8 +90,9 @@ def test_tied_embedding_cross_term_is_counted(tokenizer, rows):
     batch = collate(rows[:4], tokenizer.pad_token_id)
     with hooks:
         _, wrong = score_batch(model, hooks, batch)
-    loop = score_rows(model, rows[:4], config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id,
-                      progress=False)
+    loop = score_rows(
+        model, rows[:4], config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id, progress=False
+    )
     assert max_rel(wrong.numpy(), loop.grad_norm) > 1e-3
 
 
@@ -158,3 +162,12 @@ def test_nf4_batched_matches_loop(tiny_model_dir, tokenizer, rows):
         select_rows(batched.loss, batched.grad_norm, batched.status, config).keep,
         select_rows(loop.loss, loop.grad_norm, loop.status, config).keep,
     )
+
+
+def test_a_layer_called_twice_per_forward_is_refused(tokenizer, rows):
+    model = lora_model(tokenizer)
+    layer = model.base_model.model.model.layers[0].mlp
+    original = layer.forward
+    layer.forward = lambda x: original(x) + original(x) * 0  # the same LoRA linears run twice
+    with pytest.raises(ValueError, match="called more than once per forward pass"):
+        score_rows(model, rows[:2], ScoringConfig(), tokenizer.pad_token_id, progress=False)

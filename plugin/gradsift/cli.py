@@ -38,11 +38,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes", "torchao"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quiet:
+        _disable_library_progress_bars()
     try:
         return args.handler(args)
     except (UserError, ValueError, FileNotFoundError) as error:
         print(f"gradsift {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _disable_library_progress_bars() -> None:
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every row of a dataset with per-sample loss and gradient L2 norm, cached in --out. "
         "A rerun with the same model, data and scoring config reuses the scores; a killed run resumes.",
     )
-    score.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a saved dataset folder or a hub id")
+    score.add_argument(
+        "--data", required=True, help="a .jsonl/.json/.parquet file, a saved dataset folder or a hub id"
+    )
     score.add_argument("--out", required=True, type=Path, help="folder for scores.parquet and scores.json")
     _add_common(score, ("data", "scoring"))
     score.set_defaults(handler=run_score)
@@ -108,15 +120,22 @@ def _add_field_flag(group: Any, section: str, name: str, field: Any) -> None:
     annotation = field.annotation
     choices = _literal_choices(annotation)
     if annotation is bool:
-        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_text)
+        group.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+        )
     elif choices:
         group.add_argument(flag, dest=dest, choices=choices, default=argparse.SUPPRESS, help=help_text)
     elif name == "lora_target_modules":
         group.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=help_text)
     else:
-        group.add_argument(flag, dest=dest, type=_scalar_parser(annotation), default=argparse.SUPPRESS,
-                           metavar=_metavar(annotation), help=help_text)
+        group.add_argument(
+            flag,
+            dest=dest,
+            type=_scalar_parser(annotation),
+            default=argparse.SUPPRESS,
+            metavar=_metavar(annotation),
+            help=help_text,
+        )
 
 
 def _literal_choices(annotation: Any) -> list[str] | None:
@@ -126,7 +145,11 @@ def _literal_choices(annotation: Any) -> list[str] | None:
 
 
 def _scalar_parser(annotation: Any):
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    args = (
+        typing.get_args(annotation)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+        else (annotation,)
+    )
     nullable = type(None) in args
     base = next((a for a in args if a is not type(None)), str)
 
@@ -180,22 +203,28 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
 def run_score(args: argparse.Namespace) -> int:
     """`gradsift score`."""
     from gradsift.data import load_source, tokenize_records
-    from gradsift.models import load_tokenizer
+    from gradsift.models import load_model, load_tokenizer
     from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
-    from gradsift.models import load_model
 
     config = config_from_args(args)
     if not config.scoring.model:
-        raise UserError("`scoring.model` is not set: pass --model (a hub id, a local folder or "
-                        "embedded:smollm2-135m-instruct).")
+        raise UserError(
+            "`scoring.model` is not set: pass --model (a hub id, a local folder or embedded:smollm2-135m-instruct)."
+        )
     source = load_source(args.data, split=config.data.split)
     tokenizer = load_tokenizer(config.scoring.model, config.scoring.trust_remote_code)
     rows = tokenize_records(source.records, tokenizer, config.data)
     data_path = str(Path(source.path).resolve()) if source.kind in ("jsonl", "json", "parquet") else source.path
     fingerprints = fingerprints_for(config, tokenizer, rows, data_path=data_path, data_fingerprint=source.fingerprint)
     result = score_cached(
-        rows, config.scoring, args.out, fingerprints, partial_loader(load_model, config.scoring), tokenizer.pad_token_id,
-        progress=not args.quiet, describe={"data": config.data.model_dump()},
+        rows,
+        config.scoring,
+        args.out,
+        fingerprints,
+        partial_loader(load_model, config.scoring),
+        tokenizer.pad_token_id,
+        progress=not args.quiet,
+        describe={"data": config.data.model_dump()},
     )
     counts = ", ".join(f"{n:,} {status}" for status, n in sorted(result.status_counts().items()))
     verb = "reused cached scores for" if result.reused else f"scored {result.rows_scored:,} of"
@@ -208,7 +237,9 @@ def _load_scores(folder: Path):
 
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("status") != "complete":
-        raise UserError(f"{str(folder)!r} holds no finished scores (no complete scores.json). Run `gradsift score` first.")
+        raise UserError(
+            f"{str(folder)!r} holds no finished scores (no complete scores.json). Run `gradsift score` first."
+        )
     return manifest, read_table(folder / TABLE)
 
 
@@ -305,14 +336,30 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"{args.scores}: {report['rows']:,} rows; " + ", ".join(f"{n:,} {s}" for s, n in report["status"].items()))
     print(f"model {manifest['fingerprints'].get('model')}; data {manifest['fingerprints'].get('data_path')}")
     print()
-    print(_table(["quantile", *[f"{q:g}" for q in QUANTILES]],
-                 [[column, *[f"{v:.4g}" for v in values.values()]] for column, values in report["quantiles"].items()]))
+    print(
+        _table(
+            ["quantile", *[f"{q:g}" for q in QUANTILES]],
+            [[column, *[f"{v:.4g}" for v in values.values()]] for column, values in report["quantiles"].items()],
+        )
+    )
     print()
     print(f"selection ({config.selection.rule}): {selection.summary()}")
     print()
-    print(_table(["response tokens", "rows", "median loss", "median grad_norm", "kept"],
-                 [[b["range"], str(b["rows"]), f"{b['median_loss']:.4g}", f"{b['median_grad_norm']:.4g}",
-                   f"{b['kept']} ({b['kept_fraction']:.0%})"] for b in report["length_bins"]]))
+    print(
+        _table(
+            ["response tokens", "rows", "median loss", "median grad_norm", "kept"],
+            [
+                [
+                    b["range"],
+                    str(b["rows"]),
+                    f"{b['median_loss']:.4g}",
+                    f"{b['median_grad_norm']:.4g}",
+                    f"{b['kept']} ({b['kept_fraction']:.0%})",
+                ]
+                for b in report["length_bins"]
+            ],
+        )
+    )
     return 0
 
 
@@ -324,18 +371,24 @@ def _length_bins(table: Any, selection: Any, ok: np.ndarray, bins: int) -> list[
     result = []
     for low, high in zip(edges[:-1], edges[1:]):
         last = high == edges[-1]
-        member = ok & (table.num_response_tokens >= low) & ((table.num_response_tokens <= high) if last else (table.num_response_tokens < high))
+        member = (
+            ok
+            & (table.num_response_tokens >= low)
+            & ((table.num_response_tokens <= high) if last else (table.num_response_tokens < high))
+        )
         if not member.any():
             continue
         kept = int((selection.keep & member).sum())
-        result.append({
-            "range": f"{low}-{high}" if last else f"{low}-{high - 1}",
-            "rows": int(member.sum()),
-            "median_loss": float(np.median(table.loss[member])),
-            "median_grad_norm": float(np.median(table.grad_norm[member])),
-            "kept": kept,
-            "kept_fraction": kept / int(member.sum()),
-        })
+        result.append(
+            {
+                "range": f"{low}-{high}" if last else f"{low}-{high - 1}",
+                "rows": int(member.sum()),
+                "median_loss": float(np.median(table.loss[member])),
+                "median_grad_norm": float(np.median(table.grad_norm[member])),
+                "kept": kept,
+                "kept_fraction": kept / int(member.sum()),
+            }
+        )
     return result
 
 

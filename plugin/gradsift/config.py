@@ -29,7 +29,9 @@ class DataConfig(_Strict):
         "`instruction`+`output` (alpaca), or `input_ids`+`labels` (pre-tokenized).",
     )
     max_length: int = Field(
-        1024, ge=1, description="Tokens kept per row (the start is kept, like TRL); longer rows are marked `truncated`."
+        1024,
+        ge=1,
+        description="Tokens kept per row (the start is kept, like TRL); longer rows are marked `truncated`.",
     )
     split: str = Field("train", description="Split to read when the data is a hub dataset id.")
     completion_only_loss: bool = Field(
@@ -48,7 +50,8 @@ class ScoringConfig(_Strict):
         description="Model to score with: a hub id, a local folder, or `embedded:smollm2-135m-instruct`.",
     )
     adapter: str | None = Field(
-        None, description="An existing PEFT adapter folder to score with instead of a fresh LoRA (e.g. the previous stage's)."
+        None,
+        description="An existing PEFT adapter folder to score with instead of a fresh LoRA (e.g. last stage's).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype. `auto` = bfloat16 on a CUDA GPU that supports it, else float32."
@@ -70,7 +73,9 @@ class ScoringConfig(_Strict):
     lora_target_modules: list[str] | str = Field(
         "all-linear", description="Modules the fresh LoRA wraps: a list of names or `all-linear`."
     )
-    lora_seed: int = Field(0, description="Seed of the fresh LoRA's initialisation (its A matrices are the projection).")
+    lora_seed: int = Field(
+        0, description="Seed of the fresh LoRA's initialisation (its A matrices are the projection)."
+    )
     method: Literal["batched", "loop"] = Field(
         "batched", description="`batched` (hooks, one backward per batch) or `loop` (batch size 1, the reference)."
     )
@@ -107,9 +112,13 @@ class SelectionConfig(_Strict):
         1.0, gt=0, description="`moderate` keeps rows with |loss − mean| ≤ loss_sigma·std first; null disables it."
     )
     window: int | None = Field(
-        None, ge=1, description="`moderate` selects inside blocks of this many shuffled rows (the paper's batch); null = all."
+        None,
+        ge=1,
+        description="`moderate` selects inside blocks of this many shuffled rows (the paper's batch); null = all.",
     )
-    drop_fraction: float | None = Field(None, gt=0, lt=1, description="`drop_top`: fraction of highest-norm rows dropped.")
+    drop_fraction: float | None = Field(
+        None, gt=0, lt=1, description="`drop_top`: fraction of highest-norm rows dropped."
+    )
     lower_quantile: float | None = Field(None, ge=0, le=1, description="`band`: lower norm quantile kept.")
     upper_quantile: float | None = Field(None, ge=0, le=1, description="`band`: upper norm quantile kept.")
     max_grad_norm: float | None = Field(None, gt=0, description="`threshold`: rows with a larger norm are dropped.")
@@ -129,7 +138,10 @@ class SelectionConfig(_Strict):
         missing = [name for name in needed if getattr(self, name) is None]
         if missing:
             keys = ", ".join(f"`selection.{name}`" for name in missing)
-            raise ValueError(f"`selection.rule` {self.rule!r} needs {keys}; got none. Set it, e.g. --{missing[0].replace('_', '-')} 0.1.")
+            raise ValueError(
+                f"`selection.rule` {self.rule!r} needs {keys}; got none. "
+                f"Set it, e.g. --{missing[0].replace('_', '-')} 0.1."
+            )
         if self.window is not None and self.rule != "moderate":
             raise ValueError(
                 f"`selection.window` only applies to the `moderate` rule; got rule {self.rule!r} with window "
@@ -140,11 +152,7 @@ class SelectionConfig(_Strict):
                 f"`selection.lower_quantile` must be below `selection.upper_quantile`; got {self.lower_quantile} and "
                 f"{self.upper_quantile}."
             )
-        if (
-            self.rule == "threshold"
-            and self.min_grad_norm is not None
-            and self.min_grad_norm >= self.max_grad_norm
-        ):
+        if self.rule == "threshold" and self.min_grad_norm is not None and self.min_grad_norm >= self.max_grad_norm:
             raise ValueError(
                 f"`selection.min_grad_norm` must be below `selection.max_grad_norm`; got {self.min_grad_norm} and "
                 f"{self.max_grad_norm}."

@@ -76,7 +76,11 @@ class Source:
             if suffix == ".jsonl":
                 with open(tmp, "w", encoding="utf-8") as handle:
                     for i in indices:
-                        line = self._lines[i] if self._lines is not None else json.dumps(self.records[i], ensure_ascii=False)
+                        line = (
+                            self._lines[i]
+                            if self._lines is not None
+                            else json.dumps(self.records[i], ensure_ascii=False)
+                        )
                         handle.write(line.rstrip("\r\n") + "\n")
             elif suffix == ".json":
                 with open(tmp, "w", encoding="utf-8") as handle:
@@ -126,7 +130,9 @@ def load_source(data: Any, split: str = "train") -> Source:
     if not isinstance(data, (str, os.PathLike)):
         if hasattr(data, "column_names") and hasattr(data, "to_list"):
             return Source(records=data.to_list(), kind="dataset", fingerprint=str(data._fingerprint), _dataset=data)
-        raise TypeError(f"`data` must be a file path, a hub dataset id or a datasets.Dataset; got {type(data).__name__}.")
+        raise TypeError(
+            f"`data` must be a file path, a hub dataset id or a datasets.Dataset; got {type(data).__name__}."
+        )
     spec = str(data)
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
@@ -142,7 +148,9 @@ def load_source(data: Any, split: str = "train") -> Source:
             loaded = loaded[split]
         return Source(records=loaded.to_list(), kind="dataset", fingerprint=str(loaded._fingerprint), path=str(path))
     if suffix in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
-        raise ValueError(f"Data file {spec!r} does not exist. Check the path (relative paths start from {os.getcwd()}).")
+        raise ValueError(
+            f"Data file {spec!r} does not exist. Check the path (relative paths start from {os.getcwd()})."
+        )
     return _load_hub(spec, split)
 
 
@@ -161,7 +169,9 @@ def _load_file(path: Path, kind: str) -> Source:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}). Each line must be one JSON object.") from None
+            raise ValueError(
+                f"{path}:{number} is not valid JSON ({error.msg}). Each line must be one JSON object."
+            ) from None
     return Source(records=records, kind=kind, fingerprint=fingerprint, path=str(path), _lines=lines)
 
 
@@ -175,7 +185,9 @@ def _load_hub(spec: str, split: str) -> Source:
             f"Could not load dataset {spec!r} (split {split!r}) from the hub: {error}. "
             "Pass a local .jsonl/.json/.parquet file, or check the id and your network."
         ) from None
-    return Source(records=loaded.to_list(), kind="hub", fingerprint=str(loaded._fingerprint), path=spec, _dataset=loaded)
+    return Source(
+        records=loaded.to_list(), kind="hub", fingerprint=str(loaded._fingerprint), path=spec, _dataset=loaded
+    )
 
 
 def detect_format(columns: Iterable[str]) -> str:
@@ -219,7 +231,9 @@ def tokenize_records(
     fmt = config.format if config.format != "auto" else detect_format(records[0].keys())
     missing = [c for c in FORMAT_COLUMNS[fmt] if c not in records[0]]
     if missing:
-        raise ValueError(f"`data.format` is {fmt!r} but the rows have no {missing} column. Columns: {sorted(records[0])}.")
+        raise ValueError(
+            f"`data.format` is {fmt!r} but the rows have no {missing} column. Columns: {sorted(records[0])}."
+        )
     rows = []
     for record in tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000):
         input_ids, labels = _TOKENIZERS[fmt](record, tokenizer, config)
@@ -240,7 +254,9 @@ def _prompt_completion(record: dict, tokenizer: Any, config: DataConfig) -> tupl
         prompt_ids = tokenizer(text=prompt)["input_ids"]
         ids = tokenizer(text=prompt + completion)["input_ids"]
     if ids[: len(prompt_ids)] != prompt_ids:
-        logger.warning("The tokenized prompt is not a prefix of the tokenized prompt+completion; the split may be off.")
+        logger.warning(
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion; the split may be off."
+        )
     if not config.completion_only_loss:
         return ids, list(ids)
     return ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
@@ -279,7 +295,9 @@ def _messages(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[in
 def _tokenized(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[int], list[int]]:
     input_ids, labels = list(record["input_ids"]), list(record["labels"])
     if len(input_ids) != len(labels):
-        raise ValueError(f"A pre-tokenized row has {len(input_ids)} `input_ids` but {len(labels)} `labels`; they must match.")
+        raise ValueError(
+            f"A pre-tokenized row has {len(input_ids)} `input_ids` but {len(labels)} `labels`; they must match."
+        )
     return input_ids, labels
 
 
@@ -306,7 +324,9 @@ def assign_sample_ids(rows: Sequence[TokenizedRow]) -> None:
     """Give each row `hash#k`: a content hash of its tokens and labels, and k its occurrence among identical rows."""
     seen: Counter[str] = Counter()
     for row in rows:
-        digest = hashlib.sha256(json.dumps([row.input_ids, row.labels], separators=(",", ":")).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps([row.input_ids, row.labels], separators=(",", ":")).encode()).hexdigest()[
+            :16
+        ]
         row.sample_id = f"{digest}#{seen[digest]}"
         seen[digest] += 1
 

@@ -71,8 +71,9 @@ def resolve_quantization(config: ScoringConfig, device: str) -> str:
 def resolve_model_path(spec: str | None) -> str:
     """Turn a model spec into something `from_pretrained` takes: a local folder (converted if embedded) or a hub id."""
     if not spec:
-        raise ValueError("`scoring.model` is not set. Pass --model with a hub id, a local folder or "
-                         "embedded:smollm2-135m-instruct.")
+        raise ValueError(
+            "`scoring.model` is not set. Pass --model with a hub id, a local folder or embedded:smollm2-135m-instruct."
+        )
     if spec.startswith(EMBEDDED_PREFIX):
         return str(embedded_model_dir(spec[len(EMBEDDED_PREFIX) :]))
     path = Path(spec).expanduser()
@@ -100,7 +101,9 @@ def embedded_model_dir(name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("Converting the embedded model %s (%s) to a model folder at %s; this happens once.", name, gguf, target)
+    logger.warning(
+        "Converting the embedded model %s (%s) to a model folder at %s; this happens once.", name, gguf, target
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # Weights are dequantized on load; drop the GGUF quantizer so the folder loads as a plain model.
@@ -202,7 +205,9 @@ def attach_lora(model: Any, config: ScoringConfig) -> Any:
 
     if config.adapter:
         if not Path(config.adapter, "adapter_config.json").is_file():
-            raise ValueError(f"`scoring.adapter` {config.adapter!r} is not a PEFT adapter folder (no adapter_config.json).")
+            raise ValueError(
+                f"`scoring.adapter` {config.adapter!r} is not a PEFT adapter folder (no adapter_config.json)."
+            )
         model = PeftModel.from_pretrained(model, config.adapter, is_trainable=True)
     else:
         # The fresh LoRA's A matrices are the random projection of the weight gradient: seed them.
@@ -290,7 +295,9 @@ def _folder_fingerprint(path: Path, full: bool) -> str:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash what decides how a tokenizer tokenizes: its vocabulary and rules, chat template and special tokens."""
     parts = [
-        tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else str(tokenizer.get_vocab()),
+        tokenizer.backend_tokenizer.to_str()
+        if hasattr(tokenizer, "backend_tokenizer")
+        else str(tokenizer.get_vocab()),
         str(getattr(tokenizer, "chat_template", "")),
         json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True),
     ]

@@ -55,7 +55,10 @@ def fingerprints_for(
     if model is None:
         result: dict[str, Any] = model_fingerprint(config.scoring.model, config.scoring.adapter)
     else:
-        result = {"model": getattr(model, "name_or_path", type(model).__name__), "model_fingerprint": _object_fingerprint(model)}
+        result = {
+            "model": getattr(model, "name_or_path", type(model).__name__),
+            "model_fingerprint": _object_fingerprint(model),
+        }
     result.update(
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         data_path=data_path,
@@ -101,8 +104,15 @@ def score_cached(
         return ScoreResult(cached, reused=True, rows_scored=0, seconds=time.perf_counter() - started)
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
     shards = [order[k : k + config.shard_size] for k in range(0, len(order), config.shard_size)]
-    finished = store.begin({"num_rows": len(rows), "shard_size": config.shard_size, "num_shards": len(shards),
-                            "scoring": config.model_dump(), **(describe or {})})
+    finished = store.begin(
+        {
+            "num_rows": len(rows),
+            "shard_size": config.shard_size,
+            "num_shards": len(shards),
+            "scoring": config.model_dump(),
+            **(describe or {}),
+        }
+    )
     if finished:
         logger.info("Resuming: %d of %d shards already scored in %s.", len(finished), len(shards), folder)
     todo = [k for k in range(len(shards)) if k not in finished]
@@ -110,8 +120,13 @@ def score_cached(
     if todo:
         if callable(model) and not hasattr(model, "parameters"):
             model = model()
-        bar = tqdm(total=len(rows), initial=sum(len(shards[k]) for k in finished), desc="scoring", unit="row",
-                   disable=not progress)
+        bar = tqdm(
+            total=len(rows),
+            initial=sum(len(shards[k]) for k in finished),
+            desc="scoring",
+            unit="row",
+            disable=not progress,
+        )
         for k in todo:
             shard_rows = [rows[i] for i in shards[k]]
             tables[k] = score_rows(model, shard_rows, config, pad_token_id, index=shards[k], bar=bar)
@@ -149,8 +164,16 @@ def score_and_select(
         from gradsift.models import load_model
 
         model = partial_loader(load_model, config.scoring)
-    result = score_cached(rows, config.scoring, cache_dir, fingerprints, model, tokenizer.pad_token_id,
-                          progress=progress, describe={"data": config.data.model_dump()})
+    result = score_cached(
+        rows,
+        config.scoring,
+        cache_dir,
+        fingerprints,
+        model,
+        tokenizer.pad_token_id,
+        progress=progress,
+        describe={"data": config.data.model_dump()},
+    )
     selection = apply_selection(result.table, config)
     logger.info("gradsift: %s", selection.summary())
     return result, selection

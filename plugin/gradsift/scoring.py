@@ -108,7 +108,9 @@ class GradNormHooks:
         self.modules: list[nn.Module] = []
         owners: dict[int, int] = defaultdict(int)
         for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and any(p.requires_grad for p in module.parameters(False)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) and any(
+                p.requires_grad for p in module.parameters(False)
+            ):
                 self.modules.append(module)
                 for param in module.parameters(recurse=False):
                     owners[id(param)] += 1
@@ -140,6 +142,7 @@ class GradNormHooks:
         self.mask = attention_mask.bool()
         self.sq_norms = torch.zeros(self.mask.shape[0], dtype=torch.float64, device=self.mask.device)
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.called: set[int] = set()
         self.recording = True
 
     def stop_recording(self) -> None:
@@ -160,6 +163,13 @@ class GradNormHooks:
     def _on_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if not self.recording or not output.requires_grad:
             return
+        if id(module) in self.called:
+            # Two calls add two terms to one per-sample gradient; their cross term would be lost.
+            raise ValueError(
+                f"{type(module).__name__} is called more than once per forward pass, which batched per-sample "
+                "norms do not support. Use `scoring.method: loop`."
+            )
+        self.called.add(id(module))
         handler = self._on_linear_grad if isinstance(module, nn.Linear) else self._on_embedding_grad
         output.register_hook(partial(handler, module, args[0]))
 
@@ -202,9 +212,7 @@ class GradNormHooks:
     def _outer_sq_norm(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """‖Σ_t g_t a_tᵀ‖² per sample, by the cheaper of the direct and the ghost computation."""
         width, d_out, d_in = g.shape[1], g.shape[2], a.shape[2]
-        ghost = self.norm_method == "ghost" or (
-            self.norm_method == "auto" and width * (d_in + d_out) < d_in * d_out
-        )
+        ghost = self.norm_method == "ghost" or (self.norm_method == "auto" and width * (d_in + d_out) < d_in * d_out)
         if ghost:
             return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2)).double()
         return torch.bmm(g.transpose(1, 2), a).pow(2).sum(dim=(1, 2)).double()
@@ -238,7 +246,9 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def score_batch(model: nn.Module, hooks: GradNormHooks, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def score_batch(
+    model: nn.Module, hooks: GradNormHooks, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return per-sample losses and gradient norms of one padded batch, with one forward and one backward."""
     hooks.start(batch["attention_mask"])
     try:
@@ -296,7 +306,9 @@ def score_rows(
     bad = (table.status == STATUS_OK) & ~(np.isfinite(table.loss) & np.isfinite(table.grad_norm))
     table.status[bad] = STATUS_NONFINITE
     if bad.any():
-        logger.warning("%d row(s) have a non-finite loss or gradient norm; they are marked `nonfinite`.", int(bad.sum()))
+        logger.warning(
+            "%d row(s) have a non-finite loss or gradient norm; they are marked `nonfinite`.", int(bad.sum())
+        )
     return table
 
 
@@ -310,4 +322,4 @@ def score_one(model: nn.Module, row: TokenizedRow, pad_token_id: int) -> tuple[f
         return float("nan"), float("nan")
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-    return float(loss), math.sqrt(sq)
+    return float(loss.detach()), math.sqrt(sq)

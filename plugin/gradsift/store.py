@@ -86,7 +86,11 @@ class ScoreStore:
     def cached(self) -> ScoreTable | None:
         """Return the complete table of this identity, if a previous run finished it."""
         manifest = read_manifest(self.folder)
-        if manifest and manifest.get("status") == "complete" and same_identity(manifest["fingerprints"], self.fingerprints):
+        if (
+            manifest
+            and manifest.get("status") == "complete"
+            and same_identity(manifest["fingerprints"], self.fingerprints)
+        ):
             return read_table(self.folder / TABLE)
         return None
 
@@ -95,7 +99,11 @@ class ScoreStore:
         manifest = read_manifest(self.folder)
         shards_dir = self.folder / SHARDS
         finished: dict[int, ScoreTable] = {}
-        if manifest and same_identity(manifest["fingerprints"], self.fingerprints) and manifest.get("shard_size") == extra.get("shard_size"):
+        if (
+            manifest
+            and same_identity(manifest["fingerprints"], self.fingerprints)
+            and manifest.get("shard_size") == extra.get("shard_size")
+        ):
             for path in sorted(shards_dir.glob("*.parquet")):
                 finished[int(path.stem)] = read_table(path)
         else:

@@ -1,0 +1,226 @@
+"""Each format's labels mask exactly the prompt and the padding; sources read and write rows faithfully."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradsift.config import DataConfig
+from gradsift.data import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    collate,
+    detect_format,
+    load_source,
+    make_batches,
+    tokenize_records,
+)
+
+
+def spans(row, tokenizer):
+    """Decode the labelled and the unlabelled tokens, each contiguous run on its own."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(row.input_ids, row.labels):
+        trained = label != IGNORE_INDEX
+        if trained:
+            assert label == token  # a trained position predicts the token that is there
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    return [(trained, tokenizer.decode(tokens)) for trained, tokens in runs]
+
+
+def one(record, tokenizer, **config):
+    return tokenize_records([record], tokenizer, DataConfig(**config))[0]
+
+
+def test_prompt_completion_text_labels_only_the_completion_and_eos(tokenizer):
+    row = one({"prompt": "What is the capital of France?", "completion": " Paris"}, tokenizer)
+    assert spans(row, tokenizer) == [(False, "What is the capital of France?"), (True, " Paris<|im_end|>")]
+
+
+def test_prompt_completion_without_completion_only_loss_labels_everything(tokenizer):
+    row = one({"prompt": "Is the sky blue?", "completion": " yes"}, tokenizer, completion_only_loss=False)
+    assert row.labels == row.input_ids
+
+
+def test_conversational_prompt_completion_labels_the_assistant_turn(tokenizer):
+    record = {
+        "prompt": [{"role": "user", "content": "Is the sky blue?"}],
+        "completion": [{"role": "assistant", "content": "yes"}],
+    }
+    row = one(record, tokenizer)
+    assert spans(row, tokenizer) == [
+        (False, "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\n"),
+        (True, "yes<|im_end|>\n"),  # TRL trains on everything after the prompt
+    ]
+
+
+def test_messages_label_every_assistant_turn_with_its_end_token(tokenizer):
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Translate to French: good morning."},
+            {"role": "assistant", "content": "bonjour"},
+            {"role": "user", "content": "How many legs does a spider have?"},
+            {"role": "assistant", "content": "eight"},
+        ]
+    }
+    row = one(record, tokenizer)
+    assert spans(row, tokenizer) == [
+        (
+            False,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nTranslate to French: good morning."
+            "<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (True, "bonjour<|im_end|>"),
+        (False, "\n<|im_start|>user\nHow many legs does a spider have?<|im_end|>\n<|im_start|>assistant\n"),
+        (True, "eight<|im_end|>"),
+        (False, "\n"),
+    ]
+
+
+def test_messages_without_assistant_only_loss_label_everything(tokenizer):
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yes"}]}
+    row = one(record, tokenizer, assistant_only_loss=False)
+    assert row.labels == row.input_ids
+
+
+@pytest.mark.parametrize("with_input", [True, False])
+def test_alpaca_labels_only_the_output(tokenizer, with_input):
+    record = {
+        "instruction": "Translate to French.",
+        "input": "good morning" if with_input else "",
+        "output": "bonjour",
+    }
+    row = one(record, tokenizer)
+    template = ALPACA_PROMPT if with_input else ALPACA_PROMPT_NO_INPUT
+    prompt = template.format(instruction="Translate to French.", input="good morning")
+    assert spans(row, tokenizer) == [(False, prompt), (True, "bonjour<|im_end|>")]
+
+
+def test_tokenized_rows_keep_their_labels(tokenizer):
+    row = one({"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, tokenizer)
+    assert row.input_ids == [5, 6, 7, 8] and row.labels == [-100, -100, 7, 8]
+    assert row.num_response_tokens == 2
+
+
+def test_tokenized_rows_with_mismatched_lengths_are_rejected(tokenizer):
+    with pytest.raises(ValueError, match="3 `input_ids` but 2 `labels`"):
+        one({"input_ids": [5, 6, 7], "labels": [-100, 7]}, tokenizer)
+
+
+def test_collate_pads_right_and_masks_padding_in_labels(tokenizer):
+    rows = tokenize_records(
+        [{"prompt": "Q?", "completion": " a long answer here"}, {"prompt": "Q?", "completion": " no"}],
+        tokenizer,
+        DataConfig(),
+    )
+    batch = collate(rows, tokenizer.pad_token_id)
+    short = len(rows[1].input_ids)
+    assert batch["input_ids"].shape[1] == len(rows[0].input_ids) > short
+    assert batch["attention_mask"][1].tolist() == [1] * short + [0] * (batch["input_ids"].shape[1] - short)
+    assert batch["labels"][1, :short].tolist() == rows[1].labels
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1, short:] == tokenizer.pad_token_id).all()
+
+
+def test_truncation_keeps_the_start_and_is_recorded(tokenizer):
+    record = {"prompt": "Q?", "completion": " Waves fold over waves, the grey sea keeps its own time."}
+    full = one(record, tokenizer)
+    cut = one(record, tokenizer, max_length=6)
+    assert not full.truncated and cut.truncated
+    assert cut.input_ids == full.input_ids[:6] and cut.labels == full.labels[:6]
+
+
+def test_truncation_can_leave_no_response_tokens(tokenizer):
+    row = one({"prompt": "Explain photosynthesis in one sentence.", "completion": " Plants."}, tokenizer, max_length=3)
+    assert row.truncated and row.num_response_tokens == 0
+
+
+def test_sample_ids_are_content_hashes_with_duplicate_counters(tokenizer):
+    records = [
+        {"prompt": "Q?", "completion": " yes"},
+        {"prompt": "Q?", "completion": " no"},
+        {"prompt": "Q?", "completion": " yes"},
+    ]
+    ids = [row.sample_id for row in tokenize_records(records, tokenizer, DataConfig())]
+    assert ids[0].endswith("#0") and ids[2].endswith("#1") and ids[1].endswith("#0")
+    assert ids[0].split("#")[0] == ids[2].split("#")[0] != ids[1].split("#")[0]
+    again = [row.sample_id for row in tokenize_records(records, tokenizer, DataConfig())]
+    assert again == ids
+
+
+def test_unknown_columns_list_the_supported_formats():
+    with pytest.raises(ValueError) as error:
+        detect_format(["question", "answer"])
+    message = str(error.value)
+    for column in ("`prompt`", "`completion`", "`messages`", "`instruction`", "`output`", "`input_ids`", "`labels`"):
+        assert column in message
+
+
+def test_empty_dataset_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_records([], tokenizer, DataConfig())
+
+
+def test_batches_respect_the_token_budget_and_sort_by_length():
+    lengths = [5, 50, 7, 48, 20, 3, 49]
+    batches = make_batches(lengths, max_tokens_per_batch=100, max_batch_size=8)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) * max(lengths[i] for i in batch) <= 100 or len(batch) == 1
+    assert batches[0] == [1, 6]  # longest first: 50 and 49 fit, 48 would make 3 × 50 > 100
+
+
+def test_jsonl_subset_is_written_byte_for_byte(tmp_path):
+    lines = [
+        '{"prompt": "a",   "completion": "b"}',
+        '{"completion": "d", "prompt": "c", "extra": [1, 2]}',
+        '{"prompt": "e", "completion": "f"}',
+    ]
+    source_path = tmp_path / "in.jsonl"
+    source_path.write_text("\n".join(lines) + "\n")
+    before = source_path.read_bytes()
+    source = load_source(source_path)
+    source.write_subset([2, 0], tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl").read_text() == lines[2] + "\n" + lines[0] + "\n"
+    assert source_path.read_bytes() == before
+
+
+def test_parquet_subset_keeps_the_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"prompt": ["a", "b", "c"], "completion": ["x", "y", "z"], "score": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    load_source(tmp_path / "in.parquet").write_subset([1], tmp_path / "out.parquet")
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.schema.equals(table.schema) and out.to_pylist() == [{"prompt": "b", "completion": "y", "score": 2}]
+
+
+def test_json_array_files_are_read(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "b"}]))
+    assert load_source(path).records == [{"prompt": "a", "completion": "b"}]
+
+
+def test_datasets_objects_are_accepted():
+    import datasets
+
+    dataset = datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    source = load_source(dataset)
+    assert source.records == [{"prompt": "a", "completion": "b"}] and source.fingerprint
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_source(tmp_path / "nope.jsonl")
+
+
+def test_unreachable_hub_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="Could not load dataset 'nobody/no-such-dataset'"):
+        load_source("nobody/no-such-dataset")
