@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# axolotl's telemetry would otherwise block interpreter exit trying to flush to the network.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

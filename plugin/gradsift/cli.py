@@ -248,7 +248,7 @@ def run_select(args: argparse.Namespace) -> int:
     from gradsift.data import load_source
     from gradsift.pipeline import apply_selection
     from gradsift.selection import REASONS
-    from gradsift.store import write_json
+    from gradsift.store import write_dropped, write_json
 
     config = config_from_args(args)
     manifest, table = _load_scores(args.scores)
@@ -270,7 +270,7 @@ def run_select(args: argparse.Namespace) -> int:
     kept = np.sort(table.index[selection.keep])
     source.write_subset(kept.tolist(), out)
     dropped_path = out.parent / "dropped.jsonl"
-    write_dropped(dropped_path, table, selection, source.records)
+    write_dropped(dropped_path, table, selection, lambda i: {"row": source.records[i]})
     write_json(
         {
             "scores": str(args.scores),
@@ -286,30 +286,6 @@ def run_select(args: argparse.Namespace) -> int:
     )
     print(f"{selection.summary()} -> {out} (dropped rows: {dropped_path})")
     return 0
-
-
-def write_dropped(path: Path, table: Any, selection: Any, records: Sequence[dict[str, Any]]) -> None:
-    """Write each dropped row with its scores, reason and original content, one JSON object per line, atomically."""
-    from gradsift.data import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for position in np.flatnonzero(~selection.keep):
-            index = int(table.index[position])
-            entry = {
-                "index": index,
-                "sample_id": str(table.sample_id[position]),
-                "reason": str(selection.reasons[position]),
-                "loss": _finite_or_none(table.loss[position]),
-                "grad_norm": _finite_or_none(table.grad_norm[position]),
-                "num_response_tokens": int(table.num_response_tokens[position]),
-                "status": str(table.status[position]),
-                "row": records[index],
-            }
-            handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
 
 
 def run_inspect(args: argparse.Namespace) -> int:

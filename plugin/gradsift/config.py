@@ -197,8 +197,19 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
             message = str(item["msg"]).removeprefix("Value error, ")
             lines.append(message)
         else:
-            lines.append(f"`{key}`: {item['msg'].lower()}; got {received!r}.")
+            default = _default_for(item["loc"])
+            fix = f" Use a valid value, e.g. the default {default!r}." if default is not None else ""
+            lines.append(f"`{key}`: {item['msg'][0].lower()}{item['msg'][1:]}; got {received!r}.{fix}")
     return "\n".join(lines)
+
+
+def _default_for(loc: tuple) -> Any:
+    """The default of the field at a pydantic error location, if it names one."""
+    names = [part for part in loc if isinstance(part, str)]
+    if len(names) >= 2 and names[-2] in SECTIONS:
+        field = SECTIONS[names[-2]].model_fields.get(names[-1])
+        return None if field is None else field.default
+    return None
 
 
 def _allowed_keys(section: str) -> list[str]:

@@ -153,11 +153,12 @@ def load_tokenizer(spec: str | None, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(config: ScoringConfig) -> Any:
+def load_model(config: ScoringConfig, vocab_size: int | None = None) -> Any:
     """Load `scoring.model` ready for scoring: quantized as configured, with a trainable scoring scope.
 
     With `param_scope: lora` the model is a PEFT model: a fresh LoRA seeded by `lora_seed`, or `adapter` loaded
-    trainable. LoRA dropout is 0 so the measured gradient is deterministic.
+    trainable. LoRA dropout is 0 so the measured gradient is deterministic. `vocab_size` grows the embeddings first
+    when the training tokenizer added tokens (as axolotl's `special_tokens` / `tokens` do).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -184,6 +185,8 @@ def load_model(config: ScoringConfig) -> Any:
         raise ValueError(f"Could not load `scoring.model` {config.model!r}: {error}") from None
     if quantization != "nf4":
         model.to(device)
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)
     model.config.use_cache = False
     if quantization == "nf4":
         from peft import prepare_model_for_kbit_training

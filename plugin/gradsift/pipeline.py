@@ -24,6 +24,10 @@ from gradsift.store import ScoreStore
 logger = logging.getLogger(__name__)
 
 
+class ScoresMissing(RuntimeError):
+    """Raised when scoring is not allowed here (e.g. one of several processes) and no finished scores exist."""
+
+
 @dataclass
 class ScoreResult:
     """Scores of every row, and whether they came from the cache."""
@@ -88,11 +92,13 @@ def score_cached(
     *,
     progress: bool = True,
     describe: dict[str, Any] | None = None,
+    allow_scoring: bool = True,
 ) -> ScoreResult:
     """Score `rows` into `folder`, reusing a finished run of the same identity and resuming from finished shards.
 
     `model` is a model or a zero-argument callable that loads one; it is called only if something is left to score.
-    `describe` adds entries to the manifest (e.g. the data config).
+    `describe` adds entries to the manifest (e.g. the data config). With `allow_scoring=False` only a finished
+    cache is accepted, else `ScoresMissing` is raised.
     Shards are consecutive slices of the rows sorted by length (longest first), so a resumed run scores exactly the
     shards a full run would have.
     """
@@ -102,6 +108,8 @@ def score_cached(
     if cached is not None:
         logger.info("Reusing cached scores in %s (same model, data and scoring config).", folder)
         return ScoreResult(cached, reused=True, rows_scored=0, seconds=time.perf_counter() - started)
+    if not allow_scoring:
+        raise ScoresMissing(f"No finished scores for this model, data and scoring config in {folder}.")
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
     shards = [order[k : k + config.shard_size] for k in range(0, len(order), config.shard_size)]
     finished = store.begin(
@@ -149,6 +157,7 @@ def score_and_select(
     data_path: str | None = None,
     data_fingerprint: str | None = None,
     progress: bool = True,
+    allow_scoring: bool = True,
 ) -> tuple[ScoreResult, Selection]:
     """Score `rows` (cached in `cache_dir`) and apply `config.selection`. Logs the one-line summary.
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,27 @@ class ScoreStore:
         write_table(table, self.folder / TABLE)
         self.manifest.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary)
         write_json(self.manifest, self.folder / MANIFEST)
+
+
+def write_dropped(
+    path: str | os.PathLike, table: ScoreTable, selection: Any, describe: Callable[[int], dict[str, Any]]
+) -> None:
+    """Write each dropped row with its scores and reason, plus `describe(index)` (its content), as JSON lines."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for position in np.flatnonzero(~selection.keep):
+            index = int(table.index[position])
+            entry = {
+                "index": index,
+                "sample_id": str(table.sample_id[position]),
+                "reason": str(selection.reasons[position]),
+                "loss": _finite_or_none(table.loss[position]),
+                "grad_norm": _finite_or_none(table.grad_norm[position]),
+                "num_response_tokens": int(table.num_response_tokens[position]),
+                "status": str(table.status[position]),
+                **describe(index),
+            }
+            handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None

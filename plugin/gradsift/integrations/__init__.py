@@ -1,0 +1,1 @@
+"""Integrations with training frameworks. Each is imported on its own, so `import gradsift` stays light."""

@@ -1,0 +1,188 @@
+"""The axolotl plugin, through the real `axolotl preprocess` and `axolotl train` CLIs on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import build_model
+
+from gradsift.config import SelectionConfig
+from gradsift.selection import select_rows
+from gradsift.store import read_table
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "recipes" / "axolotl" / "tiny-cpu.yaml"
+AXOLOTL = [sys.executable, "-m", "axolotl.cli.main"]
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from conftest import build_tokenizer
+
+    path = tmp_path_factory.mktemp("axolotl")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(path / "model")
+    tokenizer.save_pretrained(path / "model")
+    with open(path / "alpaca.jsonl", "w") as handle:
+        facts = ["The capital of France is Paris.", "positive", "yes", "Waves fold over waves, the grey sea."]
+        for i in range(24):
+            handle.write(json.dumps({"instruction": f"Question number {i}?", "input": "", "output": facts[i % 4]}) + "\n")
+    return path
+
+
+def write_config(workdir: Path, name: str, dataset: str, qlora: bool, **overrides) -> Path:
+    """The shipped tiny-cpu.yaml with its paths pointed at the tiny model and a fresh output folder."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config.update(
+        base_model=str(workdir / "model"),
+        dataset_prepared_path=str(workdir / name / "prepared"),
+        output_dir=str(workdir / name / "out"),
+        special_tokens={"pad_token": "<pad>"},
+        sequence_len=128,
+    )
+    if dataset == "alpaca":
+        config["datasets"] = [{"path": str(workdir / "alpaca.jsonl"), "type": "alpaca"}]
+        config.pop("chat_template")
+    else:
+        config["datasets"][0]["path"] = str(ROOT / config["datasets"][0]["path"])
+    if qlora:
+        config.update(load_in_4bit=True, adapter="qlora")
+        config["gradsift"]["scoring"]["quantization"] = "nf4"
+    config.update(overrides)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def axolotl(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([*AXOLOTL, *args], capture_output=True, text=True, env=ENV, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dataset,qlora", [("alpaca", False), ("alpaca", True), ("chat_template", False), ("chat_template", True)]
+)
+def test_preprocess_scores_and_train_uses_exactly_the_kept_rows(workdir, dataset, qlora):
+    name = f"{dataset}-{'qlora' if qlora else 'lora'}"
+    config_path = write_config(workdir, name, dataset, qlora)
+    config = yaml.safe_load(config_path.read_text())
+    cache = workdir / name / "prepared" / "gradsift"
+
+    preprocess = axolotl("preprocess", str(config_path))
+    assert "gradsift: scored" in preprocess.stdout + preprocess.stderr
+    selection = json.loads((cache / "selection.json").read_text())
+    assert selection["rows_scored"] == selection["num_rows"] > 0
+
+    train = axolotl("train", str(config_path), "--launcher", "python")
+    log = train.stdout + train.stderr
+    assert "gradsift: reused cached scores" in log  # train did not score again
+
+    # The dropped rows are exactly those the core selects for the same scores.
+    table = read_table(cache / "scores.parquet")
+    core = select_rows(table.loss, table.grad_norm, table.status, SelectionConfig(**config["gradsift"]["selection"]))
+    dropped = [json.loads(line) for line in (cache / "dropped.jsonl").read_text().splitlines()]
+    assert sorted(d["index"] for d in dropped) == sorted(table.index[~core.keep].tolist())
+    assert [d["reason"] for d in sorted(dropped, key=lambda d: d["index"])] == [
+        core.reasons[i] for i in np.argsort(table.index) if not core.keep[i]
+    ]
+
+    # The trainer got exactly the kept rows, and a step count for that many rows.
+    trained = json.loads((cache / "train.json").read_text())
+    kept_ids = table.sample_id[core.keep].tolist()
+    assert trained["rows"] == int(core.keep.sum()) == selection["num_kept"]
+    assert sorted(trained["sample_ids"]) == sorted(kept_ids)
+    batch = config["micro_batch_size"] * config["gradient_accumulation_steps"]
+    assert trained["max_steps"] == -(-trained["rows"] // batch)
+    assert re.search(rf"gradsift: training on {trained['rows']} selected rows for {trained['max_steps']} steps", log)
+
+
+@pytest.mark.slow
+def test_second_train_reuses_the_cached_scores(workdir):
+    config_path = write_config(workdir, "rerun", "alpaca", False)
+    cache = workdir / "rerun" / "prepared" / "gradsift"
+    first = axolotl("train", str(config_path), "--launcher", "python")
+    assert "gradsift: scored 24 rows" in first.stdout + first.stderr  # no preprocess: train scores on first use
+    stamp = (cache / "scores.parquet").stat().st_mtime_ns
+    second = axolotl("train", str(config_path), "--launcher", "python")
+    assert "gradsift: reused cached scores" in second.stdout + second.stderr
+    assert (cache / "scores.parquet").stat().st_mtime_ns == stamp
+    assert json.loads((cache / "selection.json").read_text())["rows_scored"] == 0
+
+
+def validate(config: dict):
+    """axolotl's own config loading (plugins registered, schema merged), as both CLIs do it."""
+    from axolotl.cli.config import load_cfg
+    from axolotl.utils.dict import DictDefault
+
+    return load_cfg(DictDefault(config))
+
+
+def test_plugin_really_loads_and_adds_its_schema(workdir):
+    cfg = validate(yaml.safe_load(write_config(workdir, "schema", "alpaca", False).read_text()))
+    from axolotl.integrations.base import PluginManager
+
+    plugins = PluginManager.get_instance().plugins
+    assert "gradsift.integrations.axolotl.GradSiftPlugin" in plugins
+    assert cfg.gradsift["selection"]["keep_fraction"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "block,fragments",
+    [
+        ({"selection": {"keep_fractio": 0.2}}, ["`gradsift.selection.keep_fractio` is not a gradsift option", "keep_fraction"]),
+        ({"selection": {"keep_fraction": 5}}, ["`gradsift.selection.keep_fraction`", "got 5", "e.g. the default 0.2"]),
+        ({"data": {"max_length": 5}}, ["`gradsift.data` does not apply under axolotl"]),
+    ],
+)
+def test_bad_gradsift_block_fails_at_config_load(workdir, block, fragments):
+    config = yaml.safe_load(write_config(workdir, "bad", "alpaca", False).read_text())
+    config["gradsift"] = block
+    with pytest.raises(Exception) as error:
+        validate(config)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+def test_unsupported_axolotl_setting_is_rejected_with_the_fix(workdir):
+    config = yaml.safe_load(write_config(workdir, "bad-rl", "alpaca", False).read_text())
+    config["skip_prepare_dataset"] = True
+    with pytest.raises(Exception, match="`skip_prepare_dataset` is set"):
+        validate(config)
+
+
+def test_plugin_readme_quick_start_is_the_tested_config():
+    readme = (ROOT / "plugin" / "gradsift" / "integrations" / "axolotl" / "README.md").read_text()
+    quick_start = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
+    tested = yaml.safe_load(TINY_CONFIG.read_text())
+    assert quick_start == {key: tested[key] for key in quick_start}
+
+
+def test_paper_config_passes_axolotl_validation():
+    config = yaml.safe_load((ROOT / "recipes" / "axolotl" / "paper-qwen2.5-7b-dolly.yaml").read_text())
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+    from axolotl.cli.config import prepare_plugins
+
+    cfg = DictDefault(config)
+    prepare_plugins(cfg)
+    validated = validate_config(cfg)
+    assert validated.gradsift["selection"]["window"] == 32 and validated.lora_r == 32
