@@ -33,6 +33,7 @@ demo: setup
 	$(VENV)/bin/gradsift inspect $(DEMO_OUT) --rule moderate --keep-fraction 0.5
 
 test: setup
+	$(VENV)/bin/ruff check plugin tests bench
 	$(PY) -m pytest -ra
 
 lint: setup

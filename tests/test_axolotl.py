@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import build_model
 
 from gradsift.config import SelectionConfig
 from gradsift.selection import select_rows
 from gradsift.store import read_table
+
+from conftest import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "recipes" / "axolotl" / "tiny-cpu.yaml"
@@ -43,7 +44,9 @@ def workdir(tmp_path_factory):
     with open(path / "alpaca.jsonl", "w") as handle:
         facts = ["The capital of France is Paris.", "positive", "yes", "Waves fold over waves, the grey sea."]
         for i in range(24):
-            handle.write(json.dumps({"instruction": f"Question number {i}?", "input": "", "output": facts[i % 4]}) + "\n")
+            handle.write(
+                json.dumps({"instruction": f"Question number {i}?", "input": "", "output": facts[i % 4]}) + "\n"
+            )
     return path
 
 
@@ -148,7 +151,10 @@ def test_plugin_really_loads_and_adds_its_schema(workdir):
 @pytest.mark.parametrize(
     "block,fragments",
     [
-        ({"selection": {"keep_fractio": 0.2}}, ["`gradsift.selection.keep_fractio` is not a gradsift option", "keep_fraction"]),
+        (
+            {"selection": {"keep_fractio": 0.2}},
+            ["`gradsift.selection.keep_fractio` is not a gradsift option", "keep_fraction"],
+        ),
         ({"selection": {"keep_fraction": 5}}, ["`gradsift.selection.keep_fraction`", "got 5", "e.g. the default 0.2"]),
         ({"data": {"max_length": 5}}, ["`gradsift.data` does not apply under axolotl"]),
     ],
@@ -178,9 +184,9 @@ def test_plugin_readme_quick_start_is_the_tested_config():
 
 def test_paper_config_passes_axolotl_validation():
     config = yaml.safe_load((ROOT / "recipes" / "axolotl" / "paper-qwen2.5-7b-dolly.yaml").read_text())
+    from axolotl.cli.config import prepare_plugins
     from axolotl.utils.config import validate_config
     from axolotl.utils.dict import DictDefault
-    from axolotl.cli.config import prepare_plugins
 
     cfg = DictDefault(config)
     prepare_plugins(cfg)
