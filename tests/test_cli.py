@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gradsift.cli import build_parser, main
-from gradsift.config import SECTIONS, options_markdown
+from gradsift.config import CLI_SECTIONS, SECTIONS, options_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,8 @@ def test_every_config_key_has_a_flag():
     flags = set()
     for command in ("score", "select"):
         flags |= {option for action in choices[command]._actions for option in action.option_strings}
-    for section, model in SECTIONS.items():
-        for name in model.model_fields:
+    for section in CLI_SECTIONS:
+        for name in SECTIONS[section].model_fields:
             assert "--" + name.replace("_", "-") in flags, f"{section}.{name} has no flag"
 
 

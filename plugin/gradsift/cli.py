@@ -194,9 +194,6 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
         raise UserError(f"--config {str(path)!r} must hold a mapping; got {type(loaded).__name__}.")
     if "gradsift" in loaded:
         loaded = loaded["gradsift"] or {}
-    unknown = sorted(set(loaded) - set(SECTIONS))
-    if unknown:
-        raise UserError(f"--config {str(path)!r} has unknown top-level keys {unknown}; use {sorted(SECTIONS)}.")
     return loaded
 
 

@@ -160,26 +160,43 @@ class SelectionConfig(_Strict):
         return self
 
 
+class OnlineConfig(_Strict):
+    """The paper's online mode (Algorithm 1): select inside every training step with the current model."""
+
+    window: Literal["step", "micro_batch"] = Field(
+        "step",
+        description="`step`: select across all micro-batches of one optimizer step (the paper's batch); "
+        "`micro_batch`: select inside each micro-batch.",
+    )
+    log_file: str | None = Field(
+        "gradsift_online.jsonl",
+        description="Per-step record (kept and dropped sample ids, norm quantiles) under the trainer's output_dir; "
+        "null disables it.",
+    )
+
+
 class GradSiftConfig(_Strict):
     """Everything gradsift needs: how to read the data, how to score it, and which rows to keep."""
 
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="`offline`: score the dataset once and train on the kept rows; `online`: select inside every "
+        "training step with the current model (the paper's Algorithm 1; trainers only).",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
 
 
-SECTIONS: dict[str, type[_Strict]] = {"data": DataConfig, "scoring": ScoringConfig, "selection": SelectionConfig}
-
-
-def flat_keys() -> dict[str, str]:
-    """Map each leaf option name to its section (`keep_fraction` -> `selection`). Names are unique across sections."""
-    keys: dict[str, str] = {}
-    for section, model in SECTIONS.items():
-        for name in model.model_fields:
-            if name in keys:  # pragma: no cover - guarded by a test
-                raise RuntimeError(f"option name {name!r} is used by two sections")
-            keys[name] = section
-    return keys
+SECTIONS: dict[str, type[_Strict]] = {
+    "data": DataConfig,
+    "scoring": ScoringConfig,
+    "selection": SelectionConfig,
+    "online": OnlineConfig,
+}
+# Sections the `gradsift` command exposes as flags (`online` applies to trainers only).
+CLI_SECTIONS = ("data", "scoring", "selection")
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:
@@ -237,9 +254,9 @@ def options_markdown(sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
         out.append("| key | flag | default | meaning |\n|---|---|---|---|")
         for name, field in SECTIONS[section].model_fields.items():
             default = "null" if field.default is None else json.dumps(field.default)
-            flag = "--" + name.replace("_", "-")
+            flag = f"`--{name.replace('_', '-')}`" if section in CLI_SECTIONS else "(trainers)"
             description = (field.description or "").replace("|", "\\|")
-            out.append(f"| `{section}.{name}` | `{flag}` | `{default}` | {description} |")
+            out.append(f"| `{section}.{name}` | {flag} | `{default}` | {description} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -6,6 +6,7 @@ reused without touching the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -13,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +307,36 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def scoring_view(model: Any, config: ScoringConfig) -> Iterator[Any]:
+    """Yield `model` ready to score, and leave it as it was afterwards.
+
+    A PEFT model is scored on its own trainable parameters. A plain model gets a temporary fresh LoRA (removed
+    afterwards with peft's `unload`) or, with `param_scope: all`, its linear and embedding weights marked trainable
+    for the duration. Dropout probabilities and `requires_grad` flags are restored on exit.
+    """
+    import torch
+    from peft import PeftModel
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    dropouts = {m: m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    try:
+        if isinstance(model, PeftModel):
+            yield model
+        elif config.param_scope == "all":
+            prepare_full_scope(model)
+            yield model
+        else:
+            wrapped = attach_lora(model, config)
+            try:
+                yield wrapped
+            finally:
+                wrapped.unload()
+    finally:
+        for name, param in model.named_parameters():
+            if name in flags:
+                param.requires_grad_(flags[name])
+        for module, p in dropouts.items():
+            module.p = p

@@ -1,0 +1,218 @@
+"""TRL: `select_dataset` before `SFTTrainer`, and the online mode (Algorithm 1) in `GradSiftSFTTrainer`."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
+from gradsift.data import tokenize_records
+from gradsift.integrations.trl import GradSiftSFTTrainer, data_config_for, select_dataset
+from gradsift.models import attach_lora
+from gradsift.scoring import score_rows
+from gradsift.selection import select_rows
+
+from conftest import build_model
+
+
+def peft_model(tokenizer, seed=0):
+    model = attach_lora(build_model(tokenizer, seed=seed), ScoringConfig(lora_r=4, lora_alpha=8))
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter, so lora_A has a gradient too
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    return model
+
+
+def sft_config(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=64,
+        seed=0,
+        dataloader_drop_last=False,
+    )
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def chat_rows(records):
+    return [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in records
+    ]
+
+
+@pytest.mark.parametrize("form", ["prompt_completion", "messages"])
+def test_sft_trainer_trains_exactly_the_kept_rows(tmp_path, tokenizer, mixed_records, form):
+    records = mixed_records if form == "prompt_completion" else chat_rows(mixed_records)
+    dataset = datasets.Dataset.from_list(records)
+    args = sft_config(tmp_path)
+    config = GradSiftConfig(selection=SelectionConfig(keep_fraction=0.25))
+    model = peft_model(tokenizer)
+    kept, report = select_dataset(dataset, model, tokenizer, config, sft_config=args, progress=False)
+    assert kept.column_names == dataset.column_names  # the dataset's own format
+    assert len(kept) == 6 == report.selection.num_kept
+    assert kept.to_list() == [records[i] for i in report.kept_indices]
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=kept, processing_class=tokenizer)
+    trained = trainer.train_dataset
+    ours = tokenize_records(kept.to_list(), tokenizer, data_config_for(DataConfig(), args))
+    # TRL tokenized the kept rows into exactly the tokens gradsift scored, with the same loss mask.
+    assert [list(ids) for ids in trained["input_ids"]] == [row.input_ids for row in ours]
+    if "completion_mask" in trained.column_names:
+        for mask, row in zip(trained["completion_mask"], ours):
+            assert [label != -100 for label in row.labels] == [bool(m) for m in mask]
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_select_dataset_leaves_a_plain_model_as_it_was(tokenizer, mixed_records):
+    model = build_model(tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    select_dataset(datasets.Dataset.from_list(mixed_records), model, tokenizer, progress=False)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) and param.requires_grad == flags[name]
+
+
+def online_config(keep_fraction=0.5, window="step"):
+    return GradSiftConfig(
+        mode="online", selection=SelectionConfig(keep_fraction=keep_fraction), online={"window": window}
+    )
+
+
+def lora_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_online_step_equals_a_plain_step_on_the_kept_rows(tmp_path, tokenizer, mixed_records, checkpointing):
+    dataset = datasets.Dataset.from_list(mixed_records[:8])
+    args = sft_config(tmp_path, gradient_checkpointing=checkpointing)
+
+    model = peft_model(tokenizer)
+    start = lora_state(model)
+    trainer = GradSiftSFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, gradsift_config=online_config()
+    )
+    trainer.train()
+    online_delta = {name: p.detach() - start[name] for name, p in lora_state(model).items()}
+    step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    assert step["rows"] == 8 and step["kept"] == 4
+
+    ids = [
+        row.sample_id for row in tokenize_records(mixed_records[:8], tokenizer, data_config_for(DataConfig(), args))
+    ]
+    kept_positions = [ids.index(sample_id) for sample_id in step["kept_ids"]]
+    plain_model = peft_model(tokenizer)
+    plain = SFTTrainer(
+        model=plain_model,
+        args=sft_config(tmp_path / "plain", gradient_checkpointing=checkpointing),
+        train_dataset=dataset.select(kept_positions),
+        processing_class=tokenizer,
+    )
+    plain.train()
+    plain_delta = {name: p.detach() - start[name] for name, p in lora_state(plain_model).items()}
+    assert max(float(d.abs().max()) for d in online_delta.values()) > 1e-3  # the step did move the weights
+    worst = max(float((online_delta[name] - plain_delta[name]).abs().max()) for name in online_delta)
+    assert worst <= 1e-6
+
+
+def test_online_selection_equals_the_core_rule_on_loop_reference_scores(tmp_path, tokenizer, mixed_records):
+    records = mixed_records[:8]
+    args = sft_config(tmp_path)
+    model = peft_model(tokenizer)
+    rows = tokenize_records(records, tokenizer, data_config_for(DataConfig(), args))
+    loop = score_rows(model, rows, ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
+    config = online_config(keep_fraction=0.5)
+    expected = select_rows(loop.loss, loop.grad_norm, loop.status, config.selection)
+
+    trainer = GradSiftSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=tokenizer,
+        gradsift_config=config,
+    )
+    trainer.train()
+    step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    assert sorted(step["kept_ids"]) == sorted(loop.sample_id[expected.keep].tolist())
+    assert step["dropped"] == expected.counts()
+
+
+def test_micro_batch_window_selects_inside_each_micro_batch(tmp_path, tokenizer, mixed_records):
+    args = sft_config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer = GradSiftSFTTrainer(
+        model=peft_model(tokenizer),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
+        processing_class=tokenizer,
+        gradsift_config=online_config(keep_fraction=0.5, window="micro_batch"),
+    )
+    trainer.train()
+    step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    assert step["rows"] == 8 and step["kept"] == 4  # 2 of each micro-batch of 4
+    logged = [entry for entry in trainer.state.log_history if "gradsift/kept_fraction" in entry]
+    assert logged and logged[0]["gradsift/kept_fraction"] == 0.5
+
+
+def test_a_window_that_keeps_no_row_fails_at_start(tmp_path, tokenizer, mixed_records):
+    args = sft_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="`selection.keep_fraction` 0.2 keeps no row of a selection window of 4 rows"):
+        GradSiftSFTTrainer(
+            model=peft_model(tokenizer),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(mixed_records),
+            processing_class=tokenizer,
+            gradsift_config=online_config(keep_fraction=0.2),
+        )
+
+
+def test_steps_without_response_tokens_are_skipped_and_counted(tmp_path, tokenizer, caplog):
+    rows = [{"input_ids": [4, 10 + i, 11, 12, 5], "labels": [-100] * 5} for i in range(8)]
+    # TRL drops fully masked rows while preparing a dataset; hand it the rows as they are.
+    args = sft_config(
+        tmp_path,
+        per_device_train_batch_size=4,
+        max_steps=-1,
+        num_train_epochs=1,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    model = peft_model(tokenizer)
+    start = lora_state(model)
+    trainer = GradSiftSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        gradsift_config=online_config(),
+    )
+    trainer.train()
+    assert trainer.gradsift_skipped_steps == 2
+    assert "had no row to keep" in caplog.text
+    assert all(torch.equal(p, start[name]) for name, p in lora_state(model).items())
+    record = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    assert record["kept"] == 0 and record["dropped"] == {"no_response_tokens": 4}
+    assert np.isnan(record["grad_norm_q50"])
