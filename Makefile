@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff check plugin tests bench
 
 bench: setup
-	$(PY) bench/score_bench.py
+	$(PY) bench/online_bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

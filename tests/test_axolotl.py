@@ -192,3 +192,28 @@ def test_paper_config_passes_axolotl_validation():
     prepare_plugins(cfg)
     validated = validate_config(cfg)
     assert validated.gradsift["selection"]["window"] == 32 and validated.lora_r == 32
+
+
+@pytest.mark.slow
+def test_online_mode_trains_with_per_step_selection(workdir):
+    config_path = write_config(workdir, "online", "alpaca", False, gradient_accumulation_steps=2, logging_steps=1)
+    config = yaml.safe_load(config_path.read_text())
+    config["gradsift"]["mode"] = "online"
+    config_path.write_text(yaml.safe_dump(config))
+    train = axolotl("train", str(config_path), "--launcher", "python")
+    log = train.stdout + train.stderr
+    assert "gradsift: online selection in every step (step window)" in log
+    assert re.search(r"gradsift/kept_fraction.{0,6}0\.5", log), log[-3000:]
+    steps = [
+        json.loads(line) for line in (workdir / "online" / "out" / "gradsift_online.jsonl").read_text().splitlines()
+    ]
+    assert len(steps) == 24 // 4 and all(step["rows"] == 4 and step["kept"] == 2 for step in steps)
+    assert not (workdir / "online" / "prepared" / "gradsift" / "scores.parquet").exists()  # no offline scoring
+
+
+def test_online_mode_rejects_sample_packing(workdir):
+    config = yaml.safe_load(write_config(workdir, "online-packing", "alpaca", False).read_text())
+    config["gradsift"]["mode"] = "online"
+    config["sample_packing"] = True
+    with pytest.raises(Exception, match="`sample_packing` joins rows"):
+        validate(config)

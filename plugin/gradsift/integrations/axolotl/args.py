@@ -57,4 +57,11 @@ class GradSiftArgs(BaseModel):
             for key, reason in UNSUPPORTED.items():
                 if data.get(key):
                     raise ValueError(f"`{key}` is set ({data[key]!r}), but {reason}")
+            block = data["gradsift"]
+            mode = block.get("mode") if isinstance(block, dict) else getattr(block, "mode", None)
+            if mode == "online" and data.get("sample_packing"):
+                raise ValueError(
+                    "`gradsift.mode: online` scores each row of a training batch on its own, but `sample_packing` "
+                    "joins rows into packed sequences. Set `sample_packing: false`, or use `gradsift.mode: offline`."
+                )
         return data

@@ -41,6 +41,9 @@ class GradSiftPlugin(BasePlugin):
         """Load with axolotl's own loader, score, select, and return the kept rows with a recomputed step count."""
         if cfg.get("gradsift") is None:
             return None
+        config = resolve_config(cfg, self.raw_block)
+        if config.mode == "online":  # the trainer selects inside each step; the dataset stays whole
+            return None
         from axolotl.common.datasets import TrainDatasetMeta
         from axolotl.common.datasets import load_datasets as axolotl_load_datasets
         from axolotl.loaders import load_tokenizer
@@ -49,7 +52,6 @@ class GradSiftPlugin(BasePlugin):
         from gradsift.pipeline import ScoresMissing, kept_indices, score_and_select
         from gradsift.store import write_dropped, write_json
 
-        config = resolve_config(cfg, self.raw_block)
         meta = axolotl_load_datasets(cfg=cfg)
         dataset = meta.train_dataset
         tokenizer = load_tokenizer(cfg)
@@ -103,6 +105,20 @@ class GradSiftPlugin(BasePlugin):
             train_dataset=kept, eval_dataset=meta.eval_dataset, total_num_steps=total_steps(cfg, kept)
         )
 
+    def get_trainer_cls(self, cfg: Any) -> type | None:
+        """In online mode, axolotl's own trainer class with gradsift's per-step selection mixed in."""
+        if cfg.get("gradsift") is None:
+            return None
+        config = resolve_config(cfg, self.raw_block)
+        if config.mode != "online":
+            return None
+        from axolotl.core.trainers.base import AxolotlTrainer
+
+        from gradsift.online import OnlineSelectionMixin
+
+        LOG.info("gradsift: online selection in every step (%s window)", config.online.window)
+        return type("GradSiftAxolotlTrainer", (OnlineSelectionMixin, AxolotlTrainer), {"gradsift_config": config})
+
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         """Record what the trainer will train on (rows, sample ids, steps) next to the scores, for auditing."""
         if cfg.get("gradsift") is None or not _is_main_process():
@@ -110,6 +126,8 @@ class GradSiftPlugin(BasePlugin):
         from gradsift.store import write_json
 
         config = resolve_config(cfg, self.raw_block)
+        if config.mode == "online":
+            return
         rows = rows_from_dataset(trainer.train_dataset)
         write_json(
             {"rows": len(rows), "sample_ids": [row.sample_id for row in rows], "max_steps": trainer.args.max_steps},
