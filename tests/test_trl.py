@@ -216,3 +216,27 @@ def test_steps_without_response_tokens_are_skipped_and_counted(tmp_path, tokeniz
     record = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
     assert record["kept"] == 0 and record["dropped"] == {"no_response_tokens": 4}
     assert np.isnan(record["grad_norm_q50"])
+
+
+def test_online_mode_on_a_qlora_model_with_gradient_checkpointing(tmp_path, tiny_model_dir, tokenizer, mixed_records):
+    from gradsift.models import load_model
+
+    model = load_model(ScoringConfig(model=str(tiny_model_dir), quantization="nf4", lora_r=4, device="cpu"))
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    records = mixed_records[:8]
+    args = sft_config(tmp_path, gradient_checkpointing=True)
+    rows = tokenize_records(records, tokenizer, data_config_for(DataConfig(), args))
+    loop = score_rows(model, rows, ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
+    expected = select_rows(loop.loss, loop.grad_norm, loop.status, SelectionConfig(keep_fraction=0.5))
+    start = lora_state(model)
+    trainer = GradSiftSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=tokenizer,
+        gradsift_config=online_config(),
+    )
+    trainer.train()
+    step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    assert sorted(step["kept_ids"]) == sorted(loop.sample_id[expected.keep].tolist())
+    assert any(not torch.equal(p, start[name]) for name, p in lora_state(model).items())

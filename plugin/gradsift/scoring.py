@@ -79,17 +79,10 @@ class ScoreTable:
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return each row's mean cross-entropy over its response tokens, and its response-token count.
 
-    Only response positions are gathered before the float32 cast, so no full-vocabulary copy of the batch is made.
+    `logits` cover every position; only response positions are cast to float32, so no full-vocabulary copy of the
+    batch is made.
     """
-    shift_labels = labels[:, 1:]
-    selected = shift_labels != IGNORE_INDEX
-    rows, positions = selected.nonzero(as_tuple=True)
-    token_loss = nn.functional.cross_entropy(
-        logits[:, :-1][rows, positions].float(), shift_labels[rows, positions], reduction="none"
-    )
-    counts = selected.sum(dim=1)
-    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=labels.device).index_add(0, rows, token_loss)
-    return sums / counts, counts
+    return _loss_at(logits[:, :-1], labels[:, 1:])
 
 
 class GradNormHooks:
@@ -137,9 +130,13 @@ class GradNormHooks:
         self.handles.clear()
         self.recording = False
 
-    def start(self, attention_mask: torch.Tensor) -> None:
-        """Begin a batch: positions where `attention_mask` is 0 (padding) contribute nothing."""
+    def start(self, attention_mask: torch.Tensor, logit_positions: torch.Tensor | None = None) -> None:
+        """Begin a batch: positions where `attention_mask` is 0 (padding) contribute nothing.
+
+        `logit_positions` are the positions the LM head is applied to when the forward keeps only some logits.
+        """
         self.mask = attention_mask.bool()
+        self.logit_positions = logit_positions
         self.sq_norms = torch.zeros(self.mask.shape[0], dtype=torch.float64, device=self.mask.device)
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.called: set[int] = set()
@@ -173,17 +170,25 @@ class GradNormHooks:
         handler = self._on_linear_grad if isinstance(module, nn.Linear) else self._on_embedding_grad
         output.register_hook(partial(handler, module, args[0]))
 
-    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+    def _mask_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The padding mask matching a layer's input: all positions, or only the kept logit positions."""
         batch, width = self.mask.shape
-        if x.shape[:2] != (batch, width):
-            x = x.reshape(batch, width, *x.shape[x.dim() - 1 :] if x.dim() > 1 else ())
+        positions = self.logit_positions
+        if x.dim() == 3 and x.shape[1] != width and positions is not None and x.shape[1] == positions.numel():
+            return self.mask[:, positions]
+        return self.mask
+
+    def _batched(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.shape[:2] != mask.shape:
+            x = x.reshape(*mask.shape, x.shape[-1])
         return x
 
     def _on_linear_grad(self, module: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor) -> None:
-        mask = self.mask[..., None]
+        positions = self._mask_for(inputs)
+        mask = positions[..., None]
         # torch.where, not a product: a NaN or inf at a padding position must not leak into a real one.
-        a = torch.where(mask, self._batched(inputs), 0).float()
-        g = torch.where(mask, self._batched(grad), 0).float()
+        a = torch.where(mask, self._batched(inputs, positions), 0).float()
+        g = torch.where(mask, self._batched(grad, positions), 0).float()
         if module.weight.requires_grad:
             if id(module.weight) in self.shared:
                 self.pending[id(module.weight)].append((g, a))
@@ -249,19 +254,52 @@ def _device_of(model: nn.Module) -> torch.device:
 def score_batch(
     model: nn.Module, hooks: GradNormHooks, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return per-sample losses and gradient norms of one padded batch, with one forward and one backward."""
-    hooks.start(batch["attention_mask"])
+    """Return per-sample losses and gradient norms of one padded batch, with one forward and one backward.
+
+    Logits are computed only at positions where some row has a response token to predict (`logits_to_keep`), not
+    over the whole batch and vocabulary: on prompt-heavy data that is most of a training step's LM-head cost.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    hooks.start(batch["attention_mask"], logit_positions=positions)
     try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = _forward_logits(model, batch, positions)
     finally:
         hooks.stop_recording()
-    losses, counts = per_sample_loss(logits, batch["labels"])
+    if logits.shape[1] == positions.numel():
+        losses, counts = _loss_at(logits, targets[:, positions])
+    else:  # the model ignored logits_to_keep and returned every position
+        losses, counts = per_sample_loss(logits, labels)
     finite = torch.isfinite(losses) & (counts > 0)
     # Non-finite rows are left out of the sum, so their NaN cannot reach the other rows' gradients.
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
     if total.requires_grad and bool(finite.any()):
         torch.autograd.grad(total, hooks.params, allow_unused=True)
     return losses.detach(), hooks.finish()
+
+
+def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if getattr(model, "_gradsift_no_logits_to_keep", False):
+        return model(**inputs).logits
+    try:
+        return model(**inputs, logits_to_keep=positions).logits
+    except TypeError as error:  # an architecture without `logits_to_keep`
+        if "logits_to_keep" not in str(error):
+            raise
+        model._gradsift_no_logits_to_keep = True
+        return model(**inputs).logits
+
+
+def _loss_at(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean cross-entropy of `logits` [B, K, V] against aligned `targets` [B, K] (-100: no loss)."""
+    selected = targets != IGNORE_INDEX
+    rows, columns = selected.nonzero(as_tuple=True)
+    token_loss = nn.functional.cross_entropy(logits[rows, columns].float(), targets[rows, columns], reduction="none")
+    counts = selected.sum(dim=1)
+    sums = torch.zeros(targets.shape[0], dtype=token_loss.dtype, device=targets.device).index_add(0, rows, token_loss)
+    return sums / counts, counts
 
 
 def score_rows(
