@@ -132,3 +132,21 @@ def test_shards_of_another_identity_are_not_reused(setup):
     result, _ = run(config=changed)
     assert result.rows_scored == 24
     shutil.rmtree(tmp_path / "scores")
+
+
+def test_scoring_can_be_forbidden_when_no_finished_scores_exist(setup, tokenizer, mixed_records):
+    """Used by the axolotl plugin when several processes run: only a finished cache is accepted."""
+    from gradsift.data import DataConfig
+    from gradsift.pipeline import ScoresMissing, score_and_select
+
+    run, config, _, tmp_path = setup
+    rows = tokenize_records(mixed_records, tokenizer, DataConfig())
+    loader = Loader(config)
+    with pytest.raises(ScoresMissing):
+        score_and_select(rows, loader, tokenizer, config, tmp_path / "multi", progress=False, allow_scoring=False)
+    assert loader.loads == 0
+    score_and_select(rows, loader, tokenizer, config, tmp_path / "multi", progress=False)
+    result, _ = score_and_select(
+        rows, loader, tokenizer, config, tmp_path / "multi", progress=False, allow_scoring=False
+    )
+    assert result.reused and loader.loads == 1

@@ -182,6 +182,7 @@ def score_and_select(
         tokenizer.pad_token_id,
         progress=progress,
         describe={"data": config.data.model_dump()},
+        allow_scoring=allow_scoring,
     )
     selection = apply_selection(result.table, config)
     logger.info("gradsift: %s", selection.summary())
