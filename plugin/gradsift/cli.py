@@ -243,7 +243,7 @@ def _load_scores(folder: Path):
 def run_select(args: argparse.Namespace) -> int:
     """`gradsift select`."""
     from gradsift.data import load_source
-    from gradsift.pipeline import apply_selection
+    from gradsift.pipeline import apply_selection, kept_indices
     from gradsift.selection import REASONS
     from gradsift.store import write_dropped, write_json
 
@@ -264,8 +264,7 @@ def run_select(args: argparse.Namespace) -> int:
         raise UserError(f"The data has {len(source):,} rows but the scores have {len(table):,}; score it again.")
     selection = apply_selection(table, config)
     out = args.out
-    kept = np.sort(table.index[selection.keep])
-    source.write_subset(kept.tolist(), out)
+    source.write_subset(kept_indices(selection, table).tolist(), out)
     dropped_path = out.parent / "dropped.jsonl"
     write_dropped(dropped_path, table, selection, lambda i: {"row": source.records[i]})
     write_json(

@@ -184,11 +184,11 @@ class GradNormHooks:
         return x
 
     def _on_linear_grad(self, module: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor) -> None:
-        positions = self._mask_for(inputs)
-        mask = positions[..., None]
+        row_mask = self._mask_for(inputs)
+        mask = row_mask[..., None]
         # torch.where, not a product: a NaN or inf at a padding position must not leak into a real one.
-        a = torch.where(mask, self._batched(inputs, positions), 0).float()
-        g = torch.where(mask, self._batched(grad, positions), 0).float()
+        a = torch.where(mask, self._batched(inputs, row_mask), 0).float()
+        g = torch.where(mask, self._batched(grad, row_mask), 0).float()
         if module.weight.requires_grad:
             if id(module.weight) in self.shared:
                 self.pending[id(module.weight)].append((g, a))
