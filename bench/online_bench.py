@@ -5,6 +5,7 @@ one process (this machine is noisy: compare ratios, not absolute times). The pap
 
     python bench/online_bench.py                    # a SmolLM2-135M-shaped random model, 16 rows per step
     python bench/online_bench.py --shape tiny       # seconds, for a smoke run
+    python bench/online_bench.py --update recompute # the second-forward-and-backward update
 
 Last line: `online_vs_plain=X` (online time / plain time; lower is better).
 """
@@ -69,7 +70,7 @@ def rows(n: int, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(data)
 
 
-def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int) -> float:
+def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int, update: str = "auto") -> float:
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,
@@ -87,7 +88,9 @@ def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int) -
         common = dict(model=build(shape, tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
         if arm == "online":
             config = GradSiftConfig(
-                mode="online", selection=SelectionConfig(keep_fraction=0.2), online={"log_file": None}
+                mode="online",
+                selection=SelectionConfig(keep_fraction=0.2),
+                online={"log_file": None, "update": update},
             )
             trainer = GradSiftSFTTrainer(**common, gradsift_config=config)
         else:
@@ -103,18 +106,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument(
+        "--update", choices=["auto", "reuse", "recompute"], default="auto", help="the online arm's `online.update`"
+    )
     args = parser.parse_args()
     tokenizer = build_tokenizer()
     dataset = rows(args.batch_size * args.steps)
     times = {"plain": [], "online": []}
     for rep in range(args.reps):
         for arm in ("plain", "online") if rep % 2 == 0 else ("online", "plain"):
-            seconds = run(arm, args.shape, tokenizer, dataset, args.batch_size, args.steps)
+            seconds = run(arm, args.shape, tokenizer, dataset, args.batch_size, args.steps, args.update)
             times[arm].append(seconds)
             print(f"rep {rep} {arm:6s} {seconds:7.2f} s  ({args.steps} steps of {args.batch_size} rows)", flush=True)
     plain, online = min(times["plain"]), min(times["online"])
     print(
-        f"shape={args.shape} torch_threads={torch.get_num_threads()} best plain {plain:.2f} s, online {online:.2f} s"
+        f"shape={args.shape} update={args.update} torch_threads={torch.get_num_threads()} "
+        f"best plain {plain:.2f} s, online {online:.2f} s"
     )
     print(f"online_vs_plain={online / plain:.3f}")
 

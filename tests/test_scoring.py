@@ -171,3 +171,85 @@ def test_a_layer_called_twice_per_forward_is_refused(tokenizer, rows):
     layer.forward = lambda x: original(x) + original(x) * 0  # the same LoRA linears run twice
     with pytest.raises(ValueError, match="called more than once per forward pass"):
         score_rows(model, rows[:2], ScoringConfig(), tokenizer.pad_token_id, progress=False)
+
+
+def test_kept_per_sample_gradients_equal_each_rows_own_gradient(tokenizer, rows):
+    from gradsift.data import collate
+    from gradsift.scoring import per_sample_loss, score_batch
+
+    model = lora_model(tokenizer)
+    model.eval()
+    batch_rows = rows[:6]
+    batch = collate(batch_rows, tokenizer.pad_token_id, torch.device("cpu"))
+    with GradNormHooks(model, keep_grads=True) as hooks:
+        _, norms = score_batch(model, hooks, batch)
+        grads = hooks.take_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert set(grads) == {id(p) for p in params}
+    worst = 0.0
+    for i, row in enumerate(batch_rows):
+        alone = collate([row], tokenizer.pad_token_id, torch.device("cpu"))
+        logits = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits
+        reference = torch.autograd.grad(per_sample_loss(logits, alone["labels"])[0][0], params)
+        for param, ref in zip(params, reference):
+            worst = max(worst, float((grads[id(param)][i] - ref).abs().max() / ref.abs().max()))
+        norm = torch.sqrt(sum(g[i].double().pow(2).sum() for g in grads.values()))
+        assert float(norm) == pytest.approx(float(norms[i]), rel=1e-6)
+    assert worst <= 1e-5
+
+
+def test_keeping_gradients_of_a_tied_embedding_is_refused(tokenizer):
+    model = build_model(tokenizer, tie=True)
+    prepare_full_scope(model)
+    with pytest.raises(ValueError, match="shared or embeddings: .*embed_tokens"):
+        GradNormHooks(model, keep_grads=True)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_head_loss_matches_autograd_cross_entropy(with_bias):
+    from gradsift.scoring import FrozenHeadLoss
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, generator=generator, dtype=torch.float64)
+    bias = torch.randn(40, generator=generator, dtype=torch.float64) if with_bias else None
+    targets = torch.randint(0, 40, (11,), generator=generator)
+    upstream = torch.rand(11, generator=generator, dtype=torch.float64)
+
+    ours = FrozenHeadLoss.apply(hidden, weight, bias, targets, 3)  # 4 chunks, the last one short
+    (ours.double() * upstream).sum().backward()
+    ours_grad = hidden.grad.clone()
+    hidden.grad = None
+    reference = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(hidden, weight, bias), targets, reduction="none"
+    )
+    (reference * upstream).sum().backward()
+    # The head's logits are taken in float32 (as the loss path does for a bfloat16 model): float32 tolerances.
+    assert torch.allclose(ours.double(), reference, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(ours_grad, hidden.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_path_is_used_only_where_it_gives_the_models_logits(tokenizer, rows):
+    from transformers import LlamaForCausalLM
+
+    from gradsift.data import collate
+    from gradsift.scoring import _frozen_head
+
+    batch = collate(rows[:4], tokenizer.pad_token_id, torch.device("cpu"))
+    assert _frozen_head(lora_model(tokenizer), batch) is not None  # LoRA: the head is frozen
+    full = build_model(tokenizer)
+    prepare_full_scope(full)
+    assert _frozen_head(full, batch) is None  # a trainable head is measured through its hook
+
+    class ScaledLogits(LlamaForCausalLM):  # post-processes its logits, as Gemma or Granite do
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    scaled = ScaledLogits(build_model(tokenizer).config).eval()
+    scaled = attach_lora(scaled, ScoringConfig(lora_r=4, lora_alpha=8))
+    assert _frozen_head(scaled, batch) is None
+    batched, loop = batched_and_loop(scaled, rows, tokenizer)
+    assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-5
+    assert max_rel(batched.loss, loop.loss) <= 1e-5

@@ -30,7 +30,8 @@ class Loader:
     def __call__(self):
         self.loads += 1
         model = load_model(self.config.scoring)
-        model.register_forward_pre_hook(self._count)
+        # Every forward path (whole model or decoder alone) embeds the batch once.
+        model.get_input_embeddings().register_forward_pre_hook(self._count)
         return model
 
     def _count(self, module, args):

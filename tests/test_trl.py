@@ -107,16 +107,36 @@ def lora_state(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
-def test_online_step_equals_a_plain_step_on_the_kept_rows(tmp_path, tokenizer, mixed_records, checkpointing):
+@pytest.mark.parametrize(
+    "update, checkpointing, accumulation",
+    [
+        ("reuse", False, 1),
+        ("reuse", True, 1),
+        ("reuse", False, 2),
+        ("recompute", False, 1),
+        ("recompute", True, 2),
+    ],
+)
+def test_online_step_equals_a_plain_step_on_the_kept_rows(
+    tmp_path, tokenizer, mixed_records, update, checkpointing, accumulation
+):
     dataset = datasets.Dataset.from_list(mixed_records[:8])
-    args = sft_config(tmp_path, gradient_checkpointing=checkpointing)
+    batch = 8 // accumulation
+    args = sft_config(
+        tmp_path,
+        gradient_checkpointing=checkpointing,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+    )
 
     model = peft_model(tokenizer)
     start = lora_state(model)
+    config = online_config()
+    config.online.update = update
     trainer = GradSiftSFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, gradsift_config=online_config()
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, gradsift_config=config
     )
+    assert trainer.gradsift_reuse == (update == "reuse")
     trainer.train()
     online_delta = {name: p.detach() - start[name] for name, p in lora_state(model).items()}
     step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
@@ -138,6 +158,32 @@ def test_online_step_equals_a_plain_step_on_the_kept_rows(tmp_path, tokenizer, m
     assert max(float(d.abs().max()) for d in online_delta.values()) > 1e-3  # the step did move the weights
     worst = max(float((online_delta[name] - plain_delta[name]).abs().max()) for name in online_delta)
     assert worst <= 1e-6
+    # The logged training loss is the kept rows' loss, as the plain trainer reports it.
+    online_loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    plain_loss = next(e["loss"] for e in plain.state.log_history if "loss" in e)
+    assert online_loss == pytest.approx(plain_loss, rel=1e-5)
+
+
+def test_reuse_is_refused_with_the_reason_when_the_loss_is_not_cross_entropy(tmp_path, tokenizer, mixed_records):
+    config = online_config()
+    config.online.update = "reuse"
+    with pytest.raises(ValueError, match="'reuse' is not possible here: the loss is not plain token cross-entropy"):
+        GradSiftSFTTrainer(
+            model=peft_model(tokenizer),
+            args=sft_config(tmp_path, label_smoothing_factor=0.1),
+            train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
+            processing_class=tokenizer,
+            gradsift_config=config,
+        )
+    config.online.update = "auto"
+    trainer = GradSiftSFTTrainer(
+        model=peft_model(tokenizer),
+        args=sft_config(tmp_path, label_smoothing_factor=0.1),
+        train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
+        processing_class=tokenizer,
+        gradsift_config=config,
+    )
+    assert not trainer.gradsift_reuse
 
 
 def test_online_selection_equals_the_core_rule_on_loop_reference_scores(tmp_path, tokenizer, mixed_records):

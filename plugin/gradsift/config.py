@@ -168,6 +168,18 @@ class OnlineConfig(_Strict):
         description="`step`: select across all micro-batches of one optimizer step (the paper's batch); "
         "`micro_batch`: select inside each micro-batch.",
     )
+    update: Literal["auto", "reuse", "recompute"] = Field(
+        "auto",
+        description="`reuse`: build the step's gradient from the kept rows' per-sample gradients of the scoring pass "
+        "(no second forward and backward; single process, token cross-entropy loss, linear trainable layers such as "
+        "LoRA); `recompute`: a second forward and backward on the kept rows; `auto`: reuse when possible.",
+    )
+    reuse_max_gb: float = Field(
+        4.0,
+        gt=0,
+        description="`auto` recomputes instead of reusing when one selection window's per-sample gradients (rows × "
+        "trainable parameters × 4 bytes) exceed this many GiB.",
+    )
     log_file: str | None = Field(
         "gradsift_online.jsonl",
         description="Per-step record (kept and dropped sample ids, norm quantiles) under the trainer's output_dir; "

@@ -2,16 +2,24 @@
 
 For every optimizer step the mixin takes the step's micro-batches as the trainer fetched them, scores every row with
 the current model (per-sample loss and gradient norm from the batched hooks: one forward and one backward per
-micro-batch, no parameter gradient kept), applies the selection rule across the whole step (`online.window: step`)
-or inside each micro-batch (`micro_batch`), and hands the trainer micro-batches that hold only the kept rows. The
-trainer then runs its usual forward and backward on them, and its loss is the kept rows' summed response-token
-cross-entropy divided by their response-token count (`num_items_in_batch`), as TRL computes it.
+micro-batch), applies the selection rule across the whole step (`online.window: step`) or inside each micro-batch
+(`micro_batch`), and updates on the kept rows only. The update's loss is the kept rows' summed response-token
+cross-entropy divided by their response-token count, as TRL computes it. The update is made one of two ways
+(`online.update`):
 
-With several processes each one selects among its own rows.
+- `reuse`: the scoring pass runs in train mode and keeps every row's per-sample gradient `G_i` of its mean loss
+  `L_i` (for LoRA these are small); the step's gradient is `Σ_kept n_i G_i / Σ_kept n_i` (n_i: response tokens),
+  written into `.grad` before the optimizer step. No second forward or backward: the step costs about one plain step.
+- `recompute`: the trainer gets micro-batches holding only the kept rows and runs its usual forward and backward.
+
+`auto` reuses unless something rules it out: several processes (gradients are not all-reduced by hand), fp16 loss
+scaling, a loss other than token cross-entropy, trainable weights outside linear layers, or per-sample gradients
+larger than `online.reuse_max_gb`. With several processes each one selects among its own rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -52,6 +60,16 @@ def check_online_config(config: GradSiftConfig, micro_batch_size: int, gradient_
     return rows
 
 
+@contextlib.contextmanager
+def _train_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class OnlineSelectionMixin:
     """Mix into a `transformers.Trainer` subclass (before it in the bases) to train on selected rows only.
 
@@ -70,11 +88,50 @@ class OnlineSelectionMixin:
             raise ValueError(
                 "gradsift's online mode scores padded rows: set `packing=False` and `padding_free=False`."
             )
-        check_online_config(
+        window_rows = check_online_config(
             self.gradsift_config, self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
         )
         self.gradsift_stats: list[dict[str, Any]] = []
         self.gradsift_skipped_steps = 0
+        self._gradsift_pending: tuple[dict[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._gradsift_pending_tokens = 0
+        reason = self._gradsift_no_reuse_reason(window_rows)
+        update = self.gradsift_config.online.update
+        if update == "reuse" and reason is not None:
+            raise ValueError(f"`online.update` 'reuse' is not possible here: {reason}. Use 'auto' or 'recompute'.")
+        self.gradsift_reuse = update != "recompute" and reason is None
+        if self.gradsift_reuse:
+            logger.info("gradsift: each step's update reuses the scoring pass's per-sample gradients")
+        elif update == "auto":
+            logger.info("gradsift: each step recomputes the kept rows' gradients, because %s", reason)
+
+    def _gradsift_no_reuse_reason(self, window_rows: int) -> str | None:
+        """Why the scoring pass's per-sample gradients cannot make the update, or None when they can."""
+        from accelerate.utils import DistributedType
+
+        args, accelerator = self.args, self.accelerator
+        if args.world_size > 1 or accelerator.distributed_type != DistributedType.NO:
+            return "training runs in several processes or under a sharding engine"
+        if getattr(accelerator, "scaler", None) is not None:
+            return "fp16 loss scaling is on"
+        loss_type = getattr(args, "loss_type", "nll")
+        if loss_type not in ("nll", "chunked_nll") or args.label_smoothing_factor or self.compute_loss_func:
+            return (
+                f"the loss is not plain token cross-entropy (loss_type {loss_type!r}, label smoothing or a custom "
+                "loss)"
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(getattr(model, "config", None), "output_router_logits", False):
+            return "the model adds a router auxiliary loss"
+        try:
+            GradNormHooks(model, keep_grads=True)
+        except ValueError as error:
+            return str(error).rstrip(".")
+        size = sum(p.numel() for p in model.parameters() if p.requires_grad) * window_rows * 4 / 2**30
+        limit = self.gradsift_config.online.reuse_max_gb
+        if size > limit:
+            return f"one window's per-sample gradients take {size:.1f} GiB, over `online.reuse_max_gb` {limit}"
+        return None
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """Fetch one step's micro-batches, select rows, and return micro-batches holding only the kept rows."""
@@ -96,7 +153,26 @@ class OnlineSelectionMixin:
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if "_gradsift_skip" in inputs:  # a micro-batch left empty by the selection: nothing to add to the step
             return torch.zeros((), device=self.args.device)
+        if "_gradsift_reused" in inputs:  # the step's gradient is already known: add it once, report its loss
+            if self._gradsift_pending is None:
+                return torch.zeros((), device=self.args.device)
+            grads, loss = self._gradsift_pending
+            self._gradsift_pending = None
+            loss = loss.to(self.args.device)
+            for param, grad in grads.items():
+                if param.grad is None:
+                    param.grad = grad.to(param.dtype)
+                else:
+                    param.grad.add_(grad.to(param.dtype))
+            self._gradsift_count_tokens(inputs)
+            return loss
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _gradsift_count_tokens(self, inputs: dict[str, Any]) -> None:
+        """Keep TRL's `num_tokens` metric counting on reused steps (its `compute_loss` does not run)."""
+        if hasattr(self, "_total_train_tokens") and hasattr(self, "_metrics"):
+            self._total_train_tokens += self._gradsift_pending_tokens
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         return 0 if "_gradsift_skip" in inputs else super().floating_point_ops(inputs)
@@ -116,12 +192,23 @@ class OnlineSelectionMixin:
     def _gradsift_select(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         config = self.gradsift_config
         model = self.accelerator.unwrap_model(self.model)
-        scored = []
-        with scoring_mode(model), GradNormHooks(model, config.scoring.norm_method) as hooks:
+        scored, per_sample = [], []
+        # Reuse scores in train mode: the update then is the gradient of the trainer's own forward (dropout too).
+        mode = _train_mode(model) if self.gradsift_reuse else scoring_mode(model)
+        # The trainer's mixed precision (accelerate wraps the model's forward in autocast; scoring may call the
+        # decoder directly), so rows are scored with the numerics they are trained with.
+        with (
+            mode,
+            self.accelerator.autocast(),
+            self.compute_loss_context_manager(),
+            GradNormHooks(model, config.scoring.norm_method, keep_grads=self.gradsift_reuse) as hooks,
+        ):
             for batch in batches:
                 inputs = {key: batch[key].to(self.args.device) for key in ("input_ids", "attention_mask", "labels")}
                 losses, norms = score_batch(model, hooks, inputs)
                 scored.append((losses.double().cpu().numpy(), norms.cpu().numpy()))
+                if self.gradsift_reuse:
+                    per_sample.append(hooks.take_grads())
         sizes = [len(batch["input_ids"]) for batch in batches]
         losses = np.concatenate([s[0] for s in scored])
         norms = np.concatenate([s[1] for s in scored])
@@ -143,7 +230,33 @@ class OnlineSelectionMixin:
         self._gradsift_record(batches, losses, norms, status, keep, reasons)
         if not keep.any():
             return None
-        return self._gradsift_repack(batches, keep, sizes)
+        packed = self._gradsift_repack(batches, keep, sizes)
+        if self.gradsift_reuse:
+            self._gradsift_prepare_update(hooks, per_sample, sizes, losses, counts, keep, batches)
+            for batch in packed:
+                if "_gradsift_skip" not in batch:
+                    batch["_gradsift_reused"] = True
+        return packed
+
+    def _gradsift_prepare_update(self, hooks, per_sample, sizes, losses, counts, keep, batches) -> None:
+        """The kept rows' gradient of Σ_kept n_i L_i / Σ_kept n_i, from the scoring pass's per-sample gradients."""
+        weights = np.where(keep, counts, 0) / counts[keep].sum()
+        params = {id(p): p for p in hooks.params}
+        grads: dict[int, torch.Tensor] = {}
+        bounds = np.cumsum([0, *sizes])
+        for b, batch_grads in enumerate(per_sample):
+            rows = np.flatnonzero(keep[bounds[b] : bounds[b + 1]])
+            if not len(rows):
+                continue  # rows only ever weighted 0 are left out: a non-finite row's gradient may be NaN
+            w = torch.as_tensor(weights[bounds[b] + rows], dtype=torch.float32)
+            index = torch.as_tensor(rows)
+            for key, grad in batch_grads.items():
+                contribution = torch.tensordot(w.to(grad.device), grad[index.to(grad.device)], dims=1)
+                grads[key] = grads[key] + contribution if key in grads else contribution
+        loss = float(np.sum(np.where(keep, losses * counts, 0.0)) / counts[keep].sum())
+        self._gradsift_pending = ({params[key]: grad for key, grad in grads.items()}, torch.tensor(loss))
+        tokens = np.concatenate([batch["attention_mask"].sum(dim=1).cpu().numpy() for batch in batches])
+        self._gradsift_pending_tokens = int(tokens[keep].sum())
 
     def _gradsift_repack(self, batches: list[dict[str, Any]], keep: np.ndarray, sizes: list[int]) -> list[dict]:
         """Micro-batches of the kept rows: in place for `micro_batch`, re-dealt in order for `step`."""

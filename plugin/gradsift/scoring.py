@@ -92,9 +92,10 @@ class GradNormHooks:
     `hooks.stop_recording()`, run one backward of the summed per-sample losses, and read `hooks.finish()`.
     """
 
-    def __init__(self, model: nn.Module, norm_method: str = "auto"):
+    def __init__(self, model: nn.Module, norm_method: str = "auto", keep_grads: bool = False):
         self.model = model
         self.norm_method = norm_method
+        self.keep_grads = keep_grads
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("The model has no trainable parameters, so there is no gradient to measure.")
@@ -116,6 +117,16 @@ class GradNormHooks:
                 "(no modules_to_save, DoRA or embedding LoRA), `scoring.param_scope: all`, or `scoring.method: loop`."
             )
         self.shared = {key for key, count in owners.items() if count > 1}
+        if keep_grads:
+            embeddings = [m for m in self.modules if isinstance(m, nn.Embedding)]
+            kept_out = [names.get(id(p), "?") for p in self.params if id(p) in self.shared]
+            kept_out += [names.get(id(p), "?") for m in embeddings for p in m.parameters(False) if p.requires_grad]
+            if kept_out:
+                raise ValueError(
+                    "Per-sample gradients are kept only for linear weights used once per forward, but these "
+                    f"trainable parameters are shared or embeddings: {', '.join(kept_out[:8])}."
+                )
+        self.grads: dict[int, torch.Tensor] = {}
         self.handles: list[Any] = []
         self.recording = False
 
@@ -140,6 +151,7 @@ class GradNormHooks:
         self.sq_norms = torch.zeros(self.mask.shape[0], dtype=torch.float64, device=self.mask.device)
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.called: set[int] = set()
+        self.grads = {}
         self.recording = True
 
     def stop_recording(self) -> None:
@@ -148,14 +160,24 @@ class GradNormHooks:
 
     def finish(self) -> torch.Tensor:
         """Return the batch's per-sample gradient norms (float64), once the backward has run."""
+        with torch.autocast(device_type=self.sq_norms.device.type, enabled=False):
+            self._finish_shared()
+        self.pending = defaultdict(list)
+        return self.sq_norms.sqrt()
+
+    def _finish_shared(self) -> None:
         for contributions in self.pending.values():
             total = torch.zeros_like(self.sq_norms)
             for u1, v1 in contributions:
                 for u2, v2 in contributions:
                     total += (_gram(u1, u2) * _gram(v1, v2)).sum(dim=(1, 2)).double()
             self.sq_norms += total
-        self.pending = defaultdict(list)
-        return self.sq_norms.sqrt()
+
+    def take_grads(self) -> dict[int, torch.Tensor]:
+        """Return the last batch's per-sample gradients (float32, `[batch, *param.shape]`, keyed by `id(param)`) of
+        the per-sample losses, and forget them. Needs `keep_grads=True`."""
+        grads, self.grads = self.grads, {}
+        return grads
 
     def _on_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if not self.recording or not output.requires_grad:
@@ -168,7 +190,7 @@ class GradNormHooks:
             )
         self.called.add(id(module))
         handler = self._on_linear_grad if isinstance(module, nn.Linear) else self._on_embedding_grad
-        output.register_hook(partial(handler, module, args[0]))
+        output.register_hook(partial(_without_autocast, handler, module, args[0]))
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor:
         """The padding mask matching a layer's input: all positions, or only the kept logit positions."""
@@ -192,10 +214,17 @@ class GradNormHooks:
         if module.weight.requires_grad:
             if id(module.weight) in self.shared:
                 self.pending[id(module.weight)].append((g, a))
+            elif self.keep_grads:  # materialise G_i: the direct computation, kept for the update
+                per_sample = torch.bmm(g.transpose(1, 2), a)
+                self.sq_norms += per_sample.pow(2).sum(dim=(1, 2)).double()
+                self.grads[id(module.weight)] = per_sample
             else:
                 self.sq_norms += self._outer_sq_norm(g, a)
         if module.bias is not None and module.bias.requires_grad:
-            self.sq_norms += g.sum(dim=1).pow(2).sum(dim=1).double()
+            per_sample = g.sum(dim=1)
+            self.sq_norms += per_sample.pow(2).sum(dim=1).double()
+            if self.keep_grads:
+                self.grads[id(module.bias)] = per_sample
 
     def _on_embedding_grad(self, module: nn.Embedding, ids: torch.Tensor, grad: torch.Tensor) -> None:
         mask = self.mask
@@ -221,6 +250,12 @@ class GradNormHooks:
         if ghost:
             return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2)).double()
         return torch.bmm(g.transpose(1, 2), a).pow(2).sum(dim=(1, 2)).double()
+
+
+def _without_autocast(handler: Any, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+    """Run a gradient hook in float32 even when the backward runs under a trainer's autocast."""
+    with torch.autocast(device_type=grad.device.type, enabled=False):
+        handler(module, inputs, grad)
 
 
 def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -256,27 +291,127 @@ def score_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return per-sample losses and gradient norms of one padded batch, with one forward and one backward.
 
-    Logits are computed only at positions where some row has a response token to predict (`logits_to_keep`), not
-    over the whole batch and vocabulary: on prompt-heavy data that is most of a training step's LM-head cost.
+    The LM head is applied only where a row has a response token to predict. When it is frozen (LoRA), the decoder's
+    hidden states at exactly those tokens go through a fused head-and-cross-entropy in chunks (`FrozenHeadLoss`): no
+    full-vocabulary logits are kept, and the head costs two matmuls over response tokens, as TRL's `chunked_nll`.
+    Otherwise the model is asked for logits at the union of response positions (`logits_to_keep`).
     """
     labels = batch["labels"]
     targets = labels[:, 1:]
-    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    head = _frozen_head(model, batch)
+    positions = None if head is not None else (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     hooks.start(batch["attention_mask"], logit_positions=positions)
     try:
-        logits = _forward_logits(model, batch, positions)
+        if head is not None:
+            losses, counts = _frozen_head_losses(head, batch, targets)
+        else:
+            logits = _forward_logits(model, batch, positions)
     finally:
         hooks.stop_recording()
-    if logits.shape[1] == positions.numel():
-        losses, counts = _loss_at(logits, targets[:, positions])
-    else:  # the model ignored logits_to_keep and returned every position
-        losses, counts = per_sample_loss(logits, labels)
+    if head is None:
+        if logits.shape[1] == positions.numel():
+            losses, counts = _loss_at(logits, targets[:, positions])
+        else:  # the model ignored logits_to_keep and returned every position
+            losses, counts = per_sample_loss(logits, labels)
     finite = torch.isfinite(losses) & (counts > 0)
     # Non-finite rows are left out of the sum, so their NaN cannot reach the other rows' gradients.
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
     if total.requires_grad and bool(finite.any()):
         torch.autograd.grad(total, hooks.params, allow_unused=True)
     return losses.detach(), hooks.finish()
+
+
+class FrozenHeadLoss(torch.autograd.Function):
+    """Per-token cross-entropy of `hidden @ weight.T (+ bias)` for a frozen head, in chunks of tokens.
+
+    The forward computes each chunk's logits once, its loss and `∂loss/∂hidden = (softmax − onehot) @ weight`, and
+    keeps only that `[tokens, hidden]` gradient: peak memory is one chunk of logits, and the backward is a scaling.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):  # type: ignore[override]
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = start + chunk_tokens
+            logits = nn.functional.linear(hidden[start:end], weight, bias).float()
+            log_z = torch.logsumexp(logits, dim=-1)
+            target = targets[start:end]
+            losses[start:end] = log_z - logits.gather(1, target[:, None]).squeeze(1)
+            if grad_hidden is not None:
+                probs = logits.sub_(log_z[:, None]).exp_()
+                probs[torch.arange(len(target), device=probs.device), target] -= 1
+                grad_hidden[start:end] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):  # type: ignore[override]
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None
+
+
+# Tokens per chunk of `FrozenHeadLoss`: about 256 MiB of float32 logits whatever the vocabulary.
+HEAD_CHUNK_ELEMENTS = 2**26
+
+
+def _frozen_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Linear] | None:
+    """The decoder and a frozen plain linear head whose output is the model's logits, or None.
+
+    Checked once per model on a few tokens of a real batch, in eval mode: a model that rescales, caps or otherwise
+    post-processes its logits (Gemma's softcapping, Cohere's and Granite's scaling) keeps the `logits_to_keep` path.
+    """
+    cached = getattr(model, "_gradsift_frozen_head", None)
+    if cached is not None:
+        return cached or None
+    found: tuple[nn.Module, nn.Linear] | tuple = ()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    backbone = getattr(inner, "base_model", inner)
+    if (
+        type(head) is nn.Linear
+        and backbone is not inner
+        and not any(p.requires_grad for p in head.parameters())
+        and _head_matches(model, backbone, head, batch)
+    ):
+        found = (backbone, head)
+    model._gradsift_frozen_head = found
+    return found or None
+
+
+def _head_matches(model: nn.Module, backbone: nn.Module, head: nn.Linear, batch: dict[str, torch.Tensor]) -> bool:
+    width = int(min(8, batch["attention_mask"][0].sum()))
+    inputs = {"input_ids": batch["input_ids"][:1, :width], "use_cache": False}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].float()
+            ours = head(backbone(**inputs).last_hidden_state[0]).float()
+    except Exception as error:  # noqa: BLE001 - any failure means: use the model's own forward
+        logger.debug("gradsift: the decoder-and-head path is not usable (%s)", error)
+        return False
+    finally:
+        model.train(was_training)
+    return logits.shape == ours.shape and bool((logits - ours).abs().max() <= 1e-3 * (1 + logits.abs().max()))
+
+
+def _frozen_head_losses(
+    head: tuple[nn.Module, nn.Linear], batch: dict[str, torch.Tensor], targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone, linear = head
+    hidden = backbone(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    selected = targets != IGNORE_INDEX
+    rows, columns = selected.nonzero(as_tuple=True)
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // linear.out_features)
+    token_loss = FrozenHeadLoss.apply(
+        hidden[:, :-1][rows, columns], linear.weight, linear.bias, targets[rows, columns], chunk
+    )
+    counts = selected.sum(dim=1)
+    sums = torch.zeros(targets.shape[0], dtype=token_loss.dtype, device=targets.device).index_add(0, rows, token_loss)
+    return sums / counts, counts
 
 
 def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
