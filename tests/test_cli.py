@@ -97,7 +97,7 @@ def test_readme_option_tables_match_the_schema():
     assert block == options_markdown()
 
 
-@pytest.mark.parametrize("command", ["score", "select", "inspect"])
+@pytest.mark.parametrize("command", ["score", "select", "inspect", "eval", "judge", "evals-path"])
 def test_help_describes_each_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

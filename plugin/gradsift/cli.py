@@ -1,4 +1,4 @@
-"""The `gradsift` command: score, select, inspect.
+"""The `gradsift` command: score, select, inspect, eval, judge, evals-path.
 
 Every config key is a `--kebab-case` flag (`--quantization none`, `--keep-fraction 0.2`), or comes from a YAML file
 given with `--config` (nested `data:`, `scoring:`, `selection:` sections; a top-level `gradsift:` block, as in an
@@ -100,7 +100,69 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_common(inspect, ("selection",))
     inspect.set_defaults(handler=run_inspect)
+    _add_eval_commands(commands)
     return parser
+
+
+def _add_eval_commands(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="run lm-eval tasks on a model (+ adapter); save results JSON and samples",
+        description="Evaluate a model, optionally with a PEFT adapter, on lm-eval tasks (gradsift's own included). "
+        "The chat template is applied for chat models. Saves lm-eval's results JSON and per-sample logs under "
+        "--output and prints lm-eval's table.",
+    )
+    evaluate.add_argument("--model", required=True, help="hub id, local folder or embedded:smollm2-135m-instruct")
+    evaluate.add_argument("--adapter", help="a PEFT adapter folder to apply")
+    evaluate.add_argument(
+        "--tasks",
+        default="gradsift_safety_offline",
+        help="comma-separated lm-eval tasks or groups (default: gradsift_safety_offline)",
+    )
+    evaluate.add_argument("--limit", type=float, help="documents per task (a fraction if below 1)")
+    evaluate.add_argument("--output", type=Path, default=Path("runs/eval"), help="results folder (default runs/eval)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    evaluate.add_argument("--max-gen-toks", type=int, help="override every generation task's max new tokens")
+    evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (default 0)")
+    _add_model_flags(evaluate)
+    evaluate.set_defaults(handler=run_eval)
+
+    judge = commands.add_parser(
+        "judge",
+        help="judge logged refusal-task answers with a guard model (Llama Guard 3, WildGuard)",
+        description="Run a guard model over the answers lm-eval logged (--log_samples) for gradsift_refusal_* "
+        "tasks in RESULTS_DIR. Writes judged_<task>.jsonl and judge_results.json (keyword and judged attack "
+        "success rates side by side) into RESULTS_DIR.",
+    )
+    judge.add_argument("results", type=Path, metavar="RESULTS_DIR", help="an lm-eval --output_path folder")
+    judge.add_argument("--judge", required=True, help="the guard model: hub id or local folder")
+    judge.add_argument(
+        "--format",
+        choices=["auto", "llama_guard3", "wildguard"],
+        default="auto",
+        help="the judge's prompt format (auto: wildguard if the name says so, else llama_guard3)",
+    )
+    judge.add_argument("--batch-size", type=int, default=8, help="answers judged per batch (default 8)")
+    judge.add_argument("--max-new-tokens", type=int, default=24, help="judge output length (default 24)")
+    _add_model_flags(judge)
+    judge.set_defaults(handler=run_judge)
+
+    path = commands.add_parser(
+        "evals-path",
+        help="print the folder to pass to `lm_eval --include_path`",
+        description="Print the folder holding gradsift's lm-eval tasks, for `lm_eval --include_path "
+        "$(gradsift evals-path)`. In a checkout (editable install) it is the repo's evals/tasks.",
+    )
+    path.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
+    path.set_defaults(handler=run_evals_path)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", choices=["auto", "nf4", "none"], default="none", help="default none")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
 def _add_common(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
@@ -369,6 +431,81 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`gradsift eval`."""
+    from gradsift.config import ScoringConfig
+    from gradsift.evaluation import check_task_names, results_table, run_lm_eval
+    from gradsift.models import load_for_eval, load_tokenizer
+
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    check_task_names(tasks)
+    config = ScoringConfig(
+        model=args.model,
+        adapter=args.adapter,
+        quantization=args.quantization,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_for_eval(config)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    name = args.model + (f"+{Path(args.adapter).name}" if args.adapter else "")
+    results = run_lm_eval(
+        model,
+        tokenizer,
+        tasks,
+        args.output,
+        limit=limit,
+        batch_size=args.batch_size,
+        max_gen_toks=args.max_gen_toks,
+        seed=args.seed,
+        model_name=name,
+    )
+    if results:
+        print(results_table(results))
+        print(f"results and samples -> {args.output}")
+    return 0
+
+
+def run_judge(args: argparse.Namespace) -> int:
+    """`gradsift judge`."""
+    from gradsift.evaluation import judge_results
+
+    summary = judge_results(
+        args.results,
+        args.judge,
+        judge_format=None if args.format == "auto" else args.format,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.quiet,
+    )
+    rows = [
+        [task, str(v["num_samples"]), _rate(v["keyword_attack_success_rate"]), _rate(v["judged_attack_success_rate"]),
+         str(v["unparsed"])]
+        for task, v in summary["tasks"].items()
+    ]  # fmt: skip
+    print(_table(["task", "n", "keyword ASR", f"judged ASR ({summary['format']})", "unparsed"], rows))
+    print(f"-> {args.results / 'judge_results.json'}")
+    return 0
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def run_evals_path(args: argparse.Namespace) -> int:
+    """`gradsift evals-path`."""
+    from gradsift.evaluation import evals_path
+
+    print(evals_path())
+    return 0
 
 
 def main_entry() -> None:

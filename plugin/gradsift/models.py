@@ -162,6 +162,23 @@ def load_model(config: ScoringConfig, vocab_size: int | None = None) -> Any:
     trainable. LoRA dropout is 0 so the measured gradient is deterministic. `vocab_size` grows the embeddings first
     when the training tokenizer added tokens (as axolotl's `special_tokens` / `tokens` do).
     """
+    model = load_base_model(config, vocab_size)
+    model.config.use_cache = False
+    if resolve_quantization(config, resolve_device(config)) == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.param_scope == "all":
+        prepare_full_scope(model)
+    else:
+        model = attach_lora(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_base_model(config: ScoringConfig, vocab_size: int | None = None) -> Any:
+    """Load `config.model` (hub id, folder or `embedded:` name) with its dtype, device and quantization, no adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -189,18 +206,19 @@ def load_model(config: ScoringConfig, vocab_size: int | None = None) -> Any:
         model.to(device)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
-    model.config.use_cache = False
-    if quantization == "nf4":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if config.param_scope == "all":
-        prepare_full_scope(model)
-    else:
-        model = attach_lora(model, config)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def load_for_eval(config: ScoringConfig) -> Any:
+    """The model to evaluate: `config.model`, with `config.adapter` applied (not merged, frozen) when given."""
+    model = load_base_model(config)
+    if config.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, config.adapter, is_trainable=False)
+    model.requires_grad_(False)
+    model.config.use_cache = True
+    return model.eval()
 
 
 def attach_lora(model: Any, config: ScoringConfig) -> Any:
