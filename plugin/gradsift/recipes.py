@@ -1,0 +1,851 @@
+"""Continual recipes: a YAML task sequence run stage by stage, once per arm and seed, with evals after each stage.
+
+A recipe names a base model, an optional `align` stage (trained once per seed, merged into the weights, shared by
+every arm), an ordered list of task stages, the selection config and the arms to compare. For each seed, arm and
+stage the runner scores the stage's rows with the model as it stands (the previous stage's adapter), selects,
+trains the one LoRA adapter further with TRL, evaluates with lm-eval and writes
+
+    <out>/seed-<s>/00-align/                       model/ (merged), stage.json, eval/
+    <out>/seed-<s>/<arm>/<NN>-<stage>/             adapter/, scores/, dropped.jsonl, selection.json, eval/,
+                                                   stage.json (written last: the stage is finished)
+
+A killed run resumes at the first stage without `stage.json`. Everything is validated, and every error in the file
+reported with its YAML path, before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import string
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
+from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "clip", "kl")
+STAGE_FILE = "stage.json"
+SAFETY_METRICS = ("refusal_rate", "compliance_rate_safe", "refusal_rate_unsafe", "acc")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LoraSpec(_Strict):
+    """The one LoRA adapter every task stage trains further."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainSpec(_Strict):
+    """Training hyperparameters (TRL `SFTConfig` names); a stage's `train:` overrides the recipe's."""
+
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    lr_scheduler_type: str = "linear"
+    bf16: bool | None = Field(None, description="null: bf16 where the hardware has it fast (CUDA bf16, CPU AMX).")
+    gradient_checkpointing: bool = False
+
+
+class DataSpec(_Strict):
+    """A stage's rows: a synthetic task of `gradsift.synthetic`, or a file / hub dataset."""
+
+    synthetic: str | None = None
+    path: str | None = None
+    size: int | None = Field(None, ge=1, description="Rows to take (the first `size` after a seeded shuffle).")
+    split: str = "train"
+    name: str | None = Field(None, description="Hub dataset configuration (e.g. `main` for gsm8k).")
+    prompt_template: str | None = Field(
+        None,
+        description="Build a prompt from a row's columns, e.g. `{question}`; `{cop!L}` turns 0..3 into A..D, "
+        "`{answers[text]!F}` takes a list's first item. Needs `completion_template`.",
+    )
+    completion_template: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.synthetic is None) == (self.path is None):
+            raise ValueError("give exactly one of `synthetic` (a task name) or `path` (a file or hub dataset)")
+        if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
+            raise ValueError(f"unknown synthetic task {self.synthetic!r}; choose from {', '.join(SYNTHETIC_TASKS)}")
+        if (self.prompt_template is None) != (self.completion_template is None):
+            raise ValueError("give both `prompt_template` and `completion_template`, or neither")
+        return self
+
+
+class StageSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataSpec
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `train:`.")
+    eval_task: str | None = Field(
+        None, description="lm-eval task measuring this stage's domain; default for synthetic data: its own task."
+    )
+
+    def domain_task(self) -> str | None:
+        if self.eval_task is not None:
+            return self.eval_task
+        return f"gradsift_domain_{self.data.synthetic}" if self.data.synthetic else None
+
+
+class AlignSpec(_Strict):
+    data: DataSpec
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class ArmSpec(_Strict):
+    """One way of training the stages. Built-in names need no spec; a named spec defines a new arm."""
+
+    kind: Literal["full", "select", "random", "clip", "kl"] = "select"
+    selection: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `selection:`.")
+    mode: Literal["offline", "online"] | None = None
+    max_grad_norm: float = Field(0.5, gt=0, description="`clip`: gradient clipping norm (the paper: 0.5).")
+    kl_coef: float = Field(0.1, gt=0, description="`kl`: weight of KL(model ‖ aligned model) per response token.")
+
+
+class EvalSpec(_Strict):
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks beside the stages' domain tasks.")
+    domain: bool = Field(True, description="Also evaluate every stage's domain task (the accuracy matrix).")
+    limit: int | None = Field(None, ge=1)
+    max_gen_toks: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class EvalsSpec(_Strict):
+    after_each_stage: EvalSpec = Field(default_factory=EvalSpec)
+    final: EvalSpec | None = Field(None, description="After the last stage, instead of `after_each_stage`.")
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str
+    reference_model: str | None = Field(None, description="Pretrained reference for drift; default: `model`.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    device: str = "auto"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    align: AlignSpec | None = None
+    stages: list[StageSpec] = Field(min_length=1)
+    scoring: dict[str, Any] = Field(default_factory=dict, description="gradsift `scoring:` options.")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    mode: Literal["offline", "online"] = "offline"
+    arms: dict[str, ArmSpec] = Field(default_factory=lambda: {name: ArmSpec() for name in ("full", "gradsift")})
+    evals: EvalsSpec = Field(default_factory=EvalsSpec)
+    drift_prompts: int = Field(16, ge=0, description="Align-set rows used for the KL drift measure (0: none).")
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arm_list(cls, value: Any) -> Any:
+        """`arms: [full, random, gradsift]` is short for built-in arms without options."""
+        if isinstance(value, list):
+            return {name: {} for name in value}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        unknown = [name for name, spec in self.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
+        if unknown:
+            raise ValueError(
+                f"unknown arm(s) {', '.join(unknown)}: built-in arms are {', '.join(BUILTIN_ARMS)}; a new arm "
+                "needs a spec (e.g. `my_arm: {selection: {rule: band}}`)"
+            )
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique; got {names}")
+        scoring = ScoringConfig(**self.scoring)
+        if self.align is not None and scoring.quantization == "nf4":
+            raise ValueError(
+                "`align` merges its adapter into the weights, which a 4-bit model cannot hold: set "
+                "`scoring.quantization: none` (or auto) for a recipe with an align stage"
+            )
+        for name in self.arms:
+            SelectionConfig(**{**self.selection.model_dump(), **self.arm(name).selection})
+        for stage in self.stages:
+            TrainSpec(**{**self.train.model_dump(), **stage.train})
+        return self
+
+    def arm(self, name: str) -> ArmSpec:
+        """The arm's spec with the built-in meaning of its name filled in."""
+        spec = self.arms[name]
+        if spec.model_fields_set or name not in BUILTIN_ARMS:
+            return spec
+        fraction = {"keep_fraction": self.selection.keep_fraction}
+        return {
+            "full": ArmSpec(kind="full"),
+            "random": ArmSpec(kind="random", selection={"rule": "random", **fraction}),
+            "gradsift": ArmSpec(kind="select"),
+            "high": ArmSpec(kind="select", selection={"rule": "high", **fraction}),
+            "low": ArmSpec(kind="select", selection={"rule": "low", **fraction}),
+            "clip": ArmSpec(kind="clip"),
+            "kl": ArmSpec(kind="kl"),
+        }[name]
+
+    def selection_for(self, arm: str) -> SelectionConfig:
+        return SelectionConfig(**{**self.selection.model_dump(), **self.arm(arm).selection})
+
+    def train_for(self, stage: StageSpec | AlignSpec) -> TrainSpec:
+        return TrainSpec(**{**self.train.model_dump(), **stage.train})
+
+    def scoring_config(self) -> ScoringConfig:
+        return ScoringConfig(**{"model": self.model, "device": self.device, **self.scoring})
+
+    def eval_tasks(self, final: bool) -> tuple[EvalSpec, list[str]]:
+        spec = self.evals.final if final and self.evals.final is not None else self.evals.after_each_stage
+        tasks = list(spec.tasks)
+        if spec.domain:
+            tasks += [t for t in (stage.domain_task() for stage in self.stages) if t and t not in tasks]
+        return spec, tasks
+
+
+class RecipeError(ValueError):
+    """Every problem found in a recipe, one per line, each with its YAML path."""
+
+
+def load_recipe(path: str | os.PathLike, *, check_tasks: bool = True, check_data: bool = True) -> Recipe:
+    """Read and validate a recipe; raise `RecipeError` listing every problem with its YAML path."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"Recipe file {str(path)!r} does not exist.") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise RecipeError(f"{path}: a recipe is a mapping with `name`, `model`, `stages`, …; got {kind}.")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(f"{path}:\n" + _format_errors(error)) from None
+    problems = []
+    if check_data:
+        problems += _check_data(recipe, path.parent)
+    if check_tasks:
+        problems += _check_tasks(recipe)
+    if problems:
+        raise RecipeError(f"{path}:\n" + "\n".join(f"  {p}" for p in problems))
+    recipe._base = path.parent  # type: ignore[attr-defined]
+    return recipe
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        received = item.get("input")
+        shown = "" if item["type"] in ("missing", "value_error") else f" (got {received!r})"
+        if item["type"] == "extra_forbidden":
+            message = "not a recipe key; check the spelling against the recipe schema in the README"
+        lines.append(f"  {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _check_data(recipe: Recipe, base: Path) -> list[str]:
+    from gradsift.data import detect_format, load_source
+
+    problems = []
+    specs = [("align.data", recipe.align.data)] if recipe.align else []
+    specs += [(f"stages.{i}.data", stage.data) for i, stage in enumerate(recipe.stages)]
+    for where, spec in specs:
+        if spec.path is None:
+            continue
+        resolved = resolve_path(spec.path, base)
+        if not isinstance(resolved, Path):
+            continue  # a hub id: read (and its format checked) when its stage starts; a dry run downloads nothing
+        try:
+            source = load_source(str(resolved), split=spec.split)
+            if spec.prompt_template is not None:
+                source.records[:1] = [_templated(source.records[0], spec)] if source.records else []
+            if not source.records:
+                raise ValueError(f"{spec.path!r} holds no rows")
+            detect_format(source.records[0].keys())
+        except (ValueError, FileNotFoundError, OSError) as error:
+            problems.append(f"{where}.path: {error}")
+    return problems
+
+
+def _check_tasks(recipe: Recipe) -> list[str]:
+    from gradsift.evaluation import check_task_names, task_manager
+
+    manager = task_manager()
+    problems = []
+    specs = [("evals.after_each_stage", recipe.evals.after_each_stage)]
+    if recipe.evals.final is not None:
+        specs.append(("evals.final", recipe.evals.final))
+    named = [(f"{where}.tasks", task) for where, spec in specs for task in spec.tasks]
+    named += [(f"stages.{i}.eval_task", s.eval_task) for i, s in enumerate(recipe.stages) if s.eval_task]
+    for where, task in named:
+        try:
+            check_task_names([task], manager)
+        except ValueError as error:
+            problems.append(f"{where}: {error}")
+    return problems
+
+
+def resolve_path(path: str, base: Path) -> Path | str:
+    """A recipe's data path: absolute, relative to the recipe file, relative to the package's recipes, or a hub id."""
+    candidate = Path(path)
+    if candidate.is_absolute():
+        return candidate
+    for root in (base, Path.cwd(), Path(__file__).resolve().parents[2], Path(__file__).resolve().parent):
+        if (root / candidate).exists():
+            return root / candidate
+    return path  # a hub dataset id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    seed: int
+    arm: str | None  # None for the shared align stage
+    index: int  # 0 for align, 1.. for task stages
+    stage: str
+    folder: Path
+
+    def done(self) -> bool:
+        return (self.folder / STAGE_FILE).is_file()
+
+
+def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[int] | None = None) -> list[Step]:
+    """Every stage to run, in order: per seed the align stage, then each arm's task stages."""
+    arms = arms or list(recipe.arms)
+    unknown = [arm for arm in arms if arm not in recipe.arms]
+    if unknown:
+        raise RecipeError(f"--arms {', '.join(unknown)}: not in the recipe's arms ({', '.join(recipe.arms)}).")
+    # `random` matches the size the `gradsift` arm kept, so it runs after it.
+    arms = sorted(arms, key=lambda arm: recipe.arm(arm).kind == "random")
+    steps = []
+    for seed in seeds if seeds is not None else recipe.seeds:
+        root = out / f"seed-{seed}"
+        if recipe.align is not None:
+            steps.append(Step(seed, None, 0, "align", root / "00-align"))
+        for arm in arms:
+            for k, stage in enumerate(recipe.stages, start=1):
+                steps.append(Step(seed, arm, k, stage.name, root / arm / f"{k:02d}-{stage.name}"))
+    return steps
+
+
+def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
+    arms = ", ".join(recipe.arms)
+    lines = [f"recipe {recipe.name}: model {recipe.model}, {len(recipe.stages)} stage(s), arms {arms}"]
+    for step in steps:
+        what = "align (shared by all arms)" if step.arm is None else f"{step.arm}: {step.stage}"
+        if step.arm is not None:
+            spec = recipe.arm(step.arm)
+            stage = recipe.stages[step.index - 1]
+            size = stage.data.size if stage.data.size else "all"
+            mode = spec.mode or recipe.mode
+            detail = {"select": f"select {recipe.selection_for(step.arm).rule} ({mode})", "random": "random subset"}
+            what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}]"
+        status = "done" if step.done() else "to run"
+        lines.append(f"  seed {step.seed}  {what:<60s} {status:7s} {step.folder}")
+    return "\n".join(lines)
+
+
+def stage_records(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any]]:
+    """The rows of a stage (or the align set), as single-turn prompt/completion conversations where possible."""
+    import random
+
+    from gradsift.data import load_source
+    from gradsift.synthetic import generate
+
+    if spec.synthetic is not None:
+        rows = generate(spec.synthetic, spec.size, split="train", seed=seed)
+    else:
+        base = getattr(recipe, "_base", Path.cwd())
+        resolved = resolve_path(spec.path, base)
+        if isinstance(resolved, Path):
+            rows = list(load_source(str(resolved), split=spec.split).records)
+        else:
+            import datasets
+
+            rows = list(datasets.load_dataset(resolved, spec.name, split=spec.split))
+        random.Random(seed).shuffle(rows)
+        rows = rows[: spec.size] if spec.size else rows
+        if spec.prompt_template is not None:
+            rows = [_templated(row, spec) for row in rows]
+    return [_as_prompt_completion(row) for row in rows]
+
+
+class _Formatter(string.Formatter):
+    """`str.format` with two conversions: `!L` (0 → A, 1 → B, …) and `!F` (a list's first item, or "")."""
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        if conversion == "L":
+            return "ABCDEFGHIJ"[int(value)]
+        if conversion == "F":
+            return value[0] if len(value) else ""
+        return super().convert_field(value, conversion)
+
+
+def _templated(row: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
+    """A chat prompt/completion row built from a row's columns with the stage's templates."""
+    formatter = _Formatter()
+    try:
+        prompt = formatter.format(spec.prompt_template, **row)
+        completion = formatter.format(spec.completion_template, **row)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"data template cannot be filled from a row with columns {sorted(row)}: {error!r}; fix "
+            "`prompt_template` / `completion_template`"
+        ) from None
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+
+
+def _as_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    """A one-turn `messages` row becomes TRL's conversational prompt/completion, so the loss is on the answer."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and len(messages) >= 2 and messages[-1].get("role") == "assistant":
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    return {k: v for k, v in row.items() if k in ("prompt", "completion", "instruction", "input", "output")}
+
+
+def iter_stage_files(run_dir: Path) -> Iterator[tuple[int, str | None, int, dict[str, Any]]]:
+    """(seed, arm, stage index, stage.json) of every finished stage under a run folder."""
+    for seed_dir in sorted(run_dir.glob("seed-*")):
+        seed = int(seed_dir.name.split("-", 1)[1])
+        align = seed_dir / "00-align" / STAGE_FILE
+        if align.is_file():
+            yield seed, None, 0, json.loads(align.read_text())
+        for arm_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir() and p.name != "00-align"):
+            for stage_dir in sorted(arm_dir.iterdir()):
+                marker = stage_dir / STAGE_FILE
+                if marker.is_file():
+                    yield seed, arm_dir.name, int(stage_dir.name.split("-", 1)[0]), json.loads(marker.read_text())
+
+
+def _clean(folder: Path) -> None:
+    """Remove what an interrupted stage left, so it restarts from its beginning."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 2)
+
+
+def finite(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec) -> GradSiftConfig:
+    spec = recipe.arm(arm)
+    return GradSiftConfig(
+        mode=spec.mode or recipe.mode,
+        data=DataConfig(max_length=train.max_length),
+        scoring=recipe.scoring_config(),
+        selection=recipe.selection_for(arm),
+        online={"log_file": "gradsift_online.jsonl"},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: Path,
+    *,
+    arms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> list[Step]:
+    """Run every unfinished stage of the plan in order. `stop_after` ends after that many stages (for tests)."""
+    from gradsift.store import write_json
+
+    steps = plan(recipe, out, arms, seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(
+        {
+            "name": recipe.name,
+            "model": recipe.model,
+            "stages": [stage.name for stage in recipe.stages],
+            "domain_tasks": [stage.domain_task() for stage in recipe.stages],
+            "arms": list(recipe.arms),
+            "recipe": recipe.model_dump(mode="json"),
+        },
+        out / "recipe.json",
+    )
+    ran = 0
+    for step in steps:
+        if step.done():
+            logger.info("gradsift run: %s already finished, skipped", step.folder)
+            continue
+        if stop_after is not None and ran >= stop_after:
+            break
+        start = time.perf_counter()
+        if step.arm is None:
+            _run_align(recipe, step, progress)
+        else:
+            _run_stage(recipe, step, steps, progress)
+        ran += 1
+        logger.info("gradsift run: %s finished in %.0f s", step.folder, time.perf_counter() - start)
+    return steps
+
+
+def _device(recipe: Recipe) -> str:
+    from gradsift.models import resolve_device
+
+    return resolve_device(recipe.scoring_config())
+
+
+def _tokenizer(recipe: Recipe) -> Any:
+    from gradsift.models import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _base_model_spec(recipe: Recipe, step: Step) -> str:
+    """The model every task stage starts from: the seed's aligned model when there is an align stage."""
+    if recipe.align is None:
+        return recipe.model
+    return str(step.folder.parents[1] / "00-align" / "model" if step.arm else step.folder / "model")
+
+
+def _load_base(recipe: Recipe, spec: str) -> Any:
+    from gradsift.models import load_base_model
+
+    return load_base_model(recipe.scoring_config().model_copy(update={"model": spec, "adapter": None}))
+
+
+def _fresh_lora(recipe: Recipe, model: Any, seed: int) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=recipe.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _bf16(train: TrainSpec, device: str) -> bool:
+    import torch
+
+    if train.bf16 is not None:
+        return train.bf16
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_bf16_supported())
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
+
+
+def _sft_args(recipe: Recipe, train: TrainSpec, folder: Path, seed: int, progress: bool, **overrides: Any) -> Any:
+    from trl import SFTConfig
+
+    device = _device(recipe)
+    settings = dict(
+        output_dir=str(folder / "trainer"),
+        num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_length=train.max_length,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        lr_scheduler_type=train.lr_scheduler_type,
+        bf16=_bf16(train, device),
+        gradient_checkpointing=train.gradient_checkpointing,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=device == "cpu",
+        disable_tqdm=not progress,
+        packing=False,
+    )
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def _train(trainer: Any, folder: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    online_log = folder / "trainer" / "gradsift_online.jsonl"
+    if online_log.is_file():  # the online mode's per-step record, kept beside the stage's other outputs
+        shutil.move(online_log, folder / "online.jsonl")
+    shutil.rmtree(folder / "trainer", ignore_errors=True)
+    return {
+        "train_loss": result.training_loss,
+        "losses": losses,
+        "steps": trainer.state.global_step,
+        "seconds": elapsed(start),
+    }
+
+
+def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    assert recipe.align is not None
+    _clean(step.folder)
+    tokenizer = _tokenizer(recipe)
+    train = recipe.train_for(recipe.align)
+    records = stage_records(recipe, recipe.align.data, step.seed)
+    model = _fresh_lora(recipe, _load_base(recipe, recipe.model), step.seed)
+    args = _sft_args(recipe, train, step.folder, step.seed, progress)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    training = _train(trainer, step.folder)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(step.folder / "model", safe_serialization=True)
+    tokenizer.save_pretrained(step.folder / "model")
+    del merged, model, trainer
+    record = {"stage": "align", "index": 0, "seed": step.seed, "rows": len(records), "train": training}
+    record["eval"] = _evaluate(recipe, str(step.folder / "model"), None, tokenizer, step, final=False)
+    record["drift"] = _drift(recipe, str(step.folder / "model"), None, tokenizer, step)
+    _write_stage(step, record)
+
+
+def _stage_model(recipe: Recipe, step: Step) -> Any:
+    """The base (aligned) model with the arm's adapter as the previous stage left it, trainable."""
+    from peft import PeftModel
+
+    base = _load_base(recipe, _base_model_spec(recipe, step))
+    if step.index == 1:
+        return _fresh_lora(recipe, base, step.seed)
+    previous = sorted(step.folder.parent.glob(f"{step.index - 1:02d}-*"))[0] / "adapter"
+    return PeftModel.from_pretrained(base, str(previous), is_trainable=True)
+
+
+def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) -> None:
+    import numpy as np
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from gradsift.integrations.trl import GradSiftSFTTrainer, select_dataset
+    from gradsift.selection import select_rows
+    from gradsift.store import write_json
+
+    _clean(step.folder)
+    stage = recipe.stages[step.index - 1]
+    spec = recipe.arm(step.arm)
+    train = recipe.train_for(stage)
+    tokenizer = _tokenizer(recipe)
+    records = stage_records(recipe, stage.data, step.seed)
+    model = _stage_model(recipe, step)
+    overrides = {"max_grad_norm": spec.max_grad_norm} if spec.kind == "clip" else {}
+    args = _sft_args(recipe, train, step.folder, step.seed, progress, **overrides)
+    config = gradsift_config_for(recipe, step.arm, train)
+    record: dict[str, Any] = {"stage": stage.name, "index": step.index, "seed": step.seed, "arm": step.arm}
+    record["rows"] = len(records)
+    online = spec.kind == "select" and config.mode == "online"
+    start = time.perf_counter()
+    if spec.kind == "select" and not online:
+        kept, report = select_dataset(
+            Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=step.folder / "scores",
+            progress=progress,
+        )  # fmt: skip
+        _write_dropped(step.folder / "dropped.jsonl", report, records)
+        write_json({"summary": report.summary(), **report.selection.counts()}, step.folder / "selection.json")
+        table = report.table
+        kept_norms = table.grad_norm[report.selection.keep]
+        record["selection"] = {
+            "summary": report.summary(),
+            "dropped": report.selection.counts(),
+            "kept_norm_range": [float(np.min(kept_norms)), float(np.max(kept_norms))] if len(kept_norms) else None,
+        }
+        dataset = kept
+    elif spec.kind == "random":
+        matched = _kept_by(steps, step, "gradsift")
+        selection = recipe.selection_for(step.arm)
+        zeros = np.zeros(len(records))
+        status = np.array(["ok"] * len(records), dtype=object)
+        chosen = select_rows(zeros, zeros, status, selection, keep_count=matched)
+        dataset = Dataset.from_list([records[i] for i in np.flatnonzero(chosen.keep)])
+        record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
+    else:
+        dataset = Dataset.from_list(records)
+    record["kept"] = len(dataset)
+    record["select_seconds"] = elapsed(start)
+    if online:
+        trainer = GradSiftSFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, gradsift_config=config
+        )
+    elif spec.kind == "kl":
+        trainer = _kl_trainer_class()(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, kl_coef=spec.kl_coef
+        )
+    else:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    record["train"] = _train(trainer, step.folder)
+    log = step.folder / "online.jsonl"
+    if online and log.is_file():
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        record["kept"] = int(sum(e["kept"] for e in entries))
+        record["online_rows"] = int(sum(e["rows"] for e in entries))
+    model.save_pretrained(step.folder / "adapter")
+    del trainer
+    base = _base_model_spec(recipe, step)
+    final = step.index == len(recipe.stages)
+    record["eval"] = _evaluate(recipe, base, str(step.folder / "adapter"), tokenizer, step, final=final)
+    record["drift"] = _drift(recipe, base, str(step.folder / "adapter"), tokenizer, step)
+    _write_stage(step, record)
+
+
+def _kept_by(steps: list[Step], step: Step, arm: str) -> int | None:
+    """Rows the `arm` arm kept at the same seed and stage, if it ran."""
+    for other in steps:
+        if other.seed == step.seed and other.arm == arm and other.index == step.index and other.done():
+            return int(json.loads((other.folder / STAGE_FILE).read_text())["kept"])
+    return None
+
+
+def _write_dropped(path: Path, report: Any, records: list[dict[str, Any]]) -> None:
+    from gradsift.data import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for entry in report.dropped():
+            handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+
+def _write_stage(step: Step, record: dict[str, Any]) -> None:
+    from gradsift.store import write_json
+
+    write_json(record, step.folder / STAGE_FILE)
+
+
+def _evaluate(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step, final: bool) -> dict:
+    """Run the stage's evals on the model (adapter merged into a fresh copy); return {task: {metric: value}}."""
+    from gradsift.evaluation import run_lm_eval
+
+    spec, tasks = recipe.eval_tasks(final)
+    if not tasks:
+        return {}
+    model = _eval_model(recipe, base, adapter)
+    results = run_lm_eval(
+        model,
+        tokenizer,
+        tasks,
+        step.folder / "eval",
+        limit=spec.limit,
+        batch_size=spec.batch_size,
+        max_gen_toks=spec.max_gen_toks,
+        seed=step.seed,
+        model_name=f"{recipe.name}/seed-{step.seed}/{step.arm or 'align'}/{step.index:02d}-{step.stage}",
+    )
+    metrics: dict[str, dict[str, float | None]] = {}
+    for task, values in results.get("results", {}).items():
+        for key, value in values.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metrics.setdefault(task, {})[key.split(",")[0]] = finite(float(value))
+    return metrics
+
+
+def _eval_model(recipe: Recipe, base: str, adapter: str | None) -> Any:
+    from peft import PeftModel
+
+    model = _load_base(recipe, base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+        if not getattr(model.get_base_model(), "is_loaded_in_4bit", False):  # merging into 4-bit weights loses it
+            model = model.merge_and_unload()
+    model.requires_grad_(False)
+    model.config.use_cache = True
+    return model.eval()
+
+
+def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step) -> dict[str, float]:
+    """Mean per-token KL(p_model ‖ p_reference) on the align set's first benign answers (fixed prompts)."""
+    if recipe.drift_prompts == 0 or recipe.align is None:
+        return {}
+    import torch
+
+    from gradsift.data import collate, tokenize_records
+
+    records = [r for r in stage_records(recipe, recipe.align.data, 0) if "completion" in r][: recipe.drift_prompts]
+    rows = tokenize_records(records, tokenizer, DataConfig(max_length=256), progress=False)
+    batch = collate(rows, tokenizer.pad_token_id, _device(recipe))
+    model = _eval_model(recipe, base, adapter)
+    references = {"pretrained": recipe.reference_model or recipe.model}
+    aligned = str(step.folder.parents[1] / "00-align" / "model") if step.arm else None
+    if aligned is not None:
+        references["aligned"] = aligned
+    out = {}
+    with torch.no_grad():
+        logp = _logprobs(model, batch)
+        for name, spec in references.items():
+            ref = _logprobs(_eval_model(recipe, spec, None), batch)
+            mask = batch["labels"][:, 1:] != -100
+            kl = (logp.exp() * (logp - ref)).sum(-1)
+            out[name] = float(kl[mask].mean())
+    return out
+
+
+def _logprobs(model: Any, batch: dict[str, Any]) -> Any:
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _kl_trainer_class() -> type:
+    """`SFTTrainer` with KL(model ‖ aligned model) at response tokens added to the loss (the paper's `kl` arm).
+
+    The aligned model is the same network with the adapter disabled (task stages train one LoRA on the merged
+    aligned weights), so no second copy of the model is held.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    class KLSFTTrainer(SFTTrainer):
+        def __init__(self, *args: Any, kl_coef: float, **kwargs: Any):
+            kwargs["args"].loss_type = "nll"  # the KL needs the logits, which `chunked_nll` does not return
+            super().__init__(*args, **kwargs)
+            self.kl_coef = kl_coef
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            mask = inputs["labels"][:, 1:] != -100
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                reference = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            logp = torch.log_softmax(outputs.logits[:, :-1][mask].float(), dim=-1)
+            ref = torch.log_softmax(reference[:, :-1][mask].float(), dim=-1)
+            kl = (logp.exp() * (logp - ref)).sum()
+            count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            loss = loss + self.kl_coef * kl / count
+            return (loss, outputs) if return_outputs else loss
+
+    return KLSFTTrainer

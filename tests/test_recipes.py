@@ -1,0 +1,176 @@
+"""Continual recipes: schema errors, the plan, a tiny end-to-end run, resuming a killed run, and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradsift.cli import main
+from gradsift.recipes import RecipeError, iter_stage_files, load_recipe, run_recipe
+from gradsift.report import build_report, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_validates_and_dry_runs(path, tmp_path, capsys):
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    recipe = load_recipe(path)
+    assert out.startswith(f"recipe {recipe.name}:") and "to run" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes and downloads nothing
+    first = path.read_text().splitlines()[0]
+    assert first == f"# gradsift run recipes/{path.name}" or first.startswith(f"# gradsift run recipes/{path.name} ")
+
+
+def write(tmp_path, data, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tiny_recipe(model_dir, arms=("full", "gradsift"), **extra):
+    recipe = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "device": "cpu",
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"epochs": 1, "batch_size": 4, "learning_rate": 1.0e-3, "max_length": 96, "bf16": False},
+        "align": {"data": {"path": str(REPO / "recipes/data/align.jsonl"), "size": 8}},
+        "stages": [
+            {"name": "sentiment", "data": {"synthetic": "sentiment", "size": 8}},
+            {"name": "yes_no", "data": {"synthetic": "yes_no", "size": 8}},
+        ],
+        "selection": {"keep_fraction": 0.5},
+        "arms": list(arms),
+        "evals": {"after_each_stage": {"tasks": ["gradsift_refusal_mc"], "limit": 4}},
+        "drift_prompts": 4,
+    }
+    recipe.update(extra)
+    return recipe
+
+
+def test_a_recipe_with_two_mistakes_reports_both_with_their_paths(tmp_path, tiny_model_dir):
+    data = tiny_recipe(tiny_model_dir)
+    data["stages"][1]["data"]["synthetic"] = "poetry"
+    data["train"]["learning_rate"] = -1
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    message = str(error.value)
+    assert "train.learning_rate: Input should be greater than 0 (got -1)" in message
+    assert "stages.1.data: unknown synthetic task 'poetry'" in message
+
+
+def test_unknown_arms_tasks_and_data_fail_before_training(tmp_path, tiny_model_dir):
+    data = tiny_recipe(tiny_model_dir, arms=["full", "gradsfit"])
+    with pytest.raises(RecipeError, match="unknown arm\\(s\\) gradsfit: built-in arms are full, random"):
+        load_recipe(write(tmp_path, data))
+
+    data = tiny_recipe(tiny_model_dir)
+    data["evals"]["after_each_stage"]["tasks"] = ["gradsift_refusal_mcq"]
+    with pytest.raises(RecipeError, match="evals.after_each_stage.tasks: Unknown lm-eval task 'gradsift_refusal_mcq'"):
+        load_recipe(write(tmp_path, data))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt or messages here"}\n')
+    data = tiny_recipe(tiny_model_dir)
+    data["stages"][0]["data"] = {"path": str(bad)}
+    with pytest.raises(RecipeError, match="stages.0.data.path: .*"):
+        load_recipe(write(tmp_path, data))
+
+    with pytest.raises(RecipeError, match="--arms kl: not in the recipe's arms"):
+        from gradsift.recipes import plan
+
+        plan(load_recipe(write(tmp_path, tiny_recipe(tiny_model_dir))), tmp_path / "out", arms=["kl"])
+
+
+def stage_outputs(run_dir):
+    """Every finished stage's record without timings, and its adapter's bytes."""
+    out = {}
+    for seed, arm, index, record in iter_stage_files(run_dir):
+        record = json.loads(json.dumps(record))
+        record.pop("select_seconds", None)
+        record["train"].pop("seconds", None)
+        folder = next(p for p in (run_dir / f"seed-{seed}" / (arm or "")).glob(f"{index:02d}-*") if p.is_dir())
+        adapter = folder / ("model/model.safetensors" if arm is None else "adapter/adapter_model.safetensors")
+        out[(seed, arm, index)] = (record, adapter.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("recipe")
+    recipe = load_recipe(write(root, tiny_recipe(tiny_model_dir)))
+    run_recipe(recipe, root / "run", progress=False)
+    return recipe, root / "run"
+
+
+def test_a_killed_run_resumes_to_the_same_outputs_and_report(tmp_path, tiny_model_dir, uninterrupted):
+    recipe, reference = uninterrupted
+    run = tmp_path / "run"
+    run_recipe(recipe, run, progress=False, stop_after=2)  # align and one stage finished
+    finished = list(iter_stage_files(run))
+    assert len(finished) == 2
+    # The next stage was killed mid-way: a half-written folder without stage.json.
+    killed = run / "seed-0" / "full" / "02-yes_no"
+    (killed / "adapter").mkdir(parents=True)
+    (killed / "adapter" / "adapter_model.safetensors").write_bytes(b"partial")
+    run_recipe(recipe, run, progress=False)
+    ours, theirs = stage_outputs(run), stage_outputs(reference)
+    assert ours.keys() == theirs.keys() and len(ours) == 5
+    for key in ours:
+        assert ours[key][0] == theirs[key][0], key
+        assert ours[key][1] == theirs[key][1], key
+    ours_report, their_report = build_report(run), build_report(reference)
+    ours_report.pop("run_dir"), their_report.pop("run_dir")
+    assert ours_report == their_report
+
+
+def test_the_report_recomputes_every_number_from_the_stage_outputs(uninterrupted):
+    recipe, run = uninterrupted
+    paths = write_report(run)
+    report = json.loads(paths["json"].read_text())
+    for name in ("report.md", "refusal_mc.png" if False else "kept_fraction.png", "drift.png", "grad_norms.png"):
+        assert (run / name).is_file(), name
+    assert (run / "accuracy_matrix_gradsift.png").is_file()
+    records = {(arm, index): record for _, arm, index, record in iter_stage_files(run)}
+    tasks = ["gradsift_domain_sentiment", "gradsift_domain_yes_no"]
+    for arm in ("full", "gradsift"):
+        rows = [records[(None, 0)], records[(arm, 1)], records[(arm, 2)]]
+        a = [[row["eval"][task]["acc"] for task in tasks] for row in rows]
+        data = report["arms"][arm]["seeds"]["0"]
+        assert data["accuracy_matrix"] == a
+        assert data["average_accuracy"] == pytest.approx((a[2][0] + a[2][1]) / 2)
+        assert data["bwt"] == pytest.approx(a[2][0] - a[1][0])
+        assert data["fm"] == pytest.approx(a[1][0] - a[2][0])
+        falls = [a[k - 1][j] - a[k][j] for k in (1, 2) for j in (0, 1)]
+        assert data["max_drop"] == pytest.approx(max(falls))
+        assert data["interference"] == [[pytest.approx(a[k][j] - a[k - 1][j]) for j in (0, 1)] for k in (1, 2)]
+        for k, row in enumerate(rows):
+            stage = report["arms"][arm]["mean"]["stages"][str(k)]
+            assert stage["gradsift_refusal_mc/acc"]["mean"] == row["eval"]["gradsift_refusal_mc"]["acc"]
+            if k:
+                assert stage["kept_fraction"]["mean"] == row["kept"] / row["rows"]
+                assert stage["drift/aligned"]["mean"] == row["drift"]["aligned"]
+    assert records[("gradsift", 1)]["kept"] == 4 and records[("full", 1)]["kept"] == 8
+    assert (run / "seed-0" / "gradsift" / "01-sentiment" / "dropped.jsonl").read_text().count("\n") == 4
+    markdown = (run / "report.md").read_text()
+    assert "| gradsift | 02-yes_no |" in markdown and "BWT" in markdown
+    assert not math.isnan(report["arms"]["full"]["mean"]["average_accuracy"]["mean"])
+
+
+def test_random_arm_matches_the_gradsift_arms_size(tmp_path, tiny_model_dir):
+    data = tiny_recipe(tiny_model_dir, arms=["random", "gradsift"], align=None)
+    data["stages"] = data["stages"][:1]
+    data["evals"] = {"after_each_stage": {"tasks": [], "domain": False}}
+    recipe = load_recipe(write(tmp_path, data))
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    records = {arm: record for _, arm, _, record in iter_stage_files(tmp_path / "run")}
+    assert records["random"]["kept"] == records["gradsift"]["kept"] == 4
+    assert records["random"]["selection"]["matched_to"] == "gradsift"
+    shutil.rmtree(tmp_path / "run")
