@@ -224,3 +224,19 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
 def test_unreachable_hub_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="Could not load dataset 'nobody/no-such-dataset'"):
         load_source("nobody/no-such-dataset")
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from gradsift.data import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left behind

@@ -135,7 +135,7 @@ def test_the_report_recomputes_every_number_from_the_stage_outputs(uninterrupted
     recipe, run = uninterrupted
     paths = write_report(run)
     report = json.loads(paths["json"].read_text())
-    for name in ("report.md", "refusal_mc.png" if False else "kept_fraction.png", "drift.png", "grad_norms.png"):
+    for name in ("report.md", "kept_fraction.png", "drift.png", "grad_norms.png"):
         assert (run / name).is_file(), name
     assert (run / "accuracy_matrix_gradsift.png").is_file()
     records = {(arm, index): record for _, arm, index, record in iter_stage_files(run)}
@@ -157,6 +157,13 @@ def test_the_report_recomputes_every_number_from_the_stage_outputs(uninterrupted
             if k:
                 assert stage["kept_fraction"]["mean"] == row["kept"] / row["rows"]
                 assert stage["drift/aligned"]["mean"] == row["drift"]["aligned"]
+        # Accuracy by answer length, from the logged samples: bins add up to the task's own accuracy.
+        by_length = data["final_accuracy_by_length"]
+        for task in tasks:
+            bins = by_length[task].values()
+            assert sum(b["n"] for b in bins) == 4
+            weighted = sum(b["acc"] * b["n"] for b in bins) / 4
+            assert weighted == pytest.approx(records[(arm, 2)]["eval"][task]["acc"])
     assert records[("gradsift", 1)]["kept"] == 4 and records[("full", 1)]["kept"] == 8
     assert (run / "seed-0" / "gradsift" / "01-sentiment" / "dropped.jsonl").read_text().count("\n") == 4
     markdown = (run / "report.md").read_text()
@@ -174,3 +181,40 @@ def test_random_arm_matches_the_gradsift_arms_size(tmp_path, tiny_model_dir):
     assert records["random"]["kept"] == records["gradsift"]["kept"] == 4
     assert records["random"]["selection"]["matched_to"] == "gradsift"
     shutil.rmtree(tmp_path / "run")
+
+
+def test_the_axolotl_backend_trains_each_stage_with_axolotl_train(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    cpu = {f"lora_{name}_kernel": False for name in ("mlp", "qkv", "o", "embedding")}
+    data = tiny_recipe(
+        tiny_model_dir,
+        arms=["gradsift"],
+        align=None,
+        trainer="axolotl",
+        axolotl={"special_tokens": {"pad_token": "<pad>"}, "tf32": False, **cpu},
+        drift_prompts=0,
+    )
+    data["evals"] = {"after_each_stage": {"tasks": [], "domain": False}}
+    recipe = load_recipe(write(tmp_path, data))
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    stages = sorted((tmp_path / "run" / "seed-0" / "gradsift").iterdir())
+    assert [p.name for p in stages] == ["01-sentiment", "02-yes_no"]
+    adapters = []
+    for stage in stages:
+        record = json.loads((stage / "stage.json").read_text())
+        config = yaml.safe_load((stage / "axolotl.yaml").read_text())
+        trained = [json.loads(line) for line in (stage / "train.jsonl").read_text().splitlines()]
+        assert record["train"]["backend"] == "axolotl" and len(trained) == record["kept"] == 4
+        assert config["datasets"][0]["path"] == str(stage / "train.jsonl")
+        adapters.append(load_file(stage / "adapter" / "adapter_model.safetensors"))
+    # The second stage continued the first stage's adapter and moved it.
+    assert yaml.safe_load((stages[1] / "axolotl.yaml").read_text())["lora_model_dir"] == str(stages[0] / "adapter")
+    assert any(not (adapters[0][k] == adapters[1][k]).all() for k in adapters[0])
+
+
+def test_the_accuracy_matrix_compares_the_same_documents_at_every_stage(tmp_path, tiny_model_dir):
+    data = tiny_recipe(tiny_model_dir)
+    data["evals"]["final"] = {"tasks": ["gradsift_refusal_mc"], "limit": 8}
+    with pytest.raises(RecipeError, match="evals.final.limit \\(8\\) differs from"):
+        load_recipe(write(tmp_path, data))

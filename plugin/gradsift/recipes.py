@@ -150,6 +150,12 @@ class Recipe(_Strict):
     scoring: dict[str, Any] = Field(default_factory=dict, description="gradsift `scoring:` options.")
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     mode: Literal["offline", "online"] = "offline"
+    trainer: Literal["trl", "axolotl"] = Field(
+        "trl", description="Training backend of the task stages: TRL in-process, or one `axolotl train` per stage."
+    )
+    axolotl: dict[str, Any] = Field(
+        default_factory=dict, description="Extra axolotl config keys for every stage (e.g. CPU kernel switches)."
+    )
     arms: dict[str, ArmSpec] = Field(default_factory=lambda: {name: ArmSpec() for name in ("full", "gradsift")})
     evals: EvalsSpec = Field(default_factory=EvalsSpec)
     drift_prompts: int = Field(16, ge=0, description="Align-set rows used for the KL drift measure (0: none).")
@@ -183,6 +189,16 @@ class Recipe(_Strict):
             SelectionConfig(**{**self.selection.model_dump(), **self.arm(name).selection})
         for stage in self.stages:
             TrainSpec(**{**self.train.model_dump(), **stage.train})
+        final, each = self.evals.final, self.evals.after_each_stage
+        if final is not None and final.domain and each.domain and final.limit != each.limit:
+            raise ValueError(
+                f"evals.final.limit ({final.limit}) differs from evals.after_each_stage.limit ({each.limit}) while "
+                "both evaluate the domain tasks: the accuracy matrix must compare the same documents at every stage"
+            )
+        if self.trainer == "axolotl":
+            kl = [name for name in self.arms if self.arm(name).kind == "kl"]
+            if kl:
+                raise ValueError(f"arm(s) {', '.join(kl)}: the `kl` arm needs `trainer: trl`")
         return self
 
     def arm(self, name: str) -> ArmSpec:
@@ -697,6 +713,15 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         dataset = Dataset.from_list(records)
     record["kept"] = len(dataset)
     record["select_seconds"] = elapsed(start)
+    if recipe.trainer == "axolotl":
+        del model
+        record["train"] = _train_axolotl(recipe, step, train, dataset, config if online else None, spec)
+        if online:
+            entries = _online_entries(step.folder / "online.jsonl")
+            record["kept"] = int(sum(e["kept"] for e in entries))
+            record["online_rows"] = int(sum(e["rows"] for e in entries))
+        _finish_stage(recipe, step, tokenizer, record)
+        return
     if online:
         trainer = GradSiftSFTTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer, gradsift_config=config
@@ -714,12 +739,98 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         record["kept"] = int(sum(e["kept"] for e in entries))
         record["online_rows"] = int(sum(e["rows"] for e in entries))
     model.save_pretrained(step.folder / "adapter")
-    del trainer
+    del trainer, model
+    _finish_stage(recipe, step, tokenizer, record)
+
+
+def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any]) -> None:
+    """Evaluate the stage's adapter, measure drift, and write stage.json (the stage is finished)."""
     base = _base_model_spec(recipe, step)
     final = step.index == len(recipe.stages)
     record["eval"] = _evaluate(recipe, base, str(step.folder / "adapter"), tokenizer, step, final=final)
     record["drift"] = _drift(recipe, base, str(step.folder / "adapter"), tokenizer, step)
     _write_stage(step, record)
+
+
+def _online_entries(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _train_axolotl(
+    recipe: Recipe, step: Step, train: TrainSpec, dataset: Any, online: GradSiftConfig | None, spec: ArmSpec
+) -> dict[str, Any]:
+    """Train the stage with `axolotl train`: one config per stage, continuing the previous stage's adapter."""
+    import subprocess
+    import sys
+
+    from gradsift.models import resolve_device, resolve_model_path
+
+    rows = step.folder / "train.jsonl"
+    with open(rows, "w", encoding="utf-8") as handle:
+        for row in dataset:
+            handle.write(json.dumps({"messages": [*row["prompt"], *row["completion"]]}, ensure_ascii=False) + "\n")
+    out = step.folder / "axolotl-out"
+    config: dict[str, Any] = {
+        "base_model": resolve_model_path(_base_model_spec(recipe, step)),
+        "datasets": [{"path": str(rows), "type": "chat_template", "field_messages": "messages"}],
+        "chat_template": "tokenizer_default",
+        "dataset_prepared_path": str(step.folder / "axolotl-prepared"),
+        "output_dir": str(out),
+        "val_set_size": 0,
+        "sequence_len": train.max_length,
+        "adapter": "lora",
+        "lora_r": recipe.lora.r,
+        "lora_alpha": recipe.lora.alpha,
+        "lora_dropout": recipe.lora.dropout,
+        "micro_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "num_epochs": train.epochs,
+        "learning_rate": train.learning_rate,
+        "warmup_ratio": train.warmup_ratio,
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": spec.max_grad_norm if spec.kind == "clip" else train.max_grad_norm,
+        "lr_scheduler": train.lr_scheduler_type,
+        "optimizer": "adamw_torch",
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "seed": step.seed,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "bf16": _bf16(train, resolve_device(recipe.scoring_config())),
+        "fp16": False,
+    }
+    if recipe.lora.target_modules == "all-linear":
+        config["lora_target_linear"] = True
+    else:
+        config["lora_target_modules"] = recipe.lora.target_modules
+    if step.index > 1:
+        config["lora_model_dir"] = str(sorted(step.folder.parent.glob(f"{step.index - 1:02d}-*"))[0] / "adapter")
+    if online is not None:
+        config["plugins"] = ["gradsift.integrations.axolotl.GradSiftPlugin"]
+        config["gradsift"] = {
+            "mode": "online",
+            "selection": online.selection.model_dump(exclude_defaults=True),
+            "scoring": online.scoring.model_dump(exclude_defaults=True, exclude={"model", "device"}),
+        }
+    config.update(recipe.axolotl)
+    path = step.folder / "axolotl.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "DO_NOT_TRACK": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "axolotl.cli.main", "train", str(path), "--launcher", "python"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    (step.folder / "axolotl.log").write_text(done.stdout + done.stderr, encoding="utf-8")
+    if done.returncode != 0:
+        log = step.folder / "axolotl.log"
+        raise RuntimeError(f"`axolotl train {path}` failed (exit {done.returncode}); see {log}")
+    adapter = step.folder / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(out / name, adapter / name)
+    if online is not None and (out / "gradsift_online.jsonl").is_file():
+        shutil.move(out / "gradsift_online.jsonl", step.folder / "online.jsonl")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(step.folder / "axolotl-prepared", ignore_errors=True)
+    return {"backend": "axolotl", "rows": len(dataset), "seconds": elapsed(start)}
 
 
 def _kept_by(steps: list[Step], step: Step, arm: str) -> int | None:

@@ -129,13 +129,40 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             stage_tasks = tasks or _guess_tasks(stages)
             records = {0: entry["align"], **stages} if entry["align"] else dict(stages)
             matrix = accuracy_matrix(entry["align"], stages, stage_tasks)
+            last = run_dir / f"seed-{seed}" / arm
+            final_dir = sorted(p for p in last.iterdir() if (p / STAGE_FILE).is_file())[-1] if last.is_dir() else None
             per_seed[seed] = {
                 "stages": {str(k): {"name": r["stage"], **stage_metrics(r)} for k, r in sorted(records.items())},
                 "accuracy_matrix": matrix,
                 **forgetting(matrix),
+                "final_accuracy_by_length": length_bin_accuracy(final_dir) if final_dir else {},
             }
         arms[arm] = {"seeds": per_seed, "mean": _aggregate(per_seed)}
     return {"run_dir": str(run_dir), "recipe": recipe_meta, "seeds": sorted(seeds), "arms": arms}
+
+
+# Response-length bins (words of the reference answer) for accuracy per length.
+LENGTH_BINS = ((1, 2), (3, 8), (9, 20), (21, 10**9))
+
+
+def _bin_label(low: int, high: int) -> str:
+    return f"{low}+ words" if high >= 10**9 else f"{low}–{high} words"
+
+
+def length_bin_accuracy(stage_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Accuracy per domain task and reference-answer length bin, from a stage's logged lm-eval samples."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for path in sorted((stage_dir / "eval").rglob("samples_gradsift_domain_*.jsonl")):
+        task = path.name[len("samples_") :].rsplit("_", 1)[0]
+        bins: dict[str, list[float]] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            sample = json.loads(line)
+            doc = sample["doc"]
+            words = len(str(doc.get("reply", doc.get("answer", ""))).split())
+            label = next(_bin_label(lo, hi) for lo, hi in LENGTH_BINS if lo <= max(words, 1) <= hi)
+            bins.setdefault(label, []).append(float(sample["acc"]))
+        out[task] = {label: {"acc": float(np.mean(v)), "n": len(v)} for label, v in bins.items()}
+    return out
 
 
 def _recipe_meta(run_dir: Path) -> dict[str, Any]:
@@ -252,6 +279,15 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
             parts += [f"### {name}, seed {seed}: accuracy matrix a[k][j]", "", _table(header, matrix_rows), ""]
             inter = [[k + 1, *row] for k, row in enumerate(data["interference"])]
             parts += ["Interference `a[k][j] − a[k−1][j]`:", "", _table(header, inter), ""]
+    rows = []
+    for name, arm in report["arms"].items():
+        for seed, data in arm["seeds"].items():
+            for task, bins in data.get("final_accuracy_by_length", {}).items():
+                for label, cell in bins.items():
+                    rows.append([name, seed, _short(task), label, cell["n"], cell["acc"]])
+    if rows:
+        parts += ["## Accuracy by task and answer length (after the last stage)", ""]
+        parts += [_table(["arm", "seed", "task", "reference answer", "n", "acc"], rows), ""]
     if figures:
         parts += ["## Plots", ""] + [f"![{key}]({path.name})" for key, path in figures.items()] + [""]
     return "\n".join(parts)
