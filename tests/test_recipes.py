@@ -218,3 +218,12 @@ def test_the_accuracy_matrix_compares_the_same_documents_at_every_stage(tmp_path
     data["evals"]["final"] = {"tasks": ["gradsift_refusal_mc"], "limit": 8}
     with pytest.raises(RecipeError, match="evals.final.limit \\(8\\) differs from"):
         load_recipe(write(tmp_path, data))
+
+
+def test_the_accuracy_matrix_reads_each_tasks_own_accuracy_metric():
+    from gradsift.report import accuracy_matrix
+
+    tasks = ["arc_easy", "gsm8k", "squadv2"]
+    evals = {"arc_easy": {"acc": 0.5, "acc_norm": 0.6}, "gsm8k": {"exact_match": 0.25}, "squadv2": {"f1": 0.7}}
+    matrix = accuracy_matrix(None, {1: {"eval": evals}, 3: {"eval": {}}}, tasks)
+    assert matrix == [[None, None, None], [0.5, 0.25, 0.7], [None, None, None], [None, None, None]]

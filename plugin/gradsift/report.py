@@ -71,10 +71,15 @@ def accuracy_matrix(align: dict | None, stages: dict[int, dict], tasks: list[str
     return matrix
 
 
+# The metric read as a domain task's accuracy, first found: lm-eval's multiple-choice and synthetic tasks report
+# `acc`, gsm8k `exact_match`, squadv2 `exact` and `f1`.
+ACCURACY_METRICS = ("acc", "exact_match", "exact", "f1")
+
+
 def _acc(evals: dict[str, dict[str, float]], task: str | None) -> float | None:
     if task is None or task not in evals:
         return None
-    return evals[task].get("acc")
+    return next((evals[task][m] for m in ACCURACY_METRICS if evals[task].get(m) is not None), None)
 
 
 def forgetting(matrix: list[list[float | None]]) -> dict[str, Any]:
