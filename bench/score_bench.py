@@ -1,0 +1,161 @@
+"""Scoring cost against the batch-size-1 loop and a plain training-style forward+backward, on the same samples.
+
+Three methods, each in its own fresh process (so its peak memory is its own), repetitions interleaved in one run:
+
+- `loop`: gradsift's reference, one sample at a time (`scoring.method: loop`);
+- `batched`: gradsift's batched hook scoring with its own batching (length-sorted, token budget);
+- `plain`: what a training epoch computes: shuffled padded batches of the same size, full logits, the model's own
+  loss, one backward, no hooks.
+
+Models: a tiny Llama and a SmolLM2-135M-shaped random Llama (fp32, CPU, LoRA r=16 on every linear layer), samples
+of 40–120 tokens with the loss on the second half. Ratios are time(other) / time(batched): above 1 means batched
+scoring is faster. This machine is noisy: compare ratios from one run, not absolute times.
+
+    python bench/score_bench.py                  # both models, 32 samples, 16 per batch
+    python bench/score_bench.py --shapes tiny    # seconds, for a smoke run
+
+Last line (the SmolLM2-shaped model): `batched_vs_plain=X batched_vs_loop=Y mem_vs_plain=Z`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHAPES = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "smollm2": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152,
+    ),
+}  # fmt: skip
+METHODS = ("loop", "batched", "plain")
+
+
+def build(shape: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gradsift.config import ScoringConfig
+    from gradsift.models import attach_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0, **SHAPES[shape])
+    return attach_lora(LlamaForCausalLM(config).eval(), ScoringConfig(lora_r=16, lora_alpha=32))
+
+
+def samples(n: int, vocab: int, seed: int = 0):
+    from gradsift.data import IGNORE_INDEX, TokenizedRow
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(40, 120)
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        cut = length // 2
+        rows.append(TokenizedRow(input_ids=ids, labels=[IGNORE_INDEX] * cut + ids[cut:]))
+    return rows
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM), so the peak read later is this method's own."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_mib() -> float:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def measure(shape: str, method: str, n: int, batch_size: int, queue) -> None:
+    """In a fresh process: build the model and samples, then time one method and its peak memory above that."""
+    import torch
+
+    from gradsift.config import ScoringConfig
+    from gradsift.data import collate
+    from gradsift.scoring import score_rows
+
+    torch.manual_seed(0)
+    model = build(shape)
+    rows = samples(n, SHAPES[shape]["vocab_size"])
+    before = rss_mib()
+    reset_peak()
+    start = time.perf_counter()
+    if method == "plain":
+        model.train()
+        order = list(range(n))
+        random.Random(1).shuffle(order)
+        for i in range(0, n, batch_size):
+            batch = collate([rows[j] for j in order[i : i + batch_size]], 0, "cpu")
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        config = ScoringConfig(method=method, max_batch_size=batch_size, max_tokens_per_batch=batch_size * 128)
+        score_rows(model, rows, config, pad_token_id=0, progress=False)
+    seconds = time.perf_counter() - start
+    queue.put((seconds, max(peak_mib() - before, 0.0)))
+
+
+def run_one(shape: str, method: str, n: int, batch_size: int) -> tuple[float, float]:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=measure, args=(shape, method, n, batch_size, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=2)
+    args = parser.parse_args()
+    summary = {}
+    for shape in args.shapes.split(","):
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        memory: dict[str, list[float]] = {m: [] for m in METHODS}
+        for rep in range(args.reps):
+            for method in METHODS if rep % 2 == 0 else tuple(reversed(METHODS)):
+                seconds, peak = run_one(shape, method, args.samples, args.batch_size)
+                times[method].append(seconds)
+                memory[method].append(peak)
+                print(f"{shape:8s} rep {rep} {method:8s} {seconds:7.2f} s  peak +{peak:7.0f} MiB", flush=True)
+        best = {m: min(times[m]) for m in METHODS}
+        mem = {m: min(memory[m]) for m in METHODS}
+        ratios = {
+            "batched_vs_plain": best["plain"] / best["batched"],
+            "batched_vs_loop": best["loop"] / best["batched"],
+            "mem_vs_plain": mem["batched"] / mem["plain"] if mem["plain"] else float("nan"),
+        }
+        summary[shape] = ratios
+        print(
+            f"{shape}: {args.samples} samples, {args.batch_size} per batch, torch_threads={torch.get_num_threads()}; "
+            + ", ".join(f"{m} {best[m]:.2f} s / +{mem[m]:.0f} MiB" for m in METHODS)
+        )
+    final = summary.get("smollm2") or next(iter(summary.values()))
+    print(" ".join(f"{key}={value:.3f}" for key, value in final.items()))
+
+
+if __name__ == "__main__":
+    main()
