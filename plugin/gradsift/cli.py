@@ -464,11 +464,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """`gradsift eval`."""
     from gradsift.config import ScoringConfig
-    from gradsift.evaluation import check_task_names, results_table, run_lm_eval
+    from gradsift.evaluation import check_task_names, results_table, run_lm_eval, task_manager
     from gradsift.models import load_for_eval, load_tokenizer
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    check_task_names(tasks)
+    manager = task_manager()
+    check_task_names(tasks, manager)  # before loading the model: a typo fails in seconds
     config = ScoringConfig(
         model=args.model,
         adapter=args.adapter,
@@ -491,6 +492,7 @@ def run_eval(args: argparse.Namespace) -> int:
         max_gen_toks=args.max_gen_toks,
         seed=args.seed,
         model_name=name,
+        manager=manager,
     )
     if results:
         print(results_table(results))

@@ -240,17 +240,18 @@ def run_lm_eval(
     max_gen_toks: int | None = None,
     seed: int = 0,
     model_name: str = "model",
+    manager: Any | None = None,
 ) -> dict[str, Any]:
     """Evaluate a loaded model on lm-eval tasks; save lm-eval's results JSON and samples under `output_path`.
 
     The chat template is applied whenever the tokenizer has one (lm-eval's `apply_chat_template` run-time switch).
-    Returns lm-eval's results dictionary.
+    Returns lm-eval's results dictionary. `manager`: a `task_manager()` already built (indexing tasks takes a while).
     """
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager()
+    manager = manager or task_manager()
     check_task_names(tasks, manager)
     chat = getattr(tokenizer, "chat_template", None) is not None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=None)

@@ -209,13 +209,18 @@ def load_base_model(config: ScoringConfig, vocab_size: int | None = None) -> Any
     return model
 
 
-def load_for_eval(config: ScoringConfig) -> Any:
-    """The model to evaluate: `config.model`, with `config.adapter` applied (not merged, frozen) when given."""
+def load_for_eval(config: ScoringConfig, merge: bool = False) -> Any:
+    """The model to evaluate: `config.model`, with `config.adapter` applied (frozen) when given.
+
+    `merge` folds the adapter into the weights (faster generation), except on a 4-bit model, which cannot hold it.
+    """
     model = load_base_model(config)
     if config.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, config.adapter, is_trainable=False)
+        if merge and not getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+            model = model.merge_and_unload()
     model.requires_grad_(False)
     model.config.use_cache = True
     return model.eval()

@@ -292,11 +292,10 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
             continue  # a hub id: read (and its format checked) when its stage starts; a dry run downloads nothing
         try:
             source = load_source(str(resolved), split=spec.split)
-            if spec.prompt_template is not None:
-                source.records[:1] = [_templated(source.records[0], spec)] if source.records else []
             if not source.records:
                 raise ValueError(f"{spec.path!r} holds no rows")
-            detect_format(source.records[0].keys())
+            first = source.records[0] if spec.prompt_template is None else _templated(source.records[0], spec)
+            detect_format(first.keys())
         except (ValueError, FileNotFoundError, OSError) as error:
             problems.append(f"{where}.path: {error}")
     return problems
@@ -647,9 +646,7 @@ def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
     tokenizer.save_pretrained(step.folder / "model")
     del merged, model, trainer
     record = {"stage": "align", "index": 0, "seed": step.seed, "rows": len(records), "train": training}
-    record["eval"] = _evaluate(recipe, str(step.folder / "model"), None, tokenizer, step, final=False)
-    record["drift"] = _drift(recipe, str(step.folder / "model"), None, tokenizer, step)
-    _write_stage(step, record)
+    _finish_stage(recipe, step, tokenizer, record, adapter=None)
 
 
 def _stage_model(recipe: Recipe, step: Step) -> Any:
@@ -691,7 +688,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
             Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=step.folder / "scores",
             progress=progress,
         )  # fmt: skip
-        _write_dropped(step.folder / "dropped.jsonl", report, records)
+        _write_dropped(step.folder / "dropped.jsonl", report)
         write_json({"summary": report.summary(), **report.selection.counts()}, step.folder / "selection.json")
         table = report.table
         kept_norms = table.grad_norm[report.selection.keep]
@@ -720,7 +717,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
             entries = _online_entries(step.folder / "online.jsonl")
             record["kept"] = int(sum(e["kept"] for e in entries))
             record["online_rows"] = int(sum(e["rows"] for e in entries))
-        _finish_stage(recipe, step, tokenizer, record)
+        _finish_stage(recipe, step, tokenizer, record, adapter=str(step.folder / "adapter"))
         return
     if online:
         trainer = GradSiftSFTTrainer(
@@ -740,15 +737,15 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         record["online_rows"] = int(sum(e["rows"] for e in entries))
     model.save_pretrained(step.folder / "adapter")
     del trainer, model
-    _finish_stage(recipe, step, tokenizer, record)
+    _finish_stage(recipe, step, tokenizer, record, adapter=str(step.folder / "adapter"))
 
 
-def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any]) -> None:
-    """Evaluate the stage's adapter, measure drift, and write stage.json (the stage is finished)."""
+def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapter: str | None) -> None:
+    """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished)."""
     base = _base_model_spec(recipe, step)
     final = step.index == len(recipe.stages)
-    record["eval"] = _evaluate(recipe, base, str(step.folder / "adapter"), tokenizer, step, final=final)
-    record["drift"] = _drift(recipe, base, str(step.folder / "adapter"), tokenizer, step)
+    record["eval"] = _evaluate(recipe, base, adapter, tokenizer, step, final=final)
+    record["drift"] = _drift(recipe, base, adapter, tokenizer, step)
     _write_stage(step, record)
 
 
@@ -841,7 +838,7 @@ def _kept_by(steps: list[Step], step: Step, arm: str) -> int | None:
     return None
 
 
-def _write_dropped(path: Path, report: Any, records: list[dict[str, Any]]) -> None:
+def _write_dropped(path: Path, report: Any) -> None:
     from gradsift.data import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
@@ -884,16 +881,9 @@ def _evaluate(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, st
 
 
 def _eval_model(recipe: Recipe, base: str, adapter: str | None) -> Any:
-    from peft import PeftModel
+    from gradsift.models import load_for_eval
 
-    model = _load_base(recipe, base)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-        if not getattr(model.get_base_model(), "is_loaded_in_4bit", False):  # merging into 4-bit weights loses it
-            model = model.merge_and_unload()
-    model.requires_grad_(False)
-    model.config.use_cache = True
-    return model.eval()
+    return load_for_eval(recipe.scoring_config().model_copy(update={"model": base, "adapter": adapter}), merge=True)
 
 
 def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step) -> dict[str, float]:
