@@ -136,6 +136,44 @@ def test_nonfinite_loss_is_marked_and_does_not_spoil_other_rows(tokenizer, rows,
     assert max_rel(table.grad_norm[~bad], clean.grad_norm[~bad]) <= 1e-5
 
 
+def test_an_inf_in_padding_is_masked_by_a_rescore_of_its_batch(tokenizer, rows, monkeypatch):
+    """Padding is not masked in the hooks (its output gradients are exactly zero); an inf there would make 0·inf a
+    NaN, so such a batch is scored again with masking, and the norms still equal the loop's."""
+    model = lora_model(tokenizer)
+    loop = score_rows(model, rows, ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
+    calls = {"unmasked": 0, "masked": 0}
+    original = GradNormHooks._on_linear_grad
+
+    def poison_padding(self, module, inputs, grad):
+        calls["masked" if self.masked else "unmasked"] += 1
+        mask = self._mask_for(inputs)
+        inputs = self._batched(inputs.detach(), mask).masked_fill(~mask[..., None], float("inf"))
+        original(self, module, inputs, grad)
+
+    monkeypatch.setattr(GradNormHooks, "_on_linear_grad", poison_padding)
+    config = ScoringConfig(max_tokens_per_batch=256)
+    batched = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
+    assert calls["unmasked"] > 0 and calls["masked"] > 0  # batches with padding were scored twice
+    assert (batched.status == "ok").all()
+    assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-5
+
+
+def test_bfloat16_scoring_runs_under_autocast_like_a_bf16_trainer(tokenizer, rows):
+    model = lora_model(tokenizer)
+    seen: list[torch.dtype] = []
+    layer = model.base_model.model.model.layers[0].mlp.up_proj.base_layer
+    handle = layer.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    fp32 = score_rows(model, rows, ScoringConfig(), tokenizer.pad_token_id, progress=False)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    batched, loop = batched_and_loop(model, rows, tokenizer, dtype="bfloat16")
+    handle.remove()
+    assert set(seen) == {torch.bfloat16}
+    assert max_rel(batched.grad_norm, loop.grad_norm) <= 0.05  # bf16 matmuls of different shapes
+    assert 1e-4 < max_rel(batched.grad_norm, fp32.grad_norm) <= 0.05
+    assert np.corrcoef(batched.grad_norm, fp32.grad_norm)[0, 1] > 0.99
+
+
 def test_trainable_parameters_outside_linear_layers_are_rejected(tokenizer):
     model = lora_model(tokenizer)
     model.base_model.model.model.norm.weight.requires_grad_(True)

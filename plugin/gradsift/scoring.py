@@ -129,6 +129,10 @@ class GradNormHooks:
         self.grads: dict[int, torch.Tensor] = {}
         self.handles: list[Any] = []
         self.recording = False
+        # Padding positions get exactly zero output gradients (no loss reads them, and with right padding no real
+        # position attends to them), so their terms vanish unmasked. Masking costs two copies per layer; it is
+        # switched on only to re-score a batch whose norms came out non-finite (a NaN or inf in padding).
+        self.masked = False
 
     def __enter__(self) -> GradNormHooks:
         for module in self.modules:
@@ -160,7 +164,7 @@ class GradNormHooks:
 
     def finish(self) -> torch.Tensor:
         """Return the batch's per-sample gradient norms (float64), once the backward has run."""
-        with torch.autocast(device_type=self.sq_norms.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(device_type=self.sq_norms.device.type, enabled=False):
             self._finish_shared()
         self.pending = defaultdict(list)
         return self.sq_norms.sqrt()
@@ -207,10 +211,12 @@ class GradNormHooks:
 
     def _on_linear_grad(self, module: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor) -> None:
         row_mask = self._mask_for(inputs)
-        mask = row_mask[..., None]
-        # torch.where, not a product: a NaN or inf at a padding position must not leak into a real one.
-        a = torch.where(mask, self._batched(inputs, row_mask), 0).float()
-        g = torch.where(mask, self._batched(grad, row_mask), 0).float()
+        a, g = self._batched(inputs.detach(), row_mask), self._batched(grad, row_mask)
+        if self.masked:
+            # torch.where, not a product: a NaN or inf at a padding position must not reach the sample's sum.
+            mask = row_mask[..., None]
+            a, g = torch.where(mask, a, 0), torch.where(mask, g, 0)
+        a, g = a.float(), g.float()
         if module.weight.requires_grad:
             if id(module.weight) in self.shared:
                 self.pending[id(module.weight)].append((g, a))
@@ -282,6 +288,20 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def compute_autocast(config: ScoringConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast when `scoring.dtype` resolves to bfloat16 (the default on a CUDA GPU), else nothing.
+
+    A QLoRA model keeps its norms, embeddings and head in float32 (`prepare_model_for_kbit_training`), and trainers
+    run it under autocast (`bf16: true`); scoring does the same, so its numerics and speed are the training step's.
+    Per-sample norms are still computed in float32 by the hooks.
+    """
+    from gradsift.models import resolve_dtype
+
+    if resolve_dtype(config, device.type) is not torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -318,7 +338,15 @@ def score_batch(
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
     if total.requires_grad and bool(finite.any()):
         torch.autograd.grad(total, hooks.params, allow_unused=True)
-    return losses.detach(), hooks.finish()
+    norms = hooks.finish()
+    if not hooks.masked and bool((finite & ~torch.isfinite(norms)).any()):
+        # A finite loss with a non-finite norm: a NaN or inf sits in some row's padding. Redo with padding masked.
+        hooks.masked = True
+        try:
+            return score_batch(model, hooks, batch)
+        finally:
+            hooks.masked = False
+    return losses.detach(), norms
 
 
 class FrozenHeadLoss(torch.autograd.Function):
@@ -458,7 +486,7 @@ def score_rows(
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=len(todo), desc=f"scoring ({config.method})", unit="row", disable=not progress)
-    with scoring_mode(model):
+    with scoring_mode(model), compute_autocast(config, device):
         if config.method == "loop":
             for i in todo:
                 loss, norm = score_one(model, rows[i], pad_token_id)

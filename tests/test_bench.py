@@ -1,0 +1,56 @@
+"""The benchmark scripts run (tiny shapes, CPU), and scoring and selection import without the integrations."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = re.compile(r"^batched_vs_plain=[\d.]+ batched_vs_loop=[\d.]+ mem_vs_plain=(nan|[\d.]+)$")
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugin"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_scoring_and_selection_import_without_the_integrations():
+    code = (
+        "import sys, gradsift, gradsift.scoring, gradsift.selection, gradsift.models; "
+        "print(sorted(m for m in ('trl', 'datasets', 'lm_eval', 'axolotl', 'gradsift.integrations') "
+        "if m in sys.modules))"
+    )
+    result = run_script("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = run_script(
+        "bench/gpu_check.py", "--shape", "tiny", "--device", "cpu", "--samples", "12", "--check-samples", "12",
+        "--batch-size", "4", "--max-len", "96", "--reps", "1", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert RATIOS.match(result.stdout.strip().splitlines()[-1])
+    report = json.loads(out.read_text())
+    assert report["heavy_modules_imported"] == []
+    # nf4 on CPU, fp32 compute: batched and loop agree to float precision, so the ranking and the kept set match.
+    assert report["equivalence"]["max_rel_err_norm"] < 1e-4
+    assert report["equivalence"]["spearman_norm"] == 1.0
+    assert report["equivalence"]["kept_overlap"] == 1.0
+
+
+def test_score_bench_prints_its_ratios():
+    args = ("--shapes", "tiny", "--samples", "8", "--batch-size", "4", "--reps", "1")
+    result = run_script("bench/score_bench.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert RATIOS.match(lines[-1])
+    assert sum(" rep 0 " in line for line in lines) == 3  # loop, batched and plain each ran
