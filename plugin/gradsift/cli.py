@@ -15,12 +15,16 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradsift import __version__
 from gradsift.config import SECTIONS, GradSiftConfig, load_config
+from gradsift.distributed import Team
+
+if TYPE_CHECKING:
+    from gradsift.pipeline import ScoreResult
 
 logger = logging.getLogger("gradsift")
 
@@ -288,19 +292,36 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """`gradsift score`."""
-    from gradsift.data import load_source, tokenize_records
-    from gradsift.models import load_model, load_tokenizer
-    from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
+    """`gradsift score`; under torchrun or `accelerate launch`, the processes split the shards and rank 0 reports."""
+    from gradsift.distributed import launched_team
+    from gradsift.models import resolve_device
 
     config = config_from_args(args)
     if not config.scoring.model:
         raise UserError(
             "`scoring.model` is not set: pass --model (a hub id, a local folder or embedded:smollm2-135m-instruct)."
         )
+    with launched_team(use_cuda=resolve_device(config.scoring) == "cuda") as team:
+        if not team.is_main:
+            _disable_library_progress_bars()
+        result, num_rows = _score(args, config, team)
+    if not team.is_main:
+        return 0
+    counts = ", ".join(f"{n:,} {status}" for status, n in sorted(result.status_counts().items()))
+    verb = "reused cached scores for" if result.reused else f"scored {result.rows_scored:,} of"
+    processes = f" with {team.world_size} processes" if team.world_size > 1 and not result.reused else ""
+    print(f"{verb} {num_rows:,} rows ({counts}){processes} in {result.seconds:.1f} s -> {args.out / 'scores.parquet'}")
+    return 0
+
+
+def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tuple[ScoreResult, int]:
+    from gradsift.data import load_source, tokenize_records
+    from gradsift.models import load_model, load_tokenizer
+    from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
+
     source = load_source(args.data, split=config.data.split)
     tokenizer = load_tokenizer(config.scoring.model, config.scoring.trust_remote_code)
-    rows = tokenize_records(source.records, tokenizer, config.data)
+    rows = tokenize_records(source.records, tokenizer, config.data, progress=team.is_main)
     data_path = str(Path(source.path).resolve()) if source.kind in ("jsonl", "json", "parquet") else source.path
     fingerprints = fingerprints_for(config, tokenizer, rows, data_path=data_path, data_fingerprint=source.fingerprint)
     result = score_cached(
@@ -312,11 +333,9 @@ def run_score(args: argparse.Namespace) -> int:
         tokenizer.pad_token_id,
         progress=not args.quiet,
         describe={"data": config.data.model_dump()},
+        team=team,
     )
-    counts = ", ".join(f"{n:,} {status}" for status, n in sorted(result.status_counts().items()))
-    verb = "reused cached scores for" if result.reused else f"scored {result.rows_scored:,} of"
-    print(f"{verb} {len(rows):,} rows ({counts}) in {result.seconds:.1f} s -> {args.out / 'scores.parquet'}")
-    return 0
+    return result, len(rows)
 
 
 def _load_scores(folder: Path):

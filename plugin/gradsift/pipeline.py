@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from gradsift.config import GradSiftConfig, ScoringConfig
 from gradsift.data import TokenizedRow, rows_fingerprint
+from gradsift.distributed import Team, assign_shards
 from gradsift.models import model_fingerprint, tokenizer_fingerprint
 from gradsift.scoring import ScoreTable, score_rows
 from gradsift.selection import Selection, select_rows
-from gradsift.store import ScoreStore
+from gradsift.store import ScoreStore, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def score_cached(
     progress: bool = True,
     describe: dict[str, Any] | None = None,
     allow_scoring: bool = True,
+    team: Team | None = None,
 ) -> ScoreResult:
     """Score `rows` into `folder`, reusing a finished run of the same identity and resuming from finished shards.
 
@@ -100,51 +102,122 @@ def score_cached(
     `describe` adds entries to the manifest (e.g. the data config). With `allow_scoring=False` only a finished
     cache is accepted, else `ScoresMissing` is raised.
     Shards are consecutive slices of the rows sorted by length (longest first), so a resumed run scores exactly the
-    shards a full run would have.
+    shards a full run would have, whatever the number of processes.
+    With a `team` of several processes (`gradsift.distributed.launched_team`), rank 0 starts the run, each rank scores
+    its share of the unfinished shards (balanced by tokens) and writes them, and rank 0 merges every shard from the
+    folder; every rank returns the merged table. Every rank must see the same `folder`.
     """
+    team = team or Team()
     started = time.perf_counter()
     store = ScoreStore(folder, fingerprints)
     cached = store.cached()
     if cached is not None:
-        logger.info("Reusing cached scores in %s (same model, data and scoring config).", folder)
+        if team.is_main:
+            logger.info("Reusing cached scores in %s (same model, data and scoring config).", folder)
         return ScoreResult(cached, reused=True, rows_scored=0, seconds=time.perf_counter() - started)
     if not allow_scoring:
         raise ScoresMissing(f"No finished scores for this model, data and scoring config in {folder}.")
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
     shards = [order[k : k + config.shard_size] for k in range(0, len(order), config.shard_size)]
-    finished = store.begin(
-        {
-            "num_rows": len(rows),
-            "shard_size": config.shard_size,
-            "num_shards": len(shards),
-            "scoring": config.model_dump(),
-            **(describe or {}),
+    finished: dict[int, ScoreTable] = {}
+
+    def begin() -> list[int]:
+        extra = {"num_rows": len(rows), "shard_size": config.shard_size, "num_shards": len(shards)}
+        finished.update(store.begin({**extra, "scoring": config.model_dump(), **(describe or {})}))
+        return sorted(finished)
+
+    # Rank 0's view of the finished shards, taken before any rank writes a new one.
+    done = team.on_main(begin)
+    if done and team.is_main:
+        logger.info("Resuming: %d of %d shards already scored in %s.", len(done), len(shards), folder)
+    todo = sorted(set(range(len(shards))) - set(done))
+    owned = assign_shards({k: sum(len(rows[i].input_ids) for i in shards[k]) for k in todo}, team.world_size)
+    mine = owned[team.rank]
+    bar = _progress_bar(team, [len(shards[k]) for k in mine], sum(len(shards[k]) for k in done), progress)
+    tables = team.on_every_rank(lambda: _score_shards(rows, shards, mine, config, store, model, pad_token_id, bar))
+    bar.close()
+    if team.world_size > 1:  # one line per rank, so the launcher's log shows the split
+        logger.info("rank %d of %d scored %d shards (%d rows) in %.1f s", team.rank, team.world_size, len(mine),
+                    sum(len(shards[k]) for k in mine), time.perf_counter() - started)  # fmt: skip
+    merged: list[ScoreTable] = []
+
+    def merge() -> None:
+        for rank, numbers in enumerate(owned):
+            tables.update({k: _read_shard(store, k, rank) for k in numbers if k not in tables})
+        tables.update(finished)
+        table = ScoreTable.concat([tables[k] for k in range(len(shards))]) if shards else ScoreTable.empty([], [])
+        summary = {
+            "counts": dict(Counter(table.status.tolist())),
+            "seconds": round(time.perf_counter() - started, 3),
+            "world_size": team.world_size,
+            "shards": _shard_records(shards, owned, done),
         }
-    )
-    if finished:
-        logger.info("Resuming: %d of %d shards already scored in %s.", len(finished), len(shards), folder)
-    todo = [k for k in range(len(shards)) if k not in finished]
-    tables = dict(finished)
-    if todo:
-        if callable(model) and not hasattr(model, "parameters"):
-            model = model()
-        bar = tqdm(
-            total=len(rows),
-            initial=sum(len(shards[k]) for k in finished),
-            desc="scoring",
-            unit="row",
-            disable=not progress,
-        )
-        for k in todo:
-            shard_rows = [rows[i] for i in shards[k]]
-            tables[k] = score_rows(model, shard_rows, config, pad_token_id, index=shards[k], bar=bar)
-            store.write_shard(k, tables[k])
-        bar.close()
-    table = ScoreTable.concat([tables[k] for k in range(len(shards))]) if shards else ScoreTable.empty([], [])
-    elapsed = time.perf_counter() - started
+        store.finish(table, summary)
+        merged.append(table)
+
+    team.on_main(merge)
+    table = merged[0] if merged else _read_merged(store)
     scored = sum(len(shards[k]) for k in todo)
-    store.finish(table, {"counts": dict(Counter(table.status.tolist())), "seconds": round(elapsed, 3)})
-    return ScoreResult(table, reused=False, rows_scored=scored, seconds=elapsed)
+    return ScoreResult(table, reused=False, rows_scored=scored, seconds=time.perf_counter() - started)
+
+
+def _shard_records(shards: list[list[int]], owned: list[list[int]], done: list[int]) -> list[dict[str, Any]]:
+    """Return, per shard, the rank that scored it in this run or `resumed: true` (for the manifest)."""
+    records = [{"shard": k, "rows": len(shards[k]), "rank": r} for r, numbers in enumerate(owned) for k in numbers]
+    records += [{"shard": k, "rows": len(shards[k]), "resumed": True} for k in done]
+    return sorted(records, key=lambda record: record["shard"])
+
+
+def _progress_bar(team: Team, sizes: list[int], resumed_rows: int, progress: bool) -> Any:
+    """One bar, on rank 0: over the whole dataset when alone, over its own shards when the work is split."""
+    if team.world_size == 1:
+        total, initial, desc = sum(sizes) + resumed_rows, resumed_rows, "scoring"
+    else:
+        total, initial, desc = sum(sizes), 0, f"scoring (rank 0 of {team.world_size})"
+    return tqdm(total=total, initial=initial, desc=desc, unit="row", disable=not (progress and team.is_main and sizes))
+
+
+def _score_shards(
+    rows: Sequence[TokenizedRow],
+    shards: list[list[int]],
+    numbers: list[int],
+    config: ScoringConfig,
+    store: ScoreStore,
+    model: Any,
+    pad_token_id: int,
+    bar: Any,
+) -> dict[int, ScoreTable]:
+    """Score the shards `numbers`, writing each when done (the unit of resume); load the model if needed."""
+    tables: dict[int, ScoreTable] = {}
+    if not numbers:
+        return tables
+    if callable(model) and not hasattr(model, "parameters"):
+        model = model()
+    for k in numbers:
+        shard_rows = [rows[i] for i in shards[k]]
+        tables[k] = score_rows(model, shard_rows, config, pad_token_id, index=shards[k], bar=bar)
+        store.write_shard(k, tables[k])
+    return tables
+
+
+def _read_shard(store: ScoreStore, number: int, rank: int) -> ScoreTable:
+    path = store.shard_path(number)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Shard {number}, scored by rank {rank}, is missing: {path} does not exist. Every process must see the "
+            "same score folder; on several machines, put --out on a shared filesystem."
+        )
+    return read_table(path)
+
+
+def _read_merged(store: ScoreStore) -> ScoreTable:
+    table = store.cached()
+    if table is None:
+        raise FileNotFoundError(
+            f"Rank 0 merged the scores, but {store.folder} holds no finished scores here. Every process must see the "
+            "same score folder; on several machines, put --out on a shared filesystem."
+        )
+    return table
 
 
 def score_and_select(

@@ -120,9 +120,13 @@ class ScoreStore:
         write_json(self.manifest, self.folder / MANIFEST)
         return finished
 
+    def shard_path(self, number: int) -> Path:
+        """Return the file of shard `number`."""
+        return self.folder / SHARDS / f"{number:05d}.parquet"
+
     def write_shard(self, number: int, table: ScoreTable) -> None:
         """Save one finished shard atomically."""
-        write_table(table, self.folder / SHARDS / f"{number:05d}.parquet")
+        write_table(table, self.shard_path(number))
 
     def finish(self, table: ScoreTable, summary: dict[str, Any]) -> None:
         """Write the merged table, then mark the manifest complete (in that order, so complete means complete)."""
