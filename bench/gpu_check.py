@@ -1,6 +1,6 @@
 """GPU check: batched scoring on a 4-bit (nf4) random model of Llama-3.2-1B shape, against the loop and a plain step.
 
-One prepared script for a machine with a CUDA GPU (about 5 minutes on an H200 at the defaults). It imports only
+One prepared script for a machine with a CUDA GPU (about 3 minutes on an H200 at the defaults). It imports only
 torch, transformers, peft, bitsandbytes and gradsift's scoring and selection modules, so it runs from a checkout:
 
     PYTHONPATH=plugin python bench/gpu_check.py [--out gpu_check.json]

@@ -44,6 +44,7 @@ SHAPES = {
     ),
 }  # fmt: skip
 METHODS = ("loop", "batched", "plain")
+EXTRA_METHODS = ("checkpointing",)  # batched scoring with gradient checkpointing: less memory, more time
 
 
 def build(shape: str):
@@ -98,6 +99,8 @@ def measure(shape: str, method: str, n: int, batch_size: int, queue) -> None:
 
     torch.manual_seed(0)
     model = build(shape)
+    if method == "checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = samples(n, SHAPES[shape]["vocab_size"])
 
     def run(rows):
@@ -112,12 +115,16 @@ def measure(shape: str, method: str, n: int, batch_size: int, queue) -> None:
                 model.zero_grad(set_to_none=True)
             model.eval()
         else:
-            config = ScoringConfig(method=method, max_batch_size=batch_size, max_tokens_per_batch=batch_size * 128)
+            config = ScoringConfig(
+                method="loop" if method == "loop" else "batched",
+                max_batch_size=batch_size,
+                max_tokens_per_batch=batch_size * 128,
+            )
             score_rows(model, rows, config, pad_token_id=0, progress=False)
 
-    run(rows[:batch_size])  # warm-up: one-time costs (allocator, kernel selection, the frozen-head check) untimed
-    before = rss_mib()
+    before = rss_mib()  # the loaded model; the peak is read above this, warm-up included
     reset_peak()
+    run(rows[:batch_size])  # warm-up: one-time costs (allocator, kernel selection, the frozen-head check) untimed
     start = time.perf_counter()
     run(rows)
     seconds = time.perf_counter() - start
@@ -144,19 +151,26 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--reps", type=int, default=2)
+    needed, extra = ", ".join(METHODS), ", ".join(EXTRA_METHODS)
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated: {needed} (for the ratios), optionally {extra}"
+    )
     args = parser.parse_args()
+    methods = tuple(args.methods.split(","))
+    if not set(METHODS) <= set(methods) <= set(METHODS + EXTRA_METHODS):
+        parser.error(f"--methods must hold {needed} and may add {extra}; got {args.methods!r}")
     summary = {}
     for shape in args.shapes.split(","):
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        memory: dict[str, list[float]] = {m: [] for m in METHODS}
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        memory: dict[str, list[float]] = {m: [] for m in methods}
         for rep in range(args.reps):
-            for method in METHODS if rep % 2 == 0 else tuple(reversed(METHODS)):
+            for method in methods if rep % 2 == 0 else tuple(reversed(methods)):
                 seconds, peak = run_one(shape, method, args.samples, args.batch_size)
                 times[method].append(seconds)
                 memory[method].append(peak)
-                print(f"{shape:8s} rep {rep} {method:8s} {seconds:7.2f} s  peak +{peak:7.0f} MiB", flush=True)
-        best = {m: min(times[m]) for m in METHODS}
-        mem = {m: min(memory[m]) for m in METHODS}
+                print(f"{shape:8s} rep {rep} {method:13s} {seconds:7.2f} s  peak +{peak:7.0f} MiB", flush=True)
+        best = {m: min(times[m]) for m in methods}
+        mem = {m: min(memory[m]) for m in methods}
         ratios = {
             "batched_vs_plain": best["plain"] / best["batched"],
             "batched_vs_loop": best["loop"] / best["batched"],
@@ -165,7 +179,7 @@ def main() -> None:
         summary[shape] = ratios
         print(
             f"{shape}: {args.samples} samples, {args.batch_size} per batch, torch_threads={torch.get_num_threads()}; "
-            + ", ".join(f"{m} {best[m]:.2f} s / +{mem[m]:.0f} MiB" for m in METHODS)
+            + ", ".join(f"{m} {best[m]:.2f} s / +{mem[m]:.0f} MiB" for m in methods)
         )
     final = summary.get("smollm2") or next(iter(summary.values()))
     print(" ".join(f"{key}={value:.3f}" for key, value in final.items()))

@@ -59,7 +59,10 @@ def reference(tmp_path_factory, tiny_model_dir, data_file):
 def launch_env_vars(**extra):
     env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "plugin"), *filter(None, [env.get("PYTHONPATH")])])
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    # ACCELERATE_LOG_LEVEL: accelerate sets the root logger's level from it (axolotl sets it in-process); gradsift's
+    # own log lines, which these tests read, must survive it.
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", ACCELERATE_LOG_LEVEL="WARNING")
+    env.update(extra)
     return env
 
 

@@ -39,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
+    level = logging.INFO if not args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
+    # On gradsift's own logger too: accelerate's loggers set the *root* level from `ACCELERATE_LOG_LEVEL` when they
+    # are created (at import, after this point), which would otherwise hide gradsift's progress lines.
+    logger.setLevel(level)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes", "torchao"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quiet:

@@ -216,18 +216,21 @@ class GradNormHooks:
             # torch.where, not a product: a NaN or inf at a padding position must not reach the sample's sum.
             mask = row_mask[..., None]
             a, g = torch.where(mask, a, 0), torch.where(mask, g, 0)
-        a, g = a.float(), g.float()
+        if a.dtype != g.dtype or a.dtype == torch.float16:  # float16 products could overflow
+            a, g = a.float(), g.float()
+        # Under bf16 autocast a and g are bf16 values already: their products run in bf16 with float32 accumulation
+        # (as the training step's own weight gradient does), and only the small results are cast to float32.
         if module.weight.requires_grad:
             if id(module.weight) in self.shared:
-                self.pending[id(module.weight)].append((g, a))
+                self.pending[id(module.weight)].append((g.float(), a.float()))
             elif self.keep_grads:  # materialise G_i: the direct computation, kept for the update
-                per_sample = torch.bmm(g.transpose(1, 2), a)
+                per_sample = torch.bmm(g.transpose(1, 2), a).float()
                 self.sq_norms += per_sample.pow(2).sum(dim=(1, 2)).double()
                 self.grads[id(module.weight)] = per_sample
             else:
                 self.sq_norms += self._outer_sq_norm(g, a)
         if module.bias is not None and module.bias.requires_grad:
-            per_sample = g.sum(dim=1)
+            per_sample = g.float().sum(dim=1)
             self.sq_norms += per_sample.pow(2).sum(dim=1).double()
             if self.keep_grads:
                 self.grads[id(module.bias)] = per_sample
@@ -254,8 +257,9 @@ class GradNormHooks:
         width, d_out, d_in = g.shape[1], g.shape[2], a.shape[2]
         ghost = self.norm_method == "ghost" or (self.norm_method == "auto" and width * (d_in + d_out) < d_in * d_out)
         if ghost:
-            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2)).double()
-        return torch.bmm(g.transpose(1, 2), a).pow(2).sum(dim=(1, 2)).double()
+            products = torch.bmm(a, a.transpose(1, 2)).float() * torch.bmm(g, g.transpose(1, 2)).float()
+            return products.sum(dim=(1, 2)).double()
+        return torch.bmm(g.transpose(1, 2), a).float().pow(2).sum(dim=(1, 2)).double()
 
 
 def _without_autocast(handler: Any, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> None:
