@@ -714,9 +714,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         del model
         record["train"] = _train_axolotl(recipe, step, train, dataset, config if online else None, spec)
         if online:
-            entries = _online_entries(step.folder / "online.jsonl")
-            record["kept"] = int(sum(e["kept"] for e in entries))
-            record["online_rows"] = int(sum(e["rows"] for e in entries))
+            _count_online(record, step.folder / "online.jsonl")
         _finish_stage(recipe, step, tokenizer, record, adapter=str(step.folder / "adapter"))
         return
     if online:
@@ -730,11 +728,8 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     record["train"] = _train(trainer, step.folder)
-    log = step.folder / "online.jsonl"
-    if online and log.is_file():
-        entries = [json.loads(line) for line in log.read_text().splitlines()]
-        record["kept"] = int(sum(e["kept"] for e in entries))
-        record["online_rows"] = int(sum(e["rows"] for e in entries))
+    if online:
+        _count_online(record, step.folder / "online.jsonl")
     model.save_pretrained(step.folder / "adapter")
     del trainer, model
     _finish_stage(recipe, step, tokenizer, record, adapter=str(step.folder / "adapter"))
@@ -749,8 +744,12 @@ def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, 
     _write_stage(step, record)
 
 
-def _online_entries(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def _count_online(record: dict[str, Any], path: Path) -> None:
+    """Set the stage's kept and seen row counts from the online selection log, when there is one."""
+    if path.is_file():
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        record["kept"] = int(sum(e["kept"] for e in entries))
+        record["online_rows"] = int(sum(e["rows"] for e in entries))
 
 
 def _train_axolotl(
