@@ -7,11 +7,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
-from gradsift.cli import build_parser, main
+from gradsift.cli import UserError, _length_bins, build_parser, main
 from gradsift.config import CLI_SECTIONS, SECTIONS, options_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +65,20 @@ def test_score_select_inspect_end_to_end(tmp_path, tiny_model_dir, data_file, ca
     assert sum(b["rows"] for b in report["length_bins"]) == 24
     assert main(["inspect", str(out)]) == 0
     assert "grad_norm" in capsys.readouterr().out
+
+
+def test_inspect_length_bins_are_the_selection_length_bins():
+    # 6 terse rows and 4 long ones, --bins 2: the two bins `selection.length_strata: 2` uses, not one quantile bin.
+    lengths = np.array([2, 40, 2, 2, 40, 2, 2, 40, 2, 40])
+    table = SimpleNamespace(num_response_tokens=lengths, loss=np.ones(10), grad_norm=np.arange(10.0))
+    bins = _length_bins(table, SimpleNamespace(keep=lengths == 40), np.ones(10, dtype=bool), 2)
+    assert [(b["range"], b["rows"], b["kept"]) for b in bins] == [("2-2", 6, 0), ("40-40", 4, 4)]
+
+
+def test_inspect_with_fewer_than_one_length_bin_is_refused():
+    table = SimpleNamespace(num_response_tokens=np.array([1]), loss=np.ones(1), grad_norm=np.ones(1))
+    with pytest.raises(UserError, match="`--bins` must be >= 1; got 0"):
+        _length_bins(table, SimpleNamespace(keep=np.ones(1, dtype=bool)), np.ones(1, dtype=bool), 0)
 
 
 def test_flags_win_over_the_config_file(tmp_path):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import statistics
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from gradsift.config import SelectionConfig
-from gradsift.selection import REASONS, Selection, moderate_keep, select_rows
+from gradsift.selection import REASONS, Selection, length_bins, moderate_keep, select_rows
 
 
 def kept(selection: Selection) -> list[int]:
@@ -120,18 +122,32 @@ def slow_moderate(losses, norms, rows, k, loss_sigma):
     return sorted(survivors, key=lambda r: (abs(norms[r] - median), r))[:k]
 
 
+def slow_length_bins(lengths, k):
+    """Try every split of the sorted distinct lengths into min(k, m) runs; keep the least sum of (count - n/k)**2,
+    ties to the split whose boundaries, read from the top bin down, are lowest. Returns {length: bin}."""
+    values = sorted(set(lengths))
+    counts = [sum(length == value for length in lengths) for value in values]
+    parts = min(k, len(values))
+    target = Fraction(len(lengths), parts) if parts else 0
+
+    def key(cuts):
+        edges = (0, *cuts, len(values))
+        return sum((sum(counts[a:b]) - target) ** 2 for a, b in zip(edges, edges[1:])), cuts[::-1]
+
+    cuts = min(itertools.combinations(range(1, len(values)), parts - 1), key=key) if parts else ()
+    return {value: sum(cut <= i for cut in cuts) for i, value in enumerate(values)}
+
+
 def slow_windowed_moderate(losses, norms, status, lengths, config):
     n = len(losses)
     good = [s == "ok" for s in status]
-    edges = np.quantile([lengths[r] for r in range(n) if good[r]], np.linspace(0, 1, (config.length_strata or 1) + 1))
+    bin_of = slow_length_bins([lengths[r] for r in range(n) if good[r]], config.length_strata or 1)
     order = np.random.default_rng(config.seed).permutation(n).tolist()
     result = []
     for start in range(0, n, config.window):
         block = sorted(r for r in order[start : start + config.window] if good[r])
         for b in range(config.length_strata or 1):
-            group = [
-                r for r in block if config.length_strata is None or sum(e <= lengths[r] for e in edges[1:-1]) == b
-            ]
+            group = [r for r in block if bin_of[lengths[r]] == b]
             if group:
                 k = math.floor(config.keep_fraction * len(group))
                 result += slow_moderate(losses, norms, group, k, config.loss_sigma)
@@ -158,7 +174,7 @@ def test_window_matches_slow_reference(window, length_strata, loss_sigma):
 
 
 def test_length_strata_keep_short_rows_the_paper_rule_drops():
-    # Rows 0-3 are short (10 tokens, norms 1-4), rows 4-9 long (100 tokens, norms 10-15). Edges [10, 100, 100].
+    # Rows 0-3 are short (10 tokens, norms 1-4), rows 4-9 long (100 tokens, norms 10-15): bins of 4 and 6 rows.
     norms, lengths = [1, 2, 3, 4, 10, 11, 12, 13, 14, 15], [10] * 4 + [100] * 6
     config = SelectionConfig(keep_fraction=0.5, loss_sigma=None)
     # Whole dataset: k = 5, median 10.5 -> norms 10, 11, 12, 13, 14 = rows 4-8, no short row.
@@ -169,9 +185,10 @@ def test_length_strata_keep_short_rows_the_paper_rule_drops():
     assert kept(select(norms, stratified, num_response_tokens=lengths)) == [1, 2, 5, 6, 7]
 
 
-def test_length_strata_put_a_length_on_an_inner_edge_in_the_upper_bin():
-    # Lengths [1, 2, 2, 3], K = 2: edges [1, 2, 3] -> bins [0, 1, 1, 1]. `high`, k = floor(0.5 * n_bin):
-    # bin 0 keeps nothing, bin 1 keeps row 3 (norm 5). (Bins [0, 0, 0, 1] would keep row 2.)
+def test_length_strata_give_a_balance_tie_to_the_longer_bin():
+    # Lengths [1, 2, 2, 3], K = 2: bins of 1 + 3 and 3 + 1 rows are equally balanced; the tie puts the boundary low,
+    # bins [0, 1, 1, 1]. `high`, k = floor(0.5 * n_bin): bin 0 keeps nothing, bin 1 keeps row 3 (norm 5).
+    # (Bins [0, 0, 0, 1] would keep row 2.)
     config = SelectionConfig(rule="high", keep_fraction=0.5, length_strata=2)
     assert kept(select([1, 2, 3, 5], config, num_response_tokens=[1, 2, 2, 3])) == [3]
 
@@ -192,19 +209,126 @@ def test_length_strata_apply_the_rule_to_each_bin_independently(config):
     rng = np.random.default_rng(0)
     n = 60
     losses, norms, lengths = rng.normal(2, 1, n), rng.lognormal(0, 1, n), rng.integers(1, 30, n)
-    edges = np.quantile(lengths, [0, 1 / 3, 2 / 3, 1])
+    bin_of = slow_length_bins(lengths.tolist(), 3)
     expected = []
     for b in range(3):
-        rows = [r for r in range(n) if sum(e <= lengths[r] for e in edges[1:-1]) == b]
+        rows = [r for r in range(n) if bin_of[lengths[r]] == b]
         part = select_rows(losses[rows], norms[rows], ok(len(rows)), config)
         expected += [rows[i] for i in kept(part)]
     stratified = config.model_copy(update={"length_strata": 3})
     assert kept(select_rows(losses, norms, ok(n), stratified, num_response_tokens=lengths)) == sorted(expected)
 
 
+def test_moderate_with_length_strata_matches_slow_reference_on_terse_heavy_data():
+    # 60% of rows at 2 tokens: quantile edges would leave the lower bins empty and send these rows to one bin.
+    rng = np.random.default_rng(7)
+    n = 150
+    lengths = rng.choice([2, 5, 12, 40, 300], n, p=[0.6, 0.1, 0.1, 0.15, 0.05])
+    losses, norms = rng.normal(2, 1, n), rng.lognormal(0, 1, n)
+    status = np.where(rng.random(n) < 0.1, "nonfinite", "ok")
+    config = SelectionConfig(keep_fraction=0.25, length_strata=3)
+    good = [r for r in range(n) if status[r] == "ok"]
+    bin_of = slow_length_bins([int(lengths[r]) for r in good], 3)
+    expected = []
+    for b in range(3):
+        group = [r for r in good if bin_of[lengths[r]] == b]
+        expected += slow_moderate(losses, norms, group, math.floor(0.25 * len(group)), config.loss_sigma)
+    assert kept(select_rows(losses, norms, status, config, num_response_tokens=lengths)) == sorted(expected)
+
+
 def test_length_strata_without_num_response_tokens_is_an_error():
     with pytest.raises(ValueError, match=r"`selection\.length_strata`"):
         select([1, 2, 3], SelectionConfig(length_strata=2))
+
+
+# --- length bins ----------------------------------------------------------------------------------------------------
+
+
+def test_length_bins_keep_six_terse_and_four_long_rows_in_bins_of_six_and_four():
+    lengths = np.array([2, 40, 2, 2, 40, 2, 2, 40, 2, 40])
+    assert length_bins(lengths, 2).tolist() == (lengths == 40).astype(int).tolist()
+
+
+def test_length_bins_split_counts_four_three_three_into_three_bins():
+    lengths = np.array([10, 2, 40, 2, 10, 40, 2, 40, 10, 2])
+    assert length_bins(lengths, 3).tolist() == [1, 0, 2, 0, 1, 2, 0, 2, 1, 0]
+
+
+def tied_lengths(seed):
+    """A few distinct lengths with skewed, heavily tied counts, and a bin count K."""
+    rng = np.random.default_rng(seed)
+    distinct = rng.choice(np.arange(1, 500), rng.integers(1, 9), replace=False)
+    lengths = rng.choice(distinct, rng.integers(1, 40), p=rng.dirichlet(np.full(len(distinct), 0.3)))
+    return lengths, int(rng.integers(1, 7))
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_length_bins_are_all_non_empty_with_at_least_k_distinct_lengths(seed):
+    lengths, k = tied_lengths(seed)
+    assert np.bincount(length_bins(lengths, k)).tolist().count(0) == 0
+    assert length_bins(lengths, k).max() + 1 == min(k, len(set(lengths.tolist())))
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_length_bins_are_contiguous_in_length_with_equal_lengths_together(seed):
+    lengths, k = tied_lengths(seed)
+    bins = length_bins(lengths, k)
+    order = np.argsort(lengths, kind="stable")
+    assert (np.diff(bins[order]) >= 0).all()
+    assert len({(length, b) for length, b in zip(lengths.tolist(), bins.tolist())}) == len(set(lengths.tolist()))
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_length_bins_match_brute_force_optimum_and_tie_break(seed):
+    lengths, k = tied_lengths(seed)
+    bin_of = slow_length_bins(lengths.tolist(), k)
+    assert length_bins(lengths, k).tolist() == [bin_of[length] for length in lengths.tolist()]
+
+
+def slow_dp_length_bins(lengths, k):
+    """The same optimum by the plain O(k m^2) dynamic programme, lowest last-bin start on ties."""
+    values, counts = np.unique(lengths, return_counts=True)
+    prefix = [0, *itertools.accumulate(counts.tolist())]
+    m, parts = len(values), min(k, len(values))
+    best = [p * p for p in prefix]
+    starts = []
+    for j in range(2, parts + 1):
+        new_best, new_start = [None] * (m + 1), [None] * (m + 1)
+        for i in range(j, m + 1):
+            for t in range(j - 1, i):
+                cost = best[t] + (prefix[i] - prefix[t]) ** 2
+                if new_best[i] is None or cost < new_best[i]:
+                    new_best[i], new_start[i] = cost, t
+        best = new_best
+        starts.append(new_start)
+    cuts, end = [], m
+    for start in reversed(starts):
+        end = start[end]
+        cuts.append(end)
+    return np.searchsorted(sorted(cuts), np.searchsorted(values, lengths), side="right").tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_length_bins_match_quadratic_dynamic_programme_on_many_distinct_lengths(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.geometric(0.01, 3000), 2000)  # a long tail: a few hundred distinct lengths
+    k = [2, 5, 8, 13][seed]
+    assert length_bins(lengths, k).tolist() == slow_dp_length_bins(lengths, k)
+
+
+def test_length_bins_with_fewer_distinct_lengths_than_k_give_one_bin_per_length_and_log_it(caplog):
+    caplog.set_level(logging.INFO, logger="gradsift.selection")
+    assert length_bins([7, 3, 7, 3, 3], 4).tolist() == [1, 0, 1, 0, 0]
+    assert "only 2 distinct response lengths for 4 bins" in caplog.text
+
+
+def test_length_bins_of_no_rows_are_empty():
+    assert length_bins(np.array([], dtype=int), 3).shape == (0,)
+
+
+def test_length_bins_reject_fewer_than_one_bin():
+    with pytest.raises(ValueError, match="must be >= 1; got 0"):
+        length_bins([1, 2], 0)
 
 
 # --- other rules ----------------------------------------------------------------------------------------------------

@@ -124,7 +124,10 @@ class SelectionConfig(_Strict):
     max_grad_norm: float | None = Field(None, gt=0, description="`threshold`: rows with a larger norm are dropped.")
     min_grad_norm: float | None = Field(None, ge=0, description="`threshold`: rows with a smaller norm are dropped.")
     length_strata: int | None = Field(
-        None, ge=1, description="Apply the rule inside this many response-length quantile bins."
+        None,
+        ge=1,
+        description="Apply the rule inside this many response-length bins: equal lengths share a bin, bins are "
+        "contiguous in length and as equal in row count as the ties allow.",
     )
     seed: int = Field(0, description="Seed of the window shuffle and of `random`.")
 

@@ -176,6 +176,85 @@ _RULES: dict[str, _Rule] = {
 }
 
 
+def length_bins(lengths: Sequence[float] | np.ndarray, num_bins: int) -> np.ndarray:
+    """Split rows into contiguous response-length bins whose row counts are as equal as the ties allow.
+
+    Rows of equal length always share a bin and a bin is a run of consecutive distinct lengths. With m distinct
+    lengths and K = min(`num_bins`, m), the bins are the partition of the sorted distinct lengths into K runs that
+    minimises the sum of squared deviations of the bin counts from n/K (the counts add up to n, so this is the
+    smallest sum of squared counts). Splitting a bin always lowers that sum, so with at least `num_bins` distinct
+    lengths all `num_bins` bins are non-empty; with fewer, each distinct length is its own bin and this is logged.
+    Among equally balanced partitions the longer bins take the extra rows: the boundaries are fixed from the top bin
+    down, each as low as the optimum allows (so lengths [1, 2, 2, 3] in 2 bins give bins [0, 1, 1, 1]).
+
+    The optimum is exact, found by dynamic programming over the distinct lengths in exact integer arithmetic. A bin's
+    cost is convex in its count, so the lowest best start of the last bin never decreases as the covered prefix
+    grows; each of the K layers is then solved by divide and conquer over that start, vectorised one recursion level
+    at a time: O(K m log m) numpy work after the O(n log n) `np.unique`.
+
+    Args:
+        lengths: Per-row response length (any sortable numbers), 1-D.
+        num_bins: The wanted number of bins, at least 1.
+
+    Returns:
+        Per-row bin id: 0 for the shortest bin, up to min(`num_bins`, distinct lengths) - 1 for the longest.
+
+    Raises:
+        ValueError: If `num_bins` is below 1 or `lengths` is not 1-D.
+    """
+    lengths = np.asarray(lengths)
+    if num_bins < 1:
+        raise ValueError(f"The number of length bins must be >= 1; got {num_bins}.")
+    if lengths.ndim != 1:
+        raise ValueError(f"`lengths` must be 1-D, one entry per row; got shape {lengths.shape}.")
+    values, inverse, counts = np.unique(lengths, return_inverse=True, return_counts=True)
+    if len(values) < num_bins and len(values):
+        logger.info(
+            "length bins: only %d distinct response lengths for %d bins; one bin per distinct length",
+            len(values),
+            num_bins,
+        )
+    prefix = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    best, last_starts = prefix**2, []  # best[i]: least sum of squared counts of j bins over the first i lengths
+    for j in range(2, min(num_bins, len(values)) + 1):
+        best, start = _best_last_bins(best, prefix, j)
+        last_starts.append(start)
+    boundaries, end = [], len(values)
+    for start in reversed(last_starts):
+        end = int(start[end])
+        boundaries.append(end)
+    bin_of_value = np.searchsorted(np.array(boundaries[::-1], dtype=np.int64), np.arange(len(values)), side="right")
+    return bin_of_value[inverse.reshape(-1)]
+
+
+def _best_last_bins(best: np.ndarray, prefix: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Add the j-th bin: for every prefix i >= j of the distinct lengths, the least cost and the last bin's start.
+
+    `best[t]` is the least cost of j - 1 bins over the first t distinct lengths. The last bin of prefix i starts at
+    the lowest t in [j - 1, i - 1] minimising `best[t] + (prefix[i] - prefix[t])**2`; that start is monotone in i, so
+    a task (rows lo..hi, starts within start_lo..start_hi) solves its middle row and hands each half a narrower range.
+    """
+    m = len(prefix) - 1
+    new_best, new_start = np.zeros(m + 1, dtype=np.int64), np.zeros(m + 1, dtype=np.int64)  # entries i < j unused
+    lo, hi, start_lo, start_hi = (np.array([value]) for value in (j, m, j - 1, m - 1))
+    while len(lo):
+        mid = (lo + hi) // 2
+        width = np.minimum(start_hi, mid - 1) - start_lo + 1  # >= 1: start_lo <= lo - 1 holds for every task
+        offsets = np.cumsum(width) - width
+        task = np.repeat(np.arange(len(mid)), width)
+        t = np.arange(int(width.sum())) - offsets[task] + start_lo[task]
+        cost = best[t] + (prefix[mid[task]] - prefix[t]) ** 2
+        least = np.minimum.reduceat(cost, offsets)
+        hits = np.flatnonzero(cost == least[task])
+        start = t[hits[np.searchsorted(task[hits], np.arange(len(mid)))]]  # the lowest optimal start per task
+        new_best[mid], new_start[mid] = least, start
+        left, right = lo < mid, mid < hi
+        lo, hi = np.concatenate([lo[left], mid[right] + 1]), np.concatenate([mid[left] - 1, hi[right]])
+        start_lo = np.concatenate([start_lo[left], start[right]])
+        start_hi = np.concatenate([start[left], start_hi[right]])
+    return new_best, new_start
+
+
 def _groups(ok: np.ndarray, lengths: np.ndarray | None, config: SelectionConfig) -> list[np.ndarray]:
     """Split the ok rows into the groups a rule runs on: windows, then length bins inside each window."""
     n = len(ok)
@@ -187,9 +266,9 @@ def _groups(ok: np.ndarray, lengths: np.ndarray | None, config: SelectionConfig)
     blocks = [np.sort(block[ok[block]]) for block in blocks]
     if config.length_strata is None or not ok.any():
         return blocks
-    # Edges come from the whole dataset, so a row's bin does not depend on which window it landed in.
-    edges = np.quantile(lengths[ok], np.linspace(0, 1, config.length_strata + 1))
-    bins = np.searchsorted(edges[1:-1], lengths, side="right")
+    # Bins come from the whole dataset, so a row's bin does not depend on which window it landed in.
+    bins = np.full(n, -1)
+    bins[ok] = length_bins(lengths[ok], config.length_strata)
     return [block[bins[block] == b] for block in blocks for b in range(config.length_strata)]
 
 
