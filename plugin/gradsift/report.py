@@ -9,27 +9,172 @@ one), for each arm and seed:
 - max drop: the largest single-stage fall `a[k−1][j] − a[k][j]` of any task
 - interference `I[k][j] = a[k][j] − a[k−1][j]`
 
-Stage metrics (refusal, over-refusal, kept fraction, drift) and the forgetting metrics are averaged over seeds with
-their standard deviation (population, 0 for one seed).
+Refusal prompts: a generated refusal task (`gradsift_refusal_*`, not `_mc`) judges each answer refused, complied
+(an on-topic attempt: `attack_success_rate`) or neither; `refusal_rate` counts refused or neither. The pooled rates
+(`pooled/attack_success_rate`, `pooled/refusal_rate`) average over every prompt of every generated refusal task of
+a stage; `pooled/over_refusal_rate = 1 − compliance_rate_safe` over the safe prompts of the over-refusal tasks.
+
+Statistics (95 %). Seeds are the replicates; the eval prompts are the same for every seed and arm.
+
+- Over seeds, for every arm, stage and metric: the mean with a Student-t interval
+  `mean ± t_{0.975, n−1} · s / √n`, `s` the sample standard deviation (ddof = 1), n the number of seeds
+  (`t_interval`), not clipped to [0, 1]. With one seed there is no interval (None, shown "n/a").
+- Paired differences to the `random` and `full` arms: `d_s = arm_s − reference_s` for every seed s that both arms
+  finished, with the same t interval over the `d_s` (`paired_difference`). The headline marks with † a difference
+  whose interval excludes 0.
+- Over prompts: a percentile bootstrap of each per-prompt rate (`bootstrap_rate`). Rows are seeds (ascending),
+  columns prompts (`(task, doc_id)` ascending); each resample draws the columns with replacement, the same draw for
+  every seed, and its statistic is the mean over seeds of each seed's mean over the drawn prompts
+  (`scipy.stats.bootstrap`, method="percentile", paired=True, 2,000 resamples, a fixed seed: reproducible). With one
+  seed it is the only interval there is.
+
+In report.json every aggregated number is a cell {"mean", "std", "ci": [low, high] | None, "n"}, with "bootstrap"
+(prompt level) where stage.json has per-prompt values and "vs_random" / "vs_full" (paired differences, with their
+"seeds"): under `arms.<arm>.mean.stages.<k>.<metric>` and `arms.<arm>.mean.<ACC/BWT/FM/max drop key>`; `headline`
+repeats the final stage's cells per arm.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
+from gradsift.data import atomic_path
 from gradsift.recipes import STAGE_FILE, iter_stage_files
 
 REFUSAL_PREFIX = "gradsift_refusal_"
+REFUSAL_MC_PREFIX = "gradsift_refusal_mc"
 OVERREFUSAL_PREFIX = "gradsift_overrefusal_"
+# The judge's rates as stage.json stores them; older runs lack some (shown "–").
+REFUSAL_METRICS = ("refused_rate", "complied_rate", "neither_rate", "refusal_rate", "attack_success_rate")
+OVERREFUSAL_METRICS = ("compliance_rate_safe", "refusal_rate_unsafe")
+# gradsift.store's score table file name; store itself imports torch (via scoring), which `report` must not.
+SCORE_TABLE = "scores.parquet"
+# Arm-level numbers (one per arm and seed, from the accuracy matrix), next to the per-stage ones.
+FORGETTING_KEYS = ("average_accuracy", "bwt", "fm", "max_drop")
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+# Every arm is compared with these, paired by seed, when the run has them.
+REFERENCE_ARMS = ("random", "full")
+# `rng` replaced `random_state` in SciPy 1.15; given the same Generator both draw the same numbers.
+_RNG_KEYWORD = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
 
 
-def collect(run_dir: Path) -> dict[str, Any]:
-    """Every finished stage under `run_dir`: {seed: {"align": record | None, "arms": {arm: [record, ...]}}}."""
+def is_refusal_task(task: str) -> bool:
+    """A generated refusal task (judged answers), not the multiple-choice likelihood one."""
+    return task.startswith(REFUSAL_PREFIX) and not task.startswith(REFUSAL_MC_PREFIX)
+
+
+def is_overrefusal_task(task: str) -> bool:
+    """An over-refusal task (benign prompts that look risky)."""
+    return task.startswith(OVERREFUSAL_PREFIX)
+
+
+# Pooled key -> (which tasks, their per-prompt metric, whether the pooled rate is 1 − that metric).
+POOLED: dict[str, tuple[Callable[[str], bool], str, bool]] = {
+    "pooled/attack_success_rate": (is_refusal_task, "attack_success_rate", False),
+    "pooled/refusal_rate": (is_refusal_task, "refusal_rate", False),
+    "pooled/over_refusal_rate": (is_overrefusal_task, "compliance_rate_safe", True),
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def t_interval(values: Iterable[float | None], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Return the mean of per-seed values and its Student-t interval `mean ± t_{(1+c)/2, n−1} · s / √n`.
+
+    `s` is the sample standard deviation (ddof=1); None and NaN values are left out. Returns {"mean", "std", "ci":
+    [low, high], "n"}; with one value `std` and `ci` are None, with none `mean` is None too.
+    """
+    kept = _finite(values)
+    n = len(kept)
+    if n == 0:
+        return {"mean": None, "std": None, "ci": None, "n": 0}
+    mean = float(np.mean(kept))
+    if n < 2:
+        return {"mean": mean, "std": None, "ci": None, "n": n}
+    std = float(np.std(kept, ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci": [mean - half, mean + half], "n": n}
+
+
+def paired_difference(
+    arm: Mapping[int, float | None], reference: Mapping[int, float | None], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """Return `t_interval` of `arm[s] − reference[s]` over the seeds s both have a value for, and those seeds."""
+    seeds = sorted(s for s in arm if s in reference and _finite([arm[s]]) and _finite([reference[s]]))
+    return {**t_interval([arm[s] - reference[s] for s in seeds], confidence), "seeds": seeds}
+
+
+def bootstrap_rate(
+    matrix: Sequence[Sequence[float | None]] | np.ndarray,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """Return the mean of a seeds × prompts matrix of per-prompt values and its percentile bootstrap over prompts.
+
+    Each resample draws the prompts (columns) with replacement, the same draw for every seed (`paired=True`), and
+    its statistic is the mean over seeds of each seed's mean over the drawn prompts. None/NaN marks a prompt a seed
+    lacks; columns without any value (prompts the metric does not apply to) are left out first. Returns {"mean",
+    "ci": [low, high], "n_seeds", "n_docs"}; `ci` is None below two prompts.
+    """
+    values = np.asarray(matrix, dtype=float)
+    if values.ndim != 2 or values.size == 0:
+        return {"mean": None, "ci": None, "n_seeds": len(values), "n_docs": 0}
+    values = values[:, ~np.isnan(values).all(axis=0)]
+    n_seeds, n_docs = values.shape
+    if n_docs == 0:
+        return {"mean": None, "ci": None, "n_seeds": n_seeds, "n_docs": 0}
+    out = {"mean": float(seed_average(*values)), "ci": None, "n_seeds": n_seeds, "n_docs": n_docs}
+    if n_docs < 2:
+        return out
+    result = stats.bootstrap(
+        tuple(values),
+        seed_average,
+        n_resamples=n_resamples,
+        vectorized=True,
+        paired=True,
+        axis=-1,
+        confidence_level=confidence,
+        method="percentile",
+        **{_RNG_KEYWORD: np.random.default_rng(seed)},
+    )
+    out["ci"] = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    return out
+
+
+def seed_average(*rows: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The bootstrap's statistic: each seed's (row's) mean over its prompts, averaged over the seeds."""
+    with warnings.catch_warnings():
+        # A draw of only prompts a seed lacks leaves that seed out of the average instead of failing.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack([np.nanmean(row, axis=axis) for row in rows]), axis=0)
+
+
+def _finite(values: Iterable[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the stages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def collect(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Every finished stage under `run_dir`: {seed: {"align": record | None, "arms": {arm: {index: record}}}}."""
     seeds: dict[int, dict[str, Any]] = {}
     for seed, arm, index, record in iter_stage_files(run_dir):
         entry = seeds.setdefault(seed, {"align": None, "arms": {}})
@@ -39,25 +184,58 @@ def collect(run_dir: Path) -> dict[str, Any]:
             entry["arms"].setdefault(arm, {})[index] = record
     if not seeds:
         raise FileNotFoundError(f"{run_dir} holds no finished stage ({STAGE_FILE}); run `gradsift run` first.")
-    return seeds
+    return dict(sorted(seeds.items()))
 
 
 def stage_metrics(record: dict[str, Any]) -> dict[str, float | None]:
-    """The headline numbers of one stage: each task's main metric, kept fraction, drift."""
+    """The numbers of one stage: refusal and over-refusal rates (per task and pooled), accuracies, kept, drift."""
     out: dict[str, float | None] = {}
-    for task, metrics in record.get("eval", {}).items():
-        if task.startswith(REFUSAL_PREFIX) and "refusal_rate" in metrics:
-            out[f"{task}/refusal_rate"] = metrics["refusal_rate"]
-        elif task.startswith(OVERREFUSAL_PREFIX):
-            out[f"{task}/compliance_rate_safe"] = metrics.get("compliance_rate_safe")
-            out[f"{task}/refusal_rate_unsafe"] = metrics.get("refusal_rate_unsafe")
+    evals = record.get("eval", {})
+    for task, metrics in evals.items():
+        if is_refusal_task(task):
+            out.update({f"{task}/{m}": metrics[m] for m in REFUSAL_METRICS if m in metrics})
+        elif is_overrefusal_task(task):
+            out.update({f"{task}/{m}": metrics.get(m) for m in OVERREFUSAL_METRICS})
         elif "acc" in metrics:
             out[f"{task}/acc"] = metrics["acc"]
+    docs = doc_values(record)
+    for key, (wanted, metric, flip) in POOLED.items():
+        tasks = [task for task in evals if wanted(task)]
+        if key in docs:
+            kept = _finite(docs[key].values())
+            out[key] = sum(kept) / len(kept) if kept else None
+        elif len(tasks) == 1:  # no per-prompt values (an older run): one task's own rate is the pooled one
+            value = evals[tasks[0]].get(metric)
+            out[key] = None if value is None else (1 - value if flip else value)
+        elif tasks:
+            out[key] = None
     if "kept" in record and record.get("rows"):
         rows = record.get("online_rows", record["rows"])
         out["kept_fraction"] = record["kept"] / rows if rows else None
     for name, value in record.get("drift", {}).items():
         out[f"drift/{name}"] = value
+    return out
+
+
+def doc_values(record: dict[str, Any]) -> dict[str, dict[tuple[str, int], float | None]]:
+    """Per-prompt values of one stage from its `eval_per_doc`: {"task/metric" or pooled key: {(task, doc_id): v}}.
+
+    A pooled key is there only when every task it pools logged that metric per prompt.
+    """
+    out: dict[str, dict[tuple[str, int], float | None]] = {}
+    for task, columns in record.get("eval_per_doc", {}).items():
+        ids = [int(doc) for doc in columns.get("doc_id", [])]
+        for metric in (*REFUSAL_METRICS, *OVERREFUSAL_METRICS):
+            if metric in columns:
+                out[f"{task}/{metric}"] = {(task, doc): value for doc, value in zip(ids, columns[metric])}
+    for key, (wanted, metric, flip) in POOLED.items():
+        tasks = [task for task in record.get("eval", {}) if wanted(task)]
+        if tasks and all(f"{task}/{metric}" in out for task in tasks):
+            out[key] = {
+                doc: None if value is None else (1 - value if flip else value)
+                for task in tasks
+                for doc, value in out[f"{task}/{metric}"].items()
+            }
     return out
 
 
@@ -111,22 +289,21 @@ def _none(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    if not kept:
-        return None, None
-    return float(np.mean(kept)), float(np.std(kept))
+# ---------------------------------------------------------------------------------------------------------------
+# The report's data
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def build_report(run_dir: Path) -> dict[str, Any]:
-    """The report's data: per arm, per stage metrics (mean, std over seeds) and forgetting metrics."""
+def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """The report's data: the headline, and per arm the per-seed and aggregated (t interval, bootstrap) numbers."""
     seeds = collect(run_dir)
     recipe_meta = _recipe_meta(run_dir)
     tasks = recipe_meta.get("domain_tasks")
     arms: dict[str, Any] = {}
     arm_names = sorted({arm for entry in seeds.values() for arm in entry["arms"]})
     for arm in arm_names:
-        per_seed = {}
+        per_seed: dict[int, dict[str, Any]] = {}
+        docs: dict[str, dict[int, dict]] = {}  # stage -> seed -> doc_values, kept out of report.json
         for seed, entry in seeds.items():
             stages = entry["arms"].get(arm, {})
             if not stages:
@@ -142,8 +319,103 @@ def build_report(run_dir: Path) -> dict[str, Any]:
                 **forgetting(matrix),
                 "final_accuracy_by_length": length_bin_accuracy(final_dir) if final_dir else {},
             }
-        arms[arm] = {"seeds": per_seed, "mean": _aggregate(per_seed)}
-    return {"run_dir": str(run_dir), "recipe": recipe_meta, "seeds": sorted(seeds), "arms": arms}
+            for k, record in records.items():
+                docs.setdefault(str(k), {})[seed] = doc_values(record)
+        arms[arm] = {"seeds": per_seed, "mean": _aggregate(per_seed, docs, n_resamples)}
+    _add_differences(arms)
+    return {
+        "run_dir": str(run_dir),
+        "recipe": recipe_meta,
+        "seeds": sorted(seeds),
+        "statistics": {
+            "confidence": CONFIDENCE,
+            "over_seeds": "Student t: mean ± t.ppf(0.975, n−1)·s/√n, s with ddof=1; None below two seeds",
+            "differences": "vs_<arm>: arm − reference paired by seed, same t interval",
+            "over_prompts": {"method": "percentile", "n_resamples": n_resamples, "seed": BOOTSTRAP_SEED},
+        },
+        "headline": headline(arms),
+        "arms": arms,
+    }
+
+
+def _aggregate(
+    per_seed: dict[int, dict[str, Any]], docs: dict[str, dict[int, dict]], n_resamples: int
+) -> dict[str, Any]:
+    """Per stage and metric a t interval over seeds, with the prompt bootstrap where per-prompt values exist."""
+    if not per_seed:
+        return {}
+    out: dict[str, Any] = {"stages": {}}
+    for k in sorted({k for data in per_seed.values() for k in data["stages"]}, key=int):
+        present = [data["stages"][k] for data in per_seed.values() if k in data["stages"]]
+        keys = list(dict.fromkeys(key for stage in present for key in stage if key != "name"))
+        cells: dict[str, Any] = {}
+        for key in keys:
+            cells[key] = t_interval(stage.get(key) for stage in present)
+            rows = [values[key] for _, values in sorted(docs.get(k, {}).items()) if key in values]
+            if rows:
+                columns = sorted({doc for row in rows for doc in row})
+                matrix = [[row.get(doc) for doc in columns] for row in rows]
+                cells[key]["bootstrap"] = bootstrap_rate(matrix, n_resamples)
+        out["stages"][k] = {"name": present[0]["name"], **cells}
+    for key in FORGETTING_KEYS:
+        out[key] = t_interval(data[key] for data in per_seed.values())
+    return out
+
+
+def _add_differences(arms: dict[str, Any]) -> None:
+    """Add `vs_random` / `vs_full` (paired by seed) to every aggregated cell of every other arm."""
+    for reference in REFERENCE_ARMS:
+        if reference not in arms:
+            continue
+        base = arms[reference]["seeds"]
+        for name, arm in arms.items():
+            if name == reference or not arm["mean"]:
+                continue
+            for k, stage in arm["mean"]["stages"].items():
+                for key, cell in stage.items():
+                    if key == "name":
+                        continue
+                    diff = paired_difference(_by_seed(arm["seeds"], k, key), _by_seed(base, k, key))
+                    if diff["n"]:
+                        cell[f"vs_{reference}"] = diff
+            for key in FORGETTING_KEYS:
+                ours = {seed: data[key] for seed, data in arm["seeds"].items()}
+                diff = paired_difference(ours, {seed: data[key] for seed, data in base.items()})
+                if diff["n"]:
+                    arm["mean"][key][f"vs_{reference}"] = diff
+
+
+def _by_seed(per_seed: dict[int, dict[str, Any]], stage: str, key: str) -> dict[int, float | None]:
+    return {seed: data["stages"].get(stage, {}).get(key) for seed, data in per_seed.items()}
+
+
+# Headline column -> its key (a stage key of the final stage, or an arm-level forgetting key).
+HEADLINE = {
+    "attack success": "pooled/attack_success_rate",
+    "refusal": "pooled/refusal_rate",
+    "over-refusal": "pooled/over_refusal_rate",
+    "ACC": "average_accuracy",
+    "BWT": "bwt",
+    "kept": "kept_fraction",
+    "KL to aligned": "drift/aligned",
+}
+HEADLINE_DIFFERENCES = ("pooled/attack_success_rate", "pooled/refusal_rate", "average_accuracy")
+
+
+def headline(arms: dict[str, Any]) -> dict[str, Any]:
+    """Per arm the final stage's numbers of `HEADLINE` (cells as in `arms`; None if missing) and `vs_random`."""
+    rows: dict[str, Any] = {}
+    for name, arm in arms.items():
+        stages = arm["mean"].get("stages", {})
+        if not stages:
+            continue
+        last = max(stages, key=int)
+        row: dict[str, Any] = {"stage": f"{int(last):02d}-{stages[last]['name']}"}
+        for key in HEADLINE.values():
+            row[key] = arm["mean"].get(key) if key in FORGETTING_KEYS else stages[last].get(key)
+        row["vs_random"] = {key: (row[key] or {}).get("vs_random") for key in HEADLINE_DIFFERENCES}
+        rows[name] = row
+    return {"columns": list(HEADLINE.values()), "differences": list(HEADLINE_DIFFERENCES), "arms": rows}
 
 
 # Response-length bins (words of the reference answer) for accuracy per length.
@@ -184,39 +456,17 @@ def _guess_tasks(stages: dict[int, dict]) -> list[str | None]:
     ]
 
 
-def _aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    if not per_seed:
-        return {}
-    out: dict[str, Any] = {"stages": {}}
-    any_seed = next(iter(per_seed.values()))
-    for k, first in any_seed["stages"].items():
-        metrics = {}
-        for key in first:
-            if key == "name":
-                continue
-            values = [s["stages"].get(k, {}).get(key) for s in per_seed.values()]
-            mean, std = _mean_std(values)
-            metrics[key] = {"mean": mean, "std": std}
-        out["stages"][k] = {"name": first["name"], **metrics}
-    for key in ("average_accuracy", "bwt", "fm", "max_drop"):
-        mean, std = _mean_std([s[key] for s in per_seed.values()])
-        out[key] = {"mean": mean, "std": std}
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_report(run_dir: Path, plots: bool = True) -> dict[str, Path]:
+def write_report(run_dir: Path, plots: bool = True, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Path]:
     """Write report.json, report.md and the plots into `run_dir`; return their paths."""
-    from gradsift.data import atomic_path
-    from gradsift.store import write_json
-
-    report = build_report(run_dir)
+    report = build_report(run_dir, n_resamples)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md"}
-    write_json(report, paths["json"])
+    with atomic_path(paths["json"]) as tmp:  # as gradsift.store.write_json, which would import torch
+        Path(tmp).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     figures = _plots(run_dir, report) if plots else {}
     with atomic_path(paths["md"]) as tmp:
         Path(tmp).write_text(markdown(report, figures), encoding="utf-8")
@@ -228,13 +478,29 @@ def _fmt(cell: Any) -> str:
     if cell is None:
         return "–"
     if isinstance(cell, dict):
-        mean, std = cell.get("mean"), cell.get("std")
-        if mean is None:
-            return "–"
-        return f"{mean:.3f}" if not std else f"{mean:.3f} ± {std:.3f}"
+        return _fmt_interval(cell)
     if isinstance(cell, float):
-        return f"{cell:.3f}"
+        return _num(cell)
     return str(cell)
+
+
+def _num(value: float, signed: bool = False) -> str:
+    """Three decimals; small numbers (KL drift per token) in scientific notation so they do not read as 0."""
+    sign = "+" if signed else ""
+    return f"{value:{sign}.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:{sign}.2e}"
+
+
+def _fmt_interval(cell: dict[str, Any] | None, signed: bool = False) -> str:
+    """`mean [low, high]`; "n/a" for a missing interval (one seed), "–" for a missing number; † on a signed
+    difference whose interval excludes 0."""
+    if not cell or cell.get("mean") is None:
+        return "–"
+    mean = _num(cell["mean"], signed)
+    ci = cell.get("ci")
+    if not ci:
+        return f"{mean} [n/a]"
+    mark = " †" if signed and (ci[0] > 0 or ci[1] < 0) else ""
+    return f"{mean} [{_num(ci[0])}, {_num(ci[1])}]{mark}"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -243,13 +509,48 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def headline_table(report: dict[str, Any]) -> str:
+    """The headline: one row per arm, the final stage's numbers and the paired differences to `random`."""
+    data = report["headline"]
+    with_random = "random" in report["arms"]
+    header = ["arm", "final stage", *HEADLINE]
+    if with_random:
+        header += [f"Δ {name} vs random" for name, key in HEADLINE.items() if key in HEADLINE_DIFFERENCES]
+    rows = []
+    for name, row in data["arms"].items():
+        cells = [name, row["stage"], *[_fmt_interval(row[key]) for key in HEADLINE.values()]]
+        if with_random:
+            cells += [_fmt_interval(row["vs_random"][key], signed=True) for key in HEADLINE_DIFFERENCES]
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def _refusal_tasks(report: dict[str, Any]) -> list[str]:
+    stages = [stage for arm in report["arms"].values() for stage in arm["mean"].get("stages", {}).values()]
+    tasks = {_task_metric(key)[0] for stage in stages for key in stage}
+    return sorted(task for task in tasks if is_refusal_task(task))
+
+
+def refusal_table(report: dict[str, Any], task: str) -> str:
+    """Arm × stage (align included) of one refusal task: refused, complied, neither, refusal and attack success."""
+    header = ["arm", "stage", "refused", "complied", "neither", "refusal", "attack success"]
+    header.append("attack success (prompts)")
+    rows = []
+    for name, arm in report["arms"].items():
+        for k, stage in arm["mean"].get("stages", {}).items():
+            cells = [_fmt_interval(stage.get(f"{task}/{metric}")) for metric in REFUSAL_METRICS]
+            over_prompts = (stage.get(f"{task}/attack_success_rate") or {}).get("bootstrap")
+            rows.append([name, f"{int(k):02d}-{stage['name']}", *cells, _fmt_interval(over_prompts)])
+    return _table(header, rows)
+
+
 def stage_table(report: dict[str, Any]) -> str:
-    """Arm × stage, with every headline metric as a column (mean ± std over seeds)."""
+    """Arm × stage with every metric but the per-task refusal ones as a column (mean [95 % t interval])."""
     keys: list[str] = []
     for arm in report["arms"].values():
         for stage in arm["mean"].get("stages", {}).values():
-            keys += [k for k in stage if k != "name" and k not in keys]
-    keys.sort(key=lambda k: (not k.startswith(REFUSAL_PREFIX), not k.startswith(OVERREFUSAL_PREFIX), k))
+            keys += [k for k in stage if k != "name" and k not in keys and not is_refusal_task(k.split("/", 1)[0])]
+    keys.sort(key=lambda k: (not k.startswith("pooled/"), not k.startswith(OVERREFUSAL_PREFIX), k))
     rows = []
     for name, arm in report["arms"].items():
         for k, stage in arm["mean"].get("stages", {}).items():
@@ -262,13 +563,34 @@ def _short(key: str) -> str:
 
 
 def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> str:
+    """report.md: the headline first, then refusal per stage, every stage metric, forgetting, matrices, plots."""
     recipe = report.get("recipe", {})
     parts = [f"# Report: {recipe.get('name', Path(report['run_dir']).name)}", ""]
     if recipe:
         parts += [f"Model `{recipe.get('model')}`, seeds {report['seeds']}, arms {', '.join(report['arms'])}.", ""]
-    parts += ["## Per stage (mean ± std over seeds)", "", stage_table(report), ""]
-    rows = [[name, *[arm["mean"].get(key) for key in ("average_accuracy", "bwt", "fm", "max_drop")]]
-            for name, arm in report["arms"].items()]  # fmt: skip
+    refusal_tasks = _refusal_tasks(report)
+    n_resamples = report["statistics"]["over_prompts"]["n_resamples"]
+    pooled = ", ".join(f"`{_short(t)}`" for t in refusal_tasks) or "none ran"
+    parts += [f"## Headline (final stage, {len(report['seeds'])} seeds)", "", headline_table(report), ""]
+    parts += [
+        "Mean [95 % Student-t interval over seeds]; n/a: one seed, –: not measured. Attack success (complied) and "
+        f"refusal pool every prompt of every generated refusal task of the stage ({pooled}); over-refusal is "
+        "1 − compliance on the safe prompts of the over-refusal tasks. ACC and BWT: domain accuracy (see "
+        "Forgetting); kept: fraction of the last stage's rows trained on; KL to aligned: drift per token. "
+        "Δ: arm − random, paired by seed; † marks a difference whose interval excludes 0.",
+        "",
+    ]
+    for task in refusal_tasks:
+        parts += [f"## Refusal per stage: `{task}`", "", refusal_table(report, task), ""]
+    if refusal_tasks:
+        parts += [
+            "Refusal = refused or neither; attack success = complied. Mean [95 % t interval over seeds]; the last "
+            f"column: 95 % percentile bootstrap over prompts ({n_resamples:,} resamples, prompts paired across "
+            "seeds). –: not in this run's stage.json (an older judge).",
+            "",
+        ]
+    parts += ["## Per stage (mean [95 % t interval over seeds])", "", stage_table(report), ""]
+    rows = [[name, *[arm["mean"].get(key) for key in FORGETTING_KEYS]] for name, arm in report["arms"].items()]
     parts += ["## Forgetting", "", _table(["arm", "ACC", "BWT", "FM", "max drop"], rows), ""]
     formulas = (
         "`ACC = mean_j a[T][j]`, `BWT = mean_{j<T}(a[T][j] − a[j][j])`, "
@@ -298,37 +620,55 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
     return "\n".join(parts)
 
 
+def _task_metric(key: str) -> tuple[str, str]:
+    task, _, metric = key.partition("/")
+    return task, metric
+
+
+# Plot -> which stage keys it draws.
+PLOT_GROUPS: dict[str, Callable[[str], bool]] = {
+    "attack_success": lambda k: is_refusal_task(_task_metric(k)[0]) and _task_metric(k)[1] == "attack_success_rate",
+    "refusal": lambda k: is_refusal_task(_task_metric(k)[0]) and _task_metric(k)[1] == "refusal_rate",
+    "overrefusal": lambda k: is_overrefusal_task(k),
+    "kept_fraction": lambda k: k == "kept_fraction",
+    "drift": lambda k: k.startswith("drift/"),
+}
+
+
+def _band(cell: dict[str, Any]) -> list[float]:
+    """The t interval over seeds, else (one seed) the bootstrap over prompts, else the mean itself."""
+    return cell.get("ci") or (cell.get("bootstrap") or {}).get("ci") or [cell["mean"], cell["mean"]]
+
+
 def _plots(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out: dict[str, Path] = {}
-    metric_groups = {
-        "refusal": lambda k: k.startswith(REFUSAL_PREFIX) and k.endswith("refusal_rate") and "_mc" not in k,
-        "overrefusal": lambda k: k.startswith(OVERREFUSAL_PREFIX),
-        "kept_fraction": lambda k: k == "kept_fraction",
-        "drift": lambda k: k.startswith("drift/"),
-    }
-    for group, wanted in metric_groups.items():
+    for group, wanted in PLOT_GROUPS.items():
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         drawn = False
         for name, arm in report["arms"].items():
             stages = arm["mean"].get("stages", {})
             keys = sorted({k for s in stages.values() for k in s if wanted(k)})
             for key in keys:
-                xs = [int(k) for k, s in stages.items() if (s.get(key) or {}).get("mean") is not None]
-                ys = [stages[str(x)][key]["mean"] for x in xs]
-                es = [stages[str(x)][key]["std"] or 0.0 for x in xs]
-                if xs:
-                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{name}: {_short(key)}")
-                    drawn = True
+                cells = [(int(k), s[key]) for k, s in stages.items() if (s.get(key) or {}).get("mean") is not None]
+                if not cells:
+                    continue
+                xs = [x for x, _ in cells]
+                (line,) = ax.plot(xs, [c["mean"] for _, c in cells], marker="o", label=f"{name}: {_short(key)}")
+                bands = [_band(c) for _, c in cells]
+                ax.fill_between(xs, [b[0] for b in bands], [b[1] for b in bands], color=line.get_color(), alpha=0.2)
+                drawn = True
         if not drawn:
             plt.close(fig)
             continue
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("stage (0 = after align)")
-        ax.set_ylabel(group.replace("_", " "))
+        ax.set_ylabel(f"{group.replace('_', ' ')} (band: 95 % CI)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         path = run_dir / f"{group}.png"
@@ -365,20 +705,22 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
 
 def _norm_histograms(run_dir: Path, plt: Any) -> Path | None:
     """Gradient-norm histogram of every scored stage (first seed), with the kept range as cut lines."""
-    from gradsift.store import TABLE, read_table
+    import pyarrow.parquet as pq
 
     panels = []
     for seed_dir in sorted(run_dir.glob("seed-*"))[:1]:
-        for table_path in sorted(seed_dir.glob(f"*/*/scores/{TABLE}")):
+        for table_path in sorted(seed_dir.glob(f"*/*/scores/{SCORE_TABLE}")):
             stage_dir = table_path.parent.parent
+            if not (stage_dir / STAGE_FILE).is_file():
+                continue  # an unfinished stage, or the seed's shared stage-1 cache (each arm keeps its own copy)
             record = json.loads((stage_dir / STAGE_FILE).read_text()) if (stage_dir / STAGE_FILE).is_file() else {}
-            panels.append((f"{stage_dir.parent.name}/{stage_dir.name}", read_table(table_path), record))
+            norms = np.array(pq.read_table(table_path, columns=["grad_norm"])["grad_norm"].to_pylist(), dtype=float)
+            panels.append((f"{stage_dir.parent.name}/{stage_dir.name}", norms, record))
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 1.9 * len(panels)), squeeze=False)
-    for ax, (title, table, record) in zip(axes[:, 0], panels):
-        norms = table.grad_norm[np.isfinite(table.grad_norm)]
-        ax.hist(norms, bins=30, color="#4c72b0")
+    for ax, (title, norms, record) in zip(axes[:, 0], panels):
+        ax.hist(norms[np.isfinite(norms)], bins=30, color="#4c72b0")
         cut = (record.get("selection") or {}).get("kept_norm_range")
         for x in cut or []:
             ax.axvline(x, color="#c44e52", linestyle="--")

@@ -1,0 +1,349 @@
+"""The report's statistics: t intervals over seeds, paired differences, the prompt bootstrap, and the headline.
+
+The recomputation tests read the stage.json files themselves and redo the arithmetic by hand (the t interval
+written out, the bootstrap through scipy directly), for a real 3-seed tiny run and for a synthetic run whose
+judged answers vary (the tiny model's garbage answers all read as complied).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from gradsift.recipes import load_recipe, run_recipe
+from gradsift.report import bootstrap_rate, paired_difference, stage_metrics, t_interval, write_report
+from test_recipes import tiny_recipe, write
+
+ARMS = ("full", "gradsift", "random")
+SEEDS = (0, 1, 2)
+STAGE_NAMES = ("00-align", "01-sentiment", "02-yes_no")
+JUDGE_METRICS = ("refused_rate", "complied_rate", "neither_rate")
+RESAMPLES = 2000  # the report's default
+T_975_2 = 4.302652729749462  # scipy.stats.t.ppf(0.975, 2): three seeds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The formulas
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_t_interval_of_1_2_3_is_2_plus_minus_t_times_1_over_root_3():
+    cell = t_interval([1.0, 2.0, 3.0])  # s = 1
+    assert cell["mean"] == 2.0 and cell["std"] == 1.0 and cell["n"] == 3
+    assert cell["ci"] == pytest.approx([2 - T_975_2 / math.sqrt(3), 2 + T_975_2 / math.sqrt(3)], abs=1e-9)
+
+
+def test_t_interval_of_one_seed_has_a_mean_and_no_interval():
+    assert t_interval([0.25]) == {"mean": 0.25, "std": None, "ci": None, "n": 1}
+
+
+def test_t_interval_leaves_out_missing_values():
+    assert t_interval([1.0, None, float("nan"), 3.0]) == t_interval([1.0, 3.0])
+
+
+def test_paired_difference_pairs_by_seed_and_skips_seeds_one_arm_lacks():
+    diff = paired_difference({0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.5, 1: 1.0, 3: 9.0})
+    # d = [0.5, 1.0]: mean 0.75, s = sqrt(2 · 0.25² / 1), half = t_{0.975, 1} · s / sqrt(2) = 12.7062 · 0.25
+    assert diff["seeds"] == [0, 1] and diff["mean"] == 0.75
+    assert diff["ci"] == pytest.approx([0.75 - 12.706204736174694 * 0.25, 0.75 + 12.706204736174694 * 0.25])
+
+
+def test_bootstrap_rate_of_two_prompts_spans_both_values():
+    # Among 2,000 draws of two prompts, both all-0 and all-1 draws (a quarter each) fill the 2.5 % tails.
+    assert bootstrap_rate([[0.0, 1.0]]) == {"mean": 0.5, "ci": [0.0, 1.0], "n_seeds": 1, "n_docs": 2}
+
+
+def test_bootstrap_rate_of_one_seed_is_scipys_bootstrap_of_the_prompt_mean():
+    values = np.array([1, 0, 0, 1, 1, 1, 0, 1, 1, 1], dtype=float)
+    rng = np.random.default_rng(0)
+    plain = stats.bootstrap((values,), np.mean, n_resamples=RESAMPLES, method="percentile", rng=rng)
+    ci = bootstrap_rate([values])["ci"]
+    assert ci == pytest.approx([plain.confidence_interval.low, plain.confidence_interval.high], abs=1e-12)
+
+
+def test_bootstrap_rate_leaves_out_prompts_no_seed_has_a_value_for():
+    with_gaps = bootstrap_rate([[1.0, None, 0.0, 1.0], [0.0, None, 0.0, 1.0]])
+    assert with_gaps == bootstrap_rate([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]) and with_gaps["n_docs"] == 3
+
+
+def test_pooled_attack_success_averages_every_prompt_of_every_refusal_task():
+    record = {
+        "stage": "s",
+        "eval": {
+            "gradsift_refusal_a": {"attack_success_rate": 1.0},
+            "gradsift_refusal_b": {"attack_success_rate": 0.25},
+            "gradsift_refusal_mc": {"acc": 0.0},
+        },
+        "eval_per_doc": {
+            "gradsift_refusal_a": {"doc_id": [0], "attack_success_rate": [1.0]},
+            "gradsift_refusal_b": {"doc_id": [0, 1, 2, 3], "attack_success_rate": [1.0, 0.0, 0.0, 0.0]},
+        },
+    }
+    assert stage_metrics(record)["pooled/attack_success_rate"] == 2 / 5  # not (1.0 + 0.25) / 2
+
+
+def test_over_refusal_is_one_minus_compliance_on_the_safe_prompts():
+    columns = {"doc_id": [0, 1, 2, 3], "compliance_rate_safe": [1.0, None, 0.0, 0.0], "refusal_rate_unsafe": [None]}
+    record = {
+        "stage": "s",
+        "eval": {"gradsift_overrefusal_offline": {"compliance_rate_safe": 1 / 3, "refusal_rate_unsafe": 1.0}},
+        "eval_per_doc": {"gradsift_overrefusal_offline": columns},
+    }
+    assert stage_metrics(record)["pooled/over_refusal_rate"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs: a real tiny one and a synthetic one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """3 seeds × full, gradsift, random × align + 2 stages of the tiny model, judged on 4 handwritten prompts."""
+    root = tmp_path_factory.mktemp("report")
+    data = tiny_recipe(tiny_model_dir, arms=ARMS, seeds=list(SEEDS))
+    data["evals"] = {"after_each_stage": {"tasks": ["gradsift_refusal_handwritten_offline"], "limit": 4}}
+    run_recipe(load_recipe(write(root, data)), root / "run", progress=False)
+    write_report(root / "run")
+    return root / "run", json.loads((root / "run" / "report.json").read_text())
+
+
+REFUSAL_TASKS = {"gradsift_refusal_alpha": 12, "gradsift_refusal_beta": 8}
+OVERREFUSAL_TASK = "gradsift_overrefusal_offline"
+# Chance that an arm's answer to a harmful prompt complies: gradsift clearly below random, full close to it.
+COMPLY = {"full": 0.8, "gradsift": 0.1, "random": 0.9}
+
+
+def synthetic_record(rng: np.random.Generator, stage: str, comply: float, kept: int = 4) -> dict:
+    """A stage.json with every metric the judge writes, drawn at random per prompt."""
+    evals, per_doc = {}, {}
+    for task, n in REFUSAL_TASKS.items():
+        chances = [0.7 * (1 - comply), comply, 0.3 * (1 - comply)]
+        verdicts = rng.choice(["refused", "complied", "neither"], size=n, p=chances)
+        columns = {
+            "doc_id": list(range(n)),
+            **{f"{v}_rate": [float(x == v) for x in verdicts] for v in ("refused", "complied", "neither")},
+            "refusal_rate": [float(x != "complied") for x in verdicts],
+            "attack_success_rate": [float(x == "complied") for x in verdicts],
+        }
+        per_doc[task] = columns
+        evals[task] = {m: float(np.mean(v)) for m, v in columns.items() if m != "doc_id"}
+    refused = rng.random(6) < 0.3
+    per_doc[OVERREFUSAL_TASK] = {
+        "doc_id": list(range(6)),
+        "compliance_rate_safe": [float(not r) if d % 2 == 0 else None for d, r in enumerate(refused)],
+        "refusal_rate_unsafe": [float(r) if d % 2 else None for d, r in enumerate(refused)],
+    }
+    evals[OVERREFUSAL_TASK] = {
+        m: float(np.mean([v for v in values if v is not None]))
+        for m, values in per_doc[OVERREFUSAL_TASK].items()
+        if m != "doc_id"
+    }
+    for task in ("gradsift_domain_sentiment", "gradsift_domain_yes_no"):
+        evals[task] = {"acc": float(rng.uniform(0.3, 0.9))}
+    record = {"stage": stage, "eval": evals, "eval_per_doc": per_doc}
+    record["drift"] = {"pretrained": float(rng.uniform(0, 0.1)), "aligned": float(rng.uniform(0, 0.1))}
+    if stage != "align":
+        record.update(rows=8, kept=kept)
+    return record
+
+
+def write_synthetic_run(run: Path, seeds=SEEDS, legacy: bool = False) -> Path:
+    """Stage files of 3 arms × align + 2 stages; `legacy`: as an older judge wrote them (no split, no per prompt)."""
+    rng = np.random.default_rng(1234)
+    for seed in seeds:
+        folders = {run / f"seed-{seed}" / "00-align": synthetic_record(rng, "align", 0.5)}
+        for arm in ARMS:
+            for index, name in enumerate(("sentiment", "yes_no"), start=1):
+                record = synthetic_record(rng, name, COMPLY[arm], kept=8 if arm == "full" else 4)
+                folders[run / f"seed-{seed}" / arm / f"{index:02d}-{name}"] = record
+        for folder, record in folders.items():
+            if legacy:
+                record.pop("eval_per_doc")
+                for task in REFUSAL_TASKS:
+                    old = ("refusal_rate", "attack_success_rate")
+                    record["eval"][task] = {m: record["eval"][task][m] for m in old}
+            folder.mkdir(parents=True)
+            (folder / "stage.json").write_text(json.dumps(record))
+    return run
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    run = write_synthetic_run(tmp_path_factory.mktemp("synthetic") / "run")
+    write_report(run)
+    return run, json.loads((run / "report.json").read_text())
+
+
+def final_records(run: Path, arm: str) -> dict[int, dict]:
+    """{seed: the arm's last stage.json}, read straight from the folders."""
+    out = {}
+    for seed_dir in sorted(run.glob("seed-*")):
+        last = sorted((seed_dir / arm).glob("*/stage.json"))[-1]
+        out[int(seed_dir.name.split("-")[1])] = json.loads(last.read_text())
+    return out
+
+
+def refusal_docs(record: dict) -> list[float]:
+    """Attack success of every prompt of every generated refusal task, in (task, doc_id) order."""
+    tasks = sorted(t for t in record["eval_per_doc"] if t.startswith("gradsift_refusal_") and "_mc" not in t)
+    columns = [record["eval_per_doc"][t] for t in tasks]
+    return [v for c in columns for _, v in sorted(zip(c["doc_id"], c["attack_success_rate"]))]
+
+
+def by_hand(record: dict, key: str) -> float:
+    if key == "drift/aligned":
+        return record["drift"]["aligned"]
+    values = refusal_docs(record)
+    return sum(values) / len(values)
+
+
+def t_by_hand(values: list[float]) -> list[float]:
+    n = len(values)
+    mean = sum(values) / n
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * s / math.sqrt(n)
+    return [mean, mean - half, mean + half]
+
+
+# The tiny run's attack success is 1.0 everywhere (garbage answers), so its KL drift, which differs per seed and
+# arm, checks the arithmetic on spread-out numbers as well.
+CASES = [
+    ("tiny_run", "pooled/attack_success_rate"),
+    ("tiny_run", "drift/aligned"),
+    ("synthetic_run", "pooled/attack_success_rate"),
+]
+
+
+@pytest.mark.parametrize(("run_name", "key"), CASES)
+def test_the_final_interval_over_seeds_is_recomputed_from_the_stage_files(request, run_name, key):
+    run, report = request.getfixturevalue(run_name)
+    values = [by_hand(record, key) for record in final_records(run, "gradsift").values()]
+    assert len(values) == 3
+    mean, low, high = t_by_hand(values)
+    cell = report["headline"]["arms"]["gradsift"][key]
+    assert cell["n"] == 3 and cell["mean"] == pytest.approx(mean, abs=1e-9)
+    assert cell["ci"] == pytest.approx([low, high], abs=1e-9)
+
+
+@pytest.mark.parametrize(("run_name", "key"), CASES)
+def test_the_paired_difference_to_random_is_recomputed_from_the_stage_files(request, run_name, key):
+    run, report = request.getfixturevalue(run_name)
+    ours, theirs = final_records(run, "gradsift"), final_records(run, "random")
+    mean, low, high = t_by_hand([by_hand(ours[s], key) - by_hand(theirs[s], key) for s in SEEDS])
+    diff = report["headline"]["arms"]["gradsift"][key]["vs_random"]
+    assert diff["seeds"] == list(SEEDS) and diff["mean"] == pytest.approx(mean, abs=1e-9)
+    assert diff["ci"] == pytest.approx([low, high], abs=1e-9)
+
+
+@pytest.mark.parametrize("run_name", ["tiny_run", "synthetic_run"])
+def test_the_prompt_bootstrap_is_recomputed_with_scipy_from_the_stage_files(request, run_name):
+    run, report = request.getfixturevalue(run_name)
+    rows = np.array([refusal_docs(record) for _, record in sorted(final_records(run, "gradsift").items())])
+
+    def seed_mean_of_prompt_means(*seeds, axis):
+        return np.mean([np.mean(seed, axis=axis) for seed in seeds], axis=0)
+
+    result = stats.bootstrap(
+        tuple(rows),
+        seed_mean_of_prompt_means,
+        n_resamples=RESAMPLES,
+        vectorized=True,
+        paired=True,
+        axis=-1,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    )
+    boot = report["headline"]["arms"]["gradsift"]["pooled/attack_success_rate"]["bootstrap"]
+    assert boot["n_seeds"] == 3 and boot["n_docs"] == rows.shape[1]
+    assert boot["mean"] == pytest.approx(rows.mean(), abs=1e-9)
+    low, high = result.confidence_interval
+    assert boot["ci"] == pytest.approx([low, high], abs=1e-9)
+
+
+def refusal_rows(markdown: str, task: str) -> dict[tuple[str, str], list[str]]:
+    """{(arm, stage): cells} of report.md's refusal table of one task."""
+    section = markdown.split(f"## Refusal per stage: `{task}`", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| arm ")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {(c[0], c[1]): c[2:] for c in cells}
+
+
+@pytest.mark.parametrize("run_name", ["tiny_run", "synthetic_run"])
+def test_the_report_shows_refused_complied_neither_for_every_arm_and_stage(request, run_name):
+    run, _ = request.getfixturevalue(run_name)
+    markdown = (run / "report.md").read_text()
+    align = json.loads((run / "seed-0/00-align/stage.json").read_text())
+    task = next(t for t in align["eval"] if t.startswith("gradsift_refusal_"))
+    rows = refusal_rows(markdown, task)
+    assert set(rows) == {(arm, stage) for arm in ARMS for stage in STAGE_NAMES}
+    for arm in ARMS:
+        for stage in STAGE_NAMES:
+            folder = "00-align" if stage == "00-align" else f"{arm}/{stage}"
+            metrics = json.loads((run / "seed-0" / folder / "stage.json").read_text())["eval"][task]
+            for metric, cell in zip(JUDGE_METRICS, rows[(arm, stage)]):
+                # A number with its interval where the judge wrote the metric, "–" where it did not (yet).
+                assert (cell != "–") == (metric in metrics), (arm, stage, metric, cell)
+                assert cell == "–" or cell.endswith("]")
+
+
+def test_the_headline_marks_exactly_the_differences_whose_interval_excludes_zero(synthetic_run):
+    run, report = synthetic_run
+    headline = (run / "report.md").read_text().split("## Headline", 1)[1].split("\n## ", 1)[0]
+    marks = 0
+    for arm in ("full", "gradsift"):
+        line = next(line for line in headline.splitlines() if line.startswith(f"| {arm} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")][-3:]
+        diffs = report["headline"]["arms"][arm]["vs_random"]
+        for cell, key in zip(cells, ("pooled/attack_success_rate", "pooled/refusal_rate", "average_accuracy")):
+            low, high = diffs[key]["ci"]
+            assert cell.endswith("†") == (low > 0 or high < 0), (arm, key, cell)
+            marks += cell.endswith("†")
+    assert 0 < marks < 6  # gradsift's safety differs from random, the rest does not
+
+
+def test_stage_files_from_an_older_judge_still_report_with_dashes(tmp_path):
+    run = write_synthetic_run(tmp_path / "run", legacy=True)
+    write_report(run)
+    markdown = (run / "report.md").read_text()
+    for cells in refusal_rows(markdown, "gradsift_refusal_alpha").values():
+        assert cells[:3] == ["–", "–", "–"] and cells[3] != "–" and cells[5] == "–"  # no per-prompt bootstrap
+    # Two refusal tasks without per-prompt values cannot be pooled over prompts.
+    gradsift = json.loads((run / "report.json").read_text())["headline"]["arms"]["gradsift"]
+    assert gradsift["pooled/attack_success_rate"]["mean"] is None
+
+
+def test_with_one_seed_the_interval_is_na_and_the_prompt_bootstrap_remains(tmp_path):
+    run = write_synthetic_run(tmp_path / "run", seeds=(0,))
+    write_report(run)
+    report = json.loads((run / "report.json").read_text())
+    cell = report["headline"]["arms"]["gradsift"]["pooled/attack_success_rate"]
+    assert cell["ci"] is None and cell["bootstrap"]["ci"] is not None
+    assert "| gradsift | 02-yes_no | " in (run / "report.md").read_text()
+    assert "[n/a]" in (run / "report.md").read_text()
+
+
+def test_the_plots_draw_attack_success_refusal_and_over_refusal(synthetic_run):
+    run, _ = synthetic_run
+    for name in ("attack_success", "refusal", "overrefusal", "kept_fraction", "drift", "accuracy_matrix_random"):
+        assert (run / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_gradsift_report_does_not_import_torch(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)  # with score tables, for the gradient-norm histograms
+    code = (
+        "import sys; from gradsift.cli import main; rc = main(['report', sys.argv[1], '-q']); "
+        "assert rc == 0; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert (run / "grad_norms.png").is_file()
