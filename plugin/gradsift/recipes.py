@@ -15,10 +15,12 @@ reported with its YAML path, before any training starts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import string
 import time
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "clip", "kl")
 STAGE_FILE = "stage.json"
+# Per seed, what several arms share (stage 1's scores); not an arm.
+SHARED_DIR = "_shared"
 SAFETY_METRICS = ("refusal_rate", "compliance_rate_safe", "refusal_rate_unsafe", "acc")
 
 
@@ -122,14 +126,30 @@ class ArmSpec(_Strict):
     mode: Literal["offline", "online"] | None = None
     max_grad_norm: float = Field(0.5, gt=0, description="`clip`: gradient clipping norm (the paper: 0.5).")
     kl_coef: float = Field(0.1, gt=0, description="`kl`: weight of KL(model ‖ aligned model) per response token.")
+    steps: Literal["kept", "full"] | None = Field(
+        None,
+        description="`select` / `random` arms: `kept` trains the stage's epochs over the kept rows (the paper's "
+        "protocol); `full` trains as many optimizer steps as the `full` arm does on all rows (the kept rows "
+        "repeated), so that a difference to `full` is not just fewer steps. Default: the recipe's `steps`.",
+    )
 
 
 class EvalSpec(_Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks beside the stages' domain tasks.")
     domain: bool = Field(True, description="Also evaluate every stage's domain task (the accuracy matrix).")
-    limit: int | None = Field(None, ge=1)
-    max_gen_toks: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="Documents per task (lm-eval's `--limit`); null: all.")
+    domain_limit: int | None = Field(
+        None, ge=1, description="Documents per domain task, when it differs from `limit` (a separate lm-eval run)."
+    )
+    max_gen_toks: int | None = Field(
+        None, ge=1, description="Answer length of the generated `tasks`; null: each task's own. Domain tasks keep "
+        "their own when `domain_limit` is set.",
+    )  # fmt: skip
     batch_size: int = Field(8, ge=1)
+
+    def domain_docs(self) -> int | None:
+        """Documents per domain task."""
+        return self.domain_limit if self.domain_limit is not None else self.limit
 
 
 class EvalsSpec(_Strict):
@@ -150,6 +170,7 @@ class Recipe(_Strict):
     scoring: dict[str, Any] = Field(default_factory=dict, description="gradsift `scoring:` options.")
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     mode: Literal["offline", "online"] = "offline"
+    steps: Literal["kept", "full"] = Field("kept", description="Default `steps` of the `select` and `random` arms.")
     trainer: Literal["trl", "axolotl"] = Field(
         "trl", description="Training backend of the task stages: TRL in-process, or one `axolotl train` per stage."
     )
@@ -170,6 +191,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        bad = [name for name in self.arms if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)]
+        if bad:
+            raise ValueError(
+                f"arm name(s) {', '.join(map(repr, bad))}: an arm name becomes a folder name, so it is letters, "
+                "digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `random_steps`)"
+            )
         unknown = [name for name, spec in self.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
         if unknown:
             raise ValueError(
@@ -190,10 +217,11 @@ class Recipe(_Strict):
         for stage in self.stages:
             TrainSpec(**{**self.train.model_dump(), **stage.train})
         final, each = self.evals.final, self.evals.after_each_stage
-        if final is not None and final.domain and each.domain and final.limit != each.limit:
+        if final is not None and final.domain and each.domain and final.domain_docs() != each.domain_docs():
             raise ValueError(
-                f"evals.final.limit ({final.limit}) differs from evals.after_each_stage.limit ({each.limit}) while "
-                "both evaluate the domain tasks: the accuracy matrix must compare the same documents at every stage"
+                f"evals.final.limit ({final.domain_docs()}) differs from evals.after_each_stage.limit "
+                f"({each.domain_docs()}) while both evaluate the domain tasks: the accuracy matrix must compare the "
+                "same documents at every stage (set `domain_limit` alike in both)"
             )
         if self.trainer == "axolotl":
             kl = [name for name in self.arms if self.arm(name).kind == "kl"]
@@ -448,7 +476,7 @@ def iter_stage_files(run_dir: Path) -> Iterator[tuple[int, str | None, int, dict
         align = seed_dir / "00-align" / STAGE_FILE
         if align.is_file():
             yield seed, None, 0, json.loads(align.read_text())
-        for arm_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir() and p.name != "00-align"):
+        for arm_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir() and p.name not in ("00-align", SHARED_DIR)):
             for stage_dir in sorted(arm_dir.iterdir()):
                 marker = stage_dir / STAGE_FILE
                 if marker.is_file():
@@ -684,10 +712,12 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     online = spec.kind == "select" and config.mode == "online"
     start = time.perf_counter()
     if spec.kind == "select" and not online:
+        cache = _scores_cache(step)
         kept, report = select_dataset(
-            Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=step.folder / "scores",
-            progress=progress,
-        )  # fmt: skip
+            Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=cache, progress=progress
+        )
+        if cache != step.folder / "scores":
+            shutil.copytree(cache, step.folder / "scores", ignore=shutil.ignore_patterns("shards", "*.lock"))
         _write_dropped(step.folder / "dropped.jsonl", report)
         write_json({"summary": report.summary(), **report.selection.counts()}, step.folder / "selection.json")
         table = report.table
@@ -710,9 +740,15 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         dataset = Dataset.from_list(records)
     record["kept"] = len(dataset)
     record["select_seconds"] = elapsed(start)
+    if spec.kind in ("select", "random") and not online and (spec.steps or recipe.steps) == "full":
+        # As many optimizer steps as `full` takes on all rows: the trainer cycles the kept rows until then.
+        args.max_steps = full_arm_steps(len(records), train)
+        record["max_steps"] = args.max_steps
     if recipe.trainer == "axolotl":
         del model
-        record["train"] = _train_axolotl(recipe, step, train, dataset, config if online else None, spec)
+        record["train"] = _train_axolotl(
+            recipe, step, train, dataset, config if online else None, spec, max_steps=record.get("max_steps")
+        )
         if online:
             _count_online(record, step.folder / "online.jsonl")
         _finish_stage(recipe, step, tokenizer, record, adapter=str(step.folder / "adapter"))
@@ -739,7 +775,7 @@ def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, 
     """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished)."""
     base = _base_model_spec(recipe, step)
     final = step.index == len(recipe.stages)
-    record["eval"] = _evaluate(recipe, base, adapter, tokenizer, step, final=final)
+    record["eval"], record["eval_per_doc"] = _evaluate(recipe, base, adapter, tokenizer, step, final=final)
     record["drift"] = _drift(recipe, base, adapter, tokenizer, step)
     _write_stage(step, record)
 
@@ -753,7 +789,13 @@ def _count_online(record: dict[str, Any], path: Path) -> None:
 
 
 def _train_axolotl(
-    recipe: Recipe, step: Step, train: TrainSpec, dataset: Any, online: GradSiftConfig | None, spec: ArmSpec
+    recipe: Recipe,
+    step: Step,
+    train: TrainSpec,
+    dataset: Any,
+    online: GradSiftConfig | None,
+    spec: ArmSpec,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train the stage with `axolotl train`: one config per stage, continuing the previous stage's adapter."""
     import subprocess
@@ -794,6 +836,8 @@ def _train_axolotl(
         "bf16": _bf16(train, resolve_device(recipe.scoring_config())),
         "fp16": False,
     }
+    if max_steps is not None:
+        config["max_steps"] = max_steps
     if recipe.lora.target_modules == "all-linear":
         config["lora_target_linear"] = True
     else:
@@ -829,6 +873,21 @@ def _train_axolotl(
     return {"backend": "axolotl", "rows": len(dataset), "seconds": elapsed(start)}
 
 
+def full_arm_steps(rows: int, train: TrainSpec) -> int:
+    """Optimizer steps of a `full` stage over `rows` rows: the Trainer's count for `epochs` passes of its batches."""
+    per_epoch = math.ceil(math.ceil(rows / train.batch_size) / train.gradient_accumulation_steps)
+    return max(math.ceil(train.epochs * per_epoch), 1)
+
+
+def _scores_cache(step: Step) -> Path:
+    """Where a select arm caches its scores. Every arm of a seed scores stage 1 with the same model (the seed's
+    aligned weights and a fresh LoRA seeded alike) and rows, so they share one cache; later stages score with the
+    arm's own adapter, in the stage folder."""
+    if step.index == 1:
+        return step.folder.parents[1] / SHARED_DIR / f"{step.index:02d}-{step.stage}" / "scores"
+    return step.folder / "scores"
+
+
 def _kept_by(steps: list[Step], step: Step, arm: str) -> int | None:
     """Rows the `arm` arm kept at the same seed and stage, if it ran."""
     for other in steps:
@@ -851,32 +910,58 @@ def _write_stage(step: Step, record: dict[str, Any]) -> None:
     write_json(record, step.folder / STAGE_FILE)
 
 
-def _evaluate(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step, final: bool) -> dict:
-    """Run the stage's evals on the model (adapter merged into a fresh copy); return {task: {metric: value}}."""
+def _evaluate(
+    recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step, final: bool
+) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, list]]]:
+    """Run the stage's evals on the model (adapter merged into a fresh copy).
+
+    Returns {task: {metric: value}} and, for the report's per-prompt bootstrap, {task: {metric: [value per doc]}}
+    (with the `doc_id` list) of the generated refusal and over-refusal tasks.
+    """
     from gradsift.evaluation import run_lm_eval
 
     spec, tasks = recipe.eval_tasks(final)
     if not tasks:
-        return {}
+        return {}, {}
+    runs = [(tasks, spec.limit, spec.max_gen_toks)]
+    if spec.domain_limit is not None:  # the domain tasks in a run of their own, with their own limit and lengths
+        domain = [stage.domain_task() for stage in recipe.stages]
+        runs = [([t for t in tasks if t not in domain], spec.limit, spec.max_gen_toks)]
+        runs.append(([t for t in tasks if t in domain], spec.domain_limit, None))
     model = _eval_model(recipe, base, adapter)
-    results = run_lm_eval(
-        model,
-        tokenizer,
-        tasks,
-        step.folder / "eval",
-        limit=spec.limit,
-        batch_size=spec.batch_size,
-        max_gen_toks=spec.max_gen_toks,
-        seed=step.seed,
-        model_name=f"{recipe.name}/seed-{step.seed}/{step.arm or 'align'}/{step.index:02d}-{step.stage}",
-    )
     metrics: dict[str, dict[str, float | None]] = {}
-    for task, values in results.get("results", {}).items():
-        for key, value in values.items():
-            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
-            metrics.setdefault(task, {})[key.split(",")[0]] = finite(float(value))
-    return metrics
+    per_doc: dict[str, dict[str, list]] = {}
+    safety = ("gradsift_refusal_", "gradsift_overrefusal_")
+    for names, limit, max_gen_toks in (run for run in runs if run[0]):
+        results = run_lm_eval(
+            model,
+            tokenizer,
+            names,
+            step.folder / "eval",
+            limit=limit,
+            batch_size=spec.batch_size,
+            max_gen_toks=max_gen_toks,
+            seed=step.seed,
+            model_name=f"{recipe.name}/seed-{step.seed}/{step.arm or 'align'}/{step.index:02d}-{step.stage}",
+            manager=_task_manager(),
+        )
+        for task, values in results.get("results", {}).items():
+            for key, value in values.items():
+                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                    continue
+                metrics.setdefault(task, {})[key.split(",")[0]] = finite(float(value))
+        for task, values in results.get("per_doc", {}).items():
+            if task.startswith(safety) and not task.startswith("gradsift_refusal_mc"):
+                per_doc[task] = values
+    return metrics, per_doc
+
+
+@functools.cache
+def _task_manager() -> Any:
+    """lm-eval's task index, built once per run: indexing every task takes seconds, and a run evaluates often."""
+    from gradsift.evaluation import task_manager
+
+    return task_manager()
 
 
 def _eval_model(recipe: Recipe, base: str, adapter: str | None) -> Any:
