@@ -183,6 +183,12 @@ def _add_eval_commands(commands: Any) -> None:
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by `gradsift run`")
     report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="first judge every logged answer of the refusal and over-refusal tasks again with the current judge "
+        "and rewrite the stages' metrics (after a judge change; no answer is generated again)",
+    )
     report.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     report.set_defaults(handler=run_report)
 
@@ -579,6 +585,10 @@ def run_report(args: argparse.Namespace) -> int:
     """`gradsift report`."""
     from gradsift.report import headline_table, write_report
 
+    if args.rejudge:
+        from gradsift.recipes import rejudge_run
+
+        logger.info("gradsift report: judged the answers of %d stage(s) again", rejudge_run(args.run_dir))
     paths = write_report(args.run_dir, plots=not args.no_plots)
     print(headline_table(json.loads(paths["json"].read_text(encoding="utf-8"))))
     print(f"report -> {paths['md']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -76,11 +77,19 @@ def fingerprints_for(
 
 def _object_fingerprint(model: Any) -> str:
     digest = hashlib.sha256(str(getattr(model, "config", "")).encode())
+    # The adapter's config too: LoRA alpha (its scaling) changes every norm without changing a trainable weight.
+    # Sorted, sets included: a set's order changes from one process to the next.
+    adapters = {name: config.to_dict() for name, config in (getattr(model, "peft_config", None) or {}).items()}
+    digest.update(json.dumps(adapters, sort_keys=True, default=_sorted_or_str).encode())
     for name, param in model.named_parameters():
         if param.requires_grad:
             digest.update(name.encode())
             digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _sorted_or_str(value: Any) -> Any:
+    return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def score_cached(

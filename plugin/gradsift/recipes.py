@@ -191,11 +191,22 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
-        bad = [name for name in self.arms if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)]
+        bad = [name for name in self.arms if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name)]
         if bad:
             raise ValueError(
-                f"arm name(s) {', '.join(map(repr, bad))}: an arm name becomes a folder name, so it is letters, "
-                "digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `random_steps`)"
+                f"arms: {', '.join(map(repr, bad))}: an arm name becomes a folder name beside `00-align`, so it is "
+                "letters, digits, `_`, `.` and `-`, starting with a letter (e.g. `random_steps`)"
+            )
+        steps = [
+            name
+            for name in self.arms
+            if self.arm(name).steps is not None
+            and (self.arm(name).kind not in ("select", "random") or (self.arm(name).mode or self.mode) == "online")
+        ]
+        if steps:
+            raise ValueError(
+                f"arms: {', '.join(steps)}: `steps` applies to offline `select` and `random` arms (a `full`, `clip` "
+                "or `kl` arm trains on all rows; an online arm selects inside each step); remove it"
             )
         unknown = [name for name, spec in self.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
         if unknown:
@@ -230,12 +241,12 @@ class Recipe(_Strict):
         return self
 
     def arm(self, name: str) -> ArmSpec:
-        """The arm's spec with the built-in meaning of its name filled in."""
+        """The arm's spec: a built-in name's meaning, with what its spec sets on top (`random: {steps: full}`)."""
         spec = self.arms[name]
-        if spec.model_fields_set or name not in BUILTIN_ARMS:
+        if name not in BUILTIN_ARMS:
             return spec
         fraction = {"keep_fraction": self.selection.keep_fraction}
-        return {
+        builtin = {
             "full": ArmSpec(kind="full"),
             "random": ArmSpec(kind="random", selection={"rule": "random", **fraction}),
             "gradsift": ArmSpec(kind="select"),
@@ -244,6 +255,10 @@ class Recipe(_Strict):
             "clip": ArmSpec(kind="clip"),
             "kl": ArmSpec(kind="kl"),
         }[name]
+        update = {field: getattr(spec, field) for field in spec.model_fields_set}
+        if "selection" in update:
+            update["selection"] = {**builtin.selection, **spec.selection}
+        return builtin.model_copy(update=update)
 
     def selection_for(self, arm: str) -> SelectionConfig:
         return SelectionConfig(**{**self.selection.model_dump(), **self.arm(arm).selection})
@@ -381,8 +396,9 @@ def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[i
     unknown = [arm for arm in arms if arm not in recipe.arms]
     if unknown:
         raise RecipeError(f"--arms {', '.join(unknown)}: not in the recipe's arms ({', '.join(recipe.arms)}).")
-    # `random` matches the size the `gradsift` arm kept, so it runs after it.
-    arms = sorted(arms, key=lambda arm: recipe.arm(arm).kind == "random")
+    # `random` matches the size the `gradsift` arm kept, so it runs after it; a step-matched arm matches the steps
+    # `full` took, so `full` runs first.
+    arms = sorted(arms, key=lambda arm: {"full": 0, "random": 2}.get(recipe.arm(arm).kind, 1))
     steps = []
     for seed in seeds if seeds is not None else recipe.seeds:
         root = out / f"seed-{seed}"
@@ -405,7 +421,9 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
             size = stage.data.size if stage.data.size else "all"
             mode = spec.mode or recipe.mode
             detail = {"select": f"select {recipe.selection_for(step.arm).rule} ({mode})", "random": "random subset"}
-            what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}]"
+            matched = (spec.steps or recipe.steps) == "full" and spec.kind in detail
+            matched = ", as many steps as full" if matched else ""
+            what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
         status = "done" if step.done() else "to run"
         lines.append(f"  seed {step.seed}  {what:<60s} {status:7s} {step.folder}")
     return "\n".join(lines)
@@ -481,6 +499,63 @@ def iter_stage_files(run_dir: Path) -> Iterator[tuple[int, str | None, int, dict
                 marker = stage_dir / STAGE_FILE
                 if marker.is_file():
                     yield seed, arm_dir.name, int(stage_dir.name.split("-", 1)[0]), json.loads(marker.read_text())
+
+
+_SAMPLES = re.compile(r"samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+\.jsonl$")
+
+
+def rejudge_run(run_dir: Path) -> int:
+    """Judge the logged answers of every finished stage's refusal and over-refusal tasks again; return the count.
+
+    Each stage keeps lm-eval's samples (prompt and answer per document) under `eval/`. The judge's metrics of those
+    tasks, and their per-document values, are recomputed from them with the judge as it is now and written back to
+    the stage's `stage.json`, so a run's numbers follow a judge fix without generating any answer again.
+    """
+    from gradsift.data import atomic_path
+    from gradsift.evaluation import overrefusal_metrics, per_doc_metrics, refusal_metrics
+
+    rewritten = 0
+    for marker in sorted(run_dir.glob(f"seed-*/**/{STAGE_FILE}")):
+        newest: dict[str, Path] = {}
+        for path in sorted((marker.parent / "eval").rglob("samples_*.jsonl")):
+            match = _SAMPLES.match(path.name)
+            if match:
+                newest[match.group("task")] = path  # sorted: the newest timestamp wins
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        judged = False
+        for task, path in newest.items():
+            if task.startswith("gradsift_overrefusal_"):
+                judge = overrefusal_metrics
+            elif task.startswith("gradsift_refusal_") and not task.startswith("gradsift_refusal_mc"):
+                judge = refusal_metrics
+            else:
+                continue
+            samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            scored = [{"doc_id": s["doc_id"], **judge(s["doc"], [_answer(s)])} for s in samples]
+            per_doc = per_doc_metrics(scored)
+            record.setdefault("eval", {})[task] = {
+                name: _mean(values) for name, values in per_doc.items() if name != "doc_id"
+            }
+            record.setdefault("eval_per_doc", {})[task] = per_doc
+            judged = True
+        if judged:
+            with atomic_path(marker) as tmp:
+                Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            rewritten += 1
+    return rewritten
+
+
+def _answer(sample: dict[str, Any]) -> str:
+    answer = sample.get("filtered_resps") or sample.get("resps") or [""]
+    while isinstance(answer, list):
+        answer = answer[0] if answer else ""
+    return str(answer)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean over the documents a metric applies to (None marks the others, e.g. over-refusal's unsafe prompts)."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def _clean(folder: Path) -> None:
@@ -695,7 +770,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
 
     from gradsift.integrations.trl import GradSiftSFTTrainer, select_dataset
     from gradsift.selection import select_rows
-    from gradsift.store import write_json
+    from gradsift.store import MANIFEST, TABLE, write_json
 
     _clean(step.folder)
     stage = recipe.stages[step.index - 1]
@@ -708,16 +783,19 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     args = _sft_args(recipe, train, step.folder, step.seed, progress, **overrides)
     config = gradsift_config_for(recipe, step.arm, train)
     record: dict[str, Any] = {"stage": stage.name, "index": step.index, "seed": step.seed, "arm": step.arm}
+    record["arm_kind"] = spec.kind
     record["rows"] = len(records)
     online = spec.kind == "select" and config.mode == "online"
     start = time.perf_counter()
     if spec.kind == "select" and not online:
-        cache = _scores_cache(step)
+        cache = _scores_cache(step, recipe)
         kept, report = select_dataset(
             Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=cache, progress=progress
         )
         if cache != step.folder / "scores":
-            shutil.copytree(cache, step.folder / "scores", ignore=shutil.ignore_patterns("shards", "*.lock"))
+            (step.folder / "scores").mkdir()
+            for name in (TABLE, MANIFEST):  # the finished table and its manifest; not the shards or a lock
+                shutil.copy2(cache / name, step.folder / "scores" / name)
         _write_dropped(step.folder / "dropped.jsonl", report)
         write_json({"summary": report.summary(), **report.selection.counts()}, step.folder / "selection.json")
         table = report.table
@@ -741,8 +819,9 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     record["kept"] = len(dataset)
     record["select_seconds"] = elapsed(start)
     if spec.kind in ("select", "random") and not online and (spec.steps or recipe.steps) == "full":
-        # As many optimizer steps as `full` takes on all rows: the trainer cycles the kept rows until then.
-        args.max_steps = full_arm_steps(len(records), train)
+        # As many optimizer steps as `full` took on all rows (its record; the Trainer's count when it has not run):
+        # the trainer cycles the kept rows until then.
+        args.max_steps = _full_steps_by(steps, step) or full_arm_steps(len(records), train)
         record["max_steps"] = args.max_steps
     if recipe.trainer == "axolotl":
         del model
@@ -879,13 +958,28 @@ def full_arm_steps(rows: int, train: TrainSpec) -> int:
     return max(math.ceil(train.epochs * per_epoch), 1)
 
 
-def _scores_cache(step: Step) -> Path:
-    """Where a select arm caches its scores. Every arm of a seed scores stage 1 with the same model (the seed's
-    aligned weights and a fresh LoRA seeded alike) and rows, so they share one cache; later stages score with the
-    arm's own adapter, in the stage folder."""
-    if step.index == 1:
-        return step.folder.parents[1] / SHARED_DIR / f"{step.index:02d}-{step.stage}" / "scores"
-    return step.folder / "scores"
+def _scores_cache(step: Step, recipe: Recipe) -> Path:
+    """Where a select arm caches its scores.
+
+    Every arm of a seed scores stage 1 with the same model (the seed's aligned weights and a fresh LoRA seeded
+    alike) and rows, so they share one cache, kept in the align folder so that a new align stage discards it (the
+    cache's identity covers the adapter, not the frozen aligned weights). Later stages score with the arm's own
+    adapter, in the stage folder.
+    """
+    if step.index != 1:
+        return step.folder / "scores"
+    root = step.folder.parents[1] / ("00-align" if recipe.align is not None else SHARED_DIR)
+    return root / "shared-scores" / f"{step.index:02d}-{step.stage}"
+
+
+def _full_steps_by(steps: list[Step], step: Step) -> int | None:
+    """Optimizer steps a `full`-kind arm took at the same seed and stage, if one ran."""
+    for other in steps:
+        if other.seed == step.seed and other.index == step.index and other.arm is not None and other.done():
+            record = json.loads((other.folder / STAGE_FILE).read_text())
+            if record.get("arm_kind") == "full":
+                return int(record["train"]["steps"])
+    return None
 
 
 def _kept_by(steps: list[Step], step: Step, arm: str) -> int | None:
