@@ -1,8 +1,8 @@
 """The report's statistics: t intervals over seeds, paired differences, the prompt bootstrap, and the headline.
 
 The recomputation tests read the stage.json files themselves and redo the arithmetic by hand (the t interval
-written out, the bootstrap through scipy directly), for a real 3-seed tiny run and for a synthetic run whose
-judged answers vary (the tiny model's garbage answers all read as complied).
+written out, the bootstrap through scipy directly and as a plain resampling loop), for a real 3-seed tiny run and
+for a synthetic run whose judged answers vary (the tiny model's garbage answers all read as complied).
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gradsift.recipes import load_recipe, run_recipe
-from gradsift.report import bootstrap_rate, paired_difference, stage_metrics, t_interval, write_report
+from gradsift.recipes import ArmSpec, load_recipe, run_recipe
+from gradsift.report import (
+    bootstrap_rate,
+    is_refusal_task,
+    paired_difference,
+    stage_metrics,
+    t_interval,
+    write_report,
+)
 from test_recipes import tiny_recipe, write
 
 ARMS = ("full", "gradsift", "random")
@@ -67,6 +74,27 @@ def test_bootstrap_rate_of_one_seed_is_scipys_bootstrap_of_the_prompt_mean():
     plain = stats.bootstrap((values,), np.mean, n_resamples=RESAMPLES, method="percentile", rng=rng)
     ci = bootstrap_rate([values])["ci"]
     assert ci == pytest.approx([plain.confidence_interval.low, plain.confidence_interval.high], abs=1e-12)
+
+
+def test_bootstrap_rate_of_several_seeds_matches_a_plain_resampling_loop():
+    # 3 seeds × 15 prompts of varied rates, each seed its own.
+    values = np.random.default_rng(7).choice([0.0, 0.25, 0.5, 0.75, 1.0], size=(3, 15))
+    draws_n = 20_000
+    rng = np.random.default_rng(123)
+    draws = np.empty(draws_n)
+    for i in range(draws_n):
+        prompts = rng.integers(0, values.shape[1], size=values.shape[1])  # the same prompts for every seed
+        draws[i] = np.mean([np.mean(seed[prompts]) for seed in values])
+    low, high = np.percentile(draws, [2.5, 97.5])
+    boot = bootstrap_rate(values, n_resamples=draws_n)
+    assert boot["mean"] == pytest.approx(values.mean(), abs=1e-12)
+    # Monte-Carlo error of a 2.5 % percentile of B draws: sqrt(0.025 · 0.975 / B) / density there, the density of a
+    # near-normal statistic being φ(1.96) / σ: ≈ 2.67 σ / √B per end; the difference of two such estimates has √2
+    # times that. Here σ ≈ 0.08, so that is ≈ 0.0015 and 0.01 over six standard errors (and above the 1/180 grid
+    # that rates in quarters over 3 × 15 prompts fall on).
+    mc_error = math.sqrt(2) * 2.67 * draws.std() / math.sqrt(draws_n)
+    assert 6 * mc_error < 0.01
+    assert boot["ci"] == pytest.approx([low, high], abs=0.01)
 
 
 def test_bootstrap_rate_leaves_out_prompts_no_seed_has_a_value_for():
@@ -119,7 +147,12 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 REFUSAL_TASKS = {"gradsift_refusal_alpha": 12, "gradsift_refusal_beta": 8}
 OVERREFUSAL_TASK = "gradsift_overrefusal_offline"
 # Chance that an arm's answer to a harmful prompt complies: gradsift clearly below random, full close to it.
-COMPLY = {"full": 0.8, "gradsift": 0.1, "random": 0.9}
+COMPLY = {"full": 0.8, "gradsift": 0.1, "random": 0.9, "gradsift_steps": 0.1, "random_steps": 0.9}
+# Each arm's kind, as the runner writes it into stage.json (`arm_kind`).
+KINDS = {"full": "full", "gradsift": "select", "random": "random"}
+KINDS |= {"gradsift_steps": "select", "random_steps": "random"}
+# Arms trained for as many optimizer steps as `full` (`steps: full`): their stage.json has `max_steps`.
+STEP_MATCHED = ("gradsift_steps", "random_steps")
 
 
 def synthetic_record(rng: np.random.Generator, stage: str, comply: float, kept: int = 4) -> dict:
@@ -156,14 +189,18 @@ def synthetic_record(rng: np.random.Generator, stage: str, comply: float, kept: 
     return record
 
 
-def write_synthetic_run(run: Path, seeds=SEEDS, legacy: bool = False) -> Path:
-    """Stage files of 3 arms × align + 2 stages; `legacy`: as an older judge wrote them (no split, no per prompt)."""
+def write_synthetic_run(run: Path, seeds=SEEDS, legacy: bool = False, arms=ARMS, setup: bool = True) -> Path:
+    """Stage files of the arms × align + 2 stages; `legacy`: as an older judge wrote them (no split, no per prompt);
+    `setup`: with each arm's `arm_kind` and, step-matched, `max_steps`, as the runner writes them."""
     rng = np.random.default_rng(1234)
     for seed in seeds:
         folders = {run / f"seed-{seed}" / "00-align": synthetic_record(rng, "align", 0.5)}
-        for arm in ARMS:
+        for arm in arms:
             for index, name in enumerate(("sentiment", "yes_no"), start=1):
                 record = synthetic_record(rng, name, COMPLY[arm], kept=8 if arm == "full" else 4)
+                if setup:
+                    record["arm_kind"] = KINDS[arm]
+                    record.update({"max_steps": 2} if arm in STEP_MATCHED else {})
                 folders[run / f"seed-{seed}" / arm / f"{index:02d}-{name}"] = record
         for folder, record in folders.items():
             if legacy:
@@ -194,7 +231,7 @@ def final_records(run: Path, arm: str) -> dict[int, dict]:
 
 def refusal_docs(record: dict) -> list[float]:
     """Attack success of every prompt of every generated refusal task, in (task, doc_id) order."""
-    tasks = sorted(t for t in record["eval_per_doc"] if t.startswith("gradsift_refusal_") and "_mc" not in t)
+    tasks = sorted(t for t in record["eval_per_doc"] if is_refusal_task(t))
     columns = [record["eval_per_doc"][t] for t in tasks]
     return [v for c in columns for _, v in sorted(zip(c["doc_id"], c["attack_success_rate"]))]
 
@@ -235,13 +272,75 @@ def test_the_final_interval_over_seeds_is_recomputed_from_the_stage_files(reques
 
 
 @pytest.mark.parametrize(("run_name", "key"), CASES)
-def test_the_paired_difference_to_random_is_recomputed_from_the_stage_files(request, run_name, key):
+@pytest.mark.parametrize(("label", "reference"), [("vs_random", "random"), ("vs_full", "full")])
+def test_the_paired_differences_are_recomputed_from_the_stage_files(request, run_name, key, label, reference):
     run, report = request.getfixturevalue(run_name)
-    ours, theirs = final_records(run, "gradsift"), final_records(run, "random")
+    ours, theirs = final_records(run, "gradsift"), final_records(run, reference)
     mean, low, high = t_by_hand([by_hand(ours[s], key) - by_hand(theirs[s], key) for s in SEEDS])
-    diff = report["headline"]["arms"]["gradsift"][key]["vs_random"]
-    assert diff["seeds"] == list(SEEDS) and diff["mean"] == pytest.approx(mean, abs=1e-9)
-    assert diff["ci"] == pytest.approx([low, high], abs=1e-9)
+    diff = report["headline"]["arms"]["gradsift"][key][label]
+    assert diff["reference"] == reference and diff["seeds"] == list(SEEDS)
+    assert diff["mean"] == pytest.approx(mean, abs=1e-9) and diff["ci"] == pytest.approx([low, high], abs=1e-9)
+
+
+def test_a_real_runs_built_in_arms_are_compared_with_random_and_full(tiny_run):
+    _, report = tiny_run  # recipe.json lists `arms: [full, gradsift, random]`, dumped as ArmSpec's defaults
+    setups = {name: (arm["kind"], arm["steps"], arm["references"]) for name, arm in report["arms"].items()}
+    assert setups == {
+        "full": ("full", None, {"vs_random": "random", "vs_full": None}),
+        "gradsift": ("select", "kept", {"vs_random": "random", "vs_full": "full"}),
+        "random": ("random", "kept", {"vs_random": None, "vs_full": "full"}),
+    }
+    assert "vs_random" not in report["headline"]["arms"]["random"]["pooled/attack_success_rate"]
+
+
+def write_recipe_json(run: Path, arms: dict[str, dict]) -> None:
+    """recipe.json as the runner writes it: the recipe dumped, every arm's spec with ArmSpec's defaults filled in."""
+    specs = {name: ArmSpec(**spec).model_dump(mode="json") for name, spec in arms.items()}
+    meta = {"name": "synthetic", "model": "none", "arms": list(arms)}
+    meta["domain_tasks"] = ["gradsift_domain_sentiment", "gradsift_domain_yes_no"]
+    meta["recipe"] = {"steps": "kept", "mode": "offline", "arms": specs}
+    (run / "recipe.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module", params=["recipe.json", "stage.json"])
+def step_matched_run(request, tmp_path_factory):
+    """full, gradsift, random and the step-matched gradsift_steps, random_steps; the arms' `steps` known from
+    recipe.json alone (stage files without `arm_kind` and `max_steps`), or from the stage files alone."""
+    from_recipe = request.param == "recipe.json"
+    arms = (*ARMS, *STEP_MATCHED)
+    run = write_synthetic_run(tmp_path_factory.mktemp("steps") / "run", arms=arms, setup=not from_recipe)
+    if from_recipe:
+        specs = {"full": {}, "gradsift": {}, "random": {}}
+        specs |= {"gradsift_steps": {"steps": "full"}, "random_steps": {"kind": "random", "steps": "full"}}
+        write_recipe_json(run, specs)
+    write_report(run)
+    return run, json.loads((run / "report.json").read_text())
+
+
+def test_each_arm_is_compared_with_the_random_arm_trained_for_as_many_steps(step_matched_run):
+    _, report = step_matched_run
+    references = {name: arm["references"]["vs_random"] for name, arm in report["arms"].items()}
+    assert references == {
+        "full": "random",
+        "gradsift": "random",
+        "gradsift_steps": "random_steps",
+        "random": None,  # a random arm is compared with no random arm
+        "random_steps": None,
+    }
+    assert report["arms"]["gradsift_steps"]["steps"] == "full" and report["arms"]["gradsift"]["steps"] == "kept"
+
+
+@pytest.mark.parametrize("key", ["pooled/attack_success_rate", "drift/aligned"])
+def test_the_step_matched_difference_is_recomputed_from_the_stage_files(step_matched_run, key):
+    run, report = step_matched_run
+    ours, theirs = final_records(run, "gradsift_steps"), final_records(run, "random_steps")
+    mean, low, high = t_by_hand([by_hand(ours[s], key) - by_hand(theirs[s], key) for s in SEEDS])
+    diff = report["headline"]["arms"]["gradsift_steps"][key]["vs_random"]
+    assert diff["reference"] == "random_steps" and diff["seeds"] == list(SEEDS)
+    assert diff["mean"] == pytest.approx(mean, abs=1e-9) and diff["ci"] == pytest.approx([low, high], abs=1e-9)
+    for arm in ("random", "random_steps"):
+        assert "vs_random" not in report["headline"]["arms"][arm][key]
+        assert report["headline"]["arms"][arm]["vs_random"] == dict.fromkeys(report["headline"]["differences"])
 
 
 @pytest.mark.parametrize("run_name", ["tiny_run", "synthetic_run"])
@@ -295,19 +394,48 @@ def test_the_report_shows_refused_complied_neither_for_every_arm_and_stage(reque
                 assert cell == "–" or cell.endswith("]")
 
 
+def headline_cells(markdown: str) -> dict[str, dict[str, str]]:
+    """{arm: {column: cell}} of report.md's headline table."""
+    section = markdown.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {row[0]: dict(zip(header, row)) for row in rows}
+
+
+# report.md's headline difference column -> (report.json's headline key, the difference's key).
+DIFFERENCE_COLUMNS = {
+    "Δ attack success vs random ref.": ("vs_random", "pooled/attack_success_rate"),
+    "Δ refusal vs random ref.": ("vs_random", "pooled/refusal_rate"),
+    "Δ ACC vs random ref.": ("vs_random", "average_accuracy"),
+    "Δ attack success vs full": ("vs_full", "pooled/attack_success_rate"),
+}
+
+
 def test_the_headline_marks_exactly_the_differences_whose_interval_excludes_zero(synthetic_run):
-    run, report = synthetic_run
-    headline = (run / "report.md").read_text().split("## Headline", 1)[1].split("\n## ", 1)[0]
-    marks = 0
-    for arm in ("full", "gradsift"):
-        line = next(line for line in headline.splitlines() if line.startswith(f"| {arm} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")][-3:]
-        diffs = report["headline"]["arms"][arm]["vs_random"]
-        for cell, key in zip(cells, ("pooled/attack_success_rate", "pooled/refusal_rate", "average_accuracy")):
-            low, high = diffs[key]["ci"]
-            assert cell.endswith("†") == (low > 0 or high < 0), (arm, key, cell)
+    assert_marks_match_intervals(*synthetic_run)
+
+
+def test_the_headline_names_each_arms_random_reference_and_marks_its_differences(step_matched_run):
+    assert_marks_match_intervals(*step_matched_run)
+
+
+def assert_marks_match_intervals(run: Path, report: dict) -> None:
+    """Every difference column of report.md's headline: † exactly where report.json's interval excludes 0, "–"
+    where the arm has no such reference; and the random reference named."""
+    cells = headline_cells((run / "report.md").read_text())
+    marks = total = 0
+    for arm, row in report["headline"]["arms"].items():
+        assert cells[arm]["random ref."] == (row["references"]["vs_random"] or "–")
+        for column, (label, key) in DIFFERENCE_COLUMNS.items():
+            cell, diff = cells[arm][column], row[label][key]
+            if diff is None:  # the arm is its own or has no reference
+                assert cell == "–", (arm, column, cell)
+                continue
+            low, high = diff["ci"]
+            assert cell.endswith("†") == (low > 0 or high < 0), (arm, column, cell)
             marks += cell.endswith("†")
-    assert 0 < marks < 6  # gradsift's safety differs from random, the rest does not
+            total += 1
+    assert 0 < marks < total  # gradsift's safety differs from random and full, the rest does not
 
 
 def test_stage_files_from_an_older_judge_still_report_with_dashes(tmp_path):

@@ -19,9 +19,12 @@ Statistics (95 %). Seeds are the replicates; the eval prompts are the same for e
 - Over seeds, for every arm, stage and metric: the mean with a Student-t interval
   `mean ± t_{0.975, n−1} · s / √n`, `s` the sample standard deviation (ddof = 1), n the number of seeds
   (`t_interval`), not clipped to [0, 1]. With one seed there is no interval (None, shown "n/a").
-- Paired differences to the `random` and `full` arms: `d_s = arm_s − reference_s` for every seed s that both arms
-  finished, with the same t interval over the `d_s` (`paired_difference`). The headline marks with † a difference
-  whose interval excludes 0.
+- Paired differences to a random arm and to the `full` arm: `d_s = arm_s − reference_s` for every seed s that both
+  arms finished, with the same t interval over the `d_s` (`paired_difference`). An arm's random reference is the
+  random-kind arm trained under the same `steps` setting (`kept` or `full`, from recipe.json; without it, `full`
+  where the arm's stage.json has `max_steps`), else `random`, so that a step-matched arm (`steps: full`) is not
+  credited with a difference that only its extra optimizer steps made; random-kind arms get none (`random_reference`).
+  The headline marks with † a difference whose interval excludes 0.
 - Over prompts: a percentile bootstrap of each per-prompt rate (`bootstrap_rate`). Rows are seeds (ascending),
   columns prompts (`(task, doc_id)` ascending); each resample draws the columns with replacement, the same draw for
   every seed, and its statistic is the mean over seeds of each seed's mean over the drawn prompts
@@ -30,8 +33,10 @@ Statistics (95 %). Seeds are the replicates; the eval prompts are the same for e
 
 In report.json every aggregated number is a cell {"mean", "std", "ci": [low, high] | None, "n"}, with "bootstrap"
 (prompt level) where stage.json has per-prompt values and "vs_random" / "vs_full" (paired differences, with their
-"seeds"): under `arms.<arm>.mean.stages.<k>.<metric>` and `arms.<arm>.mean.<ACC/BWT/FM/max drop key>`; `headline`
-repeats the final stage's cells per arm.
+"seeds" and the "reference" arm): under `arms.<arm>.mean.stages.<k>.<metric>` and
+`arms.<arm>.mean.<ACC/BWT/FM/max drop key>`. `arms.<arm>.kind` and `.steps` say how the arm trained and
+`arms.<arm>.references` ({"vs_random", "vs_full"}: arm name or None) what it is compared with; `headline` repeats
+the final stage's cells per arm, with its "vs_random", "vs_full" and "references".
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import numpy as np
 from scipy import stats
 
 from gradsift.data import atomic_path
-from gradsift.recipes import STAGE_FILE, iter_stage_files
+from gradsift.recipes import BUILTIN_ARMS, STAGE_FILE, ArmSpec, iter_stage_files
 
 REFUSAL_PREFIX = "gradsift_refusal_"
 REFUSAL_MC_PREFIX = "gradsift_refusal_mc"
@@ -64,8 +69,11 @@ FORGETTING_KEYS = ("average_accuracy", "bwt", "fm", "max_drop")
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-# Every arm is compared with these, paired by seed, when the run has them.
-REFERENCE_ARMS = ("random", "full")
+# The kind of a built-in arm name, as `Recipe.arm` fills it in (the rest are `select`); recipe.json dumps the spec as
+# written, with ArmSpec's default `kind: select` even for `random: {}` or `random: {steps: full}`.
+BUILTIN_KINDS = {"full": "full", "random": "random", "clip": "clip", "kl": "kl"}
+# Kinds whose number of optimizer steps the `steps` setting decides (full, clip and kl train on every row).
+STEPPED_KINDS = ("select", "random")
 # `rng` replaced `random_state` in SciPy 1.15; given the same Generator both draw the same numbers.
 _RNG_KEYWORD = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
 
@@ -321,7 +329,13 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
             }
             for k, record in records.items():
                 docs.setdefault(str(k), {})[seed] = doc_values(record)
-        arms[arm] = {"seeds": per_seed, "mean": _aggregate(per_seed, docs, n_resamples)}
+        stage_records = [record for entry in seeds.values() for record in entry["arms"].get(arm, {}).values()]
+        setup = arm_setup(arm, recipe_meta.get("recipe") or {}, stage_records)
+        arms[arm] = {**setup, "seeds": per_seed, "mean": _aggregate(per_seed, docs, n_resamples)}
+    setups = {name: {"kind": arm["kind"], "steps": arm["steps"]} for name, arm in arms.items()}
+    for name, arm in arms.items():
+        full = "full" if "full" in arms and name != "full" else None
+        arm["references"] = {"vs_random": random_reference(name, setups), "vs_full": full}
     _add_differences(arms)
     return {
         "run_dir": str(run_dir),
@@ -330,7 +344,8 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
         "statistics": {
             "confidence": CONFIDENCE,
             "over_seeds": "Student t: mean ± t.ppf(0.975, n−1)·s/√n, s with ddof=1; None below two seeds",
-            "differences": "vs_<arm>: arm − reference paired by seed, same t interval",
+            "differences": "vs_random / vs_full: arm − reference paired by seed, same t interval; vs_random's "
+            "reference is the random-kind arm with the same steps setting, else `random`",
             "over_prompts": {"method": "percentile", "n_resamples": n_resamples, "seed": BOOTSTRAP_SEED},
         },
         "headline": headline(arms),
@@ -362,27 +377,66 @@ def _aggregate(
     return out
 
 
+def arm_setup(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, str | None]:
+    """Return how an arm trained: {"kind": full/select/random/clip/kl, "steps": "kept" | "full" | None}.
+
+    `steps` is None where the setting does not apply (full, clip, kl and online arms train on every row). Read from
+    the dumped recipe (recipe.json's `recipe`) when it lists the arm, as the runner decides it; otherwise from the
+    arm's stage.json files: `arm_kind` (else the built-in meaning of the name) and `full` where one has `max_steps`.
+    """
+    spec = (recipe.get("arms") or {}).get(name)
+    if spec is not None:
+        default = ArmSpec().kind
+        kind = spec.get("kind", default)
+        if name in BUILTIN_ARMS and kind == default:  # `random: {}` is dumped with `kind: select`
+            kind = BUILTIN_KINDS.get(name, default)
+        online = kind == "select" and (spec.get("mode") or recipe.get("mode")) == "online"
+        stepped = kind in STEPPED_KINDS and not online
+        return {"kind": kind, "steps": (spec.get("steps") or recipe.get("steps") or "kept") if stepped else None}
+    kinds = {record["arm_kind"] for record in records if "arm_kind" in record}
+    kind = kinds.pop() if len(kinds) == 1 else BUILTIN_KINDS.get(name, "select")
+    if any("max_steps" in record for record in records):
+        return {"kind": kind, "steps": "full"}
+    return {"kind": kind, "steps": "kept" if kind in STEPPED_KINDS else None}
+
+
+def random_reference(name: str, setups: Mapping[str, Mapping[str, str | None]]) -> str | None:
+    """Return the arm that `name`'s `vs_random` compares with: the random-kind arm with the same `steps` setting
+    (`random` first, then by name), else `random`; None for a random-kind arm or when there is none."""
+    if setups[name]["kind"] == "random":
+        return None
+    steps = setups[name]["steps"]
+    matched = sorted(
+        (other != "random", other)
+        for other, setup in setups.items()
+        if other != name and setup["kind"] == "random" and steps is not None and setup["steps"] == steps
+    )
+    if matched:
+        return matched[0][1]
+    return "random" if "random" in setups and name != "random" else None
+
+
 def _add_differences(arms: dict[str, Any]) -> None:
-    """Add `vs_random` / `vs_full` (paired by seed) to every aggregated cell of every other arm."""
-    for reference in REFERENCE_ARMS:
-        if reference not in arms:
+    """Add `vs_random` / `vs_full` (paired by seed) to every aggregated cell of every arm, against its `references`."""
+    for arm in arms.values():
+        if not arm["mean"]:
             continue
-        base = arms[reference]["seeds"]
-        for name, arm in arms.items():
-            if name == reference or not arm["mean"]:
+        for label, reference in arm["references"].items():
+            if reference is None or reference not in arms:
                 continue
+            base = arms[reference]["seeds"]
             for k, stage in arm["mean"]["stages"].items():
                 for key, cell in stage.items():
                     if key == "name":
                         continue
                     diff = paired_difference(_by_seed(arm["seeds"], k, key), _by_seed(base, k, key))
                     if diff["n"]:
-                        cell[f"vs_{reference}"] = diff
+                        cell[label] = {**diff, "reference": reference}
             for key in FORGETTING_KEYS:
                 ours = {seed: data[key] for seed, data in arm["seeds"].items()}
                 diff = paired_difference(ours, {seed: data[key] for seed, data in base.items()})
                 if diff["n"]:
-                    arm["mean"][key][f"vs_{reference}"] = diff
+                    arm["mean"][key][label] = {**diff, "reference": reference}
 
 
 def _by_seed(per_seed: dict[int, dict[str, Any]], stage: str, key: str) -> dict[int, float | None]:
@@ -400,10 +454,13 @@ HEADLINE = {
     "KL to aligned": "drift/aligned",
 }
 HEADLINE_DIFFERENCES = ("pooled/attack_success_rate", "pooled/refusal_rate", "average_accuracy")
+# The differences to `full` that report.md's headline shows (report.json has all of HEADLINE_DIFFERENCES).
+HEADLINE_FULL_DIFFERENCES = ("pooled/attack_success_rate",)
 
 
 def headline(arms: dict[str, Any]) -> dict[str, Any]:
-    """Per arm the final stage's numbers of `HEADLINE` (cells as in `arms`; None if missing) and `vs_random`."""
+    """Per arm the final stage's numbers of `HEADLINE` (cells as in `arms`; None if missing), `vs_random`, `vs_full`
+    and the arms they compare with (`references`)."""
     rows: dict[str, Any] = {}
     for name, arm in arms.items():
         stages = arm["mean"].get("stages", {})
@@ -413,7 +470,9 @@ def headline(arms: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {"stage": f"{int(last):02d}-{stages[last]['name']}"}
         for key in HEADLINE.values():
             row[key] = arm["mean"].get(key) if key in FORGETTING_KEYS else stages[last].get(key)
-        row["vs_random"] = {key: (row[key] or {}).get("vs_random") for key in HEADLINE_DIFFERENCES}
+        for label in ("vs_random", "vs_full"):
+            row[label] = {key: (row[key] or {}).get(label) for key in HEADLINE_DIFFERENCES}
+        row["references"] = dict(arm["references"])
         rows[name] = row
     return {"columns": list(HEADLINE.values()), "differences": list(HEADLINE_DIFFERENCES), "arms": rows}
 
@@ -510,17 +569,25 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def headline_table(report: dict[str, Any]) -> str:
-    """The headline: one row per arm, the final stage's numbers and the paired differences to `random`."""
-    data = report["headline"]
-    with_random = "random" in report["arms"]
+    """The headline: one row per arm, the final stage's numbers, the paired differences to the arm's random
+    reference (named in a column) and to `full`."""
+    data = report["headline"]["arms"]
+    with_random = any(row["references"]["vs_random"] for row in data.values())
+    with_full = any(row["references"]["vs_full"] for row in data.values())
+    names = {key: name for name, key in HEADLINE.items()}
     header = ["arm", "final stage", *HEADLINE]
     if with_random:
-        header += [f"Δ {name} vs random" for name, key in HEADLINE.items() if key in HEADLINE_DIFFERENCES]
+        header += ["random ref.", *[f"Δ {names[key]} vs random ref." for key in HEADLINE_DIFFERENCES]]
+    if with_full:
+        header += [f"Δ {names[key]} vs full" for key in HEADLINE_FULL_DIFFERENCES]
     rows = []
-    for name, row in data["arms"].items():
+    for name, row in data.items():
         cells = [name, row["stage"], *[_fmt_interval(row[key]) for key in HEADLINE.values()]]
         if with_random:
+            cells.append(row["references"]["vs_random"])
             cells += [_fmt_interval(row["vs_random"][key], signed=True) for key in HEADLINE_DIFFERENCES]
+        if with_full:
+            cells += [_fmt_interval(row["vs_full"][key], signed=True) for key in HEADLINE_FULL_DIFFERENCES]
         rows.append(cells)
     return _table(header, rows)
 
@@ -577,7 +644,9 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
         f"refusal pool every prompt of every generated refusal task of the stage ({pooled}); over-refusal is "
         "1 − compliance on the safe prompts of the over-refusal tasks. ACC and BWT: domain accuracy (see "
         "Forgetting); kept: fraction of the last stage's rows trained on; KL to aligned: drift per token. "
-        "Δ: arm − random, paired by seed; † marks a difference whose interval excludes 0.",
+        "Δ vs random ref.: arm − the random arm trained under the same `steps` setting (kept rows only, or as many "
+        "optimizer steps as full), named in the random ref. column, else `random`; random arms get none. Δ vs full: "
+        "arm − full. Both paired by seed; † marks a difference whose interval excludes 0.",
         "",
     ]
     for task in refusal_tasks:
@@ -713,7 +782,7 @@ def _norm_histograms(run_dir: Path, plt: Any) -> Path | None:
             stage_dir = table_path.parent.parent
             if not (stage_dir / STAGE_FILE).is_file():
                 continue  # an unfinished stage, or the seed's shared stage-1 cache (each arm keeps its own copy)
-            record = json.loads((stage_dir / STAGE_FILE).read_text()) if (stage_dir / STAGE_FILE).is_file() else {}
+            record = json.loads((stage_dir / STAGE_FILE).read_text())
             norms = np.array(pq.read_table(table_path, columns=["grad_norm"])["grad_norm"].to_pylist(), dtype=float)
             panels.append((f"{stage_dir.parent.name}/{stage_dir.name}", norms, record))
     if not panels:
