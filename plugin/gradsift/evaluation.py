@@ -747,6 +747,17 @@ def results_table(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 REFUSAL_TASK_PREFIX = "gradsift_refusal_"
+OVERREFUSAL_TASK_PREFIX = "gradsift_overrefusal_"
+
+
+def judged_task_kind(task: str) -> str | None:
+    """`refusal` for a generated refusal task, `overrefusal` for an over-refusal task (both judged by
+    `judge_answer`), None for any other task (the likelihood probe `gradsift_refusal_mc*` included)."""
+    if task.startswith(OVERREFUSAL_TASK_PREFIX):
+        return "overrefusal"
+    if task.startswith(REFUSAL_TASK_PREFIX) and not task.startswith("gradsift_refusal_mc"):
+        return "refusal"
+    return None
 
 
 def find_samples(results_dir: Path) -> dict[str, Path]:
@@ -757,7 +768,7 @@ def find_samples(results_dir: Path) -> dict[str, Path]:
     for path in sorted(results_dir.rglob("samples_*.jsonl")):
         match = re.match(r"samples_(.+)_(\d{4}-\d{2}-\d{2}T[\d\-.]+)\.jsonl$", path.name)
         task = match.group(1) if match else path.stem[len("samples_") :]
-        if task.startswith(REFUSAL_TASK_PREFIX) and not task.startswith("gradsift_refusal_mc"):
+        if judged_task_kind(task) == "refusal":
             found[task] = path  # sorted: the newest timestamp wins
     if not found:
         any_samples = any(results_dir.rglob("samples_*.jsonl"))

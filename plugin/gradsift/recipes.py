@@ -230,9 +230,9 @@ class Recipe(_Strict):
         final, each = self.evals.final, self.evals.after_each_stage
         if final is not None and final.domain and each.domain and final.domain_docs() != each.domain_docs():
             raise ValueError(
-                f"evals.final.limit ({final.domain_docs()}) differs from evals.after_each_stage.limit "
-                f"({each.domain_docs()}) while both evaluate the domain tasks: the accuracy matrix must compare the "
-                "same documents at every stage (set `domain_limit` alike in both)"
+                f"evals.final evaluates {final.domain_docs()} documents per domain task and "
+                f"evals.after_each_stage {each.domain_docs()} (`domain_limit`, else `limit`): the accuracy matrix "
+                "must compare the same documents at every stage; set them alike"
             )
         if self.trainer == "axolotl":
             kl = [name for name in self.arms if self.arm(name).kind == "kl"]
@@ -512,7 +512,7 @@ def rejudge_run(run_dir: Path) -> int:
     the stage's `stage.json`, so a run's numbers follow a judge fix without generating any answer again.
     """
     from gradsift.data import atomic_path
-    from gradsift.evaluation import overrefusal_metrics, per_doc_metrics, refusal_metrics
+    from gradsift.evaluation import judged_task_kind, overrefusal_metrics, per_doc_metrics, refusal_metrics
 
     rewritten = 0
     for marker in sorted(run_dir.glob(f"seed-*/**/{STAGE_FILE}")):
@@ -524,11 +524,8 @@ def rejudge_run(run_dir: Path) -> int:
         record = json.loads(marker.read_text(encoding="utf-8"))
         judged = False
         for task, path in newest.items():
-            if task.startswith("gradsift_overrefusal_"):
-                judge = overrefusal_metrics
-            elif task.startswith("gradsift_refusal_") and not task.startswith("gradsift_refusal_mc"):
-                judge = refusal_metrics
-            else:
+            judge = {"refusal": refusal_metrics, "overrefusal": overrefusal_metrics}.get(judged_task_kind(task))
+            if judge is None:
                 continue
             samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             scored = [{"doc_id": s["doc_id"], **judge(s["doc"], [_answer(s)])} for s in samples]
@@ -1012,7 +1009,7 @@ def _evaluate(
     Returns {task: {metric: value}} and, for the report's per-prompt bootstrap, {task: {metric: [value per doc]}}
     (with the `doc_id` list) of the generated refusal and over-refusal tasks.
     """
-    from gradsift.evaluation import run_lm_eval
+    from gradsift.evaluation import judged_task_kind, run_lm_eval
 
     spec, tasks = recipe.eval_tasks(final)
     if not tasks:
@@ -1025,7 +1022,6 @@ def _evaluate(
     model = _eval_model(recipe, base, adapter)
     metrics: dict[str, dict[str, float | None]] = {}
     per_doc: dict[str, dict[str, list]] = {}
-    safety = ("gradsift_refusal_", "gradsift_overrefusal_")
     for names, limit, max_gen_toks in (run for run in runs if run[0]):
         results = run_lm_eval(
             model,
@@ -1045,7 +1041,7 @@ def _evaluate(
                     continue
                 metrics.setdefault(task, {})[key.split(",")[0]] = finite(float(value))
         for task, values in results.get("per_doc", {}).items():
-            if task.startswith(safety) and not task.startswith("gradsift_refusal_mc"):
+            if judged_task_kind(task) is not None:
                 per_doc[task] = values
     return metrics, per_doc
 
