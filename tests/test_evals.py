@@ -37,6 +37,8 @@ OFFLINE_TASKS = [
     "gradsift_domain_arithmetic",
     "gradsift_domain_capitals",
     "gradsift_domain_units",
+    "gradsift_domain_howto",
+    "gradsift_domain_lists",
 ]
 HUB_TASKS = [
     "gradsift_refusal_advbench",
