@@ -501,7 +501,7 @@ def iter_stage_files(run_dir: Path) -> Iterator[tuple[int, str | None, int, dict
                     yield seed, arm_dir.name, int(stage_dir.name.split("-", 1)[0]), json.loads(marker.read_text())
 
 
-_SAMPLES = re.compile(r"samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+\.jsonl$")
+_SAMPLES = re.compile(r"samples_(?P<task>.+)_(?P<time>\d{4}-\d{2}-\d{2}T[\d\-.]+)\.jsonl$")
 
 
 def rejudge_run(run_dir: Path) -> int:
@@ -514,21 +514,30 @@ def rejudge_run(run_dir: Path) -> int:
     from gradsift.data import atomic_path
     from gradsift.evaluation import judged_task_kind, overrefusal_metrics, per_doc_metrics, refusal_metrics
 
+    if not (run_dir / "recipe.json").is_file():
+        raise RecipeError(
+            f"{str(run_dir)!r} is not a folder written by `gradsift run` (it has no recipe.json); --rejudge rewrites "
+            "the stage.json files of such a folder only. Pass the run's --out folder."
+        )
     rewritten = 0
-    for marker in sorted(run_dir.glob(f"seed-*/**/{STAGE_FILE}")):
-        newest: dict[str, Path] = {}
-        for path in sorted((marker.parent / "eval").rglob("samples_*.jsonl")):
+    for marker in _stage_markers(run_dir):
+        newest: dict[str, tuple[str, Path]] = {}
+        for path in (marker.parent / "eval").rglob("samples_*.jsonl"):
             match = _SAMPLES.match(path.name)
-            if match:
-                newest[match.group("task")] = path  # sorted: the newest timestamp wins
+            if match and (match.group("task") not in newest or match.group("time") > newest[match.group("task")][0]):
+                newest[match.group("task")] = (match.group("time"), path)
         record = json.loads(marker.read_text(encoding="utf-8"))
         judged = False
-        for task, path in newest.items():
+        for task, (_, path) in sorted(newest.items()):
             judge = {"refusal": refusal_metrics, "overrefusal": overrefusal_metrics}.get(judged_task_kind(task))
             if judge is None:
                 continue
             samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            scored = [{"doc_id": s["doc_id"], **judge(s["doc"], [_answer(s)])} for s in samples]
+            by_doc = {s["doc_id"]: s for s in samples}  # one answer per document (one filter per task)
+            if not by_doc:
+                logger.warning("gradsift report: %s holds no answers; %s of %s left as it was", path, task, marker)
+                continue
+            scored = [{"doc_id": d, **judge(s["doc"], [_answer(s)])} for d, s in by_doc.items()]
             per_doc = per_doc_metrics(scored)
             record.setdefault("eval", {})[task] = {
                 name: _mean(values) for name, values in per_doc.items() if name != "doc_id"
@@ -540,6 +549,18 @@ def rejudge_run(run_dir: Path) -> int:
                 Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             rewritten += 1
     return rewritten
+
+
+def _stage_markers(run_dir: Path) -> list[Path]:
+    """Every finished stage's stage.json in the run layout (`seed-N/00-align`, `seed-N/<arm>/NN-<stage>`), no links."""
+    markers = []
+    for seed_dir in sorted(p for p in run_dir.glob("seed-*") if p.is_dir() and not p.is_symlink()):
+        stages = [seed_dir / "00-align"]
+        for arm_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+            if arm_dir.name not in ("00-align", SHARED_DIR):
+                stages += sorted(p for p in arm_dir.iterdir() if p.is_dir() and re.match(r"\d\d-", p.name))
+        markers += [s / STAGE_FILE for s in stages if not s.is_symlink() and (s / STAGE_FILE).is_file()]
+    return markers
 
 
 def _answer(sample: dict[str, Any]) -> str:
@@ -974,7 +995,7 @@ def _full_steps_by(steps: list[Step], step: Step) -> int | None:
     for other in steps:
         if other.seed == step.seed and other.index == step.index and other.arm is not None and other.done():
             record = json.loads((other.folder / STAGE_FILE).read_text())
-            if record.get("arm_kind") == "full":
+            if record.get("arm_kind") == "full" and record["train"].get("steps") is not None:
                 return int(record["train"]["steps"])
     return None
 
