@@ -764,12 +764,7 @@ def find_samples(results_dir: Path) -> dict[str, Path]:
     """The newest `samples_<task>_<time>.jsonl` per generated refusal task under `results_dir`."""
     if not results_dir.is_dir():
         raise FileNotFoundError(f"Results folder {str(results_dir)!r} does not exist.")
-    found: dict[str, Path] = {}
-    for path in sorted(results_dir.rglob("samples_*.jsonl")):
-        match = re.match(r"samples_(.+)_(\d{4}-\d{2}-\d{2}T[\d\-.]+)\.jsonl$", path.name)
-        task = match.group(1) if match else path.stem[len("samples_") :]
-        if judged_task_kind(task) == "refusal":
-            found[task] = path  # sorted: the newest timestamp wins
+    found = {task: path for task, path in newest_samples(results_dir).items() if judged_task_kind(task) == "refusal"}
     if not found:
         any_samples = any(results_dir.rglob("samples_*.jsonl"))
         what = "no generated refusal task (gradsift_refusal_*)" if any_samples else "no logged samples"
@@ -780,6 +775,28 @@ def find_samples(results_dir: Path) -> dict[str, Path]:
     return found
 
 
+_SAMPLES_FILE = re.compile(r"samples_(?P<task>.+)_(?P<time>\d{4}-\d{2}-\d{2}T[\d\-.]+)\.jsonl$")
+
+
+def newest_samples(folder: Path) -> dict[str, Path]:
+    """lm-eval's newest `samples_<task>_<time>.jsonl` per task under `folder` (a name without a time is oldest)."""
+    found: dict[str, tuple[str, Path]] = {}
+    for path in folder.rglob("samples_*.jsonl"):
+        match = _SAMPLES_FILE.match(path.name)
+        task, time = (match.group("task"), match.group("time")) if match else (path.stem[len("samples_") :], "")
+        if task not in found or (time, str(path)) > (found[task][0], str(found[task][1])):
+            found[task] = (time, path)
+    return {task: path for task, (_, path) in sorted(found.items())}
+
+
+def sample_answer(sample: dict[str, Any]) -> str:
+    """The generated answer of one logged lm-eval sample (after its filter, when it has one)."""
+    answer = sample.get("filtered_resps") or sample.get("resps") or [""]
+    while isinstance(answer, list):
+        answer = answer[0] if answer else ""
+    return str(answer)
+
+
 def read_samples(path: Path) -> list[dict[str, Any]]:
     """(prompt, response, keyword metrics) of each logged sample; `keyword_outcome` is `judge_answer`'s reading."""
     records = []
@@ -788,9 +805,7 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             sample = json.loads(line)
-            response = sample.get("filtered_resps") or sample.get("resps") or [""]
-            while isinstance(response, list):
-                response = response[0] if response else ""
+            response = sample_answer(sample)
             prompt = harmful_prompt(sample["doc"])
             records.append(
                 {

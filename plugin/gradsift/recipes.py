@@ -501,9 +501,6 @@ def iter_stage_files(run_dir: Path) -> Iterator[tuple[int, str | None, int, dict
                     yield seed, arm_dir.name, int(stage_dir.name.split("-", 1)[0]), json.loads(marker.read_text())
 
 
-_SAMPLES = re.compile(r"samples_(?P<task>.+)_(?P<time>\d{4}-\d{2}-\d{2}T[\d\-.]+)\.jsonl$")
-
-
 def rejudge_run(run_dir: Path) -> int:
     """Judge the logged answers of every finished stage's refusal and over-refusal tasks again; return the count.
 
@@ -512,7 +509,14 @@ def rejudge_run(run_dir: Path) -> int:
     the stage's `stage.json`, so a run's numbers follow a judge fix without generating any answer again.
     """
     from gradsift.data import atomic_path
-    from gradsift.evaluation import judged_task_kind, overrefusal_metrics, per_doc_metrics, refusal_metrics
+    from gradsift.evaluation import (
+        judged_task_kind,
+        newest_samples,
+        overrefusal_metrics,
+        per_doc_metrics,
+        refusal_metrics,
+        sample_answer,
+    )
 
     if not (run_dir / "recipe.json").is_file():
         raise RecipeError(
@@ -521,14 +525,9 @@ def rejudge_run(run_dir: Path) -> int:
         )
     rewritten = 0
     for marker in _stage_markers(run_dir):
-        newest: dict[str, tuple[str, Path]] = {}
-        for path in (marker.parent / "eval").rglob("samples_*.jsonl"):
-            match = _SAMPLES.match(path.name)
-            if match and (match.group("task") not in newest or match.group("time") > newest[match.group("task")][0]):
-                newest[match.group("task")] = (match.group("time"), path)
         record = json.loads(marker.read_text(encoding="utf-8"))
         judged = False
-        for task, (_, path) in sorted(newest.items()):
+        for task, path in newest_samples(marker.parent / "eval").items():
             judge = {"refusal": refusal_metrics, "overrefusal": overrefusal_metrics}.get(judged_task_kind(task))
             if judge is None:
                 continue
@@ -537,7 +536,7 @@ def rejudge_run(run_dir: Path) -> int:
             if not by_doc:
                 logger.warning("gradsift report: %s holds no answers; %s of %s left as it was", path, task, marker)
                 continue
-            scored = [{"doc_id": d, **judge(s["doc"], [_answer(s)])} for d, s in by_doc.items()]
+            scored = [{"doc_id": d, **judge(s["doc"], [sample_answer(s)])} for d, s in by_doc.items()]
             per_doc = per_doc_metrics(scored)
             record.setdefault("eval", {})[task] = {
                 name: _mean(values) for name, values in per_doc.items() if name != "doc_id"
@@ -561,13 +560,6 @@ def _stage_markers(run_dir: Path) -> list[Path]:
                 stages += sorted(p for p in arm_dir.iterdir() if p.is_dir() and re.match(r"\d\d-", p.name))
         markers += [s / STAGE_FILE for s in stages if not s.is_symlink() and (s / STAGE_FILE).is_file()]
     return markers
-
-
-def _answer(sample: dict[str, Any]) -> str:
-    answer = sample.get("filtered_resps") or sample.get("resps") or [""]
-    while isinstance(answer, list):
-        answer = answer[0] if answer else ""
-    return str(answer)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -990,22 +982,24 @@ def _scores_cache(step: Step, recipe: Recipe) -> Path:
     return root / "shared-scores" / f"{step.index:02d}-{step.stage}"
 
 
-def _full_steps_by(steps: list[Step], step: Step) -> int | None:
-    """Optimizer steps a `full`-kind arm took at the same seed and stage, if one ran."""
+def _finished_beside(steps: list[Step], step: Step) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(arm, stage.json) of every arm that finished the same seed and stage."""
     for other in steps:
         if other.seed == step.seed and other.index == step.index and other.arm is not None and other.done():
-            record = json.loads((other.folder / STAGE_FILE).read_text())
-            if record.get("arm_kind") == "full" and record["train"].get("steps") is not None:
-                return int(record["train"]["steps"])
+            yield other.arm, json.loads((other.folder / STAGE_FILE).read_text())
+
+
+def _full_steps_by(steps: list[Step], step: Step) -> int | None:
+    """Optimizer steps a `full`-kind arm took at the same seed and stage, if one ran."""
+    for _, record in _finished_beside(steps, step):
+        if record.get("arm_kind") == "full" and record["train"].get("steps") is not None:
+            return int(record["train"]["steps"])
     return None
 
 
 def _kept_by(steps: list[Step], step: Step, arm: str) -> int | None:
     """Rows the `arm` arm kept at the same seed and stage, if it ran."""
-    for other in steps:
-        if other.seed == step.seed and other.arm == arm and other.index == step.index and other.done():
-            return int(json.loads((other.folder / STAGE_FILE).read_text())["kept"])
-    return None
+    return next((int(record["kept"]) for name, record in _finished_beside(steps, step) if name == arm), None)
 
 
 def _write_dropped(path: Path, report: Any) -> None:

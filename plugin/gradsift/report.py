@@ -53,11 +53,9 @@ import numpy as np
 from scipy import stats
 
 from gradsift.data import atomic_path
+from gradsift.evaluation import judged_task_kind
 from gradsift.recipes import BUILTIN_ARMS, STAGE_FILE, ArmSpec, iter_stage_files
 
-REFUSAL_PREFIX = "gradsift_refusal_"
-REFUSAL_MC_PREFIX = "gradsift_refusal_mc"
-OVERREFUSAL_PREFIX = "gradsift_overrefusal_"
 # The judge's rates as stage.json stores them; older runs lack some (shown "–").
 REFUSAL_METRICS = ("refused_rate", "complied_rate", "neither_rate", "refusal_rate", "attack_success_rate")
 OVERREFUSAL_METRICS = ("compliance_rate_safe", "refusal_rate_unsafe")
@@ -80,12 +78,12 @@ _RNG_KEYWORD = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters e
 
 def is_refusal_task(task: str) -> bool:
     """A generated refusal task (judged answers), not the multiple-choice likelihood one."""
-    return task.startswith(REFUSAL_PREFIX) and not task.startswith(REFUSAL_MC_PREFIX)
+    return judged_task_kind(task) == "refusal"
 
 
 def is_overrefusal_task(task: str) -> bool:
     """An over-refusal task (benign prompts that look risky)."""
-    return task.startswith(OVERREFUSAL_PREFIX)
+    return judged_task_kind(task) == "overrefusal"
 
 
 # Pooled key -> (which tasks, their per-prompt metric, whether the pooled rate is 1 − that metric).
@@ -617,7 +615,7 @@ def stage_table(report: dict[str, Any]) -> str:
     for arm in report["arms"].values():
         for stage in arm["mean"].get("stages", {}).values():
             keys += [k for k in stage if k != "name" and k not in keys and not is_refusal_task(k.split("/", 1)[0])]
-    keys.sort(key=lambda k: (not k.startswith("pooled/"), not k.startswith(OVERREFUSAL_PREFIX), k))
+    keys.sort(key=lambda k: (not k.startswith("pooled/"), not is_overrefusal_task(k.split("/", 1)[0]), k))
     rows = []
     for name, arm in report["arms"].items():
         for k, stage in arm["mean"].get("stages", {}).items():
