@@ -8,6 +8,7 @@ import torch
 
 from gradsift.config import DataConfig, ScoringConfig, SelectionConfig
 from gradsift.data import TokenizedRow, make_batches, tokenize_records
+from gradsift.errors import UserError
 from gradsift.models import attach_lora, load_model, prepare_full_scope
 from gradsift.scoring import GradNormHooks, score_rows
 from gradsift.selection import select_rows
@@ -177,7 +178,7 @@ def test_bfloat16_scoring_runs_under_autocast_like_a_bf16_trainer(tokenizer, row
 def test_trainable_parameters_outside_linear_layers_are_rejected(tokenizer):
     model = lora_model(tokenizer)
     model.base_model.model.model.norm.weight.requires_grad_(True)
-    with pytest.raises(ValueError, match="model.norm.weight"):
+    with pytest.raises(UserError, match="model.norm.weight"):
         GradNormHooks(model)
 
 
@@ -207,7 +208,7 @@ def test_a_layer_called_twice_per_forward_is_refused(tokenizer, rows):
     layer = model.base_model.model.model.layers[0].mlp
     original = layer.forward
     layer.forward = lambda x: original(x) + original(x) * 0  # the same LoRA linears run twice
-    with pytest.raises(ValueError, match="called more than once per forward pass"):
+    with pytest.raises(UserError, match="called more than once per forward pass"):
         score_rows(model, rows[:2], ScoringConfig(), tokenizer.pad_token_id, progress=False)
 
 
@@ -239,7 +240,7 @@ def test_kept_per_sample_gradients_equal_each_rows_own_gradient(tokenizer, rows)
 def test_keeping_gradients_of_a_tied_embedding_is_refused(tokenizer):
     model = build_model(tokenizer, tie=True)
     prepare_full_scope(model)
-    with pytest.raises(ValueError, match="shared or embeddings: .*embed_tokens"):
+    with pytest.raises(UserError, match="shared or embeddings: .*embed_tokens"):
         GradNormHooks(model, keep_grads=True)
 
 
@@ -291,3 +292,105 @@ def test_frozen_head_path_is_used_only_where_it_gives_the_models_logits(tokenize
     batched, loop = batched_and_loop(scaled, rows, tokenizer)
     assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-5
     assert max_rel(batched.loss, loop.loss) <= 1e-5
+
+
+def user_peft_model(tokenizer, dropout):
+    """A user's own PeftModel: LoRA dropout and attention dropout at `dropout`, a trained adapter (lora_B != 0)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    config = build_model(tokenizer).config
+    config.attention_dropout = dropout
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    return model
+
+
+@pytest.mark.parametrize("method", ["batched", "loop"])
+def test_dropout_is_off_while_scoring_even_under_gradient_checkpointing(tokenizer, rows, method):
+    """The QLoRA set-up (`prepare_model_for_kbit_training` turns checkpointing on, LoRA dropout 0.05) must not make
+    scores noisy: every dropout is off, so the scores equal the dropout-free model's."""
+    reference = user_peft_model(tokenizer, dropout=0.0)
+    model = user_peft_model(tokenizer, dropout=0.1)
+    for (name, param), (_, same) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(param, same), name
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # as a trainer leaves it
+    config = ScoringConfig(method=method, max_tokens_per_batch=256)
+    first = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
+    again = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
+    expected = score_rows(reference, rows, config, tokenizer.pad_token_id, progress=False)
+    np.testing.assert_array_equal(first.grad_norm, again.grad_norm)
+    np.testing.assert_array_equal(first.loss, again.loss)
+    np.testing.assert_allclose(first.grad_norm, expected.grad_norm, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(first.loss, expected.loss, rtol=1e-6, atol=1e-6)
+
+
+def test_scoring_still_checkpoints_and_restores_every_training_flag(tokenizer, rows):
+    """Checkpointed layers still recompute in the backward (transformers checkpoints only layers in train mode), yet
+    run their forward with `training` off; every module's own flag is back afterwards."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = user_peft_model(tokenizer, dropout=0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.base_model.model.model.layers[1].mlp.eval()  # a mixed state, restored module by module
+    before = {name: module.training for name, module in model.named_modules()}
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(layers) == 2
+    checkpoints, runs, flags = [], [], []
+
+    def counting(layer, checkpoint):  # counts what needs gradients (not the one-off no-grad check of the LM head)
+        def run(function, *args, **kwargs):
+            if torch.is_grad_enabled():
+                checkpoints.append(layer)
+
+            def counted(*inner, **inner_kwargs):
+                if torch.is_grad_enabled():
+                    runs.append(layer)
+                return function(*inner, **inner_kwargs)
+
+            return checkpoint(counted, *args, **kwargs)
+
+        return run
+
+    for layer in layers:
+        layer._gradient_checkpointing_func = counting(layer, layer._gradient_checkpointing_func)
+        for module in (layer, layer.self_attn):
+            module.register_forward_hook(lambda module, args, output: flags.append(module.training))
+    config = ScoringConfig(max_tokens_per_batch=256)
+    num_batches = len(make_batches([len(row.input_ids) for row in rows], 256, 32))
+    for scored in (1, 2):  # a second scoring pass finds checkpointing as the first left it
+        score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
+        for layer in layers:
+            assert checkpoints.count(layer) == scored * num_batches
+            assert runs.count(layer) == 2 * scored * num_batches  # the forward, and its recomputation in the backward
+    assert flags and not any(flags)
+    assert {name: module.training for name, module in model.named_modules()} == before
+
+
+def test_nf4_scores_on_a_cpu_are_the_training_steps_numbers(tiny_model_dir, tokenizer, rows):
+    """In eval mode on a CPU, bitsandbytes repacks 4-bit weights for a bfloat16 inference kernel (0.8 % off a training
+    step's norms on a CPU with AVX512-BF16); scoring keeps the kernel that training uses."""
+    from gradsift.scoring import score_one
+
+    model = load_model(ScoringConfig(model=str(tiny_model_dir), quantization="nf4", lora_r=4, device="cpu"))
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    model.train()  # every dropout is 0 here: the training step's own numbers
+    expected = np.array([score_one(model, row, tokenizer.pad_token_id) for row in rows[:6]])
+    model.eval()
+    table = score_rows(model, rows[:6], ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
+    weights = [p for p in model.parameters() if type(p).__name__ == "Params4bit"]
+    assert weights and not any(getattr(p.quant_state, "packing_format_for_cpu", False) for p in weights)
+    np.testing.assert_allclose(table.loss, expected[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(table.grad_norm, expected[:, 1], rtol=1e-6)

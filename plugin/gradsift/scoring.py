@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from gradsift.config import ScoringConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, collate, make_batches
+from gradsift.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,11 @@ class GradNormHooks:
         self.keep_grads = keep_grads
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise ValueError("The model has no trainable parameters, so there is no gradient to measure.")
+            raise UserError(
+                "The model has no trainable parameters, so there is no gradient to measure. Pass a PeftModel with a "
+                "trainable adapter (`is_trainable=True`), a plain model (scored under a fresh LoRA), or set "
+                "`scoring.param_scope: all`."
+            )
         self.modules: list[nn.Module] = []
         owners: dict[int, int] = defaultdict(int)
         for module in model.modules():
@@ -109,9 +114,13 @@ class GradNormHooks:
                 for param in module.parameters(recurse=False):
                     owners[id(param)] += 1
         names = {id(p): name for name, p in model.named_parameters()}
+        self.embedding_scales = {
+            id(m): _embedding_scale(model, m) for m in self.modules if isinstance(m, nn.Embedding)
+        }
+        self.checked_embeddings: set[int] = set()
         uncovered = [names.get(id(p), "?") for p in self.params if id(p) not in owners]
         if uncovered:
-            raise ValueError(
+            raise UserError(
                 "Per-sample gradients are measured on linear and embedding layers, but these trainable parameters "
                 f"are elsewhere: {', '.join(uncovered[:8])}{' …' if len(uncovered) > 8 else ''}. Use a plain LoRA "
                 "(no modules_to_save, DoRA or embedding LoRA), `scoring.param_scope: all`, or `scoring.method: loop`."
@@ -122,9 +131,10 @@ class GradNormHooks:
             kept_out = [names.get(id(p), "?") for p in self.params if id(p) in self.shared]
             kept_out += [names.get(id(p), "?") for m in embeddings for p in m.parameters(False) if p.requires_grad]
             if kept_out:
-                raise ValueError(
+                raise UserError(
                     "Per-sample gradients are kept only for linear weights used once per forward, but these "
-                    f"trainable parameters are shared or embeddings: {', '.join(kept_out[:8])}."
+                    f"trainable parameters are shared or embeddings: {', '.join(kept_out[:8])}. Use "
+                    "`online.update: recompute`."
                 )
         self.grads: dict[int, torch.Tensor] = {}
         self.handles: list[Any] = []
@@ -188,13 +198,25 @@ class GradNormHooks:
             return
         if id(module) in self.called:
             # Two calls add two terms to one per-sample gradient; their cross term would be lost.
-            raise ValueError(
+            raise UserError(
                 f"{type(module).__name__} is called more than once per forward pass, which batched per-sample "
                 "norms do not support. Use `scoring.method: loop`."
             )
         self.called.add(id(module))
+        if isinstance(module, nn.Embedding) and id(module) not in self.checked_embeddings:
+            self._check_embedding_output(module, args[0], output)
         handler = self._on_linear_grad if isinstance(module, nn.Linear) else self._on_embedding_grad
         output.register_hook(partial(_without_autocast, handler, module, args[0]))
+
+    def _check_embedding_output(self, module: nn.Embedding, ids: torch.Tensor, output: torch.Tensor) -> None:
+        """Once per layer: its output must be its looked-up rows times its scale, as `_on_embedding_grad` assumes."""
+        with torch.no_grad():
+            rows = nn.functional.embedding(ids, module.weight, module.padding_idx)
+            expected = (rows.float() * self.embedding_scales[id(module)]).to(output.dtype)
+        rtol = 2 * torch.finfo(output.dtype).eps  # one rounding apart at most
+        if expected.shape != output.shape or not torch.allclose(expected, output, rtol=rtol, atol=0):
+            raise UserError(_unsupported_embedding(self.model, module))
+        self.checked_embeddings.add(id(module))
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor:
         """The padding mask matching a layer's input: all positions, or only the kept logit positions."""
@@ -239,7 +261,8 @@ class GradNormHooks:
         mask = self.mask
         if module.padding_idx is not None:  # PyTorch never updates the padding row
             mask = mask & (ids != module.padding_idx)
-        g = torch.where(mask[..., None], grad, 0).float()
+        # The gradient of the looked-up rows: the output's gradient times the layer's scale (Gemma's √hidden).
+        g = torch.where(mask[..., None], grad, 0).float() * self.embedding_scales[id(module)]
         if id(module.weight) in self.shared:
             self.pending[id(module.weight)].append((ids, g))
             return
@@ -262,6 +285,25 @@ class GradNormHooks:
         return torch.bmm(g.transpose(1, 2), a).float().pow(2).sum(dim=(1, 2)).double()
 
 
+def _embedding_scale(model: nn.Module, module: nn.Embedding) -> Any:
+    """The factor between an embedding layer's output and its looked-up rows: 1, or Gemma's `embed_scale` (√hidden)."""
+    if type(module).forward is nn.Embedding.forward:
+        return torch.ones((), device=module.weight.device)
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        raise UserError(_unsupported_embedding(model, module))
+    # In the weight's dtype first, as Gemma's forward multiplies (√3072 rounds to 55.5 in bfloat16).
+    return torch.as_tensor(scale).detach().to(module.weight.dtype).float().to(module.weight.device)
+
+
+def _unsupported_embedding(model: nn.Module, module: nn.Module) -> str:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (
+        f"{type(inner).__name__}'s embedding layer {type(module).__name__} transforms its looked-up rows, so batched "
+        "per-sample norms cannot measure its weight. Use `scoring.param_scope: lora` or `scoring.method: loop`."
+    )
+
+
 def _without_autocast(handler: Any, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> None:
     """Run a gradient hook in float32 even when the backward runs under a trainer's autocast."""
     with torch.autocast(device_type=grad.device.type, enabled=False):
@@ -282,14 +324,74 @@ def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode (no dropout), except under gradient checkpointing, which transformers only applies in train
-    mode; the scoring models have every dropout at p=0, so both give the same numbers."""
-    was_training = model.training
-    model.train(bool(getattr(model, "is_gradient_checkpointing", False)))
+    """Run with every dropout off, yet keep gradient checkpointing where the model has it; restore every flag after.
+
+    A user's model may carry dropout (a PeftModel's `lora_dropout`, attention dropout), and transformers checkpoints a
+    layer only when it is in train mode (`GradientCheckpointingLayer`: `gradient_checkpointing and training`). So the
+    whole model goes to eval mode, and only the checkpointed layers are flagged as training, for their `__call__` to
+    choose checkpointing; their forward, and its recomputation in the backward, run with `training` off again.
+    """
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    for module in model.modules():
+        if _is_bnb_4bit(module):
+            # In eval mode on a CPU, bitsandbytes repacks 4-bit weights for a bfloat16 inference kernel, which computes
+            # other numbers than training does and fails on biased layers; its flag changes nothing else.
+            module.training = True
+    layers = _checkpointed_layers(model)
+    if not layers and getattr(model, "is_gradient_checkpointing", False):
+        logger.warning(
+            "gradsift: this model checkpoints outside transformers' GradientCheckpointingLayer (old-style or remote "
+            "code); scoring runs it in eval mode, without gradient checkpointing, so that dropout is off."
+        )
+    checkpoints = {layer: layer._gradient_checkpointing_func for layer in layers}
+    for layer, checkpoint in checkpoints.items():
+        layer.training = True
+        layer._gradient_checkpointing_func = partial(_checkpoint_in_eval, layer, checkpoint)
     try:
         yield
     finally:
-        model.train(was_training)
+        for layer, checkpoint in checkpoints.items():
+            layer._gradient_checkpointing_func = checkpoint
+        _restore_training_flags(flags)
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # a transformers without per-layer checkpointing
+        return []
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, GradientCheckpointingLayer)
+        and module.gradient_checkpointing
+        and "_gradient_checkpointing_func" in vars(module)
+    ]
+
+
+def _checkpoint_in_eval(layer: nn.Module, checkpoint: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Checkpoint `function` (the layer's forward) with the layer's own `training` flag off whenever it runs."""
+    return checkpoint(partial(_run_in_eval, layer, function), *args, **kwargs)
+
+
+def _run_in_eval(layer: nn.Module, function: Any, *args: Any, **kwargs: Any) -> Any:
+    # Some layers apply dropout in their own forward (`dropout(x, p, training=self.training)`, as Falcon's does).
+    was_training = layer.training
+    layer.training = False
+    try:
+        return function(*args, **kwargs)
+    finally:
+        layer.training = was_training
+
+
+def _restore_training_flags(flags: dict[nn.Module, bool]) -> None:
+    for module, training in flags.items():
+        module.training = training
 
 
 def compute_autocast(config: ScoringConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -390,8 +492,9 @@ HEAD_CHUNK_ELEMENTS = 2**26
 def _frozen_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Linear] | None:
     """The decoder and a frozen plain linear head whose output is the model's logits, or None.
 
-    Checked once per model on a few tokens of a real batch, in eval mode: a model that rescales, caps or otherwise
-    post-processes its logits (Gemma's softcapping, Cohere's and Granite's scaling) keeps the `logits_to_keep` path.
+    Checked once per model: a model whose config post-processes its logits (Gemma's softcapping, Cohere's and Granite's
+    scaling) keeps the `logits_to_keep` path, and so does any other whose logits differ from the head's on a few tokens
+    of a real batch, in eval mode (a cap barely moves small logits, so the config is read first).
     """
     cached = getattr(model, "_gradsift_frozen_head", None)
     if cached is not None:
@@ -404,6 +507,7 @@ def _frozen_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[nn.M
         type(head) is nn.Linear
         and backbone is not inner
         and not any(p.requires_grad for p in head.parameters())
+        and not _logits_post_processed(getattr(inner, "config", None))
         and _head_matches(model, backbone, head, batch)
     ):
         found = (backbone, head)
@@ -411,21 +515,25 @@ def _frozen_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[nn.M
     return found or None
 
 
+def _logits_post_processed(config: Any) -> bool:
+    """Whether a model config caps or scales the head's output (Gemma 2/3, Cohere, Granite)."""
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return True
+    return any(getattr(config, key, None) not in (None, 1, 1.0) for key in ("logit_scale", "logits_scaling"))
+
+
 def _head_matches(model: nn.Module, backbone: nn.Module, head: nn.Linear, batch: dict[str, torch.Tensor]) -> bool:
     width = int(min(8, batch["attention_mask"][0].sum()))
     inputs = {"input_ids": batch["input_ids"][:1, :width], "use_cache": False}
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with scoring_mode(model), torch.no_grad():
             logits = model(**inputs).logits[0].float()
             ours = head(backbone(**inputs).last_hidden_state[0]).float()
     except Exception as error:  # noqa: BLE001 - any failure means: use the model's own forward
         logger.debug("gradsift: the decoder-and-head path is not usable (%s)", error)
         return False
-    finally:
-        model.train(was_training)
-    return logits.shape == ours.shape and bool((logits - ours).abs().max() <= 1e-3 * (1 + logits.abs().max()))
+    # The same matmul on the same hidden states: equal up to rounding, whatever post-processing hides in small logits.
+    return logits.shape == ours.shape and bool((logits - ours).abs().max() <= 1e-5 * (1 + logits.abs().max()))
 
 
 def _frozen_head_losses(
