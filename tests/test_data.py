@@ -11,12 +11,14 @@ from gradsift.data import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
+    check_rows,
     collate,
     detect_format,
     load_source,
     make_batches,
     tokenize_records,
 )
+from gradsift.errors import UserError
 
 
 def spans(row, tokenizer):
@@ -109,7 +111,7 @@ def test_tokenized_rows_keep_their_labels(tokenizer):
 
 
 def test_tokenized_rows_with_mismatched_lengths_are_rejected(tokenizer):
-    with pytest.raises(ValueError, match="3 `input_ids` but 2 `labels`"):
+    with pytest.raises(UserError, match="3 `input_ids` but 2 `labels`"):
         one({"input_ids": [5, 6, 7], "labels": [-100, 7]}, tokenizer)
 
 
@@ -155,7 +157,7 @@ def test_sample_ids_are_content_hashes_with_duplicate_counters(tokenizer):
 
 
 def test_unknown_columns_list_the_supported_formats():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:
         detect_format(["question", "answer"])
     message = str(error.value)
     for column in ("`prompt`", "`completion`", "`messages`", "`instruction`", "`output`", "`input_ids`", "`labels`"):
@@ -163,7 +165,7 @@ def test_unknown_columns_list_the_supported_formats():
 
 
 def test_empty_dataset_is_rejected(tokenizer):
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         tokenize_records([], tokenizer, DataConfig())
 
 
@@ -217,12 +219,12 @@ def test_datasets_objects_are_accepted():
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_source(tmp_path / "nope.jsonl")
 
 
 def test_unreachable_hub_dataset_is_a_clear_error():
-    with pytest.raises(ValueError, match="Could not load dataset 'nobody/no-such-dataset'"):
+    with pytest.raises(UserError, match="Could not load dataset 'nobody/no-such-dataset'"):
         load_source("nobody/no-such-dataset")
 
 
@@ -240,3 +242,172 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left behind
+
+
+# --- every row is checked before any is tokenized -------------------------------------------------------------------
+
+
+def write_lines(path, *lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+GOOD = '{"prompt": "Q?", "completion": " yes"}'
+
+
+class NoTokenizer:
+    """Fails the test if any row reaches tokenization."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"tokenizer.{name} used before the rows were checked")
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenizer called before the rows were checked")
+
+
+def test_a_row_without_the_response_column_is_named_by_its_line(tmp_path):
+    # Row 0 is fine, so the format is known; the blank line still counts, as in an editor.
+    path = write_lines(tmp_path / "data.jsonl", GOOD, "", '{"prompt": "Q2?", "answer": "no"}')
+    with pytest.raises(UserError) as error:
+        tokenize_records(load_source(path).records, NoTokenizer(), DataConfig())
+    message = str(error.value)
+    for fragment in (str(path), "1 of 2 rows", "line 3: no `completion` column (it has ['answer', 'prompt'])"):
+        assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ({"prompt": "Q?", "completion": 5}, "`completion` must be a string or a list of chat messages; got a number"),
+        ({"prompt": None, "completion": "a"}, "`prompt` must be a string or a list of chat messages; got null"),
+        ({"prompt": "Q?", "completion": [{"role": "assistant", "content": "a"}]}, "`prompt` is a string but"),
+        ({"prompt": [{"role": "user"}], "completion": []}, '`prompt[0]` must be a chat message {"role": "...", "co'),
+        ({"messages": "hi"}, '`messages` must be a list of chat messages; got a string "hi"'),
+        ({"messages": [{"role": "user", "content": 3}]}, "`messages[0]` must be a chat message"),
+        ({"messages": [["user", "hi"]]}, "`messages[0]` must be a chat message"),
+        ({"instruction": "Do.", "output": 1.5}, "`output` must be a string; got a number 1.5"),
+        ({"instruction": "Do.", "input": ["x"], "output": "ok"}, '`input` must be a string; got an array ["x"]'),
+        ({"input_ids": [1, "2"], "labels": [1, 2]}, "`input_ids` must be a list of integer token ids"),
+        ({"input_ids": [1, 2], "labels": [1, True]}, "`labels` must be a list of integer token ids"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_with_what_it_holds(row, problem):
+    with pytest.raises(UserError) as error:
+        check_rows([row])
+    assert f"row 0 (counting from 0): {problem}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "", "completion": ""},
+        {"prompt": [], "completion": [{"role": "assistant", "content": "a"}]},
+        {"messages": []},
+        {"instruction": "Do.", "input": None, "output": "ok"},
+        {"instruction": "Do.", "output": "ok"},
+        {"input_ids": [], "labels": []},
+    ],
+)
+def test_rows_of_the_right_types_pass(row):
+    check_rows([row])
+
+
+def test_the_first_few_bad_rows_are_reported_in_one_message(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", GOOD, *['{"prompt": "Q?", "completion": 1}'] * 7)
+    message = str(pytest.raises(UserError, check_rows, load_source(path).records).value)
+    assert "7 of 8 rows" in message and "line 6:" in message and "line 7:" not in message
+    assert message.endswith("; and 2 more. Fix or remove these rows (or set `data.format`).")
+
+
+def test_the_format_is_detected_from_the_columns_most_rows_have(tmp_path):
+    # Row 0 has a misspelt column: the rows are still prompt/completion, and row 0 is the one reported.
+    path = write_lines(tmp_path / "data.jsonl", '{"promt": "Q?", "completion": "a"}', GOOD, GOOD)
+    message = str(pytest.raises(UserError, check_rows, load_source(path).records).value)
+    assert "detected from the columns: 2 of 3 rows have `prompt`, `completion`" in message
+    assert "line 1: no `prompt` column" in message
+
+
+def test_a_declared_format_is_checked_on_every_row():
+    with pytest.raises(UserError, match="`data.format` is 'alpaca'.*row 1 .*no `instruction`, `output` column"):
+        check_rows([{"instruction": "Do.", "output": "ok"}, {"prompt": "Q?", "completion": "a"}], "alpaca")
+
+
+def test_rows_of_a_dataset_are_named_by_index():
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"prompt": "Q?", "completion": "a"}, {"prompt": "Q?", "completion": None}])
+    with pytest.raises(UserError, match=r"In the dataset, 1 of 2 rows .* row 1 \(counting from 0\): `completion`"):
+        check_rows(load_source(rows).records)
+
+
+# --- reading JSON Lines and JSON ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, shown", [("[1, 2]", "an array [1, 2]"), ('"x"', 'a string "x"'), ("null", "null")])
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, line, shown):
+    path = write_lines(tmp_path / "data.jsonl", GOOD, line)
+    with pytest.raises(UserError) as error:
+        load_source(path)
+    assert str(path) in str(error.value) and f"line 2: {shown}, not an object" in str(error.value)
+
+
+def test_invalid_json_is_named_by_its_line_in_the_file(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", "", GOOD, "  ", "", '{"prompt": "Q?" "completion": "a"}', "{")
+    with pytest.raises(UserError) as error:
+        load_source(path)
+    message = str(error.value)
+    assert "line 5: invalid JSON (Expecting ',' delimiter at column 17)" in message
+    assert "line 6: invalid JSON" in message
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_unicode_line_separators_inside_strings_are_kept(tmp_path, separator):
+    # JSON allows these raw inside strings; `str.splitlines` would cut the line there.
+    lines = [json.dumps({"prompt": f"a{separator}b", "completion": "c"}, ensure_ascii=False), GOOD]
+    path = write_lines(tmp_path / "data.jsonl", *lines)
+    source = load_source(path)
+    assert source.records[0]["prompt"] == f"a{separator}b" and len(source) == 2
+    source.write_subset([1, 0], tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl").read_bytes() == (lines[1] + "\n" + lines[0] + "\n").encode()
+
+
+def test_crlf_lines_and_blank_lines_are_read(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(f"{GOOD}\r\n\r\n{GOOD}\r\n".encode())
+    source = load_source(path)
+    assert source.records == [json.loads(GOOD)] * 2 and source.records.line_numbers == [1, 3]
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + '{"prompt": "café", "completion": "a"}'.encode("latin-1") + b"\n")
+    with pytest.raises(UserError, match=r"data\.jsonl' is not UTF-8 text: byte b'\\xe9' at line 2.*Save the file"):
+        load_source(path)
+
+
+def test_json_lines_in_a_json_file_are_read(tmp_path):
+    path = write_lines(tmp_path / "rows.json", GOOD, GOOD)
+    assert load_source(path).records == [json.loads(GOOD)] * 2
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('{\n  "prompt": "Q?",\n  "completion": "a"\n}\n', "holds a single JSON object over several lines"),
+        ('[{"prompt": "Q?", "completion": "a"}, 3]', "row 1 (counting from 0): a number 3"),
+        ('[{"prompt": "Q?", "completion": "a"},\n {"prompt": }]', "not valid JSON: Expecting value at line 2, column"),
+        ("prompt,completion\nQ?,a\n", "neither a JSON array of row objects nor JSON Lines: line 1: invalid JSON"),
+    ],
+)
+def test_a_json_file_that_is_neither_an_array_of_objects_nor_json_lines_is_refused(tmp_path, text, fragment):
+    path = tmp_path / "rows.json"
+    path.write_text(text)
+    with pytest.raises(UserError) as error:
+        load_source(path)
+    assert str(path) in str(error.value) and fragment in str(error.value)
+
+
+def test_an_output_file_of_another_suffix_is_refused(tmp_path):
+    source = load_source(write_lines(tmp_path / "data.jsonl", GOOD))
+    with pytest.raises(UserError, match=r"must end in \.jsonl, \.json or \.parquet; got '\.csv'"):
+        source.write_subset([0], tmp_path / "kept.csv")

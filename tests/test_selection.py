@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from gradsift.config import SelectionConfig
+from gradsift.config import SelectionConfig, load_config
+from gradsift.errors import UserError
 from gradsift.selection import REASONS, Selection, length_bins, moderate_keep, select_rows
 
 
@@ -406,6 +407,63 @@ def test_keep_count_with_another_rule_is_an_error():
         select([1.0] * 3, SelectionConfig(), keep_count=1)
 
 
+# --- a keep_fraction that keeps no row -------------------------------------------------------------------------------
+
+
+def test_keep_fraction_that_keeps_no_row_is_refused_with_the_smallest_that_keeps_one():
+    with pytest.raises(UserError) as error:
+        select([1.0] * 5, SelectionConfig(keep_fraction=0.01), require_kept=True)
+    assert str(error.value) == (
+        "`selection.keep_fraction` 0.01 keeps no row: 5 rows are eligible (status ok, finite loss and gradient norm), "
+        "and 0.01 × 5 rounds down to 0. Set `selection.keep_fraction` (--keep-fraction) to at least 0.2 to keep a row."
+    )
+
+
+def test_keep_fraction_that_keeps_no_row_is_allowed_unless_required():
+    # The online mode selects in windows: one with few ok rows keeps none and the step is skipped.
+    assert select([1.0] * 5, SelectionConfig(keep_fraction=0.01)).num_kept == 0
+
+
+def test_keep_fraction_that_keeps_no_row_counts_only_eligible_rows():
+    # 10 rows but 3 eligible: 0.3 × 3 rounds down to 0 (0.3 × 10 would keep 3).
+    status = ["ok"] * 3 + ["no_response_tokens"] * 7
+    with pytest.raises(UserError, match="3 rows are eligible .* at least 0.334 to keep a row"):
+        select([1.0] * 10, SelectionConfig(rule="high", keep_fraction=0.3), status=status, require_kept=True)
+
+
+def test_keep_fraction_that_keeps_no_row_of_any_window_names_the_window():
+    with pytest.raises(UserError, match=r"in groups of at most 3 rows \(`selection.window` 3\), and 0.25 × 3 rounds"):
+        select([1.0] * 9, SelectionConfig(keep_fraction=0.25, window=3), require_kept=True)
+
+
+def test_keep_fraction_that_keeps_no_row_of_some_windows_is_accepted():
+    # Windows of 4, 4 and 1 rows keep 1, 1 and 0 rows: only a fraction that keeps no row at all is refused.
+    selection = select([1.0] * 9, SelectionConfig(keep_fraction=0.25, window=4), require_kept=True)
+    assert selection.num_kept == 2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 7, 9, 11, 13, 99, 101, 997, 1001, 30011])
+def test_the_suggested_keep_fraction_keeps_exactly_one_row(rows):
+    with pytest.raises(UserError) as error:
+        select(np.arange(rows, dtype=float), SelectionConfig(rule="low", keep_fraction=0.9 / rows), require_kept=True)
+    suggested = float(str(error.value).split("at least ")[1].split(" to keep")[0])
+    assert 1 / rows <= suggested <= min(1.0, 1.01 / rows)  # 1/rows rounded up to 3 significant digits
+    assert select(np.arange(rows, dtype=float), SelectionConfig(rule="low", keep_fraction=suggested)).num_kept == 1
+
+
+@pytest.mark.parametrize(
+    "config, kwargs",
+    [
+        (SelectionConfig(rule="threshold", max_grad_norm=0.5), {}),
+        (SelectionConfig(rule="random", keep_fraction=0.01), {"keep_count": 0}),
+        (SelectionConfig(keep_fraction=0.01), {"status": ["nonfinite"] * 5}),
+    ],
+    ids=["threshold", "keep_count", "no_eligible_rows"],
+)
+def test_keeping_no_row_for_another_reason_is_not_a_keep_fraction_error(config, kwargs):
+    assert select([1.0] * 5, config, require_kept=True, **kwargs).num_kept == 0
+
+
 # --- rows that are not ok -------------------------------------------------------------------------------------------
 
 KEEP_ALL_OK = [
@@ -490,3 +548,27 @@ def test_config_drop_top_needs_drop_fraction():
 def test_config_rejects_keep_fraction_above_one():
     with pytest.raises(ValidationError, match="keep_fraction"):
         SelectionConfig(keep_fraction=5)
+
+
+def test_load_config_reports_every_bad_key_as_one_user_error():
+    with pytest.raises(UserError) as error:
+        load_config({"selection": {"keep_fraction": 5, "rule": "drop_top"}, "data": {"formt": "auto"}})
+    message = str(error.value)
+    assert "`selection.keep_fraction`" in message and "got 5" in message
+    assert "`data.formt` is not a gradsift option" in message
+
+
+def test_min_kept_keeps_one_row_of_the_largest_group_when_the_fraction_keeps_none():
+    # Length strata of 3 short and 2 long rows: 0.2 of either rounds down to none; min_kept=1 takes the short
+    # group's row nearest its median norm, as k=1 there would.
+    lengths = np.array([2, 2, 2, 40, 40])
+    norms = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    config = SelectionConfig(rule="moderate", keep_fraction=0.2, loss_sigma=None, length_strata=2)
+    args = (np.ones(5), norms, np.array(["ok"] * 5, dtype=object), config)
+    assert not select_rows(*args, num_response_tokens=lengths).keep.any()
+    kept = select_rows(*args, num_response_tokens=lengths, min_kept=1).keep
+    assert kept.tolist() == [False, True, False, False, False]
+    # Nothing scoreable: nothing kept, and no error.
+    none = select_rows(np.ones(2), np.ones(2), np.array(["nonfinite"] * 2, dtype=object), config,
+                       num_response_tokens=np.array([2, 2]), min_kept=1)  # fmt: skip
+    assert not none.keep.any()

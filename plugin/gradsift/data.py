@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import tempfile
 from collections import Counter
@@ -25,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from gradsift.config import DataConfig
+from gradsift.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ FORMAT_COLUMNS = {
     "alpaca": ("instruction", "output"),
     "tokenized": ("input_ids", "labels"),
 }
+# A bad-rows error shows this many rows, then counts the rest.
+MAX_REPORTED_ROWS = 5
 # The same prompts as axolotl's `type: alpaca`.
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -48,6 +52,27 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
+class Rows(list):
+    """A list of row dicts that remembers where it was read from, so that a bad row is reported where one finds it.
+
+    JSON Lines rows are located by their line in the file (counting from 1, as an editor does; blank lines count);
+    other rows by their index (counting from 0, as `index` in `dropped.jsonl`).
+    """
+
+    def __init__(self, rows: Iterable[Any] = (), origin: str | None = None, line_numbers: list[int] | None = None):
+        super().__init__(rows)
+        self.origin = origin
+        self.line_numbers = line_numbers
+
+    def locate(self, i: int) -> str:
+        """Return where row `i` is: `line 7` or `row 6 (counting from 0)`."""
+        return f"line {self.line_numbers[i]}" if self.line_numbers is not None else _row_number(i)
+
+
+def _row_number(i: int) -> str:
+    return f"row {i} (counting from 0)"
+
+
 @dataclass
 class Source:
     """Rows as read from their origin, able to write any subset back in the same format."""
@@ -56,7 +81,7 @@ class Source:
     kind: str  # "jsonl", "json", "parquet", "hub" or "dataset"
     fingerprint: str
     path: str | None = None
-    _lines: list[str] | None = field(default=None, repr=False)
+    _lines: list[str] | None = field(default=None, repr=False)  # JSON Lines: each row's line, without its end
     _dataset: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -70,7 +95,10 @@ class Source:
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in FILE_SUFFIXES:
-            raise ValueError(f"Output file {str(path)!r} must end in .jsonl, .json or .parquet.")
+            raise UserError(
+                f"Output file {str(path)!r} must end in .jsonl, .json or .parquet; got {suffix or 'no suffix'!r}. "
+                "Choose one of these suffixes."
+            )
         indices = list(indices)
         with atomic_path(path) as tmp:
             if suffix == ".jsonl":
@@ -81,7 +109,7 @@ class Source:
                             if self._lines is not None
                             else json.dumps(self.records[i], ensure_ascii=False)
                         )
-                        handle.write(line.rstrip("\r\n") + "\n")
+                        handle.write(line + "\n")
             elif suffix == ".json":
                 with open(tmp, "w", encoding="utf-8") as handle:
                     json.dump([self.records[i] for i in indices], handle, ensure_ascii=False, indent=1)
@@ -132,7 +160,8 @@ def load_source(data: Any, split: str = "train") -> Source:
     """Read rows from a JSONL/JSON/parquet file, a `datasets.Dataset`, a saved dataset folder or a hub id."""
     if not isinstance(data, (str, os.PathLike)):
         if hasattr(data, "column_names") and hasattr(data, "to_list"):
-            return Source(records=data.to_list(), kind="dataset", fingerprint=str(data._fingerprint), _dataset=data)
+            records = Rows(data.to_list(), "the dataset")
+            return Source(records=records, kind="dataset", fingerprint=str(data._fingerprint), _dataset=data)
         raise TypeError(
             f"`data` must be a file path, a hub dataset id or a datasets.Dataset; got {type(data).__name__}."
         )
@@ -141,41 +170,128 @@ def load_source(data: Any, split: str = "train") -> Source:
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix not in FILE_SUFFIXES:
-            raise ValueError(f"Data file {spec!r} must be .jsonl, .json or .parquet; got {suffix or 'no suffix'!r}.")
+            raise UserError(f"Data file {spec!r} must be .jsonl, .json or .parquet; got {suffix or 'no suffix'!r}.")
         return _load_file(path, FILE_SUFFIXES[suffix])
     if path.is_dir():
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded[split]
-        return Source(records=loaded.to_list(), kind="dataset", fingerprint=str(loaded._fingerprint), path=str(path))
+        return _load_folder(path, split)
     if suffix in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
-        raise ValueError(
+        raise UserError(
             f"Data file {spec!r} does not exist. Check the path (relative paths start from {os.getcwd()})."
         )
     return _load_hub(spec, split)
 
 
+def _load_folder(path: Path, split: str) -> Source:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(
+            f"Data folder {str(path)!r} is not a saved dataset (no `datasets.save_to_disk` files in it). Pass the "
+            "folder that `save_to_disk` wrote, or a .jsonl/.json/.parquet file."
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(
+                f"Data folder {str(path)!r} has no split {split!r}; its splits: {sorted(loaded)}. Set `data.split`."
+            )
+        loaded = loaded[split]
+    records = Rows(loaded.to_list(), f"saved dataset {str(path)!r}")
+    return Source(records=records, kind="dataset", fingerprint=str(loaded._fingerprint), path=str(path))
+
+
 def _load_file(path: Path, kind: str) -> Source:
     fingerprint = file_fingerprint(path)
     if kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return Source(records=pq.read_table(path).to_pylist(), kind=kind, fingerprint=fingerprint, path=str(path))
-    text = path.read_text(encoding="utf-8")
-    if kind == "json" and text.lstrip().startswith("["):
-        return Source(records=json.loads(text), kind=kind, fingerprint=fingerprint, path=str(path))
-    lines = [line for line in text.splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path}:{number} is not valid JSON ({error.msg}). Each line must be one JSON object."
-            ) from None
+            table = pq.read_table(path)
+        except pa.ArrowInvalid as error:
+            raise UserError(f"Data file {str(path)!r} is not a readable parquet file ({error}).") from None
+        return Source(records=Rows(table.to_pylist(), _file(path)), kind=kind, fingerprint=fingerprint, path=str(path))
+    text = _read_utf8(path)
+    if kind == "json":
+        rows = _json_array(text, path)
+        if rows is not None:
+            return Source(records=rows, kind=kind, fingerprint=fingerprint, path=str(path))
+    records, lines = _json_lines(text, path, kind)
     return Source(records=records, kind=kind, fingerprint=fingerprint, path=str(path), _lines=lines)
+
+
+def _file(path: Path) -> str:
+    return f"data file {str(path)!r}"
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a leading byte order mark is not part of the first row
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UserError(
+            f"Data file {str(path)!r} is not UTF-8 text: byte {data[error.start : error.start + 1]!r} at line {line} "
+            f"({error.reason}). Save the file as UTF-8."
+        ) from None
+
+
+def _json_array(text: str, path: Path) -> Rows | None:
+    """Return the rows of a .json file holding one array of row objects; None when it may be JSON Lines."""
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):
+            raise UserError(
+                f"Data file {str(path)!r} starts a JSON array but is not valid JSON: {error.msg} at line "
+                f"{error.lineno}, column {error.colno}. Fix the file, or write one JSON object per line (.jsonl)."
+            ) from None
+        return None  # perhaps JSON Lines
+    if isinstance(loaded, list):
+        bad = [i for i, row in enumerate(loaded) if not isinstance(row, dict)]
+        if bad:
+            shown = "; ".join(f"{_row_number(i)}: {_received(loaded[i])}" for i in bad[:MAX_REPORTED_ROWS])
+            raise UserError(
+                f"Data file {str(path)!r} is a JSON array, but {len(bad):,} of its {len(loaded):,} elements are not "
+                f"row objects: {shown}{_more(len(bad))}. Make every element one object, e.g. "
+                '{"prompt": "...", "completion": "..."}.'
+            )
+        return Rows(loaded, _file(path))
+    if "\n" in text.strip():
+        raise UserError(
+            f"Data file {str(path)!r} holds a single JSON {_json_type(loaded)} over several lines, not rows. Write an "
+            "array of row objects ([{...}, {...}]) or one row object per line (.jsonl)."
+        )
+    return None  # a single line: one JSON Lines row
+
+
+def _json_lines(text: str, path: Path, kind: str) -> tuple[Rows, list[str]]:
+    # Only "\n" ends a line: `str.splitlines` would also split inside strings holding U+2028, U+0085, \x1c and the
+    # like, which JSON allows. A blank line is skipped, but every row keeps its line number in the file.
+    records, lines, numbers, problems = [], [], [], []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip(" \t\r"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"line {number}: invalid JSON ({error.msg} at column {error.colno})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"line {number}: {_received(record)}, not an object")
+            continue
+        records.append(record)
+        lines.append(line)
+        numbers.append(number)
+    if problems:
+        what = "neither a JSON array of row objects nor JSON Lines" if kind == "json" else "not JSON Lines"
+        raise UserError(
+            f"Data file {str(path)!r} is {what}: {'; '.join(problems[:MAX_REPORTED_ROWS])}{_more(len(problems))}. "
+            'Each line must be one JSON object, one row, e.g. {"prompt": "...", "completion": "..."}.'
+        )
+    return Rows(records, _file(path), numbers), lines
 
 
 def _load_hub(spec: str, split: str) -> Source:
@@ -184,26 +300,167 @@ def _load_hub(spec: str, split: str) -> Source:
     try:
         loaded = datasets.load_dataset(spec, split=split)
     except Exception as error:  # datasets raises many types for "not found" and "offline"
-        raise ValueError(
+        raise UserError(
             f"Could not load dataset {spec!r} (split {split!r}) from the hub: {error}. "
             "Pass a local .jsonl/.json/.parquet file, or check the id and your network."
         ) from None
-    return Source(
-        records=loaded.to_list(), kind="hub", fingerprint=str(loaded._fingerprint), path=spec, _dataset=loaded
-    )
+    records = Rows(loaded.to_list(), f"hub dataset {spec!r} (split {split!r})")
+    return Source(records=records, kind="hub", fingerprint=str(loaded._fingerprint), path=spec, _dataset=loaded)
 
 
 def detect_format(columns: Iterable[str]) -> str:
-    """Return the format whose required columns are present, or raise a `ValueError` listing the formats."""
+    """Return the format whose required columns are present, or raise a `UserError` listing the formats."""
     columns = set(columns)
     for name, required in FORMAT_COLUMNS.items():
         if set(required) <= columns:
             return name
+    raise UserError(_unknown_format(columns))
+
+
+def _unknown_format(columns: set[str]) -> str:
     supported = "; ".join(f"{name} ({', '.join(f'`{c}`' for c in cols)})" for name, cols in FORMAT_COLUMNS.items())
-    raise ValueError(
+    return (
         f"Cannot tell the data format from the columns {sorted(columns)}. Supported formats: {supported}. "
         "Rename the columns or set `data.format`."
     )
+
+
+def check_rows(records: Sequence[Any], data_format: str = "auto") -> str:
+    """Return the rows' format, `data_format` or else the one most rows' columns fit, after checking every row.
+
+    Raises:
+        UserError: If no row fits any format, or some rows lack a column of the format or hold a value of the wrong
+            type; the message names the first few such rows (by line for JSON Lines) and what each holds.
+    """
+    place = f"In {records.origin}, " if isinstance(records, Rows) and records.origin else ""
+    locate = records.locate if isinstance(records, Rows) else _row_number
+    if data_format == "auto":
+        fits = Counter(
+            name
+            for record in records
+            if isinstance(record, dict)
+            for name, required in FORMAT_COLUMNS.items()
+            if all(column in record for column in required)
+        )
+        if not fits:
+            columns = {column for record in records if isinstance(record, dict) for column in record}
+            message = _unknown_format(columns)
+            raise UserError(f"{place}{message[0].lower()}{message[1:]}" if place else message)
+        # Ties go to the earlier format, as for a single row.
+        data_format = max(FORMAT_COLUMNS, key=lambda name: fits[name])
+        names = ", ".join(f"`{c}`" for c in FORMAT_COLUMNS[data_format])
+        how = f"detected from the columns: {fits[data_format]:,} of {len(records):,} rows have {names}"
+        fix = "Fix or remove these rows (or set `data.format`)."
+    else:
+        how = f"`data.format` is {data_format!r}"
+        fix = "Fix or remove these rows, or set `data.format` to the rows' format."
+    problems = [(i, problem) for i, record in enumerate(records) if (problem := _row_problem(record, data_format))]
+    if problems:
+        shown = "; ".join(f"{locate(i)}: {problem}" for i, problem in problems[:MAX_REPORTED_ROWS])
+        raise UserError(
+            f"{place}{len(problems):,} of {len(records):,} rows do not fit the {data_format} format ({how}): "
+            f"{shown}{_more(len(problems))}. {fix}"
+        )
+    return data_format
+
+
+def _row_problem(record: Any, data_format: str) -> str | None:
+    if not isinstance(record, dict):
+        return f"{_received(record)}, not a row object"
+    missing = [column for column in FORMAT_COLUMNS[data_format] if column not in record]
+    if missing:
+        return f"no {', '.join(f'`{c}`' for c in missing)} column (it has {sorted(record)})"
+    return _ROW_CHECKS[data_format](record)
+
+
+def _check_prompt_completion(record: dict) -> str | None:
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return None
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return _chat_problem(prompt, "prompt") or _chat_problem(completion, "completion")
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, (str, list)):
+            return f"`{key}` must be a string or a list of chat messages; got {_received(value)}"
+    return (
+        f"`prompt` is {_a(_json_type(prompt))} but `completion` is {_a(_json_type(completion))}; use two strings or "
+        "two lists of chat messages"
+    )
+
+
+def _check_messages(record: dict) -> str | None:
+    return _chat_problem(record["messages"], "messages")
+
+
+def _check_alpaca(record: dict) -> str | None:
+    for key in ("instruction", "input", "output"):
+        value = record.get(key)
+        if not isinstance(value, str) and not (key == "input" and value is None):
+            return f"`{key}` must be a string; got {_received(value)}"
+    return None
+
+
+def _check_tokenized(record: dict) -> str | None:
+    for key in ("input_ids", "labels"):
+        value = record[key]
+        if not isinstance(value, list) or not _token_ids(value):
+            return f"`{key}` must be a list of integer token ids; got {_received(value)}"
+    if len(record["input_ids"]) != len(record["labels"]):
+        return (
+            f"{len(record['input_ids'])} `input_ids` but {len(record['labels'])} `labels`; give one label per token "
+            f"({IGNORE_INDEX} where no loss is taken)"
+        )
+    return None
+
+
+def _token_ids(values: list) -> bool:
+    # The set of types is the fast path for Python ints; numpy integers pass too, booleans (`true`) do not.
+    types = set(map(type, values))
+    return types <= {int} or all(issubclass(t, numbers.Integral) and t is not bool for t in types)
+
+
+def _chat_problem(messages: Any, key: str) -> str | None:
+    if not isinstance(messages, list):
+        return f"`{key}` must be a list of chat messages; got {_received(messages)}"
+    for j, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            shape = '{"role": "...", "content": "..."}'
+            return f"`{key}[{j}]` must be a chat message {shape} with string values; got {_received(message)}"
+    return None
+
+
+_ROW_CHECKS = {
+    "prompt_completion": _check_prompt_completion,
+    "messages": _check_messages,
+    "alpaca": _check_alpaca,
+    "tokenized": _check_tokenized,
+}
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _received(value: Any, width: int = 60) -> str:
+    """`a number 5`, `an array [1, 2]`, `null`: the value as it reads in the file, cut to `width` characters."""
+    if value is None:
+        return "null"
+    shown = json.dumps(value, ensure_ascii=False, default=repr)
+    shown = shown if len(shown) <= width else shown[: width - 1] + "…"
+    return f"{_a(_json_type(value))} {shown}"
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _more(total: int) -> str:
+    return f"; and {total - MAX_REPORTED_ROWS:,} more" if total > MAX_REPORTED_ROWS else ""
 
 
 @dataclass
@@ -228,15 +485,15 @@ def tokenize_records(
     *,
     progress: bool = True,
 ) -> list[TokenizedRow]:
-    """Tokenize rows into `TokenizedRow`s with response-only labels, truncated to `data.max_length`, with ids."""
+    """Tokenize rows into `TokenizedRow`s with response-only labels, truncated to `data.max_length`, with ids.
+
+    Every row is checked against the format (`data.format`, or the one detected from the rows' columns) before any is
+    tokenized, so a bad row fails in seconds with its line; see `check_rows`.
+    """
     if not records:
-        raise ValueError("The dataset is empty: there are no rows to score.")
-    fmt = config.format if config.format != "auto" else detect_format(records[0].keys())
-    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in records[0]]
-    if missing:
-        raise ValueError(
-            f"`data.format` is {fmt!r} but the rows have no {missing} column. Columns: {sorted(records[0])}."
-        )
+        origin = records.origin if isinstance(records, Rows) and records.origin else "the dataset"
+        raise UserError(f"{origin[0].upper()}{origin[1:]} is empty: there are no rows to score. Add rows.")
+    fmt = check_rows(records, config.format)
     rows = []
     for record in tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000):
         input_ids, labels = _TOKENIZERS[fmt](record, tokenizer, config)
@@ -283,7 +540,7 @@ def _messages(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[in
         start = len(_chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
         upto = _chat_ids(tokenizer, messages[: i + 1])
         if ids[: len(upto)] != upto or upto[:start] != ids[:start]:
-            raise ValueError(
+            raise UserError(
                 "The chat template renders earlier turns differently once later turns follow, so assistant turns "
                 "cannot be located. Use `data.format: tokenized` with your own labels, or prompt/completion rows."
             )
@@ -296,17 +553,15 @@ def _messages(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[in
 
 
 def _tokenized(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[int], list[int]]:
-    input_ids, labels = list(record["input_ids"]), list(record["labels"])
-    if len(input_ids) != len(labels):
-        raise ValueError(
-            f"A pre-tokenized row has {len(input_ids)} `input_ids` but {len(labels)} `labels`; they must match."
-        )
-    return input_ids, labels
+    return list(record["input_ids"]), list(record["labels"])
 
 
 def _chat_ids(tokenizer: Any, messages: list, add_generation_prompt: bool = False) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("The tokenizer has no chat template, so chat rows cannot be rendered. Use a chat model.")
+        raise UserError(
+            "The tokenizer has no chat template, so chat rows cannot be rendered. Use a chat model, or plain-text "
+            "prompt/completion rows."
+        )
     if not messages:
         return []
     encoded = tokenizer.apply_chat_template(

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradsift.config import SelectionConfig
+from gradsift.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# Rules whose number of kept rows is `keep_fraction` of a group.
+FRACTION_RULES = ("moderate", "random", "high", "low")
 REASONS: dict[str, str] = {
     "no_response_tokens": "The row has no response tokens, so there is nothing to score or train on.",
     "nonfinite": "The row's loss or gradient norm is NaN or infinite.",
@@ -281,6 +284,33 @@ def _group_ks(sizes: np.ndarray, config: SelectionConfig, keep_count: int | None
     return base.tolist()
 
 
+def _at_least(ks: list[int], sizes: np.ndarray, minimum: int) -> list[int]:
+    """Raise the groups' ks to `minimum` rows in total (as far as they have rows), one more row per group at a time,
+    largest group first."""
+    ks = list(ks)
+    order = np.argsort(-sizes, kind="stable")
+    while sum(ks) < min(minimum, int(sizes.sum())):
+        for g in order:
+            if sum(ks) < minimum and ks[g] < sizes[g]:
+                ks[g] += 1
+    return ks
+
+
+def _keeps_no_row(config: SelectionConfig, eligible: int, largest: int) -> str:
+    fraction = config.keep_fraction
+    groups = {"window": config.window, "length_strata": config.length_strata}
+    grouped = ", ".join(f"`selection.{key}` {value}" for key, value in groups.items() if value is not None)
+    where = f", in groups of at most {largest:,} rows ({grouped})" if grouped else ""
+    # Round 1/largest up to 3 significant digits: 0.333 of 3 rows still rounds down to none, 0.334 keeps one.
+    scale = 10.0 ** (2 - np.floor(np.log10(1 / largest)))
+    smallest = float(np.ceil(round(scale / largest, 6)) / scale)
+    return (
+        f"`selection.keep_fraction` {fraction} keeps no row: {eligible:,} rows are eligible (status ok, finite loss "
+        f"and gradient norm){where}, and {fraction} × {largest:,} rounds down to 0. Set `selection.keep_fraction` "
+        f"(--keep-fraction) to at least {smallest:g} to keep a row."
+    )
+
+
 def _check_inputs(arrays: dict[str, np.ndarray], config: SelectionConfig, keep_count: int | None) -> None:
     if any(array.ndim != 1 for array in arrays.values()):
         shapes = ", ".join(f"`{name}` {array.shape}" for name, array in arrays.items())
@@ -310,6 +340,8 @@ def select_rows(
     *,
     num_response_tokens: Sequence[int] | np.ndarray | None = None,
     keep_count: int | None = None,
+    require_kept: bool = False,
+    min_kept: int = 0,
 ) -> Selection:
     """Apply `config.rule` to scored rows and return which are kept, with a reason for each dropped row.
 
@@ -325,11 +357,17 @@ def select_rows(
         num_response_tokens: Per-row response length; required with `selection.length_strata`.
         keep_count: For `random` only: keep exactly this many rows instead of `keep_fraction` of them, to match
             another arm's size (split over length bins by largest remainder).
+        require_kept: Refuse a `keep_fraction` that keeps no row of any group although rows are eligible. Pass it
+            for a whole dataset; the online mode selects in small windows, where keeping none of a window with few
+            `ok` rows just skips the step.
+        min_kept: Keep at least this many rows when that many are eligible, adding one row to the largest groups
+            first (the online mode keeps at least one row of a window whenever one scores).
 
     Returns:
         The keep mask and the per-row reasons.
 
     Raises:
+        UserError: With `require_kept`, if `keep_fraction` rounds down to no row in every group.
         ValueError: If the inputs differ in length, or an option does not fit the rule.
     """
     arrays = {
@@ -350,7 +388,12 @@ def select_rows(
     reasons[ok] = ""
 
     groups = _groups(ok, arrays.get("num_response_tokens"), config)
-    ks = _group_ks(np.array([len(group) for group in groups], dtype=np.int64), config, keep_count)
+    sizes = np.array([len(group) for group in groups], dtype=np.int64)
+    ks = _group_ks(sizes, config, keep_count)
+    if require_kept and keep_count is None and config.rule in FRACTION_RULES and sizes.sum() and not sum(ks):
+        raise UserError(_keeps_no_row(config, int(sizes.sum()), int(sizes.max())))
+    if min_kept and keep_count is None and config.rule in FRACTION_RULES:
+        ks = _at_least(ks, sizes, min_kept)
     rng = np.random.default_rng(config.seed)
     rule = _RULES[config.rule]
     for index, k in zip(groups, ks):

@@ -1,0 +1,90 @@
+"""The `gradsift` command on bad data and bad options: exit status 2 and one line naming the file, row or key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradsift.cli import main
+from test_cli import score_args, user_error
+
+GOOD = {"prompt": "Is the sky blue on a clear day?", "completion": " yes"}
+
+
+def write_lines(path, *lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, tiny_model_dir):
+    """Five rows scored once, the first holding the line separators U+2028, U+2029 and U+0085 inside a string."""
+    folder = tmp_path_factory.mktemp("scored")
+    first = json.dumps({"prompt": "Two lines:\u2028one\u2029two\u0085three.", "completion": " ok"}, ensure_ascii=False)
+    lines = [first] + [json.dumps({**GOOD, "completion": f" yes{'!' * i}"}) for i in range(4)]
+    data = write_lines(folder / "data.jsonl", *lines)
+    code = main(score_args(tiny_model_dir, data, folder / "scores"))
+    return folder, lines, code
+
+
+def test_a_row_without_the_response_column_is_named(tmp_path, tiny_model_dir, capsys):
+    data = write_lines(tmp_path / "data.jsonl", json.dumps(GOOD), json.dumps({"prompt": "Hi?", "response": "no"}))
+    user_error(
+        capsys,
+        score_args(tiny_model_dir, data, tmp_path / "out"),
+        str(data),
+        "line 2: no `completion` column (it has ['prompt', 'response'])",
+    )
+
+
+def test_a_completion_that_is_not_a_string_is_named(tmp_path, tiny_model_dir, capsys):
+    data = write_lines(tmp_path / "data.jsonl", json.dumps(GOOD), json.dumps({"prompt": "Hi?", "completion": 5}))
+    user_error(
+        capsys,
+        score_args(tiny_model_dir, data, tmp_path / "out"),
+        str(data),
+        "line 2: `completion` must be a string or a list of chat messages; got a number 5",
+    )
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, tiny_model_dir, capsys):
+    data = write_lines(tmp_path / "data.jsonl", json.dumps(GOOD), "[1, 2]")
+    user_error(capsys, score_args(tiny_model_dir, data, tmp_path / "out"), str(data), "line 2: an array [1, 2]")
+
+
+def test_invalid_json_after_blank_lines_is_named_by_its_line_in_the_file(tmp_path, tiny_model_dir, capsys):
+    data = write_lines(tmp_path / "data.jsonl", "", json.dumps(GOOD), "", '{"prompt": "Hi?", "completion": }')
+    user_error(capsys, score_args(tiny_model_dir, data, tmp_path / "out"), str(data), "line 4: invalid JSON")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes('{"prompt": "Café?", "completion": " oui"}\n'.encode("latin-1"))
+    user_error(capsys, score_args(tiny_model_dir, data, tmp_path / "out"), str(data), "is not UTF-8 text")
+
+
+def test_line_separators_inside_strings_are_scored_and_kept_byte_for_byte(scored, capsys):
+    folder, lines, code = scored
+    assert code == 0
+    kept = folder / "kept.jsonl"
+    assert (
+        main(["select", str(folder / "scores"), "--rule", "threshold", "--max-grad-norm", "1e9", "--out", str(kept)])
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("kept 5/5 (100.0%)")
+    assert kept.read_bytes() == "".join(line + "\n" for line in lines).encode()
+
+
+def test_a_keep_fraction_that_keeps_no_row_is_refused(scored, capsys):
+    folder, _, _ = scored
+    kept = folder / "none.jsonl"
+    argv = ["select", str(folder / "scores"), "--keep-fraction", "0.01", "--out", str(kept)]
+    user_error(capsys, argv, "`selection.keep_fraction` 0.01 keeps no row: 5 rows are eligible", "at least 0.2")
+    assert not kept.exists()
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
+    config = tmp_path / "gradsift.yaml"
+    config.write_text("selection:\n  rule: [moderate\n")
+    user_error(capsys, ["select", str(tmp_path), "--out", "x.jsonl", "--config", str(config)], str(config))
