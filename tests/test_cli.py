@@ -229,3 +229,19 @@ def test_readme_main_commands_run_on_the_embedded_model(tmp_path):
     source = (ROOT / "recipes/data/mixed-tasks.jsonl").read_text().splitlines()
     assert len(kept) == 20 and set(kept) <= set(source)
     assert "response tokens" in outputs[2]
+
+
+@pytest.mark.parametrize("error", ["KeyError('forced')", "ValueError('forced')"])
+def test_a_gradsift_bug_exits_1_with_its_traceback(tmp_path, error):
+    # Any exception but a UserError is a bug, a plain ValueError included: never reported as the user's mistake.
+    script = (
+        "import sys, gradsift.cli as cli\n"
+        f"def boom(args): raise {error}\n"
+        "cli.run_inspect = boom\n"
+        f"sys.argv = ['gradsift', 'inspect', {str(tmp_path)!r}]\n"
+        "cli.main_entry()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "forced" in done.stderr
+    assert "gradsift inspect: error:" not in done.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
@@ -257,11 +256,41 @@ def test_steps_without_response_tokens_are_skipped_and_counted(tmp_path, tokeniz
     )
     trainer.train()
     assert trainer.gradsift_skipped_steps == 2
-    assert "had no row to keep" in caplog.text
+    assert "had no row to keep: none of its rows could be scored (4 no_response_tokens)" in caplog.text
     assert all(torch.equal(p, start[name]) for name, p in lora_state(model).items())
-    record = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    # Strict JSON (no bare NaN): a window without a scored row has no norm quantiles.
+    record = json.loads(
+        (tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0], parse_constant=strict_constant
+    )
     assert record["kept"] == 0 and record["dropped"] == {"no_response_tokens": 4}
-    assert np.isnan(record["grad_norm_q50"])
+    assert record["grad_norm_q50"] is None
+
+
+def strict_constant(name):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def test_a_window_with_few_scoreable_rows_still_keeps_one(tmp_path, tokenizer, caplog):
+    # keep_fraction 0.25 of a 4-row window passes the start-up check (⌊0.25·4⌋ = 1); with only 2 rows scoring,
+    # ⌊0.25·2⌋ = 0, but a window keeps at least one row whenever one scores: the step trains, nothing is skipped.
+    rows = [{"input_ids": [4, 10 + i, 11, 12, 5], "labels": [-100] * 5} for i in range(2)]
+    rows += [{"input_ids": [4, 20 + i, 11, 12, 5], "labels": [-100, -100, 11, 12, 5]} for i in range(2)]
+    args = sft_config(tmp_path, per_device_train_batch_size=4, dataset_kwargs={"skip_prepare_dataset": True})
+    model = peft_model(tokenizer)
+    start = lora_state(model)
+    trainer = GradSiftSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        gradsift_config=online_config(keep_fraction=0.25),
+    )
+    trainer.train()
+    record = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    assert record["rows"] == 4 and record["kept"] == 1
+    assert record["dropped"] == {"no_response_tokens": 2, "far_from_median": 1}
+    assert trainer.gradsift_skipped_steps == 0 and "no row to keep" not in caplog.text
+    assert any(not torch.equal(p, start[name]) for name, p in lora_state(model).items())
 
 
 def test_online_mode_on_a_qlora_model_with_gradient_checkpointing(tmp_path, tiny_model_dir, tokenizer, mixed_records):

@@ -22,6 +22,7 @@ import numpy as np
 from gradsift import __version__
 from gradsift.config import SECTIONS, GradSiftConfig, load_config
 from gradsift.distributed import Team
+from gradsift.errors import UserError
 from gradsift.selection import length_bins
 
 if TYPE_CHECKING:
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gradsift")
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
-
-
-class UserError(Exception):
-    """An error in what the user asked for: reported in one line, exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,9 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _disable_library_progress_bars()
     try:
         return args.handler(args)
-    except (UserError, ValueError, FileNotFoundError) as error:
-        print(f"gradsift {args.command}: error: {error}", file=sys.stderr)
+    except UserError as error:
+        print(f"gradsift {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: UserError) -> str:
+    return " ".join(str(error).split())
 
 
 def _disable_library_progress_bars() -> None:
@@ -295,8 +296,14 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise UserError(f"--config {str(path)!r} does not exist.")
-    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"--config {str(path)!r} {what}; pass a YAML file.")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {str(path)!r} is not valid YAML: {error}. Fix the file's syntax.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {str(path)!r} is not UTF-8 text; save the YAML file as UTF-8.") from None
     if not isinstance(loaded, dict):
         raise UserError(f"--config {str(path)!r} must hold a mapping; got {type(loaded).__name__}.")
     if "gradsift" in loaded:
@@ -308,8 +315,10 @@ def run_score(args: argparse.Namespace) -> int:
     """`gradsift score`; under torchrun or `accelerate launch`, the processes split the shards and rank 0 reports."""
     from gradsift.distributed import launched_team
     from gradsift.models import resolve_device
+    from gradsift.store import ScoreStore
 
     config = config_from_args(args)
+    ScoreStore(args.out, {}).check_writable()  # before anything loads
     if not config.scoring.model:
         raise UserError(
             "`scoring.model` is not set: pass --model (a hub id, a local folder or embedded:smollm2-135m-instruct)."
@@ -352,22 +361,25 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
 
 
 def _load_scores(folder: Path):
-    from gradsift.store import TABLE, read_manifest, read_table
+    from gradsift.store import finished_table, read_manifest
 
     manifest = read_manifest(folder)
-    if manifest is None or manifest.get("status") != "complete":
+    table = finished_table(folder, manifest)
+    if manifest is None or table is None:
         raise UserError(
-            f"{str(folder)!r} holds no finished scores (no complete scores.json). Run `gradsift score` first."
+            f"{str(folder)!r} holds no finished scores (no complete scores.json beside its scores.parquet). Run "
+            "`gradsift score` first, or again to finish an interrupted one."
         )
-    return manifest, read_table(folder / TABLE)
+    return manifest, table
 
 
 def run_select(args: argparse.Namespace) -> int:
     """`gradsift select`."""
     from gradsift.data import load_source
+    from gradsift.locking import folder_lock
     from gradsift.pipeline import apply_selection, kept_indices
     from gradsift.selection import REASONS
-    from gradsift.store import write_dropped, write_json
+    from gradsift.store import MANIFEST, TABLE, selection_paths, selection_record, write_dropped, write_json
 
     config = config_from_args(args)
     manifest, table = _load_scores(args.scores)
@@ -385,23 +397,27 @@ def run_select(args: argparse.Namespace) -> int:
     if len(source) != len(table):
         raise UserError(f"The data has {len(source):,} rows but the scores have {len(table):,}; score it again.")
     selection = apply_selection(table, config)
+    inputs = [args.scores / name for name in (MANIFEST, TABLE)]
+    inputs += [Path(source.path)] if source.kind in ("jsonl", "json", "parquet") else []
     out = args.out
-    source.write_subset(kept_indices(selection, table).tolist(), out)
-    dropped_path = out.parent / "dropped.jsonl"
-    write_dropped(dropped_path, table, selection, lambda i: {"row": source.records[i]})
-    write_json(
-        {
+    selection_paths(out, inputs)  # fail before the lock creates --out's folder
+    with folder_lock(out.parent):
+        paths = selection_paths(out, inputs)
+        source.write_subset(kept_indices(selection, table).tolist(), out)
+        write_dropped(paths["dropped"], table, selection, lambda i: {"row": source.records[i]})
+        summary = {
             "scores": str(args.scores),
             "data": data_path,
+            "out": str(out),
             "selection": config.selection.model_dump(),
             "num_rows": len(table),
             "num_kept": selection.num_kept,
             "dropped": selection.counts(),
             "reasons": {reason: REASONS[reason] for reason in selection.counts()},
             "summary": selection.summary(),
-        },
-        out.parent / "selection.json",
-    )
+        }
+        write_json(selection_record(paths, summary), paths["selection"])
+    dropped_path = paths["dropped"]
     print(f"{selection.summary()} -> {out} (dropped rows: {dropped_path})")
     return 0
 

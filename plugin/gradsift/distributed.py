@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from gradsift.errors import UserError
+
 T = TypeVar("T")
 # How long a rank waits for the others at a meeting point. Ranks meet after scoring, where the wait is the imbalance
 # between ranks (about one shard, since shards are balanced by tokens); a crashed rank is normally noticed sooner,
@@ -107,12 +109,12 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     environ = os.environ if environ is None else environ
     world_size = _env_int(environ, "WORLD_SIZE", "1")
     if world_size < 1:
-        raise ValueError(f"`WORLD_SIZE` must be at least 1; got {world_size}. Unset it to score in one process.")
+        raise UserError(f"`WORLD_SIZE` must be at least 1; got {world_size}. Unset it to score in one process.")
     if world_size == 1:
         return LaunchEnv(rank=0, world_size=1, local_rank=0)
     missing = [key for key in ("RANK", "LOCAL_RANK") if key not in environ]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"`WORLD_SIZE` is {world_size} but {' and '.join(f'`{key}`' for key in missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set. Start the "
             "processes with `torchrun --nproc_per_node N -m gradsift score ...` or `accelerate launch --multi_gpu "
@@ -120,7 +122,7 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         )
     rank = _env_int(environ, "RANK")
     if not 0 <= rank < world_size:
-        raise ValueError(f"`RANK` must be in [0, {world_size}) with `WORLD_SIZE` {world_size}; got {rank}.")
+        raise UserError(f"`RANK` must be in [0, {world_size}) with `WORLD_SIZE` {world_size}; got {rank}.")
     return LaunchEnv(rank=rank, world_size=world_size, local_rank=_env_int(environ, "LOCAL_RANK"))
 
 
@@ -129,7 +131,7 @@ def _env_int(environ: Mapping[str, str], key: str, default: str | None = None) -
     try:
         return int(text)
     except (TypeError, ValueError):
-        raise ValueError(f"`{key}` must be an integer; got {text!r}. It is set by the launcher (torchrun).") from None
+        raise UserError(f"`{key}` must be an integer; got {text!r}. It is set by the launcher (torchrun).") from None
 
 
 @contextmanager
@@ -165,7 +167,7 @@ def _use_local_gpu(local_rank: int) -> None:
 
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ValueError(
+        raise UserError(
             f"`LOCAL_RANK` is {local_rank} but {count} CUDA device(s) are visible: start at most {count} processes "
             "per machine (--nproc_per_node / --num_processes), or score on CPU with --device cpu."
         )

@@ -15,12 +15,16 @@ cross-entropy divided by their response-token count, as TRL computes it. The upd
 `auto` reuses unless something rules it out: several processes (gradients are not all-reduced by hand), fp16 loss
 scaling, a loss other than token cross-entropy, trainable weights outside linear layers, or per-sample gradients
 larger than `online.reuse_max_gb`. With several processes each one selects among its own rows.
+
+How many rows a window keeps: Algorithm 1 keeps ⌊ρ·|B|⌋ of a batch B whose rows all score. gradsift keeps ⌊ρ·n_ok⌋ of
+the window's n_ok scoreable rows (rows without response tokens or with a non-finite loss or norm are never kept) and at
+least one whenever one scores; the start-up check asks ⌊ρ·|B|⌋ ≥ 1 of a full window. A step is skipped only when no
+row of its window scores.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -31,8 +35,10 @@ import torch
 
 from gradsift.config import GradSiftConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, assign_sample_ids
+from gradsift.errors import UserError
 from gradsift.scoring import STATUS_NO_RESPONSE, STATUS_NONFINITE, STATUS_OK, GradNormHooks, score_batch, scoring_mode
 from gradsift.selection import select_rows
+from gradsift.store import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +52,14 @@ def check_online_config(config: GradSiftConfig, micro_batch_size: int, gradient_
     """Return the number of rows one selection sees; raise if the rule would keep none of them."""
     rows = micro_batch_size * (gradient_accumulation_steps if config.online.window == "step" else 1)
     if config.selection.rule in FRACTION_RULES and math.floor(round(config.selection.keep_fraction * rows, 6)) < 1:
-        raise ValueError(
+        raise UserError(
             f"`selection.keep_fraction` {config.selection.keep_fraction} keeps no row of a selection window of {rows} "
             f"rows (`online.window` {config.online.window!r}: micro_batch_size {micro_batch_size} × "
             f"{gradient_accumulation_steps if config.online.window == 'step' else 1}). Raise keep_fraction to at "
-            f"least {1 / rows:.3g}, or select over more rows."
+            f"least {math.ceil(1000 / rows) / 1000:g}, or select over more rows."
         )
     if config.selection.window is not None:
-        raise ValueError(
+        raise UserError(
             "`selection.window` does not apply in online mode: the window is the training step or micro-batch "
             "(`online.window`). Remove `selection.window`."
         )
@@ -85,9 +91,7 @@ class OnlineSelectionMixin:
         if self.gradsift_config is None:
             self.gradsift_config = GradSiftConfig(mode="online")
         if getattr(self.args, "padding_free", False) or getattr(self.args, "packing", False):
-            raise ValueError(
-                "gradsift's online mode scores padded rows: set `packing=False` and `padding_free=False`."
-            )
+            raise UserError("gradsift's online mode scores padded rows: set `packing=False` and `padding_free=False`.")
         window_rows = check_online_config(
             self.gradsift_config, self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
         )
@@ -98,7 +102,7 @@ class OnlineSelectionMixin:
         reason = self._gradsift_no_reuse_reason(window_rows)
         update = self.gradsift_config.online.update
         if update == "reuse" and reason is not None:
-            raise ValueError(f"`online.update` 'reuse' is not possible here: {reason}. Use 'auto' or 'recompute'.")
+            raise UserError(f"`online.update` 'reuse' is not possible here: {reason}. Use 'auto' or 'recompute'.")
         self.gradsift_reuse = update != "recompute" and reason is None
         if self.gradsift_reuse:
             logger.info("gradsift: each step's update reuses the scoring pass's per-sample gradients")
@@ -144,9 +148,11 @@ class OnlineSelectionMixin:
                 real = [batch for batch in selected if "_gradsift_skip" not in batch]
                 return selected, self._get_num_items_in_batch(real, device)
             self.gradsift_skipped_steps += 1
+            causes = ", ".join(f"{n} {reason}" for reason, n in sorted(self.gradsift_stats[-1]["dropped"].items()))
             logger.warning(
-                "gradsift: a training step had no row to keep (no response tokens or non-finite losses); skipped "
-                "(%d so far).",
+                "gradsift: a training step had no row to keep: none of its rows could be scored (%s); skipped (%d so "
+                "far).",
+                causes,
                 self.gradsift_skipped_steps,
             )
 
@@ -223,8 +229,14 @@ class OnlineSelectionMixin:
         keep = np.zeros(len(losses), dtype=bool)
         reasons = np.full(len(losses), "", dtype=object)
         for group in groups:
+            # ⌊ρ·n_ok⌋ of the window's scoreable rows, at least one whenever one scores (the module docstring).
             selection = select_rows(
-                losses[group], norms[group], status[group], config.selection, num_response_tokens=counts[group]
+                losses[group],
+                norms[group],
+                status[group],
+                config.selection,
+                num_response_tokens=counts[group],
+                min_kept=1,
             )
             keep[group], reasons[group] = selection.keep, selection.reasons
         self._gradsift_record(batches, losses, norms, status, keep, reasons)
@@ -319,4 +331,4 @@ class OnlineSelectionMixin:
             path = os.path.join(self.args.output_dir, log_file)
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with open(path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(dumps(record) + "\n")  # strict JSON: a window with no ok row has null quantiles

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,9 @@ from tqdm.auto import tqdm
 from gradsift.config import GradSiftConfig, ScoringConfig
 from gradsift.data import TokenizedRow, rows_fingerprint
 from gradsift.distributed import Team, assign_shards
-from gradsift.models import model_fingerprint, tokenizer_fingerprint
+from gradsift.errors import UserError
+from gradsift.locking import folder_lock
+from gradsift.models import model_fingerprint, resolved_settings, tokenizer_fingerprint
 from gradsift.scoring import ScoreTable, score_rows
 from gradsift.selection import Selection, select_rows
 from gradsift.store import ScoreStore, read_table
@@ -55,9 +58,12 @@ def fingerprints_for(
 ) -> dict[str, Any]:
     """Collect what identifies a scoring run: model, adapter, tokenizer, data, tokenized rows and scoring config.
 
-    With a `model` object (a caller's live model), its fingerprint hashes its trainable weights and its config; with
-    none, the model is identified from its files by `scoring.model`.
+    With a `model` object (a caller's live model), its fingerprint hashes its config, its trainable weights and a
+    sample of its frozen ones; with none, the model is identified from its files by `scoring.model`. The scoring
+    config is identified by its resolved device type, dtype and quantization (`auto` differs between CPU and GPU),
+    which the manifest also records as `scoring_resolved`.
     """
+    resolved = resolved_settings(config.scoring, model)
     if model is None:
         result: dict[str, Any] = model_fingerprint(config.scoring.model, config.scoring.adapter)
     else:
@@ -70,22 +76,62 @@ def fingerprints_for(
         data_path=data_path,
         data_fingerprint=data_fingerprint,
         rows_fingerprint=rows_fingerprint(rows),
-        scoring_config=config.scoring.fingerprint(),
+        scoring_config=config.scoring.model_copy(update=resolved).fingerprint(),
+        scoring_resolved=resolved,
     )
     return result
 
 
+# Values sampled from each frozen tensor. Hashing all the weights of a 7B model (14 GB) on every run would take longer
+# than scoring a small dataset; a strided sample of every tensor tells two checkpoints of one architecture apart (a
+# fine-tune or another base moves nearly every weight) in milliseconds: a few hundred small copies.
+FROZEN_SAMPLE_SIZE = 4096
+
+
 def _object_fingerprint(model: Any) -> str:
+    """Hash a live model: its config, its adapters' configs, every weight's name, dtype, shape and device type, the
+    trainable weights in full, a strided sample of each frozen weight and buffer, and 4-bit quantization states."""
     digest = hashlib.sha256(str(getattr(model, "config", "")).encode())
     # The adapter's config too: LoRA alpha (its scaling) changes every norm without changing a trainable weight.
     # Sorted, sets included: a set's order changes from one process to the next.
     adapters = {name: config.to_dict() for name, config in (getattr(model, "peft_config", None) or {}).items()}
     digest.update(json.dumps(adapters, sort_keys=True, default=_sorted_or_str).encode())
     for name, param in model.named_parameters():
+        digest.update(f"{name}:{param.dtype}:{tuple(param.shape)}:{param.device.type}:{param.requires_grad}".encode())
         if param.requires_grad:
-            digest.update(name.encode())
             digest.update(param.detach().float().cpu().numpy().tobytes())
+        else:
+            digest.update(_sampled_bytes(param))
+            for part in _quant_state_parts(param):
+                digest.update(part)
+    for name, buffer in model.named_buffers():  # e.g. GPTQ's packed weights and scales are buffers
+        digest.update(f"{name}:{buffer.dtype}:{tuple(buffer.shape)}".encode())
+        digest.update(_sampled_bytes(buffer))
     return digest.hexdigest()[:16]
+
+
+def _sampled_bytes(tensor: Any) -> bytes:
+    """The raw bytes of at most `FROZEN_SAMPLE_SIZE` evenly strided elements of `tensor` (all of a small one)."""
+    import torch
+
+    if tensor.device.type == "meta":  # offloaded: no values here, its name, dtype and shape are hashed
+        return b""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > FROZEN_SAMPLE_SIZE:
+        flat = flat[:: flat.numel() // FROZEN_SAMPLE_SIZE][:FROZEN_SAMPLE_SIZE]
+    return flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _quant_state_parts(param: Any) -> list[bytes]:
+    """A bitsandbytes 4-bit weight's quantization state (absmax scales, type, block size, original shape), or none."""
+    state = getattr(param, "quant_state", None)
+    if state is None or not hasattr(state, "as_dict"):
+        return []
+    parts = []
+    for key, value in sorted(state.as_dict(packed=False).items()):
+        parts.append(key.encode())
+        parts.append(_sampled_bytes(value) if hasattr(value, "device") else str(value).encode())
+    return parts
 
 
 def _sorted_or_str(value: Any) -> Any:
@@ -126,19 +172,54 @@ def score_cached(
         return ScoreResult(cached, reused=True, rows_scored=0, seconds=time.perf_counter() - started)
     if not allow_scoring:
         raise ScoresMissing(f"No finished scores for this model, data and scoring config in {folder}.")
+    with contextlib.ExitStack() as lock:
+        # Rank 0 holds the folder's lock from its first write to its last; the other ranks write only shards.
+        team.on_main(lambda: _lock_and_prepare(store, lock))
+        return _score_unfinished(rows, config, store, model, pad_token_id, progress, describe, team, started)
+
+
+def _lock_and_prepare(store: ScoreStore, lock: contextlib.ExitStack) -> None:
+    store.check_writable()  # before the lock creates the folder
+    lock.enter_context(folder_lock(store.folder))
+    store.prepare()
+
+
+def _score_unfinished(
+    rows: Sequence[TokenizedRow],
+    config: ScoringConfig,
+    store: ScoreStore,
+    model: Any,
+    pad_token_id: int,
+    progress: bool,
+    describe: dict[str, Any] | None,
+    team: Team,
+    started: float,
+) -> ScoreResult:
+    """Score what is left, under the folder's lock: the shards are written to the folder (or its `.rescore/`)."""
+    folder = store.folder
+    # `prepare` may have completed a rescore of this identity that was killed while being swapped in.
+    if team.on_main(lambda: store.cached() is not None):
+        return ScoreResult(_read_merged(store), reused=True, rows_scored=0, seconds=time.perf_counter() - started)
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
     shards = [order[k : k + config.shard_size] for k in range(0, len(order), config.shard_size)]
     finished: dict[int, ScoreTable] = {}
 
-    def begin() -> list[int]:
+    def begin() -> tuple[str, list[int]]:
         extra = {"num_rows": len(rows), "shard_size": config.shard_size, "num_shards": len(shards)}
         finished.update(store.begin({**extra, "scoring": config.model_dump(), **(describe or {})}))
-        return sorted(finished)
+        return store.work_name, sorted(finished)
 
     # Rank 0's view of the finished shards, taken before any rank writes a new one.
-    done = team.on_main(begin)
+    work, done = team.on_main(begin)
+    store.use(work)
+    if work and team.is_main:
+        logger.info(
+            "%s holds finished scores of other options; they stay until this run completes (it works in %s).",
+            folder,
+            store.work,
+        )
     if done and team.is_main:
-        logger.info("Resuming: %d of %d shards already scored in %s.", len(done), len(shards), folder)
+        logger.info("Resuming: %d of %d shards already scored in %s.", len(done), len(shards), store.work)
     todo = sorted(set(range(len(shards))) - set(done))
     owned = assign_shards({k: sum(len(rows[i].input_ids) for i in shards[k]) for k in todo}, team.world_size)
     mine = owned[team.rank]
@@ -246,7 +327,7 @@ def score_and_select(
     `model` may be a loaded model, a callable that loads one, or None to load `config.scoring.model` when needed.
     """
     if not rows:
-        raise ValueError("The dataset is empty: there are no rows to score.")
+        raise UserError("The dataset is empty: there are no rows to score.")
     live_model = model if model is not None and hasattr(model, "parameters") else None
     fingerprints = fingerprints_for(
         config, tokenizer, rows, data_path=data_path, data_fingerprint=data_fingerprint, model=live_model
@@ -280,6 +361,7 @@ def apply_selection(table: ScoreTable, config: GradSiftConfig, keep_count: int |
         config.selection,
         num_response_tokens=table.num_response_tokens,
         keep_count=keep_count,
+        require_kept=True,
     )
 
 

@@ -2,17 +2,24 @@
 
 Layout of a score folder:
 ```
-scores.json          # manifest: version, fingerprints, configs, counts, status (running | complete)
+scores.json          # manifest: version, fingerprints, configs, counts, status (running | complete), table sha256
 scores.parquet       # the merged table, one row per dataset row, sorted by `index`
 shards/00000.parquet # finished shards of a run (kept after completion for auditing resumes)
+.rescore/            # a run with other options while finished scores exist: the same layout, swapped in when complete
+.gradsift.lock       # held by the one process writing the folder
 ```
+
+gradsift writes only into a folder that is new, empty, or holds its own `scores.json`, and deletes only the files it
+names here. Finished scores are never deleted to make room for a run with other options: that run works in
+`.rescore/` and replaces them only once it is complete, so a killed rescore leaves the finished scores in place.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +28,16 @@ from typing import Any
 import numpy as np
 
 from gradsift import __version__
-from gradsift.data import atomic_path
+from gradsift.data import atomic_path, file_fingerprint
+from gradsift.errors import UserError
+from gradsift.locking import LOCK_NAME
 from gradsift.scoring import ScoreTable
 
 MANIFEST = "scores.json"
 TABLE = "scores.parquet"
 SHARDS = "shards"
+STAGING = ".rescore"
+SHARD_FILE = re.compile(r"\d{5}\.parquet")
 # Keys of the manifest's `fingerprints` that must match for cached scores to be reused (paths may move).
 IDENTITY_KEYS = (
     "model_fingerprint",
@@ -60,16 +71,45 @@ def read_table(path: str | os.PathLike) -> ScoreTable:
     return ScoreTable(**{name: np.array(values, dtype=kinds.get(name, np.int64)) for name, values in data.items()})
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf, numpy's too) as None, so it is strict JSON (RFC 8259)."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return strict_json(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` of `strict_json(value)`: never a bare NaN or Infinity; other objects (paths) as strings."""
+    return json.dumps(strict_json(value), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write JSON atomically."""
+    """Write strict JSON atomically."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        Path(tmp).write_text(dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """Return the manifest of a score folder, or None if there is none."""
+    """Return the manifest of a score folder if it holds one gradsift wrote, else None."""
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if is_manifest(data) else None
+
+
+def is_manifest(data: Any) -> bool:
+    """Whether `data` is a score manifest gradsift wrote."""
+    return isinstance(data, dict) and "gradsift_version" in data and isinstance(data.get("fingerprints"), dict)
 
 
 def same_identity(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -77,39 +117,80 @@ def same_identity(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(key) == b.get(key) for key in IDENTITY_KEYS)
 
 
+def finished_table(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> ScoreTable | None:
+    """The table of a complete manifest, if the table on disk is the one it names (else None)."""
+    folder = Path(folder)
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    if not manifest or manifest.get("status") != "complete" or not (folder / TABLE).is_file():
+        return None
+    expected = manifest.get("table_sha256")  # absent in manifests written before 0.x: trusted as before
+    if expected is not None and file_fingerprint(folder / TABLE) != expected:
+        return None  # a rescore was swapped in half-way; its next run completes the swap
+    return read_table(folder / TABLE)
+
+
 class ScoreStore:
-    """A score folder for one (model, data, scoring config) identity; other identities' files are cleared."""
+    """A score folder for one (model, data, scoring config) identity.
+
+    `cached()` only reads. The writer calls `prepare()` (under `gradsift.locking.folder_lock`) before `begin()`:
+    it refuses a folder gradsift did not write and completes a rescore that was killed while being swapped in.
+    """
 
     def __init__(self, folder: str | os.PathLike, fingerprints: dict[str, Any]):
         self.folder = Path(folder)
         self.fingerprints = fingerprints
+        self.work = self.folder  # where this run's shards and manifest go: the folder, or `.rescore/` in it
 
     def cached(self) -> ScoreTable | None:
         """Return the complete table of this identity, if a previous run finished it."""
         manifest = read_manifest(self.folder)
-        if (
-            manifest
-            and manifest.get("status") == "complete"
-            and same_identity(manifest["fingerprints"], self.fingerprints)
-        ):
-            return read_table(self.folder / TABLE)
+        if manifest and same_identity(manifest["fingerprints"], self.fingerprints):
+            return finished_table(self.folder, manifest)
         return None
 
+    def check_writable(self) -> None:
+        """Refuse a path that is a file, or a non-empty folder holding no score manifest gradsift wrote."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(
+                f"The score folder {str(self.folder)!r} is an existing file, not a folder. Pass a new or empty folder "
+                "(or one `gradsift score` wrote) as --out."
+            )
+        if not self.folder.is_dir():
+            return
+        entries = sorted(p.name for p in self.folder.iterdir() if p.name != LOCK_NAME)
+        if entries and read_manifest(self.folder) is None and read_manifest(self.folder / STAGING) is None:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise UserError(
+                f"The score folder {str(self.folder)!r} is not empty ({shown}) and holds no scores.json written by "
+                "gradsift; gradsift writes only into a new or empty folder, or one it wrote. Choose another --out."
+            )
+
+    def prepare(self) -> None:
+        """Check the folder is gradsift's to write; complete a finished rescore whose swap was interrupted."""
+        self.check_writable()
+        staged = read_manifest(self.folder / STAGING)
+        if staged and staged.get("status") == "complete":
+            self._swap_in()
+
     def begin(self, extra: dict[str, Any]) -> dict[int, ScoreTable]:
-        """Start or resume a run: return the finished shards of this identity, clearing any other identity's files."""
-        manifest = read_manifest(self.folder)
-        shards_dir = self.folder / SHARDS
+        """Start or resume a run: return its finished shards. Finished scores of another identity stay untouched."""
+        main = read_manifest(self.folder)
+        if main and main.get("status") == "complete" and not same_identity(main["fingerprints"], self.fingerprints):
+            self.work = self.folder / STAGING  # the finished scores stay readable until this run completes
+        else:
+            self.work = self.folder
+        manifest = read_manifest(self.work)
         finished: dict[int, ScoreTable] = {}
         if (
             manifest
+            and manifest.get("status") != "complete"
             and same_identity(manifest["fingerprints"], self.fingerprints)
             and manifest.get("shard_size") == extra.get("shard_size")
         ):
-            for path in sorted(shards_dir.glob("*.parquet")):
+            for path in self._shard_files(self.work):
                 finished[int(path.stem)] = read_table(path)
-        else:
-            shutil.rmtree(shards_dir, ignore_errors=True)
-            (self.folder / TABLE).unlink(missing_ok=True)
+        else:  # an unfinished run of another identity, or a complete one of this identity being redone
+            self._remove_own_files(self.work)
         self.manifest = {
             "gradsift_version": __version__,
             "status": "running",
@@ -117,22 +198,84 @@ class ScoreStore:
             "fingerprints": self.fingerprints,
             **extra,
         }
-        write_json(self.manifest, self.folder / MANIFEST)
+        write_json(self.manifest, self.work / MANIFEST)
         return finished
+
+    def use(self, work: str) -> None:
+        """Point this store at the run folder `begin` chose on rank 0 (`""` or `.rescore`), on another rank."""
+        self.work = self.folder / work if work else self.folder
+
+    @property
+    def work_name(self) -> str:
+        return "" if self.work == self.folder else self.work.name
 
     def shard_path(self, number: int) -> Path:
         """Return the file of shard `number`."""
-        return self.folder / SHARDS / f"{number:05d}.parquet"
+        return self.work / SHARDS / f"{number:05d}.parquet"
 
     def write_shard(self, number: int, table: ScoreTable) -> None:
         """Save one finished shard atomically."""
         write_table(table, self.shard_path(number))
 
     def finish(self, table: ScoreTable, summary: dict[str, Any]) -> None:
-        """Write the merged table, then mark the manifest complete (in that order, so complete means complete)."""
-        write_table(table, self.folder / TABLE)
-        self.manifest.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary)
-        write_json(self.manifest, self.folder / MANIFEST)
+        """Write the merged table, then mark the manifest complete (in that order, so complete means complete).
+
+        A rescore in `.rescore/` is then swapped in over the previous scores.
+        """
+        write_table(table, self.work / TABLE)
+        self.manifest.update(
+            status="complete",
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            table_sha256=file_fingerprint(self.work / TABLE),
+            **summary,
+        )
+        write_json(self.manifest, self.work / MANIFEST)
+        if self.work != self.folder:
+            self._swap_in()
+            self.work = self.folder
+
+    def _swap_in(self) -> None:
+        """Replace the folder's scores by the complete ones in `.rescore/`; each step can be redone after a kill.
+
+        The manifest is replaced last: until then the previous manifest names the previous table's sha256, so a
+        half-done swap is never read as finished scores of either run.
+        """
+        staging = self.folder / STAGING
+        shards = self.folder / SHARDS
+        for path in self._shard_files(self.folder):
+            path.unlink()
+        staged_shards = self._shard_files(staging)
+        if staged_shards:
+            shards.mkdir(exist_ok=True)
+        for path in staged_shards:
+            os.replace(path, shards / path.name)
+        if (staging / TABLE).is_file():
+            os.replace(staging / TABLE, self.folder / TABLE)
+        os.replace(staging / MANIFEST, self.folder / MANIFEST)
+        self._remove_own_files(staging)
+        _remove_empty(staging / SHARDS)
+        _remove_empty(staging)
+
+    @staticmethod
+    def _shard_files(folder: Path) -> list[Path]:
+        shards = folder / SHARDS
+        if not shards.is_dir():
+            return []
+        return sorted(p for p in shards.iterdir() if SHARD_FILE.fullmatch(p.name) and p.is_file())
+
+    def _remove_own_files(self, folder: Path) -> None:
+        """Delete the shards, table and manifest gradsift wrote in `folder`: files it names, nothing else."""
+        for path in self._shard_files(folder):
+            path.unlink()
+        (folder / TABLE).unlink(missing_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or holds something gradsift did not write: left alone
+        pass
 
 
 def write_dropped(
@@ -146,14 +289,102 @@ def write_dropped(
                 "index": index,
                 "sample_id": str(table.sample_id[position]),
                 "reason": str(selection.reasons[position]),
-                "loss": _finite_or_none(table.loss[position]),
-                "grad_norm": _finite_or_none(table.grad_norm[position]),
+                "loss": float(table.loss[position]),
+                "grad_norm": float(table.grad_norm[position]),
                 "num_response_tokens": int(table.num_response_tokens[position]),
                 "status": str(table.status[position]),
                 **describe(index),
             }
-            handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+            handle.write(dumps(entry, ensure_ascii=False) + "\n")
 
 
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
+SELECTION_FILE = "selection.json"
+DROPPED_FILE = "dropped.jsonl"
+# Names gradsift gives its own files: never the name of a kept-rows file, so one output cannot land on another.
+RESERVED_NAMES = frozenset({MANIFEST, TABLE, LOCK_NAME, SELECTION_FILE, DROPPED_FILE})
+
+
+def selection_paths(out: Path, inputs: list[Path]) -> dict[str, Path]:
+    """Where `gradsift select` writes: the kept rows at `out`, `dropped.jsonl` and `selection.json` beside it.
+
+    Refuses (`UserError`) an output that would land on an input, or on a file gradsift cannot show it wrote: an
+    existing output is replaced only if the `selection.json` beside it records that file's sha256.
+    """
+    if out.name in RESERVED_NAMES:
+        raise UserError(
+            f"--out {str(out)!r}: {out.name!r} is the name of a file gradsift writes itself. Name the kept-rows file "
+            "otherwise, e.g. kept.jsonl."
+        )
+    if out.is_dir():
+        raise UserError(
+            f"--out {str(out)!r} is a folder; pass a file for the kept rows, e.g. {str(out / 'kept.jsonl')!r}."
+        )
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"--out {str(out)!r}: {str(out.parent)!r} is a file, not a folder. Choose another --out.")
+    paths = {"kept": out, "dropped": out.parent / DROPPED_FILE, "selection": out.parent / SELECTION_FILE}
+    for name, path in paths.items():
+        for source in inputs:
+            if _same_file(path, source):
+                what = "--out" if name == "kept" else f"{path.name} (written beside --out)"
+                raise UserError(
+                    f"{what} {str(path)!r} is an input of this command ({str(source)!r}); gradsift never writes over "
+                    "its inputs. Choose another --out."
+                )
+    record = _selection_record(paths["selection"])
+    for name in ("kept", "dropped"):
+        path = paths[name]
+        if path.exists() and not _written_by_us(path, record):
+            raise UserError(
+                f"{str(path)!r} exists and gradsift cannot show it wrote it (it is not recorded, with its current "
+                f"content, in {str(paths['selection'])!r}). Move it away or choose another --out."
+            )
+    return paths
+
+
+def selection_record(paths: dict[str, Path], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` plus what proves the outputs are gradsift's: the version and each written file's sha256."""
+    previous = _selection_record(paths["selection"]) or {}
+    written = {
+        name: digest
+        for name, digest in (previous.get("written") or {}).items()
+        if (paths["selection"].parent / name).is_file()
+        and file_fingerprint(paths["selection"].parent / name) == digest
+    }
+    written.update({paths[k].name: file_fingerprint(paths[k]) for k in ("kept", "dropped")})
+    return {"gradsift_version": __version__, **data, "written": written}
+
+
+def _selection_record(path: Path) -> dict[str, Any] | None:
+    """The `selection.json` at `path` if gradsift wrote it; None if absent; `UserError` if it is someone else's."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    legacy = isinstance(data, dict) and {"selection", "num_rows", "num_kept", "summary"} <= set(data)
+    if isinstance(data, dict) and ("gradsift_version" in data or legacy):
+        return data
+    raise UserError(
+        f"{str(path)!r} exists and is not a selection.json gradsift wrote; `gradsift select` writes one beside --out. "
+        "Move it away or choose another --out folder."
+    )
+
+
+def _written_by_us(path: Path, record: dict[str, Any] | None) -> bool:
+    if record is None or not path.is_file():
+        return False
+    digest = (record.get("written") or {}).get(path.name)
+    if digest is not None:
+        return file_fingerprint(path) == digest
+    if path.name == DROPPED_FILE and "written" not in record:  # before sha256s were recorded: its line count
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip()) == record["num_rows"] - record["num_kept"]
+    return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False

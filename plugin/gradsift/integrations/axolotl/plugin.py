@@ -48,6 +48,8 @@ class GradSiftPlugin(BasePlugin):
         from axolotl.common.datasets import load_datasets as axolotl_load_datasets
         from axolotl.loaders import load_tokenizer
 
+        from gradsift import __version__
+        from gradsift.errors import UserError
         from gradsift.models import load_model
         from gradsift.pipeline import ScoresMissing, kept_indices, score_and_select
         from gradsift.store import write_dropped, write_json
@@ -70,7 +72,7 @@ class GradSiftPlugin(BasePlugin):
                 allow_scoring=world_size == 1,
             )
         except ScoresMissing:
-            raise ValueError(
+            raise UserError(
                 f"gradsift has no cached scores in {folder} and this run has {world_size} processes; scoring in one "
                 "of them would make the others hit the distributed timeout. Run `axolotl preprocess` on this config "
                 "first, then train."
@@ -86,6 +88,7 @@ class GradSiftPlugin(BasePlugin):
             )
             write_json(
                 {
+                    "gradsift_version": __version__,
                     "selection": config.selection.model_dump(),
                     "num_rows": len(table),
                     "num_kept": int(selection.num_kept),
