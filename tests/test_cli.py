@@ -245,3 +245,8 @@ def test_a_gradsift_bug_exits_1_with_its_traceback(tmp_path, error):
     assert done.returncode == 1, done.stderr
     assert "Traceback (most recent call last)" in done.stderr and "forced" in done.stderr
     assert "gradsift inspect: error:" not in done.stderr
+
+
+def test_seeds_that_are_not_integers_are_named(tmp_path, capsys):
+    user_error(capsys, ["run", str(ROOT / "recipes" / "demo-smollm2.yaml"), "--seeds", "0,a", "--dry-run"],
+               "--seeds '0,a'", "--seeds 0,1,2")  # fmt: skip

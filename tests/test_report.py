@@ -459,6 +459,26 @@ def test_with_one_seed_the_interval_is_na_and_the_prompt_bootstrap_remains(tmp_p
     assert "[n/a]" in (run / "report.md").read_text()
 
 
+def test_report_json_is_strict_json_when_a_stage_holds_a_non_finite_number(tmp_path):
+    run = write_synthetic_run(tmp_path / "run", seeds=(0, 1))
+    for stage in run.glob("seed-*/*/0[12]-*/stage.json"):  # as a run before strict stage.json could write them
+        record = json.loads(stage.read_text())
+        record["drift"]["aligned"] = float("nan")
+        stage.write_text(json.dumps(record))
+    write_report(run)
+    text = (run / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in report.json"))
+    assert report["headline"]["arms"]["gradsift"]["pooled/attack_success_rate"]["mean"] is not None
+    assert "| gradsift | 02-yes_no |" in (run / "report.md").read_text()
+
+
+def test_a_folder_without_finished_stages_is_a_user_error(tmp_path, capsys):
+    from gradsift.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "holds no finished stage (stage.json); run `gradsift run` first" in capsys.readouterr().err
+
+
 def test_the_plots_draw_attack_success_refusal_and_over_refusal(synthetic_run):
     run, _ = synthetic_run
     for name in ("attack_success", "refusal", "overrefusal", "kept_fraction", "drift", "accuracy_matrix_random"):

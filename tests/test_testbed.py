@@ -214,7 +214,8 @@ def test_rejudge_recomputes_a_stages_refusal_metrics_from_its_logged_answers(tmp
     record["eval"] = {"gradsift_refusal_x_offline": stale, "gradsift_domain_howto": {"acc": 0.5}}
     (stage).mkdir(parents=True)
     (stage / "stage.json").write_text(json.dumps(record))
-    (tmp_path / "run" / "recipe.json").write_text(json.dumps({"name": "t", "stages": ["howto"], "arms": ["full"]}))
+    meta = {"name": "t", "stages": ["howto"], "arms": ["full"], "recipe": {}}  # as every `gradsift run` wrote it
+    (tmp_path / "run" / "recipe.json").write_text(json.dumps(meta))
     untouched = tmp_path / "run" / "seed-0" / "full" / "02-lists"  # a stage without logged answers
     untouched.mkdir()
     (untouched / "stage.json").write_text(json.dumps({**record, "stage": "lists", "index": 2}))

@@ -582,7 +582,7 @@ def run_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     out = args.out or Path("runs") / recipe.name
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    seeds = _seeds(args.seeds) if args.seeds else None
     steps = plan(recipe, out, arms, seeds)
     print(describe_plan(recipe, steps))
     if args.dry_run:
@@ -595,6 +595,13 @@ def run_run(args: argparse.Namespace) -> int:
         print(headline_table(json.loads(paths["json"].read_text(encoding="utf-8"))))
         print(f"report -> {paths['md']}")
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: seeds are comma-separated integers, e.g. --seeds 0,1,2.") from None
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradsift.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 OUTCOMES = ("refused", "complied", "neither")
@@ -594,7 +596,7 @@ def judge_prompt(judge_format: str, prompt: str, response: str) -> str:
         return LLAMA_GUARD_3_TEMPLATE.format(categories=LLAMA_GUARD_3_CATEGORIES, prompt=prompt, response=response)
     if judge_format == "wildguard":
         return WILDGUARD_TEMPLATE.format(prompt=prompt, response=response)
-    raise ValueError(f"Unknown judge format {judge_format!r}; use one of {', '.join(JUDGE_FORMATS)}.")
+    raise UserError(f"Unknown judge format {judge_format!r}; use one of {', '.join(JUDGE_FORMATS)}.")
 
 
 def parse_llama_guard(output: str) -> Verdict:
@@ -639,7 +641,7 @@ def evals_path() -> Path:
     for candidate in (here.parents[1] / "evals" / "tasks", here / "evals" / "tasks"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"gradsift's lm-eval tasks were not found beside {here}; reinstall gradsift.")
+    raise UserError(f"gradsift's lm-eval tasks were not found beside {here}; reinstall gradsift.")
 
 
 def task_manager() -> Any:
@@ -656,7 +658,7 @@ def check_task_names(names: Sequence[str], manager: Any | None = None) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
             hint = f" Close matches: {', '.join(close)}." if close else " `lm_eval ls tasks` lists them all."
-            raise ValueError(f"Unknown lm-eval task {name!r}.{hint}")
+            raise UserError(f"Unknown lm-eval task {name!r}.{hint}")
 
 
 def run_lm_eval(
@@ -763,12 +765,12 @@ def judged_task_kind(task: str) -> str | None:
 def find_samples(results_dir: Path) -> dict[str, Path]:
     """The newest `samples_<task>_<time>.jsonl` per generated refusal task under `results_dir`."""
     if not results_dir.is_dir():
-        raise FileNotFoundError(f"Results folder {str(results_dir)!r} does not exist.")
+        raise UserError(f"Results folder {str(results_dir)!r} does not exist. Pass the folder of an lm-eval run.")
     found = {task: path for task, path in newest_samples(results_dir).items() if judged_task_kind(task) == "refusal"}
     if not found:
         any_samples = any(results_dir.rglob("samples_*.jsonl"))
         what = "no generated refusal task (gradsift_refusal_*)" if any_samples else "no logged samples"
-        raise ValueError(
+        raise UserError(
             f"{results_dir} holds {what}. Rerun lm_eval with `--log_samples` (and `--output_path`) on a "
             "gradsift_refusal_* task, or use `gradsift eval`, which always logs samples."
         )
@@ -848,7 +850,7 @@ def judge_results(
     judge_format = judge_format or guess_judge_format(judge)
     parser = PARSERS.get(judge_format)
     if parser is None:
-        raise ValueError(f"Unknown judge format {judge_format!r}; use one of {', '.join(JUDGE_FORMATS)}.")
+        raise UserError(f"Unknown judge format {judge_format!r}; use one of {', '.join(JUDGE_FORMATS)}.")
     samples = {task: read_samples(path) for task, path in find_samples(results_dir).items()}
     config = ScoringConfig(
         model=judge, device=device, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code

@@ -5,16 +5,21 @@ every arm), an ordered list of task stages, the selection config and the arms to
 stage the runner scores the stage's rows with the model as it stands (the previous stage's adapter), selects,
 trains the one LoRA adapter further with TRL, evaluates with lm-eval and writes
 
+    <out>/recipe.json                              the recipe as run (its `gradsift_version` marks a run folder)
     <out>/seed-<s>/00-align/                       model/ (merged), stage.json, eval/
     <out>/seed-<s>/<arm>/<NN>-<stage>/             adapter/, scores/, dropped.jsonl, selection.json, eval/,
                                                    stage.json (written last: the stage is finished)
 
-A killed run resumes at the first stage without `stage.json`. Everything is validated, and every error in the file
-reported with its YAML path, before any training starts.
+Every stage folder carries `.gradsift-stage` from its start. A killed run resumes at the first stage without
+`stage.json`, emptying that stage's folder first; gradsift empties only a folder it can tell is its own (the marker,
+or, for a folder of a run older than the marker, nothing but names a stage writes) and writes only into an `<out>`
+that is new, empty or a run folder, one `gradsift run` at a time. Everything is validated, and every error in the
+file reported with its YAML path, before any training starts.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -30,18 +35,71 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from gradsift import __version__
 from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
+from gradsift.errors import UserError
+from gradsift.jsonio import dumps, write_json
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "clip", "kl")
 STAGE_FILE = "stage.json"
+RUN_FILE = "recipe.json"
+# Written when a stage starts: the stage folder is gradsift's, so a resumed run may empty it.
+STAGE_MARK = ".gradsift-stage"
+# Everything a stage writes at its top level. An unfinished stage folder of a run older than STAGE_MARK is emptied
+# only if it holds nothing else (and `atomic_path`'s temporary files).
+STAGE_NAMES = frozenset(
+    {
+        STAGE_FILE,
+        "adapter",
+        "model",
+        "scores",
+        "shared-scores",
+        "eval",
+        "dropped.jsonl",
+        "selection.json",
+        "online.jsonl",
+        "trainer",
+        "train.jsonl",
+        "axolotl.yaml",
+        "axolotl.log",
+        "axolotl-out",
+        "axolotl-prepared",
+    }
+)
+_TEMPORARY = re.compile(r"\..+\.tmp")
+# Keys of a stage's axolotl config that place its files in the stage folder or chain the stages: never from `axolotl:`.
+AXOLOTL_OWNED = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "lora_model_dir")
 # Per seed, what several arms share (stage 1's scores); not an arm.
 SHARED_DIR = "_shared"
 SAFETY_METRICS = ("refusal_rate", "compliance_rate_safe", "refusal_rate_unsafe", "acc")
+# Names that become one path segment: the recipe's (`runs/<name>`), a stage's (`<NN>-<name>`) and an arm's.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+_ARM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+# A data `path` that can only mean a file: it never falls back to a hub dataset id.
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _segment(value: str, what: str) -> str:
+    if not _SEGMENT.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"{what} becomes a folder name, so it is letters, digits, `_`, `.` and `-`, and not `.` or `..`; "
+            f"got {value!r}"
+        )
+    return value
 
 
 class _Strict(BaseModel):
@@ -77,7 +135,11 @@ class DataSpec(_Strict):
     """A stage's rows: a synthetic task of `gradsift.synthetic`, or a file / hub dataset."""
 
     synthetic: str | None = None
-    path: str | None = None
+    path: str | None = Field(
+        None,
+        description="A .jsonl/.json/.parquet file or saved dataset folder (relative: to the recipe's folder, else "
+        "the current one), or a hub dataset id.",
+    )
     size: int | None = Field(None, ge=1, description="Rows to take (the first `size` after a seeded shuffle).")
     split: str = "train"
     name: str | None = Field(None, description="Hub dataset configuration (e.g. `main` for gsm8k).")
@@ -100,12 +162,17 @@ class DataSpec(_Strict):
 
 
 class StageSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     data: DataSpec
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `train:`.")
     eval_task: str | None = Field(
         None, description="lm-eval task measuring this stage's domain; default for synthetic data: its own task."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        return _segment(value, "a stage name (in `<NN>-<name>`)")
 
     def domain_task(self) -> str | None:
         if self.eval_task is not None:
@@ -157,8 +224,13 @@ class EvalsSpec(_Strict):
     final: EvalSpec | None = Field(None, description="After the last stage, instead of `after_each_stage`.")
 
 
+def _arm_dict(value: Any) -> Any:
+    """`arms: [full, random, gradsift]` is short for built-in arms without options."""
+    return {name: {} for name in value} if isinstance(value, list) else value
+
+
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(description="The run's name; the default run folder is `runs/<name>`.")
     model: str
     reference_model: str | None = Field(None, description="Pretrained reference for drift; default: `model`.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -179,65 +251,30 @@ class Recipe(_Strict):
     )
     arms: dict[str, ArmSpec] = Field(default_factory=lambda: {name: ArmSpec() for name in ("full", "gradsift")})
     evals: EvalsSpec = Field(default_factory=EvalsSpec)
-    drift_prompts: int = Field(16, ge=0, description="Align-set rows used for the KL drift measure (0: none).")
+    drift_prompts: int = Field(
+        16, ge=0, description="Benign align-set rows (`kind: benign`, or not a refusal) for the KL drift measure."
+    )
+    # Where relative data paths start (the recipe file's folder), and the indices of the stages that failed their
+    # schema and were replaced by stand-ins while `load_recipe` collects the other problems.
+    _base: Path | None = PrivateAttr(None)
+    _invalid_stages: frozenset[int] = PrivateAttr(frozenset())
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        return _segment(value, "the recipe name (the default run folder `runs/<name>`)")
 
     @field_validator("arms", mode="before")
     @classmethod
     def _arm_list(cls, value: Any) -> Any:
-        """`arms: [full, random, gradsift]` is short for built-in arms without options."""
-        if isinstance(value, list):
-            return {name: {} for name in value}
-        return value
+        return _arm_dict(value)
 
     @model_validator(mode="after")
-    def _check(self) -> Recipe:
-        bad = [name for name in self.arms if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name)]
-        if bad:
-            raise ValueError(
-                f"arms: {', '.join(map(repr, bad))}: an arm name becomes a folder name beside `00-align`, so it is "
-                "letters, digits, `_`, `.` and `-`, starting with a letter (e.g. `random_steps`)"
-            )
-        steps = [
-            name
-            for name in self.arms
-            if self.arm(name).steps is not None
-            and (self.arm(name).kind not in ("select", "random") or (self.arm(name).mode or self.mode) == "online")
-        ]
-        if steps:
-            raise ValueError(
-                f"arms: {', '.join(steps)}: `steps` applies to offline `select` and `random` arms (a `full`, `clip` "
-                "or `kl` arm trains on all rows; an online arm selects inside each step); remove it"
-            )
-        unknown = [name for name, spec in self.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
-        if unknown:
-            raise ValueError(
-                f"unknown arm(s) {', '.join(unknown)}: built-in arms are {', '.join(BUILTIN_ARMS)}; a new arm "
-                "needs a spec (e.g. `my_arm: {selection: {rule: band}}`)"
-            )
-        names = [stage.name for stage in self.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique; got {names}")
-        scoring = ScoringConfig(**self.scoring)
-        if self.align is not None and scoring.quantization == "nf4":
-            raise ValueError(
-                "`align` merges its adapter into the weights, which a 4-bit model cannot hold: set "
-                "`scoring.quantization: none` (or auto) for a recipe with an align stage"
-            )
-        for name in self.arms:
-            SelectionConfig(**{**self.selection.model_dump(), **self.arm(name).selection})
-        for stage in self.stages:
-            TrainSpec(**{**self.train.model_dump(), **stage.train})
-        final, each = self.evals.final, self.evals.after_each_stage
-        if final is not None and final.domain and each.domain and final.domain_docs() != each.domain_docs():
-            raise ValueError(
-                f"evals.final evaluates {final.domain_docs()} documents per domain task and "
-                f"evals.after_each_stage {each.domain_docs()} (`domain_limit`, else `limit`): the accuracy matrix "
-                "must compare the same documents at every stage; set them alike"
-            )
-        if self.trainer == "axolotl":
-            kl = [name for name in self.arms if self.arm(name).kind == "kl"]
-            if kl:
-                raise ValueError(f"arm(s) {', '.join(kl)}: the `kl` arm needs `trainer: trl`")
+    def _check(self, info: ValidationInfo) -> Recipe:
+        if not (info.context or {}).get("collect"):  # `load_recipe` collects these with every other problem
+            problems = cross_field_problems(self)
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
     def arm(self, name: str) -> ArmSpec:
@@ -276,84 +313,293 @@ class Recipe(_Strict):
             tasks += [t for t in (stage.domain_task() for stage in self.stages) if t and t not in tasks]
         return spec, tasks
 
+    def valid_stages(self) -> Iterator[tuple[int, StageSpec]]:
+        """(index, stage) of the stages that passed their schema: all of them, outside `load_recipe`."""
+        return ((i, stage) for i, stage in enumerate(self.stages) if i not in self._invalid_stages)
 
-class RecipeError(ValueError):
-    """Every problem found in a recipe, one per line, each with its YAML path."""
+
+def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -> list[str]:
+    """Every problem between the recipe's fields, each `yaml.path: message`.
+
+    `failed`: top-level keys whose own schema failed (and that now hold their defaults), so the checks that would
+    judge other parts against them are skipped rather than report a problem the user does not have.
+    """
+    problems = []
+    bad = [name for name in recipe.arms if not _ARM_NAME.fullmatch(name)]
+    if bad:
+        problems.append(
+            f"arms: {', '.join(map(repr, bad))}: an arm name becomes a folder name beside `00-align`, so it is "
+            "letters, digits, `_`, `.` and `-`, starting with a letter (e.g. `random_steps`)"
+        )
+    steps = [
+        name
+        for name in recipe.arms
+        if recipe.arm(name).steps is not None
+        and (recipe.arm(name).kind not in ("select", "random") or (recipe.arm(name).mode or recipe.mode) == "online")
+    ]
+    if steps:
+        problems.append(
+            f"arms: {', '.join(steps)}: `steps` applies to offline `select` and `random` arms (a `full`, `clip` "
+            "or `kl` arm trains on all rows; an online arm selects inside each step); remove it"
+        )
+    unknown = [name for name, spec in recipe.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
+    if unknown:
+        problems.append(
+            f"arms: unknown arm(s) {', '.join(unknown)}: built-in arms are {', '.join(BUILTIN_ARMS)}; a new arm "
+            "needs a spec (e.g. `my_arm: {selection: {rule: band}}`)"
+        )
+    names = [stage.name for _, stage in recipe.valid_stages()]
+    if len(set(names)) != len(names):
+        problems.append(f"stages: stage names must be unique; got {names}")
+    if "scoring" not in failed:
+        try:
+            scoring = ScoringConfig(**recipe.scoring)
+        except ValidationError as error:
+            problems += _error_lines(error, "scoring")
+        else:
+            if recipe.align is not None and scoring.quantization == "nf4":
+                problems.append(
+                    "align: `align` merges its adapter into the weights, which a 4-bit model cannot hold: set "
+                    "`scoring.quantization: none` (or auto) for a recipe with an align stage"
+                )
+    if "selection" not in failed:
+        for name in recipe.arms:
+            try:
+                recipe.selection_for(name)
+            except ValidationError as error:
+                problems += _error_lines(error, f"arms.{name}.selection")
+    if "train" not in failed:
+        parts = [(f"stages.{i}.train", stage) for i, stage in recipe.valid_stages()]
+        parts += [("align.train", recipe.align)] if recipe.align is not None else []
+        for where, part in parts:
+            try:
+                recipe.train_for(part)
+            except ValidationError as error:
+                problems += _error_lines(error, where)
+    final, each = recipe.evals.final, recipe.evals.after_each_stage
+    if "evals" not in failed and final is not None and final.domain and each.domain:
+        if final.domain_docs() != each.domain_docs():
+            problems.append(
+                f"evals: evals.final evaluates {final.domain_docs()} documents per domain task and "
+                f"evals.after_each_stage {each.domain_docs()} (`domain_limit`, else `limit`): the accuracy matrix "
+                "must compare the same documents at every stage; set them alike"
+            )
+    if recipe.trainer == "axolotl":
+        kl = [name for name in recipe.arms if recipe.arm(name).kind == "kl"]
+        if kl:
+            problems.append(f"arms: {', '.join(kl)}: the `kl` arm needs `trainer: trl`")
+    owned = sorted(set(recipe.axolotl) & set(AXOLOTL_OWNED))
+    if owned:
+        problems.append(
+            f"axolotl: {', '.join(owned)}: the runner sets these for each stage (inside its folder, from the "
+            "previous stage); remove them"
+        )
+    return problems
+
+
+class RecipeError(UserError):
+    """Every problem found in a recipe, each with its YAML path, separated by `;` (one per line)."""
 
 
 def load_recipe(path: str | os.PathLike, *, check_tasks: bool = True, check_data: bool = True) -> Recipe:
-    """Read and validate a recipe; raise `RecipeError` listing every problem with its YAML path."""
+    """Read and validate a recipe; raise `RecipeError` listing every problem with its YAML path.
+
+    Schema, cross-field, data (`check_data`: local files read, every row's columns checked, synthetic sizes) and
+    lm-eval task (`check_tasks`) problems are all collected before anything is raised; nothing is downloaded.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(
+            f"Recipe {str(path)!r} is a folder; pass a recipe's YAML file, e.g. {str(path / 'x.yaml')!r}."
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"Recipe file {str(path)!r} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"Cannot read the recipe file {str(path)!r}: {error}.") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         kind = type(raw).__name__
         raise RecipeError(f"{path}: a recipe is a mapping with `name`, `model`, `stages`, …; got {kind}.")
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as error:
-        raise RecipeError(f"{path}:\n" + _format_errors(error)) from None
-    problems = []
-    if check_data:
-        problems += _check_data(recipe, path.parent)
-    if check_tasks:
-        problems += _check_tasks(recipe)
+    recipe, problems = _validate(raw)
+    if recipe is not None:
+        recipe._base = path.parent
+        if check_data:
+            problems += _check_data(recipe, path.parent)
+        if check_tasks:
+            problems += _check_tasks(recipe)
     if problems:
-        raise RecipeError(f"{path}:\n" + "\n".join(f"  {p}" for p in problems))
-    recipe._base = path.parent  # type: ignore[attr-defined]
+        raise RecipeError(f"{path}:\n" + ";\n".join(f"  {p.rstrip('.')}" for p in problems))
     return recipe
 
 
-def _format_errors(error: ValidationError) -> str:
+def _validate(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:
+    """The recipe, and its schema and cross-field problems.
+
+    A part that fails its schema (a stage, an arm, an `evals` entry, any other top-level key) is replaced by a stand-in
+    and the rest validated again, so that one mistake does not hide the problems of the parts that are right. The
+    returned recipe then holds stand-ins: use it for checks only. It is None when even the stand-ins do not validate.
+    """
+    context = {"collect": True}
+    try:
+        recipe = Recipe.model_validate(raw, context=context)
+    except ValidationError as error:
+        problems = _error_lines(error)
+        standing, invalid, failed = _stand_ins(raw, error)
+        try:
+            recipe = Recipe.model_validate(standing, context=context)
+        except ValidationError:
+            return None, problems
+        recipe._invalid_stages = invalid
+    else:
+        problems, failed = [], frozenset()
+    return recipe, problems + cross_field_problems(recipe, failed)
+
+
+def _stand_ins(raw: dict[str, Any], error: ValidationError) -> tuple[dict[str, Any], frozenset[int], frozenset[str]]:
+    """A copy of `raw` with every part in `error` replaced: (copy, indices of replaced stages, top-level keys hit)."""
+    out = copy.deepcopy(raw)
+    if "arms" in out:
+        out["arms"] = _arm_dict(out["arms"])
+    invalid: set[int] = set()
+    failed: set[str] = set()
+    for item in error.errors():
+        loc = item["loc"]
+        if not loc:
+            continue
+        key, part = loc[0], loc[1] if len(loc) > 1 else None
+        failed.add(str(key))
+        stages, arms, evals = out.get("stages"), out.get("arms"), out.get("evals")
+        if key == "stages" and isinstance(part, int) and isinstance(stages, list) and part < len(stages):
+            stages[part] = {"name": f"stage-{part}", "data": {"synthetic": SYNTHETIC_TASKS[0]}}
+            invalid.add(part)
+        elif key == "stages":
+            out["stages"] = [{"name": "stage-0", "data": {"synthetic": SYNTHETIC_TASKS[0]}}]
+            invalid = {0}
+        elif key == "arms" and isinstance(arms, dict) and part in arms:
+            if "[key]" in loc:  # not a string
+                del arms[part]
+            else:
+                arms[part] = {"kind": "full"}
+        elif key == "evals" and isinstance(evals, dict) and part in evals:
+            del evals[part]
+        elif key in ("name", "model"):
+            out[key] = "recipe"
+        else:
+            out.pop(key, None)
+    return out, frozenset(invalid), frozenset(failed)
+
+
+def _error_lines(error: ValidationError, prefix: str = "") -> list[str]:
+    """One `yaml.path: message` per pydantic error, under `prefix` (the key the validated mapping sits at)."""
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "") or "(top level)"
         message = str(item["msg"]).removeprefix("Value error, ")
         received = item.get("input")
         shown = "" if item["type"] in ("missing", "value_error") else f" (got {received!r})"
         if item["type"] == "extra_forbidden":
             message = "not a recipe key; check the spelling against the recipe schema in the README"
-        lines.append(f"  {where}: {message}{shown}")
-    return "\n".join(lines)
+        lines.append(f"{where}: {message}{shown}")
+    return lines
+
+
+def _data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
+    specs = [("align.data", recipe.align.data)] if recipe.align else []
+    return specs + [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
 
 
 def _check_data(recipe: Recipe, base: Path) -> list[str]:
-    from gradsift.data import detect_format, load_source
+    from gradsift.data import load_source
+    from gradsift.synthetic import pool
 
     problems = []
-    specs = [("align.data", recipe.align.data)] if recipe.align else []
-    specs += [(f"stages.{i}.data", stage.data) for i, stage in enumerate(recipe.stages)]
-    for where, spec in specs:
-        if spec.path is None:
+    for where, spec in _data_specs(recipe):
+        if spec.synthetic is not None:
+            available = len(pool(spec.synthetic, "train"))
+            if spec.size is not None and spec.size > available:
+                problems.append(
+                    f"{where}.size: synthetic task {spec.synthetic!r} has {available} train questions; {spec.size} "
+                    f"were asked for. Set `size` to at most {available}"
+                )
             continue
-        resolved = resolve_path(spec.path, base)
-        if not isinstance(resolved, Path):
-            continue  # a hub id: read (and its format checked) when its stage starts; a dry run downloads nothing
         try:
-            source = load_source(str(resolved), split=spec.split)
-            if not source.records:
-                raise ValueError(f"{spec.path!r} holds no rows")
-            first = source.records[0] if spec.prompt_template is None else _templated(source.records[0], spec)
-            detect_format(first.keys())
-        except (ValueError, FileNotFoundError, OSError) as error:
-            problems.append(f"{where}.path: {error}")
+            resolved = resolve_path(spec.path, base)
+            if not isinstance(resolved, Path):
+                continue  # a hub id: read (and its format checked) when its stage starts; a dry run downloads nothing
+            problem = _rows_problem(load_source(str(resolved), split=spec.split).records, spec)
+        except (ValueError, OSError) as error:
+            problem = str(error)
+        if problem:
+            problems.append(f"{where}.path: {problem}")
     return problems
+
+
+def _rows_problem(records: list[Any], spec: DataSpec) -> str | None:
+    """What keeps a file's rows from being a stage's rows (every row checked), or None."""
+    from gradsift.data import FORMAT_COLUMNS, detect_format
+
+    if not records:
+        return f"{spec.path!r} holds no rows"
+
+    def first_bad(problem: Any) -> str | None:
+        bad = [(number, found) for number, row in enumerate(records, 1) if (found := problem(row))]
+        if not bad:
+            return None
+        more = f" (and {len(bad) - 1} more row(s))" if len(bad) > 1 else ""
+        return f"{spec.path!r} row {bad[0][0]}{more}: {bad[0][1]}"
+
+    found = first_bad(lambda row: None if isinstance(row, dict) else f"not a mapping but {type(row).__name__}")
+    if found:
+        return found
+    if spec.prompt_template is not None:
+        return first_bad(lambda row: _template_problem(row, spec))
+    try:
+        fmt = detect_format(records[0].keys())
+    except ValueError as error:
+        return f"{spec.path!r} row 1: {error}"
+    required = FORMAT_COLUMNS[fmt]
+
+    def problem(row: dict[str, Any]) -> str | None:
+        missing = [f"`{column}`" for column in required if column not in row]
+        if missing:
+            return (
+                f"no {', '.join(missing)} column; row 1 is in the {fmt} format, so every row needs "
+                f"{', '.join(f'`{c}`' for c in required)}"
+            )
+        messages = row.get("messages")
+        if fmt == "messages" and not (
+            isinstance(messages, list)
+            and messages
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+            and messages[-1]["role"] == "assistant"
+        ):
+            return "`messages` must be a list of {role, content} turns ending with the assistant's answer"
+        return None
+
+    return first_bad(problem)
+
+
+def _template_problem(row: dict[str, Any], spec: DataSpec) -> str | None:
+    try:
+        _templated(row, spec)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _check_tasks(recipe: Recipe) -> list[str]:
     from gradsift.evaluation import check_task_names, task_manager
 
-    manager = task_manager()
     problems = []
     specs = [("evals.after_each_stage", recipe.evals.after_each_stage)]
     if recipe.evals.final is not None:
         specs.append(("evals.final", recipe.evals.final))
     named = [(f"{where}.tasks", task) for where, spec in specs for task in spec.tasks]
-    named += [(f"stages.{i}.eval_task", s.eval_task) for i, s in enumerate(recipe.stages) if s.eval_task]
+    named += [(f"stages.{i}.eval_task", s.eval_task) for i, s in recipe.valid_stages() if s.eval_task]
+    manager = task_manager() if named else None  # indexing lm-eval's tasks takes seconds
     for where, task in named:
         try:
             check_task_names([task], manager)
@@ -362,14 +608,35 @@ def _check_tasks(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _data_roots(base: Path) -> list[Path]:
+    """Where a relative data path is looked for: the recipe's folder, the current one, and for a recipe shipped with
+    gradsift (`recipes/*.yaml` in a checkout or the wheel) the folder holding its `recipes/`, where its data lies."""
+    roots = [base.resolve(), Path.cwd()]
+    here = Path(__file__).resolve()
+    if roots[0] in (here.parents[2] / "recipes", here.parent / "recipes"):
+        roots.append(roots[0].parent)
+    return list(dict.fromkeys(roots))
+
+
 def resolve_path(path: str, base: Path) -> Path | str:
-    """A recipe's data path: absolute, relative to the recipe file, relative to the package's recipes, or a hub id."""
-    candidate = Path(path)
-    if candidate.is_absolute():
-        return candidate
-    for root in (base, Path.cwd(), Path(__file__).resolve().parents[2], Path(__file__).resolve().parent):
-        if (root / candidate).exists():
-            return root / candidate
+    """A recipe's data path: a file or folder (absolute, or relative to `base` or the current folder), or a hub id.
+
+    A path that can only mean a file (a .jsonl/.json/.parquet suffix, a start of `./`, `../`, `/` or `~`, or more than
+    one `/`) and exists nowhere raises `UserError`: it never silently becomes a hub dataset id.
+    """
+    candidate = Path(path).expanduser()
+    roots = [] if candidate.is_absolute() else _data_roots(base)
+    for found in [candidate] if candidate.is_absolute() else [root / candidate for root in roots]:
+        if found.exists():
+            return found
+    file_like = (
+        path.lower().endswith(_DATA_SUFFIXES) or path.startswith(("./", "../", "/", "~")) or path.count("/") > 1
+    )
+    if candidate.is_absolute() or file_like:
+        where = f" (looked in {' and '.join(map(str, roots))})" if roots else ""
+        raise UserError(
+            f"{path!r} does not exist{where}. Fix the path; a hub dataset id has one `/`, e.g. `org/name`."
+        )
     return path  # a hub dataset id
 
 
@@ -391,7 +658,11 @@ class Step:
 
 
 def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[int] | None = None) -> list[Step]:
-    """Every stage to run, in order: per seed the align stage, then each arm's task stages."""
+    """Every stage to run, in order: per seed the align stage, then each arm's task stages.
+
+    Raises `UserError` when `out` is not a folder a run may write into (`check_run_folder`), so a dry run says so too.
+    """
+    check_run_folder(out)
     arms = arms or list(recipe.arms)
     unknown = [arm for arm in arms if arm not in recipe.arms]
     if unknown:
@@ -408,6 +679,36 @@ def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[i
             for k, stage in enumerate(recipe.stages, start=1):
                 steps.append(Step(seed, arm, k, stage.name, root / arm / f"{k:02d}-{stage.name}"))
     return steps
+
+
+def check_run_folder(out: Path) -> None:
+    """Raise `UserError` unless `out` is new, empty or a folder `gradsift run` wrote (it holds gradsift's recipe.json).
+
+    A run writes into, and empties unfinished stage folders under, its folder: never one of the user's.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a run folder. Choose an empty or new --out folder.")
+    from gradsift.locking import LOCK_NAME
+
+    if not out.is_dir() or all(p.name == LOCK_NAME for p in out.iterdir()):
+        return
+    if run_metadata(out) is None:
+        raise UserError(
+            f"--out {str(out)!r} is not a gradsift run folder (it holds files but no recipe.json written by "
+            "`gradsift run`), and a run writes and deletes inside its folder: choose an empty or new --out."
+        )
+
+
+def run_metadata(run_dir: Path) -> dict[str, Any] | None:
+    """The recipe.json of a folder written by `gradsift run` (marked with `gradsift_version`, or with the keys a run
+    wrote before that mark), or None when the folder has no such file."""
+    try:
+        meta = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and ("gradsift_version" in meta or {"name", "stages", "arms", "recipe"} <= set(meta)):
+        return meta
+    return None
 
 
 def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
@@ -431,27 +732,61 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
 
 def stage_records(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any]]:
     """The rows of a stage (or the align set), as single-turn prompt/completion conversations where possible."""
+    return [_as_prompt_completion(row) for row in _source_rows(recipe, spec, seed)]
+
+
+def drift_records(recipe: Recipe) -> list[dict[str, Any]]:
+    """The fixed prompts of the drift measure: the first `drift_prompts` benign rows of the align set (seed 0).
+
+    A row is benign when its `kind` says so (`recipes/data/align.jsonl` marks every row `harmful` or `benign`); a
+    row without `kind` is benign unless its answer is a refusal. Harmful prompts are left out: the drift measures
+    how far the answers to ordinary requests moved, which a refusal's shift would confound.
+    """
+    if recipe.align is None or recipe.drift_prompts == 0:
+        return []
+    rows = [row for row in _source_rows(recipe, recipe.align.data, 0) if _benign(row)]
+    return [_as_prompt_completion(row) for row in rows[: recipe.drift_prompts]]
+
+
+def _benign(row: dict[str, Any]) -> bool:
+    from gradsift.evaluation import judge_answer
+
+    if row.get("kind") is not None:
+        return row["kind"] == "benign"
+    record = _as_prompt_completion(row)
+    answer = record.get("completion", record.get("output", ""))
+    prompt = record.get("prompt", record.get("instruction", ""))
+    return judge_answer(_text(answer), _text(prompt) or None) != "refused"
+
+
+def _text(value: Any) -> str:
+    """The text of a plain string or of a conversation's last turn."""
+    if isinstance(value, list):
+        value = value[-1].get("content", "") if value and isinstance(value[-1], dict) else ""
+    return value if isinstance(value, str) else ""
+
+
+def _source_rows(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any]]:
+    """A stage's rows as read (templates applied), shuffled by `seed` and cut to `size`."""
     import random
 
     from gradsift.data import load_source
     from gradsift.synthetic import generate
 
     if spec.synthetic is not None:
-        rows = generate(spec.synthetic, spec.size, split="train", seed=seed)
+        return generate(spec.synthetic, spec.size, split="train", seed=seed)
+    resolved = resolve_path(spec.path, recipe._base or Path.cwd())
+    if isinstance(resolved, Path):
+        rows = list(load_source(str(resolved), split=spec.split).records)
     else:
-        base = getattr(recipe, "_base", Path.cwd())
-        resolved = resolve_path(spec.path, base)
-        if isinstance(resolved, Path):
-            rows = list(load_source(str(resolved), split=spec.split).records)
-        else:
-            import datasets
+        import datasets
 
-            rows = list(datasets.load_dataset(resolved, spec.name, split=spec.split))
-        random.Random(seed).shuffle(rows)
-        rows = rows[: spec.size] if spec.size else rows
-        if spec.prompt_template is not None:
-            rows = [_templated(row, spec) for row in rows]
-    return [_as_prompt_completion(row) for row in rows]
+        rows = list(datasets.load_dataset(resolved, spec.name, split=spec.split))
+    random.Random(seed).shuffle(rows)
+    rows = rows[: spec.size] if spec.size else rows
+    if spec.prompt_template is not None:
+        rows = [_templated(row, spec) for row in rows]
+    return rows
 
 
 class _Formatter(string.Formatter):
@@ -472,7 +807,7 @@ def _templated(row: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
         prompt = formatter.format(spec.prompt_template, **row)
         completion = formatter.format(spec.completion_template, **row)
     except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(
+        raise UserError(
             f"data template cannot be filled from a row with columns {sorted(row)}: {error!r}; fix "
             "`prompt_template` / `completion_template`"
         ) from None
@@ -508,7 +843,18 @@ def rejudge_run(run_dir: Path) -> int:
     tasks, and their per-document values, are recomputed from them with the judge as it is now and written back to
     the stage's `stage.json`, so a run's numbers follow a judge fix without generating any answer again.
     """
-    from gradsift.data import atomic_path
+    from gradsift.locking import folder_lock
+
+    if run_metadata(run_dir) is None:
+        raise RecipeError(
+            f"{str(run_dir)!r} is not a folder written by `gradsift run` (it has no recipe.json); --rejudge rewrites "
+            "the stage.json files of such a folder only. Pass the run's --out folder."
+        )
+    with folder_lock(run_dir):  # not while a run writes its stages
+        return _rejudge(run_dir)
+
+
+def _rejudge(run_dir: Path) -> int:
     from gradsift.evaluation import (
         judged_task_kind,
         newest_samples,
@@ -518,11 +864,6 @@ def rejudge_run(run_dir: Path) -> int:
         sample_answer,
     )
 
-    if not (run_dir / "recipe.json").is_file():
-        raise RecipeError(
-            f"{str(run_dir)!r} is not a folder written by `gradsift run` (it has no recipe.json); --rejudge rewrites "
-            "the stage.json files of such a folder only. Pass the run's --out folder."
-        )
     rewritten = 0
     for marker in _stage_markers(run_dir):
         record = json.loads(marker.read_text(encoding="utf-8"))
@@ -544,8 +885,7 @@ def rejudge_run(run_dir: Path) -> int:
             record.setdefault("eval_per_doc", {})[task] = per_doc
             judged = True
         if judged:
-            with atomic_path(marker) as tmp:
-                Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_json(record, marker)
             rewritten += 1
     return rewritten
 
@@ -569,10 +909,31 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _clean(folder: Path) -> None:
-    """Remove what an interrupted stage left, so it restarts from its beginning."""
-    if folder.exists():
-        shutil.rmtree(folder)
+    """Start a stage in an empty folder marked as gradsift's, removing what an interrupted run of it left.
+
+    An existing folder is emptied only if gradsift can tell it wrote it: it carries `STAGE_MARK`, or (a stage folder
+    of a run older than the mark) holds nothing but names a stage writes. Anything else raises `UserError`, and
+    nothing is deleted.
+    """
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise UserError(
+            f"{str(folder)!r} is where this stage's folder goes, but it is a file or a link, which gradsift did not "
+            "write: move it away, or choose another --out."
+        )
+    if folder.is_dir():
+        names = sorted(p.name for p in folder.iterdir())
+        foreign = [n for n in names if n not in STAGE_NAMES and n != STAGE_MARK and not _TEMPORARY.fullmatch(n)]
+        if names and STAGE_MARK not in names and foreign:
+            raise UserError(
+                f"{str(folder)!r} holds files gradsift did not write ({', '.join(foreign[:5])}), and an unfinished "
+                "stage restarts in an emptied folder: move them away, or choose another --out."
+            )
+        if names:
+            logger.info("gradsift run: %s was left unfinished; starting it again", folder)
+            shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    mark = {"gradsift_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(mark, folder / STAGE_MARK)
 
 
 def elapsed(start: float) -> float:
@@ -580,7 +941,8 @@ def elapsed(start: float) -> float:
 
 
 def finite(value: float | None) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    """None for NaN and ±inf (no strict JSON can hold them)."""
+    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
 def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec) -> GradSiftConfig:
@@ -608,36 +970,41 @@ def run_recipe(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> list[Step]:
-    """Run every unfinished stage of the plan in order. `stop_after` ends after that many stages (for tests)."""
-    from gradsift.store import write_json
+    """Run every unfinished stage of the plan in order. `stop_after` ends after that many stages (for tests).
+
+    `out` must be new, empty or a run folder (`check_run_folder`); it is locked for the whole run, so a second
+    `gradsift run` on it fails with `UserError` instead of writing the same stages.
+    """
+    from gradsift.locking import folder_lock
 
     steps = plan(recipe, out, arms, seeds)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        {
+    with folder_lock(out):
+        check_run_folder(out)  # again, now that no other run can write it
+        meta = {
+            "gradsift_version": __version__,
             "name": recipe.name,
             "model": recipe.model,
             "stages": [stage.name for stage in recipe.stages],
             "domain_tasks": [stage.domain_task() for stage in recipe.stages],
             "arms": list(recipe.arms),
             "recipe": recipe.model_dump(mode="json"),
-        },
-        out / "recipe.json",
-    )
-    ran = 0
-    for step in steps:
-        if step.done():
-            logger.info("gradsift run: %s already finished, skipped", step.folder)
-            continue
-        if stop_after is not None and ran >= stop_after:
-            break
-        start = time.perf_counter()
-        if step.arm is None:
-            _run_align(recipe, step, progress)
-        else:
-            _run_stage(recipe, step, steps, progress)
-        ran += 1
-        logger.info("gradsift run: %s finished in %.0f s", step.folder, time.perf_counter() - start)
+        }
+        write_json(meta, out / RUN_FILE)
+        ran = 0
+        for step in steps:
+            if step.done():
+                logger.info("gradsift run: %s already finished, skipped", step.folder)
+                continue
+            if stop_after is not None and ran >= stop_after:
+                break
+            start = time.perf_counter()
+            _clean(step.folder)
+            if step.arm is None:
+                _run_align(recipe, step, progress)
+            else:
+                _run_stage(recipe, step, steps, progress)
+            ran += 1
+            logger.info("gradsift run: %s finished in %.0f s", step.folder, time.perf_counter() - start)
     return steps
 
 
@@ -746,7 +1113,6 @@ def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
     from trl import SFTTrainer
 
     assert recipe.align is not None
-    _clean(step.folder)
     tokenizer = _tokenizer(recipe)
     train = recipe.train_for(recipe.align)
     records = stage_records(recipe, recipe.align.data, step.seed)
@@ -780,9 +1146,8 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
 
     from gradsift.integrations.trl import GradSiftSFTTrainer, select_dataset
     from gradsift.selection import select_rows
-    from gradsift.store import MANIFEST, TABLE, write_json
+    from gradsift.store import MANIFEST, TABLE
 
-    _clean(step.folder)
     stage = recipe.stages[step.index - 1]
     spec = recipe.arm(step.arm)
     train = recipe.train_for(stage)
@@ -1006,13 +1371,11 @@ def _write_dropped(path: Path, report: Any) -> None:
     from gradsift.data import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for entry in report.dropped():
-            handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+        for entry in report.dropped():  # a `nonfinite` row's norm is NaN: written as null
+            handle.write(dumps(entry, ensure_ascii=False) + "\n")
 
 
 def _write_stage(step: Step, record: dict[str, Any]) -> None:
-    from gradsift.store import write_json
-
     write_json(record, step.folder / STAGE_FILE)
 
 
@@ -1075,7 +1438,7 @@ def _eval_model(recipe: Recipe, base: str, adapter: str | None) -> Any:
     return load_for_eval(recipe.scoring_config().model_copy(update={"model": base, "adapter": adapter}), merge=True)
 
 
-def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step) -> dict[str, float]:
+def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step) -> dict[str, float | None]:
     """Mean per-token KL(p_model ‖ p_reference) on the align set's first benign answers (fixed prompts)."""
     if recipe.drift_prompts == 0 or recipe.align is None:
         return {}
@@ -1083,7 +1446,10 @@ def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step:
 
     from gradsift.data import collate, tokenize_records
 
-    records = [r for r in stage_records(recipe, recipe.align.data, 0) if "completion" in r][: recipe.drift_prompts]
+    records = drift_records(recipe)
+    if not records:
+        logger.warning("gradsift run: the align set has no benign row (`kind: benign`); no drift measured")
+        return {}
     rows = tokenize_records(records, tokenizer, DataConfig(max_length=256), progress=False)
     batch = collate(rows, tokenizer.pad_token_id, _device(recipe))
     model = _eval_model(recipe, base, adapter)
@@ -1098,7 +1464,7 @@ def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step:
             ref = _logprobs(_eval_model(recipe, spec, None), batch)
             mask = batch["labels"][:, 1:] != -100
             kl = (logp.exp() * (logp - ref)).sum(-1)
-            out[name] = float(kl[mask].mean())
+            out[name] = finite(float(kl[mask].mean()))
     return out
 
 

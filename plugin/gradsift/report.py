@@ -53,7 +53,9 @@ import numpy as np
 from scipy import stats
 
 from gradsift.data import atomic_path
+from gradsift.errors import UserError
 from gradsift.evaluation import judged_task_kind
+from gradsift.jsonio import write_json
 from gradsift.recipes import BUILTIN_ARMS, STAGE_FILE, ArmSpec, iter_stage_files
 
 # The judge's rates as stage.json stores them; older runs lack some (shown "–").
@@ -189,7 +191,7 @@ def collect(run_dir: Path) -> dict[int, dict[str, Any]]:
         else:
             entry["arms"].setdefault(arm, {})[index] = record
     if not seeds:
-        raise FileNotFoundError(f"{run_dir} holds no finished stage ({STAGE_FILE}); run `gradsift run` first.")
+        raise UserError(f"{str(run_dir)!r} holds no finished stage ({STAGE_FILE}); run `gradsift run` first.")
     return dict(sorted(seeds.items()))
 
 
@@ -522,8 +524,7 @@ def write_report(run_dir: Path, plots: bool = True, n_resamples: int = BOOTSTRAP
     """Write report.json, report.md and the plots into `run_dir`; return their paths."""
     report = build_report(run_dir, n_resamples)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md"}
-    with atomic_path(paths["json"]) as tmp:  # as gradsift.store.write_json, which would import torch
-        Path(tmp).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    write_json(report, paths["json"])  # strict JSON: a mean of nothing is null
     figures = _plots(run_dir, report) if plots else {}
     with atomic_path(paths["md"]) as tmp:
         Path(tmp).write_text(markdown(report, figures), encoding="utf-8")
@@ -554,7 +555,7 @@ def _fmt_interval(cell: dict[str, Any] | None, signed: bool = False) -> str:
         return "–"
     mean = _num(cell["mean"], signed)
     ci = cell.get("ci")
-    if not ci:
+    if not ci or None in ci:  # report.json holds a non-finite bound as null
         return f"{mean} [n/a]"
     mark = " †" if signed and (ci[0] > 0 or ci[1] < 0) else ""
     return f"{mean} [{_num(ci[0])}, {_num(ci[1])}]{mark}"

@@ -17,7 +17,6 @@ names here. Finished scores are never deleted to make room for a run with other 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -30,6 +29,7 @@ import numpy as np
 from gradsift import __version__
 from gradsift.data import atomic_path, file_fingerprint
 from gradsift.errors import UserError
+from gradsift.jsonio import dumps, write_json
 from gradsift.locking import LOCK_NAME
 from gradsift.scoring import ScoreTable
 
@@ -69,32 +69,6 @@ def read_table(path: str | os.PathLike) -> ScoreTable:
     data = pq.read_table(path).to_pydict()
     kinds = {"sample_id": object, "status": object, "truncated": bool, "loss": np.float64, "grad_norm": np.float64}
     return ScoreTable(**{name: np.array(values, dtype=kinds.get(name, np.int64)) for name, values in data.items()})
-
-
-def strict_json(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, ±inf, numpy's too) as None, so it is strict JSON (RFC 8259)."""
-    if isinstance(value, dict):
-        return {key: strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return strict_json(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def dumps(value: Any, **kwargs: Any) -> str:
-    """`json.dumps` of `strict_json(value)`: never a bare NaN or Infinity; other objects (paths) as strings."""
-    return json.dumps(strict_json(value), allow_nan=False, default=str, **kwargs)
-
-
-def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write strict JSON atomically."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from gradsift.errors import UserError
+
 TASKS = ("sentiment", "yes_no", "arithmetic", "capitals", "units", "howto", "lists")
 # One question in five goes to the test split.
 TEST_SHARE = 5
@@ -487,7 +489,7 @@ _LISTS = [
         "Labrador", "Poodle", "Beagle", "Bulldog", "Boxer", "Dachshund", "Collie", "Greyhound", "Husky", "Terrier",
         "Spaniel", "Dalmatian",
     ]),
-]
+]  # fmt: skip
 
 _NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 # Prompt and opening of each phrasing of a request for n >= 2 items; n = 1 asks for one terse line instead.
@@ -612,9 +614,9 @@ def pool(task: str, split: str) -> list[tuple[str, str, str]]:
 def _items(task: str, split: str) -> list[tuple]:
     """A task's items of one split, each (question, reply, answer) with an optional dict of check fields."""
     if task not in _GENERATORS:
-        raise ValueError(f"Unknown synthetic task {task!r}; choose from {', '.join(TASKS)}.")
+        raise UserError(f"Unknown synthetic task {task!r}; choose from {', '.join(TASKS)}.")
     if split not in ("train", "test"):
-        raise ValueError(f"Unknown split {split!r}; use 'train' or 'test'.")
+        raise UserError(f"Unknown split {split!r}; use 'train' or 'test'.")
     return [item for item in _GENERATORS[task]() if split_of(item[0]) == split]
 
 
@@ -626,7 +628,10 @@ def generate(task: str, n: int | None = None, split: str = "train", seed: int = 
     """
     items = _items(task, split)
     if n is not None and n > len(items):
-        raise ValueError(f"Synthetic task {task!r} has {len(items)} {split} questions; {n} were asked for.")
+        raise UserError(
+            f"Synthetic task {task!r} has {len(items)} {split} questions; {n} were asked for. Ask for at most "
+            f"{len(items)}."
+        )
     random.Random(f"{task}-{split}-{seed}").shuffle(items)
     return [
         {
