@@ -212,6 +212,7 @@ def test_launch_environment_errors_name_the_key(environ, fragments):
 TEAM_SCRIPT = """
 import sys
 from gradsift.distributed import launched_team
+from gradsift.errors import UserError
 
 with launched_team(use_cuda=False) as team, open(f"{sys.argv[1]}/rank{team.rank}.txt", "w") as log:
     for name, meet in (("every", team.on_every_rank), ("main", team.on_main)):
@@ -219,6 +220,10 @@ with launched_team(use_cuda=False) as team, open(f"{sys.argv[1]}/rank{team.rank}
             meet(lambda: 1 / (team.rank - (name == "every")))  # fails on rank 1, then on rank 0
         except Exception as error:
             log.write(f"{name} {team.rank}/{team.world_size}: {type(error).__name__}: {error}\\n")
+    try:  # a user's mistake on rank 0 stays one on every rank (one line, exit 2), not a bug
+        team.on_main(lambda: (_ for _ in ()).throw(UserError("bad --out")))
+    except Exception as error:
+        log.write(f"user {team.rank}/{team.world_size}: {type(error).__name__}: {error}\\n")
 """
 
 
@@ -234,4 +239,6 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
         "every 0/2: RuntimeError: 1 of 2 ranks failed; rank 1: ZeroDivisionError: division by zero",
         "main 0/2: ZeroDivisionError: division by zero",
         "main 1/2: RuntimeError: Rank 0 of 2 failed: ZeroDivisionError: division by zero",
+        "user 0/2: UserError: bad --out",
+        "user 1/2: UserError: Rank 0 of 2 failed: bad --out",
     }, lines

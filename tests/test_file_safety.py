@@ -97,20 +97,23 @@ def test_score_writes_into_an_empty_folder_and_its_own_folder(tmp_path, tiny_mod
     assert (empty / "kept.jsonl").read_text() == "{}\n"
 
 
-def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, tiny_model_dir, data_file, capsys):
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, tiny_model_dir, data_file, capsys, caplog):
     out = tmp_path / "scores"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = "import sys, time\nfrom gradsift.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+    holder += "    print('held', flush=True)\n    time.sleep(120)\n"
+    first = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        out.mkdir()
-        (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "since": "now"}))
+        assert first.stdout.readline().strip() == "held"
         user_error(capsys, score_args(tiny_model_dir, data_file, out), "being written by another gradsift process",
-                   str(holder.pid))  # fmt: skip
+                   f"pid {first.pid}")  # fmt: skip
         assert not (out / MANIFEST).exists()
     finally:
-        holder.kill()
-        holder.wait()
-    # The holder is gone: its lock is stale and is taken over, with a warning.
+        first.send_signal(signal.SIGKILL)  # killed: no chance to release or remove its lock file
+        first.wait()
+    assert (out / LOCK_NAME).exists()
+    # The kernel dropped the dead holder's lock: the next writer takes the folder over, saying so.
     assert main(score_args(tiny_model_dir, data_file, out)) == 0
+    assert f"last held by pid {first.pid}" in caplog.text
     assert not (out / LOCK_NAME).exists()
 
 
@@ -260,3 +263,21 @@ def test_select_outputs_are_strict_json_after_non_finite_rows(scored, tmp_path, 
     nonfinite = [d for d in dropped if d["status"] == "nonfinite"]
     assert len(nonfinite) == 4 and all(d["loss"] is None or d["grad_norm"] is None for d in nonfinite)
     strict_loads((out.parent / "selection.json").read_text())
+
+
+def test_select_never_writes_its_audit_files_over_the_input(tmp_path, tiny_model_dir, mixed_records, capsys):
+    # The scored data happens to be called dropped.jsonl, and --out goes beside it: the audit file would land on it.
+    folder = tmp_path / "sel"
+    folder.mkdir()
+    data = folder / "dropped.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in mixed_records))
+    assert main(score_args(tiny_model_dir, data, tmp_path / "scores")) == 0
+    before = snapshot(folder)
+    user_error(capsys, ["select", str(tmp_path / "scores"), "--out", str(folder / "kept.jsonl")],
+               "dropped.jsonl (written beside --out)", "is an input")  # fmt: skip
+    assert snapshot(folder) == before
+
+
+def test_select_out_without_a_data_suffix_is_refused_before_anything_is_written(scored, tmp_path, capsys):
+    user_error(capsys, ["select", str(scored), "--out", str(tmp_path / "new" / "kept.txt")], "'.txt'", ".jsonl")
+    assert not (tmp_path / "new").exists()

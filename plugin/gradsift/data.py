@@ -99,20 +99,20 @@ class Source:
                 f"Output file {str(path)!r} must end in .jsonl, .json or .parquet; got {suffix or 'no suffix'!r}. "
                 "Choose one of these suffixes."
             )
+        from gradsift.jsonio import dumps  # strict JSON (NaN as null); dates and bytes of parquet rows as text
+
         indices = list(indices)
         with atomic_path(path) as tmp:
             if suffix == ".jsonl":
                 with open(tmp, "w", encoding="utf-8") as handle:
                     for i in indices:
                         line = (
-                            self._lines[i]
-                            if self._lines is not None
-                            else json.dumps(self.records[i], ensure_ascii=False)
+                            self._lines[i] if self._lines is not None else dumps(self.records[i], ensure_ascii=False)
                         )
                         handle.write(line + "\n")
             elif suffix == ".json":
                 with open(tmp, "w", encoding="utf-8") as handle:
-                    json.dump([self.records[i] for i in indices], handle, ensure_ascii=False, indent=1)
+                    handle.write(dumps([self.records[i] for i in indices], ensure_ascii=False, indent=1))
             else:
                 import pyarrow as pa
                 import pyarrow.parquet as pq

@@ -72,7 +72,7 @@ class Team:
         if error is not None:
             raise error
         if message is not None:
-            raise RuntimeError(f"Rank 0 of {self.world_size} failed: {message}")
+            _raise_for(f"Rank 0 of {self.world_size} failed: ", [message])
         return result
 
     def on_every_rank(self, action: Callable[[], T]) -> T:
@@ -85,14 +85,28 @@ class Team:
         messages = self.gather(_describe(error))
         if error is not None:
             raise error
-        failed = [f"rank {rank}: {message}" for rank, message in enumerate(messages) if message is not None]
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
         if failed:
-            raise RuntimeError(f"{len(failed)} of {self.world_size} ranks failed; " + "; ".join(failed))
+            prefix = f"{len(failed)} of {self.world_size} ranks failed; "
+            _raise_for(prefix, [(user, f"rank {rank}: {text}") for rank, (user, text) in failed])
         return result
 
 
-def _describe(error: BaseException | None) -> str | None:
-    return None if error is None else f"{type(error).__name__}: {error}"
+def _describe(error: BaseException | None) -> tuple[bool, str] | None:
+    """What the other ranks hear of an error: whether it is the user's mistake, and its text."""
+    if error is None:
+        return None
+    if isinstance(error, UserError):
+        return True, str(error)
+    return False, f"{type(error).__name__}: {error}"
+
+
+def _raise_for(prefix: str, messages: list[tuple[bool, str]]) -> None:
+    """Raise another rank's failure here: a `UserError` if every failure was the user's mistake, else a bug."""
+    text = prefix + "; ".join(message for _, message in messages)
+    if all(user for user, _ in messages):
+        raise UserError(text)
+    raise RuntimeError(text)
 
 
 @dataclass(frozen=True)

@@ -844,8 +844,8 @@ def judge_results(
 
     from gradsift.config import ScoringConfig
     from gradsift.data import atomic_path
+    from gradsift.jsonio import dumps, write_json
     from gradsift.models import load_for_eval, load_tokenizer
-    from gradsift.store import write_json
 
     judge_format = judge_format or guess_judge_format(judge)
     parser = PARSERS.get(judge_format)
@@ -867,7 +867,7 @@ def judge_results(
         for record, output in zip(records, outputs):
             verdict = parser(output)
             judged = {"judge_output": output, "judged_harmful": verdict.harmful, "judged_refusal": verdict.refusal}
-            lines.append(json.dumps({**record, **judged}))
+            lines.append(dumps({**record, **judged}, ensure_ascii=False))
             record["judged_harmful"] = verdict.harmful
         with atomic_path(results_dir / f"judged_{task}.jsonl") as tmp:
             Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")

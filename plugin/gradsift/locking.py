@@ -1,14 +1,16 @@
-"""One writer per folder: a lock file holding the writer's pid, host and command.
+"""One writer per folder: an exclusive `flock` on `<folder>/.gradsift.lock`, which names its holder.
 
-`folder_lock(folder)` creates `<folder>/.gradsift.lock` with `O_CREAT | O_EXCL` (atomic on local and NFSv3+ file
-systems). A second writer gets a `UserError` naming the holder. A lock left by a process that died on this host is
-taken over with a warning; a lock from another host is never taken over (its process cannot be checked from here).
+The kernel holds the lock for the process and drops it when the process ends, however it ends, so a lock is never
+taken from a live process and never left behind by a dead one (no pid guessing across hosts, containers or reboots).
+The file also records the holder's pid, host, start time and command, for the error a second writer gets, and the
+warning when a process takes over a folder whose last writer died. On NFS, Linux maps `flock` to NFS byte-range locks.
 The lock is re-entrant within one process, so a recipe that locks its run folder can score into a folder under it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from gradsift.errors import UserError
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".gradsift.lock"
+_HELD: dict[Path, int] = {}  # lock files this process holds -> nesting depth
 
 
 def _holder() -> dict[str, Any]:
@@ -35,78 +38,80 @@ def _holder() -> dict[str, Any]:
     }
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(fd: int) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
+        data = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
     except (OSError, ValueError):
-        return {}  # being written this instant, or not ours: treated as held by someone else
+        return {}
     return data if isinstance(data, dict) else {}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "a process that did not say which"
+    return (
+        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}: "
+        f"{holder.get('command') or 'gradsift'}"
+    )
 
 
-def _mine(holder: dict[str, Any] | None) -> bool:
-    return bool(holder) and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
-
-
-def _stale(holder: dict[str, Any]) -> bool:
-    pid = holder.get("pid")
-    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
-
-
-def _create(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(_holder(), handle)
-    return True
+def _acquire(path: Path) -> int:
+    """Open and lock `path`; return the descriptor. The file must still be `path` once locked (see the loop)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UserError(
+                f"Cannot create the lock file {str(path)!r}: {error.strerror}. Choose an output folder you can write."
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(fd)
+            os.close(fd)
+            raise UserError(
+                f"{str(path.parent)!r} is being written by another gradsift process ({_describe(holder)}). Wait for "
+                "it to finish or choose another output folder."
+            ) from None
+        # A releasing holder unlinks the file: if it did between our open and our lock, we locked a file no one else
+        # will see, so start again on the path's current file.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
-    """Hold `<folder>/.gradsift.lock` while the block runs; raise `UserError` if another live process holds it."""
+    """Hold `<folder>/.gradsift.lock` while the block runs; raise `UserError` if another process holds it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    if _mine(_read(path)):  # re-entrant: an outer block of this process holds it and will release it
-        yield path
-        return
-    for _ in range(3):
-        if _create(path):
-            break
-        holder = _read(path)
-        if holder is None:  # released between our attempt and the read
-            continue
-        if _stale(holder):
-            logger.warning(
-                "Taking over the lock %s of process %s (%s), which is no longer running.",
-                path,
-                holder.get("pid"),
-                holder.get("command") or "gradsift",
-            )
-            path.unlink(missing_ok=True)
-            continue
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
         raise UserError(
-            f"{str(folder)!r} is being written by another gradsift process (pid {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}, since {holder.get('since', '?')}: {holder.get('command') or 'unknown'}). "
-            f"Wait for it to finish or choose another output folder; if no such process runs, delete {str(path)!r}."
-        )
-    else:
-        raise UserError(f"Could not take the lock {str(path)!r}: other processes keep taking it. Try again.")
+            f"Cannot create the output folder {str(folder)!r}: {error.strerror}. Choose another output folder."
+        ) from None
+    path = (folder / LOCK_NAME).resolve()
+    if path in _HELD:  # re-entrant: an outer block of this process holds it and will release it
+        _HELD[path] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path] -= 1
+        return
+    fd = _acquire(path)
+    previous = _read(fd)
+    if previous:  # a writer that ended without releasing (killed): the kernel dropped its lock
+        logger.warning("Taking over %s, last held by %s, which is no longer running.", path, _describe(previous))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(_holder()).encode("utf-8"), 0)
+    _HELD[path] = 1
     try:
         yield path
     finally:
-        if _mine(_read(path)):
-            path.unlink(missing_ok=True)
+        del _HELD[path]
+        path.unlink(missing_ok=True)  # before unlocking, so a waiting opener of this file sees it is gone
+        os.close(fd)

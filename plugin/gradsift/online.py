@@ -36,9 +36,9 @@ import torch
 from gradsift.config import GradSiftConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, assign_sample_ids
 from gradsift.errors import UserError
+from gradsift.jsonio import dumps
 from gradsift.scoring import STATUS_NO_RESPONSE, STATUS_NONFINITE, STATUS_OK, GradNormHooks, score_batch, scoring_mode
 from gradsift.selection import select_rows
-from gradsift.store import dumps
 
 logger = logging.getLogger(__name__)
 

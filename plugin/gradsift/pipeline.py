@@ -293,7 +293,7 @@ def _score_shards(
 def _read_shard(store: ScoreStore, number: int, rank: int) -> ScoreTable:
     path = store.shard_path(number)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"Shard {number}, scored by rank {rank}, is missing: {path} does not exist. Every process must see the "
             "same score folder; on several machines, put --out on a shared filesystem."
         )
@@ -303,7 +303,7 @@ def _read_shard(store: ScoreStore, number: int, rank: int) -> ScoreTable:
 def _read_merged(store: ScoreStore) -> ScoreTable:
     table = store.cached()
     if table is None:
-        raise FileNotFoundError(
+        raise UserError(
             f"Rank 0 merged the scores, but {store.folder} holds no finished scores here. Every process must see the "
             "same score folder; on several machines, put --out on a shared filesystem."
         )

@@ -234,7 +234,7 @@ class Recipe(_Strict):
     model: str
     reference_model: str | None = Field(None, description="Pretrained reference for drift; default: `model`.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     align: AlignSpec | None = None
@@ -530,8 +530,10 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
             if not isinstance(resolved, Path):
                 continue  # a hub id: read (and its format checked) when its stage starts; a dry run downloads nothing
             problem = _rows_problem(load_source(str(resolved), split=spec.split).records, spec)
-        except (ValueError, OSError) as error:
+        except UserError as error:
             problem = str(error)
+        except OSError as error:
+            problem = f"{spec.path!r} cannot be read: {error.strerror or error}"
         if problem:
             problems.append(f"{where}.path: {problem}")
     return problems
@@ -539,7 +541,7 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
 
 def _rows_problem(records: list[Any], spec: DataSpec) -> str | None:
     """What keeps a file's rows from being a stage's rows (every row checked), or None."""
-    from gradsift.data import FORMAT_COLUMNS, detect_format
+    from gradsift.data import check_rows
 
     if not records:
         return f"{spec.path!r} holds no rows"
@@ -557,29 +559,18 @@ def _rows_problem(records: list[Any], spec: DataSpec) -> str | None:
     if spec.prompt_template is not None:
         return first_bad(lambda row: _template_problem(row, spec))
     try:
-        fmt = detect_format(records[0].keys())
-    except ValueError as error:
-        return f"{spec.path!r} row 1: {error}"
-    required = FORMAT_COLUMNS[fmt]
-
-    def problem(row: dict[str, Any]) -> str | None:
-        missing = [f"`{column}`" for column in required if column not in row]
-        if missing:
-            return (
-                f"no {', '.join(missing)} column; row 1 is in the {fmt} format, so every row needs "
-                f"{', '.join(f'`{c}`' for c in required)}"
+        fmt = check_rows(records)  # every row: its columns and their types, named by line
+    except UserError as error:
+        return str(error)
+    if fmt == "messages":
+        return first_bad(
+            lambda row: (
+                None
+                if row["messages"] and row["messages"][-1].get("role") == "assistant"
+                else "`messages` must end with the assistant's answer (the stage trains on it)"
             )
-        messages = row.get("messages")
-        if fmt == "messages" and not (
-            isinstance(messages, list)
-            and messages
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-            and messages[-1]["role"] == "assistant"
-        ):
-            return "`messages` must be a list of {role, content} turns ending with the assistant's answer"
-        return None
-
-    return first_bad(problem)
+        )
+    return None
 
 
 def _template_problem(row: dict[str, Any], spec: DataSpec) -> str | None:
@@ -806,7 +797,7 @@ def _templated(row: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
     try:
         prompt = formatter.format(spec.prompt_template, **row)
         completion = formatter.format(spec.completion_template, **row)
-    except (KeyError, IndexError, ValueError) as error:
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
         raise UserError(
             f"data template cannot be filled from a row with columns {sorted(row)}: {error!r}; fix "
             "`prompt_template` / `completion_template`"
@@ -1172,7 +1163,8 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
             for name in (TABLE, MANIFEST):  # the finished table and its manifest; not the shards or a lock
                 shutil.copy2(cache / name, step.folder / "scores" / name)
         _write_dropped(step.folder / "dropped.jsonl", report)
-        write_json({"summary": report.summary(), **report.selection.counts()}, step.folder / "selection.json")
+        selection = {"gradsift_version": __version__, "summary": report.summary(), **report.selection.counts()}
+        write_json(selection, step.folder / "selection.json")
         table = report.table
         kept_norms = table.grad_norm[report.selection.keep]
         record["selection"] = {

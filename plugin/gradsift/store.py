@@ -16,6 +16,7 @@ names here. Finished scores are never deleted to make room for a run with other 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from gradsift import __version__
-from gradsift.data import atomic_path, file_fingerprint
+from gradsift.data import FILE_SUFFIXES, atomic_path, file_fingerprint
 from gradsift.errors import UserError
 from gradsift.jsonio import dumps, write_json
 from gradsift.locking import LOCK_NAME
@@ -62,8 +63,8 @@ def write_table(table: ScoreTable, path: str | os.PathLike) -> None:
         pq.write_table(pa.table(arrays), tmp)
 
 
-def read_table(path: str | os.PathLike) -> ScoreTable:
-    """Read a score table written by `write_table`."""
+def read_table(path: Any) -> ScoreTable:
+    """Read a score table written by `write_table` (a path, or a pyarrow buffer of the file)."""
     import pyarrow.parquet as pq
 
     data = pq.read_table(path).to_pydict()
@@ -97,10 +98,15 @@ def finished_table(folder: str | os.PathLike, manifest: dict[str, Any] | None = 
     manifest = manifest if manifest is not None else read_manifest(folder)
     if not manifest or manifest.get("status") != "complete" or not (folder / TABLE).is_file():
         return None
-    expected = manifest.get("table_sha256")  # absent in manifests written before 0.x: trusted as before
-    if expected is not None and file_fingerprint(folder / TABLE) != expected:
+    expected = manifest.get("table_sha256")  # absent in manifests written before table hashes: trusted as before
+    if expected is None:
+        return read_table(folder / TABLE)
+    data = (folder / TABLE).read_bytes()  # hashed and parsed from the same bytes
+    if hashlib.sha256(data).hexdigest() != expected:
         return None  # a rescore was swapped in half-way; its next run completes the swap
-    return read_table(folder / TABLE)
+    import pyarrow as pa
+
+    return read_table(pa.BufferReader(data))
 
 
 class ScoreStore:
@@ -132,7 +138,7 @@ class ScoreStore:
         if not self.folder.is_dir():
             return
         entries = sorted(p.name for p in self.folder.iterdir() if p.name != LOCK_NAME)
-        if entries and read_manifest(self.folder) is None and read_manifest(self.folder / STAGING) is None:
+        if entries and read_manifest(self.folder) is None:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise UserError(
                 f"The score folder {str(self.folder)!r} is not empty ({shown}) and holds no scores.json written by "
@@ -288,6 +294,11 @@ def selection_paths(out: Path, inputs: list[Path]) -> dict[str, Path]:
         raise UserError(
             f"--out {str(out)!r}: {out.name!r} is the name of a file gradsift writes itself. Name the kept-rows file "
             "otherwise, e.g. kept.jsonl."
+        )
+    if out.suffix.lower() not in FILE_SUFFIXES:
+        raise UserError(
+            f"--out {str(out)!r} must end in .jsonl, .json or .parquet (the kept rows' format); got "
+            f"{out.suffix or 'no suffix'!r}."
         )
     if out.is_dir():
         raise UserError(
