@@ -303,3 +303,14 @@ def test_records_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
     report = SimpleNamespace(dropped=lambda: [{"index": 3, "reason": "nonfinite", "grad_norm": np.float64("nan")}])
     _write_dropped(tmp_path / "dropped.jsonl", report)
     assert strict((tmp_path / "dropped.jsonl").read_text()) == {"index": 3, "reason": "nonfinite", "grad_norm": None}
+
+
+def test_an_online_window_that_keeps_no_row_is_caught_by_validation(tmp_path):
+    # 0.2 of a 2-row step keeps no row: the online trainer would refuse it when the stage starts, after the earlier
+    # stages of every arm before it had trained.
+    online = {"gradsift": {"mode": "online"}}
+    with pytest.raises(
+        RecipeError, match=r"arms\.gradsift \(stage stages\.0\): `selection\.keep_fraction` 0\.2 keeps no"
+    ):
+        load_recipe(write(tmp_path, recipe(arms=online, selection={"keep_fraction": 0.2}, train={"batch_size": 2})))
+    load_recipe(write(tmp_path, recipe(arms=online, selection={"keep_fraction": 0.5}, train={"batch_size": 2})))

@@ -376,6 +376,8 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
                 recipe.train_for(part)
             except ValidationError as error:
                 problems += _error_lines(error, where)
+    if not failed & {"train", "selection", "scoring"}:
+        problems += _online_window_problems(recipe)
     final, each = recipe.evals.final, recipe.evals.after_each_stage
     if "evals" not in failed and final is not None and final.domain and each.domain:
         if final.domain_docs() != each.domain_docs():
@@ -394,6 +396,26 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
             f"axolotl: {', '.join(owned)}: the runner sets these for each stage (inside its folder, from the "
             "previous stage); remove them"
         )
+    return problems
+
+
+def _online_window_problems(recipe: Recipe) -> list[str]:
+    """Online arms whose keep fraction keeps no row of a stage's window: found now, not after earlier stages train."""
+    from gradsift.online import check_online_config
+
+    problems = []
+    for name in recipe.arms:
+        spec = recipe.arm(name)
+        if spec.kind != "select" or (spec.mode or recipe.mode) != "online":
+            continue
+        for i, stage in recipe.valid_stages():
+            try:
+                train = recipe.train_for(stage)
+                check_online_config(
+                    gradsift_config_for(recipe, name, train), train.batch_size, train.gradient_accumulation_steps
+                )
+            except (UserError, ValidationError) as error:
+                problems.append(f"arms.{name} (stage stages.{i}): {error}")
     return problems
 
 
