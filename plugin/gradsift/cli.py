@@ -337,6 +337,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tuple[ScoreResult, int]:
+    from gradsift.anchors import anchor_rows
     from gradsift.data import load_source, tokenize_records
     from gradsift.models import load_model, load_tokenizer
     from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
@@ -344,8 +345,11 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
     source = load_source(args.data, split=config.data.split)
     tokenizer = load_tokenizer(config.scoring.model, config.scoring.trust_remote_code)
     rows = tokenize_records(source.records, tokenizer, config.data, progress=team.is_main)
+    anchor = anchor_rows(config.scoring.anchor_data, tokenizer, config.data)
     data_path = str(Path(source.path).resolve()) if source.kind in ("jsonl", "json", "parquet") else source.path
-    fingerprints = fingerprints_for(config, tokenizer, rows, data_path=data_path, data_fingerprint=source.fingerprint)
+    fingerprints = fingerprints_for(
+        config, tokenizer, rows, data_path=data_path, data_fingerprint=source.fingerprint, anchor=anchor
+    )
     result = score_cached(
         rows,
         config.scoring,
@@ -356,6 +360,7 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
         progress=not args.quiet,
         describe={"data": config.data.model_dump()},
         team=team,
+        anchor=anchor,
     )
     return result, len(rows)
 
@@ -440,6 +445,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         "selection": {"rule": config.selection.rule, "summary": selection.summary(), "dropped": selection.counts()},
         "length_bins": _length_bins(table, selection, ok, args.bins),
     }
+    anchored = ok & np.isfinite(table.anchor_cos)
+    if anchored.any():
+        report["quantiles"].update(
+            {column: {str(q): float(np.quantile(getattr(table, column)[anchored], q)) for q in QUANTILES}
+             for column in ("anchor_dot", "anchor_cos")}
+        )  # fmt: skip
+        report["anchor_correlation"] = _anchor_correlations(table, anchored)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -453,6 +465,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         )
     )
     print()
+    if "anchor_correlation" in report:
+        shown = {k: "n/a" if v is None else f"{v:+.2f}" for k, v in report["anchor_correlation"].items()}
+        print(
+            f"anchor_cos rank correlation (Spearman): with grad_norm {shown['grad_norm']}, with response length "
+            f"{shown['num_response_tokens']}"
+        )
+        print()
     print(f"selection ({config.selection.rule}): {selection.summary()}")
     print()
     print(
@@ -471,6 +490,20 @@ def run_inspect(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _anchor_correlations(table: Any, rows: np.ndarray) -> dict[str, float | None]:
+    """Spearman's rank correlation of `anchor_cos` with the gradient norm and with the response length."""
+    from scipy.stats import spearmanr
+
+    result: dict[str, float | None] = {}
+    for name in ("grad_norm", "num_response_tokens"):
+        other = getattr(table, name)[rows]
+        if rows.sum() < 3 or np.ptp(other) == 0 or np.ptp(table.anchor_cos[rows]) == 0:
+            result[name] = None  # undefined on fewer than 3 rows or a constant column
+        else:
+            result[name] = float(spearmanr(table.anchor_cos[rows], other).statistic)
+    return result
 
 
 def _length_bins(table: Any, selection: Any, ok: np.ndarray, bins: int) -> list[dict[str, Any]]:

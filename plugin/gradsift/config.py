@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gradsift.errors import UserError
 
-SELECTION_RULES = ("moderate", "drop_top", "band", "threshold", "random", "high", "low")
+SELECTION_RULES = ("moderate", "drop_top", "band", "threshold", "random", "high", "low", "anchor")
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "tokenized")
 
 
@@ -92,6 +92,12 @@ class ScoringConfig(_Strict):
     max_batch_size: int = Field(32, ge=1, description="Most rows in one batch.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward to save memory.")
     shard_size: int = Field(256, ge=1, description="Rows per result shard; a killed run resumes from finished shards.")
+    anchor_data: str | None = Field(
+        None,
+        description="A safety anchor set (a data file, saved dataset, hub id, or `embedded:refusals`: the shipped "
+        "harmful requests with refusals). Each row then also gets `anchor_dot` = ⟨g_i, ḡ_A⟩ with the anchor set's "
+        "mean gradient, and `anchor_cos`, from the same pass. null = none.",
+    )
 
     def fingerprint(self) -> str:
         """Return a hash of the fields that change the scores (not how fast they are computed).
@@ -99,20 +105,21 @@ class ScoringConfig(_Strict):
         Take it of a resolved copy (`gradsift.models.resolved_settings`): `auto` dtype and quantization score in
         float32 on a CPU but in bfloat16 and nf4 on a GPU, and the device type changes the numerics too.
         """
-        fields = self.model_dump(exclude={"model", "adapter", "max_tokens_per_batch", "max_batch_size"})
+        # The anchor set is identified by its tokenized rows (the manifest's `anchor_fingerprint`), not by its path.
+        fields = self.model_dump(exclude={"model", "adapter", "max_tokens_per_batch", "max_batch_size", "anchor_data"})
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SelectionConfig(_Strict):
     """Which rows to keep, given their losses and gradient norms. See the rule table in the README."""
 
-    rule: Literal["moderate", "drop_top", "band", "threshold", "random", "high", "low"] = Field(
+    rule: Literal["moderate", "drop_top", "band", "threshold", "random", "high", "low", "anchor"] = Field(
         "moderate",
         description="`moderate` (the paper: loss filter, then the rows nearest the median norm), `drop_top`, `band`, "
-        "`threshold`, `random`, `high`, `low`.",
+        "`threshold`, `random`, `high`, `low`, `anchor` (the highest `anchor_dot`: needs `scoring.anchor_data`).",
     )
     keep_fraction: float = Field(
-        0.2, gt=0, le=1, description="Fraction of rows kept by `moderate`, `random`, `high` and `low` (ρ)."
+        0.2, gt=0, le=1, description="Fraction of rows kept by `moderate`, `random`, `high`, `low` and `anchor` (ρ)."
     )
     loss_sigma: float | None = Field(
         1.0, gt=0, description="`moderate` keeps rows with |loss − mean| ≤ loss_sigma·std first; null disables it."
@@ -134,6 +141,13 @@ class SelectionConfig(_Strict):
         ge=1,
         description="Apply the rule inside this many response-length bins: equal lengths share a bin, bins are "
         "contiguous in length and as equal in row count as the ties allow.",
+    )
+    min_anchor_cos: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="With any rule: first drop rows whose `anchor_cos` is below this (their gradient points away "
+        "from the anchor set's); needs `scoring.anchor_data`. null = off.",
     )
     seed: int = Field(0, description="Seed of the window shuffle and of `random`.")
 

@@ -58,6 +58,11 @@ def check_online_config(config: GradSiftConfig, micro_batch_size: int, gradient_
             f"{gradient_accumulation_steps if config.online.window == 'step' else 1}). Raise keep_fraction to at "
             f"least {math.ceil(1000 / rows) / 1000:g}, or select over more rows."
         )
+    if config.selection.rule == "anchor" or config.selection.min_anchor_cos is not None:
+        raise UserError(
+            "The anchor score (`selection.rule: anchor`, `selection.min_anchor_cos`) is offline only for now: the "
+            "online mode does not compute an anchor gradient. Use `mode: offline` with `scoring.anchor_data`."
+        )
     if config.selection.window is not None:
         raise UserError(
             "`selection.window` does not apply in online mode: the window is the training step or micro-batch "

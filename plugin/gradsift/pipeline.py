@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from gradsift.anchors import anchor_rows
 from gradsift.config import GradSiftConfig, ScoringConfig
 from gradsift.data import TokenizedRow, rows_fingerprint
 from gradsift.distributed import Team, assign_shards
 from gradsift.errors import UserError
 from gradsift.locking import folder_lock
 from gradsift.models import model_fingerprint, resolved_settings, tokenizer_fingerprint
-from gradsift.scoring import ScoreTable, score_rows
+from gradsift.scoring import ScoreTable, anchor_gradient, score_rows
 from gradsift.selection import Selection, select_rows
 from gradsift.store import ScoreStore, read_table
 
@@ -55,8 +56,10 @@ def fingerprints_for(
     data_path: str | None = None,
     data_fingerprint: str | None = None,
     model: Any = None,
+    anchor: Sequence[TokenizedRow] | None = None,
 ) -> dict[str, Any]:
-    """Collect what identifies a scoring run: model, adapter, tokenizer, data, tokenized rows and scoring config.
+    """Collect what identifies a scoring run: model, adapter, tokenizer, data, tokenized rows, scoring config and the
+    tokenized anchor set (None without one).
 
     With a `model` object (a caller's live model), its fingerprint hashes its config, its trainable weights and a
     sample of its frozen ones; with none, the model is identified from its files by `scoring.model`. The scoring
@@ -78,6 +81,7 @@ def fingerprints_for(
         rows_fingerprint=rows_fingerprint(rows),
         scoring_config=config.scoring.model_copy(update=resolved).fingerprint(),
         scoring_resolved=resolved,
+        anchor_fingerprint=rows_fingerprint(anchor) if anchor else None,
     )
     return result
 
@@ -150,6 +154,7 @@ def score_cached(
     describe: dict[str, Any] | None = None,
     allow_scoring: bool = True,
     team: Team | None = None,
+    anchor: Sequence[TokenizedRow] | None = None,
 ) -> ScoreResult:
     """Score `rows` into `folder`, reusing a finished run of the same identity and resuming from finished shards.
 
@@ -161,6 +166,8 @@ def score_cached(
     With a `team` of several processes (`gradsift.distributed.launched_team`), rank 0 starts the run, each rank scores
     its share of the unfinished shards (balanced by tokens) and writes them, and rank 0 merges every shard from the
     folder; every rank returns the merged table. Every rank must see the same `folder`.
+    With `anchor` rows, each process computes the anchor set's mean gradient ḡ_A once, after loading the model, and
+    every row gets `anchor_dot` and `anchor_cos` (`fingerprints` must then come from `fingerprints_for(anchor=...)`).
     """
     team = team or Team()
     started = time.perf_counter()
@@ -175,7 +182,7 @@ def score_cached(
     with contextlib.ExitStack() as lock:
         # Rank 0 holds the folder's lock from its first write to its last; the other ranks write only shards.
         team.on_main(lambda: _lock_and_prepare(store, lock))
-        return _score_unfinished(rows, config, store, model, pad_token_id, progress, describe, team, started)
+        return _score_unfinished(rows, config, store, model, pad_token_id, progress, describe, team, started, anchor)
 
 
 def _lock_and_prepare(store: ScoreStore, lock: contextlib.ExitStack) -> None:
@@ -194,6 +201,7 @@ def _score_unfinished(
     describe: dict[str, Any] | None,
     team: Team,
     started: float,
+    anchor: Sequence[TokenizedRow] | None,
 ) -> ScoreResult:
     """Score what is left, under the folder's lock: the shards are written to the folder (or its `.rescore/`)."""
     folder = store.folder
@@ -224,7 +232,9 @@ def _score_unfinished(
     owned = assign_shards({k: sum(len(rows[i].input_ids) for i in shards[k]) for k in todo}, team.world_size)
     mine = owned[team.rank]
     bar = _progress_bar(team, [len(shards[k]) for k in mine], sum(len(shards[k]) for k in done), progress)
-    tables = team.on_every_rank(lambda: _score_shards(rows, shards, mine, config, store, model, pad_token_id, bar))
+    tables = team.on_every_rank(
+        lambda: _score_shards(rows, shards, mine, config, store, model, pad_token_id, bar, anchor)
+    )
     bar.close()
     if team.world_size > 1:  # one line per rank, so the launcher's log shows the split
         logger.info("rank %d of %d scored %d shards (%d rows) in %.1f s", team.rank, team.world_size, len(mine),
@@ -276,6 +286,7 @@ def _score_shards(
     model: Any,
     pad_token_id: int,
     bar: Any,
+    anchor: Sequence[TokenizedRow] | None = None,
 ) -> dict[int, ScoreTable]:
     """Score the shards `numbers`, writing each when done (the unit of resume); load the model if needed."""
     tables: dict[int, ScoreTable] = {}
@@ -283,9 +294,10 @@ def _score_shards(
         return tables
     if callable(model) and not hasattr(model, "parameters"):
         model = model()
+    mean_anchor = anchor_gradient(model, anchor, config, pad_token_id) if anchor else None
     for k in numbers:
         shard_rows = [rows[i] for i in shards[k]]
-        tables[k] = score_rows(model, shard_rows, config, pad_token_id, index=shards[k], bar=bar)
+        tables[k] = score_rows(model, shard_rows, config, pad_token_id, index=shards[k], bar=bar, anchor=mean_anchor)
         store.write_shard(k, tables[k])
     return tables
 
@@ -329,8 +341,15 @@ def score_and_select(
     if not rows:
         raise UserError("The dataset is empty: there are no rows to score.")
     live_model = model if model is not None and hasattr(model, "parameters") else None
+    anchor = anchor_rows(config.scoring.anchor_data, tokenizer, config.data)
     fingerprints = fingerprints_for(
-        config, tokenizer, rows, data_path=data_path, data_fingerprint=data_fingerprint, model=live_model
+        config,
+        tokenizer,
+        rows,
+        data_path=data_path,
+        data_fingerprint=data_fingerprint,
+        model=live_model,
+        anchor=anchor,
     )
     if model is None:
         from gradsift.models import load_model
@@ -346,6 +365,7 @@ def score_and_select(
         progress=progress,
         describe={"data": config.data.model_dump()},
         allow_scoring=allow_scoring,
+        anchor=anchor,
     )
     selection = apply_selection(result.table, config)
     logger.info("gradsift: %s", selection.summary())
@@ -362,6 +382,8 @@ def apply_selection(table: ScoreTable, config: GradSiftConfig, keep_count: int |
         num_response_tokens=table.num_response_tokens,
         keep_count=keep_count,
         require_kept=True,
+        anchor_dot=table.anchor_dot,
+        anchor_cos=table.anchor_cos,
     )
 
 

@@ -46,6 +46,9 @@ class ScoreTable:
     num_response_tokens: np.ndarray
     truncated: np.ndarray
     status: np.ndarray
+    # ⟨g_i, ḡ_A⟩ with the mean gradient of an anchor set, and its cosine; NaN when scored without an anchor.
+    anchor_dot: np.ndarray
+    anchor_cos: np.ndarray
 
     def __len__(self) -> int:
         return len(self.index)
@@ -63,6 +66,8 @@ class ScoreTable:
             num_response_tokens=np.array([row.num_response_tokens for row in rows], dtype=np.int64),
             truncated=np.array([row.truncated for row in rows], dtype=bool),
             status=np.array([STATUS_OK] * n, dtype=object),
+            anchor_dot=np.full(n, np.nan),
+            anchor_cos=np.full(n, np.nan),
         )
 
     def columns(self) -> dict[str, np.ndarray]:
@@ -93,8 +98,16 @@ class GradNormHooks:
     `hooks.stop_recording()`, run one backward of the summed per-sample losses, and read `hooks.finish()`.
     """
 
-    def __init__(self, model: nn.Module, norm_method: str = "auto", keep_grads: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        norm_method: str = "auto",
+        keep_grads: bool = False,
+        anchor: dict[int, torch.Tensor] | None = None,
+    ):
         self.model = model
+        # ḡ_A per trainable parameter (keyed by `id(param)`): with it, `finish` also yields each row's ⟨g_i, ḡ_A⟩.
+        self.anchor = anchor
         self.norm_method = norm_method
         self.keep_grads = keep_grads
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -137,6 +150,7 @@ class GradNormHooks:
                     "`online.update: recompute`."
                 )
         self.grads: dict[int, torch.Tensor] = {}
+        self.batch_grads: tuple[torch.Tensor | None, ...] | None = None
         self.handles: list[Any] = []
         self.recording = False
         # Padding positions get exactly zero output gradients (no loss reads them, and with right padding no real
@@ -163,6 +177,7 @@ class GradNormHooks:
         self.mask = attention_mask.bool()
         self.logit_positions = logit_positions
         self.sq_norms = torch.zeros(self.mask.shape[0], dtype=torch.float64, device=self.mask.device)
+        self.dots = torch.zeros_like(self.sq_norms)
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.called: set[int] = set()
         self.grads = {}
@@ -173,19 +188,29 @@ class GradNormHooks:
         self.recording = False
 
     def finish(self) -> torch.Tensor:
-        """Return the batch's per-sample gradient norms (float64), once the backward has run."""
+        """Return the batch's per-sample gradient norms (float64), once the backward has run.
+
+        With an anchor, `self.dots` then holds each row's ⟨g_i, ḡ_A⟩ (float64).
+        """
         with torch.no_grad(), torch.autocast(device_type=self.sq_norms.device.type, enabled=False):
             self._finish_shared()
         self.pending = defaultdict(list)
         return self.sq_norms.sqrt()
 
     def _finish_shared(self) -> None:
-        for contributions in self.pending.values():
+        for key, contributions in self.pending.items():
             total = torch.zeros_like(self.sq_norms)
             for u1, v1 in contributions:
                 for u2, v2 in contributions:
                     total += (_gram(u1, u2) * _gram(v1, v2)).sum(dim=(1, 2)).double()
             self.sq_norms += total
+            anchor = self._anchor_of(key)
+            if anchor is not None:  # the inner product is linear: each use of the weight adds its own term
+                for u, v in contributions:
+                    self.dots += _factor_dot(u, v, anchor)
+
+    def _anchor_of(self, key: int) -> torch.Tensor | None:
+        return None if self.anchor is None else self.anchor.get(key)
 
     def take_grads(self) -> dict[int, torch.Tensor]:
         """Return the last batch's per-sample gradients (float32, `[batch, *param.shape]`, keyed by `id(param)`) of
@@ -243,19 +268,27 @@ class GradNormHooks:
         # Under bf16 autocast a and g are bf16 values already: their products run in bf16 with float32 accumulation
         # (as the training step's own weight gradient does), and only the small results are cast to float32.
         if module.weight.requires_grad:
+            anchor = self._anchor_of(id(module.weight))
             if id(module.weight) in self.shared:
                 self.pending[id(module.weight)].append((g.float(), a.float()))
             elif self.keep_grads:  # materialise G_i: the direct computation, kept for the update
                 per_sample = torch.bmm(g.transpose(1, 2), a).float()
                 self.sq_norms += per_sample.pow(2).sum(dim=(1, 2)).double()
                 self.grads[id(module.weight)] = per_sample
+                if anchor is not None:
+                    self.dots += (per_sample * anchor).sum(dim=(1, 2)).double()
             else:
                 self.sq_norms += self._outer_sq_norm(g, a)
+                if anchor is not None:  # ⟨Σ_t g_t a_tᵀ, Ḡ⟩ = Σ_t g_t·(Ḡ a_t): one matmul, whichever norm path ran
+                    self.dots += _factor_dot(g, a, anchor)
         if module.bias is not None and module.bias.requires_grad:
             per_sample = g.float().sum(dim=1)
             self.sq_norms += per_sample.pow(2).sum(dim=1).double()
             if self.keep_grads:
                 self.grads[id(module.bias)] = per_sample
+            anchor = self._anchor_of(id(module.bias))
+            if anchor is not None:
+                self.dots += (per_sample @ anchor).double()
 
     def _on_embedding_grad(self, module: nn.Embedding, ids: torch.Tensor, grad: torch.Tensor) -> None:
         mask = self.mask
@@ -274,6 +307,10 @@ class GradNormHooks:
         rows.index_add_(0, inverse, g.reshape(batch * width, -1))
         sample = torch.div(unique, module.num_embeddings, rounding_mode="floor")
         self.sq_norms.index_add_(0, sample, rows.pow(2).sum(dim=1).double())
+        anchor = self._anchor_of(id(module.weight))
+        if anchor is not None:
+            token = unique - sample * module.num_embeddings
+            self.dots.index_add_(0, sample, (rows * anchor[token]).sum(dim=1).double())
 
     def _outer_sq_norm(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """‖Σ_t g_t a_tᵀ‖² per sample, by the cheaper of the direct and the ghost computation."""
@@ -308,6 +345,14 @@ def _without_autocast(handler: Any, module: nn.Module, inputs: torch.Tensor, gra
     """Run a gradient hook in float32 even when the backward runs under a trainer's autocast."""
     with torch.autocast(device_type=grad.device.type, enabled=False):
         handler(module, inputs, grad)
+
+
+def _factor_dot(u: torch.Tensor, v: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Per-sample ⟨Σ_t u_t v_tᵀ, Ḡ⟩ = Σ_t u_t·(Ḡ v_t) (float64), u dense [B, T, d_out] or token ids [B, T]."""
+    if u.dim() == 2:  # an embedding: u_t is one-hot, so u_tᵀ Ḡ is Ḡ's row for the token
+        return (anchor[u] * v.float()).sum(dim=(1, 2)).double()
+    projected = torch.matmul(v.float(), anchor.t())  # [B, T, d_out]; the anchor is kept in float32
+    return (projected * u.float()).sum(dim=(1, 2)).double()
 
 
 def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -442,8 +487,10 @@ def score_batch(
     finite = torch.isfinite(losses) & (counts > 0)
     # Non-finite rows are left out of the sum, so their NaN cannot reach the other rows' gradients.
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
+    hooks.batch_grads = None
     if total.requires_grad and bool(finite.any()):
-        torch.autograd.grad(total, hooks.params, allow_unused=True)
+        # Σ_i g_i over the batch's finite rows, per trainable parameter: what an anchor pass accumulates.
+        hooks.batch_grads = torch.autograd.grad(total, hooks.params, allow_unused=True)
     norms = hooks.finish()
     if not hooks.masked and bool((finite & ~torch.isfinite(norms)).any()):
         # A finite loss with a non-finite norm: a NaN or inf sits in some row's padding. Redo with padding masked.
@@ -577,6 +624,46 @@ def _loss_at(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     return sums / counts, counts
 
 
+def anchor_gradient(
+    model: nn.Module, rows: Sequence[TokenizedRow], config: ScoringConfig, pad_token_id: int, *, progress: bool = False
+) -> dict[int, torch.Tensor]:
+    """ḡ_A: the mean over the anchor rows of each row's gradient g_a (of its mean response-token loss), per trainable
+    parameter (float32, keyed by `id(param)`), computed the way the rows are scored (`batched` or `loop`).
+
+    Rows without response tokens or with a non-finite loss are left out of the mean.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
+    todo = [row for row in rows if row.num_response_tokens > 0]
+    count = 0
+    device = _device_of(model)
+    with scoring_mode(model), compute_autocast(config, device):
+        if config.method == "loop":
+            for row in tqdm(todo, desc="anchor gradient (loop)", unit="row", disable=not progress):
+                loss, grads = _row_gradient(model, row, pad_token_id)
+                if grads is not None:
+                    count += 1
+                    for param, grad in zip(params, grads):
+                        if grad is not None:
+                            total[id(param)] += grad.float()
+        else:
+            lengths = [len(row.input_ids) for row in todo]
+            with GradNormHooks(model, config.norm_method) as hooks:
+                batches = make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size)
+                for positions in tqdm(batches, desc="anchor gradient", unit="batch", disable=not progress):
+                    losses, _ = score_batch(model, hooks, collate([todo[i] for i in positions], pad_token_id, device))
+                    count += int(torch.isfinite(losses).sum())
+                    for param, grad in zip(hooks.params, hooks.batch_grads or ()):
+                        if grad is not None:
+                            total[id(param)] += grad.float()
+    if count == 0:
+        raise UserError(
+            f"The anchor set has no row to take a gradient of ({len(rows)} rows, none with response tokens and a "
+            "finite loss). Pass anchor rows with answers (e.g. harmful requests with refusals)."
+        )
+    return {key: grad / count for key, grad in total.items()}
+
+
 def score_rows(
     model: nn.Module,
     rows: Sequence[TokenizedRow],
@@ -586,10 +673,12 @@ def score_rows(
     index: Sequence[int] | None = None,
     progress: bool = True,
     bar: Any = None,
+    anchor: dict[int, torch.Tensor] | None = None,
 ) -> ScoreTable:
     """Score `rows` with `config.method` (`batched` hooks, or the batch-size-1 `loop` reference).
 
-    `bar` is an outer progress bar to advance instead of opening one.
+    `bar` is an outer progress bar to advance instead of opening one. With `anchor` (ḡ_A from `anchor_gradient`),
+    each row's `anchor_dot` = ⟨g_i, ḡ_A⟩ and `anchor_cos` are filled in, from the same forward and backward.
     """
     table = ScoreTable.empty(rows, range(len(rows)) if index is None else index)
     table.status[table.num_response_tokens == 0] = STATUS_NO_RESPONSE
@@ -601,23 +690,30 @@ def score_rows(
     with scoring_mode(model), compute_autocast(config, device):
         if config.method == "loop":
             for i in todo:
-                loss, norm = score_one(model, rows[i], pad_token_id)
-                table.loss[i], table.grad_norm[i] = loss, norm
+                scores = score_one(model, rows[i], pad_token_id, anchor)
+                table.loss[i], table.grad_norm[i], table.anchor_dot[i] = scores
                 bar.update(1)
         else:
             lengths = [len(rows[i].input_ids) for i in todo]
-            with GradNormHooks(model, config.norm_method) as hooks:
+            with GradNormHooks(model, config.norm_method, anchor=anchor) as hooks:
                 for batch_positions in make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size):
                     members = todo[batch_positions]
                     batch = collate([rows[i] for i in members], pad_token_id, device)
                     losses, norms = score_batch(model, hooks, batch)
                     table.loss[members] = losses.double().cpu().numpy()
                     table.grad_norm[members] = norms.cpu().numpy()
+                    if anchor is not None:
+                        table.anchor_dot[members] = hooks.dots.cpu().numpy()
                     bar.update(len(members))
     if own_bar:
         bar.close()
     bad = (table.status == STATUS_OK) & ~(np.isfinite(table.loss) & np.isfinite(table.grad_norm))
     table.status[bad] = STATUS_NONFINITE
+    if anchor is not None:
+        anchor_norm = math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in anchor.values()))
+        table.anchor_dot[table.status != STATUS_OK] = np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            table.anchor_cos = table.anchor_dot / (table.grad_norm * anchor_norm)
     if bad.any():
         logger.warning(
             "%d row(s) have a non-finite loss or gradient norm; they are marked `nonfinite`.", int(bad.sum())
@@ -625,14 +721,30 @@ def score_rows(
     return table
 
 
-def score_one(model: nn.Module, row: TokenizedRow, pad_token_id: int) -> tuple[float, float]:
-    """The reference: one row alone (no padding), `torch.autograd.grad` of its loss over all trainable parameters."""
+def _row_gradient(
+    model: nn.Module, row: TokenizedRow, pad_token_id: int
+) -> tuple[float, tuple[torch.Tensor | None, ...] | None]:
+    """One row alone (no padding): its mean response-token loss and `torch.autograd.grad` of it over every trainable
+    parameter (None if the loss is not finite)."""
     params = [p for p in model.parameters() if p.requires_grad]
     batch = collate([row], pad_token_id, _device_of(model))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     loss = per_sample_loss(logits, batch["labels"])[0][0]
     if not torch.isfinite(loss):
-        return float("nan"), float("nan")
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return float("nan"), None
+    return float(loss.detach()), torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def score_one(
+    model: nn.Module, row: TokenizedRow, pad_token_id: int, anchor: dict[int, torch.Tensor] | None = None
+) -> tuple[float, float, float]:
+    """The reference: one row alone, its loss, gradient norm and (with `anchor`) ⟨g_i, ḡ_A⟩, from autograd."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, grads = _row_gradient(model, row, pad_token_id)
+    if grads is None:
+        return loss, float("nan"), float("nan")
     sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-    return float(loss.detach()), math.sqrt(sq)
+    dot = float("nan")
+    if anchor is not None:
+        dot = sum(float((g.double() * anchor[id(p)].double()).sum()) for p, g in zip(params, grads) if g is not None)
+    return loss, math.sqrt(sq), dot

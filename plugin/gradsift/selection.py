@@ -20,7 +20,7 @@ from gradsift.errors import UserError
 logger = logging.getLogger(__name__)
 
 # Rules whose number of kept rows is `keep_fraction` of a group.
-FRACTION_RULES = ("moderate", "random", "high", "low")
+FRACTION_RULES = ("moderate", "random", "high", "low", "anchor")
 REASONS: dict[str, str] = {
     "no_response_tokens": "The row has no response tokens, so there is nothing to score or train on.",
     "nonfinite": "The row's loss or gradient norm is NaN or infinite.",
@@ -34,6 +34,9 @@ REASONS: dict[str, str] = {
     "random_not_sampled": "`random`: not drawn into the seeded random subset.",
     "not_in_top_fraction": "`high`: not among the `keep_fraction` highest gradient norms.",
     "not_in_bottom_fraction": "`low`: not among the `keep_fraction` lowest gradient norms.",
+    "not_in_top_anchor_fraction": "`anchor`: not among the `keep_fraction` highest `anchor_dot` (a step on it lowers "
+    "the anchor set's loss less than a kept row's, or raises it).",
+    "anchor_conflict": "`min_anchor_cos`: its gradient's cosine with the anchor set's mean gradient is too low.",
 }
 
 
@@ -168,6 +171,11 @@ def _low(losses, norms, index, k, config, rng) -> np.ndarray:
     return _keep_first(np.argsort(norms, kind="stable"), k, "not_in_bottom_fraction")
 
 
+def _anchor(losses, dots, index, k, config, rng) -> np.ndarray:
+    # `select_rows` hands this rule the rows' anchor_dot in place of their norms.
+    return _keep_first(np.argsort(-dots, kind="stable"), k, "not_in_top_anchor_fraction")
+
+
 _RULES: dict[str, _Rule] = {
     "moderate": _moderate,
     "drop_top": _drop_top,
@@ -176,6 +184,7 @@ _RULES: dict[str, _Rule] = {
     "random": _random,
     "high": _high,
     "low": _low,
+    "anchor": _anchor,
 }
 
 
@@ -328,6 +337,14 @@ def _check_inputs(arrays: dict[str, np.ndarray], config: SelectionConfig, keep_c
             f"`selection.length_strata` is {config.length_strata} but no `num_response_tokens` were given. Pass them, "
             "or unset `selection.length_strata`."
         )
+    for needed, wanted in (("anchor_dot", config.rule == "anchor"), ("anchor_cos", config.min_anchor_cos is not None)):
+        values = arrays.get(needed)
+        if wanted and (values is None or not np.isfinite(values).any()):
+            what = "`selection.rule` 'anchor'" if needed == "anchor_dot" else "`selection.min_anchor_cos`"
+            raise UserError(
+                f"{what} needs each row's `{needed}`, but the scores have none. Score with an anchor set "
+                "(`scoring.anchor_data`, e.g. --anchor-data embedded:refusals), or choose another rule."
+            )
     if keep_count is not None and config.rule != "random":
         raise ValueError(f"`keep_count` only applies to `selection.rule` 'random'; got rule {config.rule!r}.")
 
@@ -342,6 +359,8 @@ def select_rows(
     keep_count: int | None = None,
     require_kept: bool = False,
     min_kept: int = 0,
+    anchor_dot: Sequence[float] | np.ndarray | None = None,
+    anchor_cos: Sequence[float] | np.ndarray | None = None,
 ) -> Selection:
     """Apply `config.rule` to scored rows and return which are kept, with a reason for each dropped row.
 
@@ -362,6 +381,8 @@ def select_rows(
             `ok` rows just skips the step.
         min_kept: Keep at least this many rows when that many are eligible, adding one row to the largest groups
             first (the online mode keeps at least one row of a window whenever one scores).
+        anchor_dot: Per-row ⟨g_i, ḡ_A⟩; required by the `anchor` rule.
+        anchor_cos: Per-row cosine of g_i with ḡ_A; required by `min_anchor_cos`.
 
     Returns:
         The keep mask and the per-row reasons.
@@ -377,15 +398,25 @@ def select_rows(
     }
     if num_response_tokens is not None:
         arrays["num_response_tokens"] = np.asarray(num_response_tokens)
+    for name, values in (("anchor_dot", anchor_dot), ("anchor_cos", anchor_cos)):
+        if values is not None:
+            arrays[name] = np.asarray(values, dtype=float)
     _check_inputs(arrays, config, keep_count)
     losses, norms, reasons = arrays["losses"], arrays["grad_norms"], arrays["status"].copy()
     ok = (reasons == "ok") & np.isfinite(losses) & np.isfinite(norms)
+    if config.rule == "anchor":
+        norms = arrays["anchor_dot"]  # the rule ranks by anchor_dot; the norm's only role here was `ok`
+        ok &= np.isfinite(norms)
     if keep_count is not None and not 0 <= keep_count <= np.count_nonzero(ok):
         raise ValueError(
             f"`keep_count` must be between 0 and the {np.count_nonzero(ok):,} ok rows; got {keep_count:,}."
         )
     reasons[(reasons == "ok") & ~ok] = "nonfinite"
     reasons[ok] = ""
+    if config.min_anchor_cos is not None:
+        conflict = ok & ~(arrays["anchor_cos"] >= config.min_anchor_cos)
+        reasons[conflict] = "anchor_conflict"
+        ok &= ~conflict
 
     groups = _groups(ok, arrays.get("num_response_tokens"), config)
     sizes = np.array([len(group) for group in groups], dtype=np.int64)

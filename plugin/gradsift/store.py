@@ -47,6 +47,7 @@ IDENTITY_KEYS = (
     "data_fingerprint",
     "rows_fingerprint",
     "scoring_config",
+    "anchor_fingerprint",
 )
 
 
@@ -68,7 +69,11 @@ def read_table(path: Any) -> ScoreTable:
     import pyarrow.parquet as pq
 
     data = pq.read_table(path).to_pydict()
-    kinds = {"sample_id": object, "status": object, "truncated": bool, "loss": np.float64, "grad_norm": np.float64}
+    floats = ("loss", "grad_norm", "anchor_dot", "anchor_cos")
+    kinds = {"sample_id": object, "status": object, "truncated": bool, **dict.fromkeys(floats, np.float64)}
+    rows = len(data["index"])
+    for name in ("anchor_dot", "anchor_cos"):  # tables scored before anchors, or without one
+        data.setdefault(name, [np.nan] * rows)
     return ScoreTable(**{name: np.array(values, dtype=kinds.get(name, np.int64)) for name, values in data.items()})
 
 

@@ -1,0 +1,53 @@
+"""Safety anchor sets: rows whose mean gradient ḡ_A gives every scored row its `anchor_dot` = ⟨g_i, ḡ_A⟩.
+
+A gradient step of size η on row i changes the anchor set's loss by about −η·⟨g_i, ḡ_A⟩: a negative `anchor_dot`
+means training on row i makes the anchor answers (refusals) less likely. An anchor set is any dataset in a supported
+format, or `embedded:refusals`: the harmful-request → refusal rows of the align set gradsift ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from gradsift.config import DataConfig
+from gradsift.data import Source, TokenizedRow, file_fingerprint, load_source, tokenize_records
+from gradsift.errors import UserError
+
+EMBEDDED_REFUSALS = "embedded:refusals"
+EMBEDDED = {EMBEDDED_REFUSALS: "the shipped align set's harmful requests, each with its refusal"}
+
+
+def shipped_file(relative: str) -> Path:
+    """A file under gradsift's `recipes/` folder: the repo's in a checkout, the wheel's otherwise."""
+    here = Path(__file__).resolve().parent
+    for root in (here.parents[1] / "recipes", here / "recipes"):
+        if (root / relative).is_file():
+            return root / relative
+    raise FileNotFoundError(f"gradsift's recipes/{relative} was not found beside {here}; the install is incomplete.")
+
+
+def anchor_source(spec: str) -> Source:
+    """The anchor rows named by `spec`: `embedded:refusals`, or a file, saved dataset or hub id like any data."""
+    if spec == EMBEDDED_REFUSALS:
+        path = shipped_file("data/align.jsonl")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [{"messages": row["messages"]} for row in rows if row.get("kind") == "harmful"]
+        digest = hashlib.sha256(f"{file_fingerprint(path)}:harmful".encode()).hexdigest()
+        return Source(records=records, kind="embedded", fingerprint=digest, path=spec)
+    if spec.startswith("embedded:"):
+        names = ", ".join(f"{name} ({what})" for name, what in EMBEDDED.items())
+        raise UserError(f"`scoring.anchor_data` {spec!r} is not a shipped anchor set; the shipped ones: {names}.")
+    return load_source(spec)
+
+
+def anchor_rows(spec: str | None, tokenizer: Any, data: DataConfig) -> list[TokenizedRow] | None:
+    """The anchor set tokenized as the scored rows are (same `data` options, format detected), or None without one."""
+    if not spec:
+        return None
+    source = anchor_source(spec)
+    if not source.records:
+        raise UserError(f"`scoring.anchor_data` {spec!r} holds no rows; pass an anchor set with rows.")
+    return tokenize_records(source.records, tokenizer, data.model_copy(update={"format": "auto"}), progress=False)
