@@ -314,3 +314,17 @@ def test_an_online_window_that_keeps_no_row_is_caught_by_validation(tmp_path):
     ):
         load_recipe(write(tmp_path, recipe(arms=online, selection={"keep_fraction": 0.2}, train={"batch_size": 2})))
     load_recipe(write(tmp_path, recipe(arms=online, selection={"keep_fraction": 0.5}, train={"batch_size": 2})))
+
+
+def test_anchor_arms_need_an_anchor_set_and_its_path_must_exist(tmp_path):
+    arms = {"anchor": {}, "gradsift_anchor": {"selection": {"min_anchor_cos": 0.0}}}
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, recipe(arms=arms)))
+    assert "arms.anchor: the anchor rule" in str(error.value) and "arms.gradsift_anchor:" in str(error.value)
+    with pytest.raises(RecipeError, match=r"scoring.anchor_data: 'refusals.jsonl' does not exist"):
+        load_recipe(write(tmp_path, recipe(arms=arms, scoring={"anchor_data": "refusals.jsonl"})))
+    (tmp_path / "refusals.jsonl").write_text('{"prompt": "p", "completion": "no"}\n')
+    loaded = load_recipe(write(tmp_path, recipe(arms=arms, scoring={"anchor_data": "refusals.jsonl"})))
+    assert loaded.scoring_config().anchor_data == str(tmp_path / "refusals.jsonl")
+    assert loaded.selection_for("anchor").rule == "anchor"
+    load_recipe(write(tmp_path, recipe(arms=arms, scoring={"anchor_data": "embedded:refusals"})))

@@ -54,7 +54,7 @@ from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "clip", "kl")
+BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl")
 STAGE_FILE = "stage.json"
 RUN_FILE = "recipe.json"
 # Written when a stage starts: the stage folder is gradsift's, so a resumed run may empty it.
@@ -289,6 +289,7 @@ class Recipe(_Strict):
             "gradsift": ArmSpec(kind="select"),
             "high": ArmSpec(kind="select", selection={"rule": "high", **fraction}),
             "low": ArmSpec(kind="select", selection={"rule": "low", **fraction}),
+            "anchor": ArmSpec(kind="select", selection={"rule": "anchor", **fraction}),
             "clip": ArmSpec(kind="clip"),
             "kl": ArmSpec(kind="kl"),
         }[name]
@@ -304,7 +305,11 @@ class Recipe(_Strict):
         return TrainSpec(**{**self.train.model_dump(), **stage.train})
 
     def scoring_config(self) -> ScoringConfig:
-        return ScoringConfig(**{"model": self.model, "device": self.device, **self.scoring})
+        scoring = {"model": self.model, "device": self.device, **self.scoring}
+        anchor = scoring.get("anchor_data")
+        if anchor and not str(anchor).startswith("embedded:"):  # a path, from the recipe's folder like its data
+            scoring["anchor_data"] = str(resolve_path(str(anchor), getattr(self, "_base", None) or Path.cwd()))
+        return ScoringConfig(**scoring)
 
     def eval_tasks(self, final: bool) -> tuple[EvalSpec, list[str]]:
         spec = self.evals.final if final and self.evals.final is not None else self.evals.after_each_stage
@@ -365,9 +370,16 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
     if "selection" not in failed:
         for name in recipe.arms:
             try:
-                recipe.selection_for(name)
+                selection = recipe.selection_for(name)
             except ValidationError as error:
                 problems += _error_lines(error, f"arms.{name}.selection")
+                continue
+            uses_anchor = selection.rule == "anchor" or selection.min_anchor_cos is not None
+            if uses_anchor and recipe.arm(name).kind == "select" and not recipe.scoring.get("anchor_data"):
+                problems.append(
+                    f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
+                    "(e.g. embedded:refusals)"
+                )
     if "train" not in failed:
         parts = [(f"stages.{i}.train", stage) for i, stage in recipe.valid_stages()]
         parts += [("align.train", recipe.align)] if recipe.align is not None else []
@@ -538,6 +550,12 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
     from gradsift.synthetic import pool
 
     problems = []
+    anchor = recipe.scoring.get("anchor_data")
+    if isinstance(anchor, str) and not anchor.startswith("embedded:"):
+        try:
+            resolve_path(anchor, base)
+        except UserError as error:
+            problems.append(f"scoring.anchor_data: {error}")
     for where, spec in _data_specs(recipe):
         if spec.synthetic is not None:
             available = len(pool(spec.synthetic, "train"))
