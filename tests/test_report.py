@@ -495,3 +495,36 @@ def test_gradsift_report_does_not_import_torch(tiny_run, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
     assert (run / "grad_norms.png").is_file()
+
+
+def test_anchor_cos_histogram_only_for_stages_scored_with_an_anchor(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradsift.report import _score_histograms
+    from gradsift.scoring import ScoreTable
+    from gradsift.store import write_table
+
+    n = 8
+    for arm, anchored in (("anchor", True), ("gradsift", False)):
+        stage = tmp_path / "seed-0" / arm / "01-howto"
+        (stage / "scores").mkdir(parents=True)
+        table = ScoreTable(
+            index=np.arange(n), sample_id=np.array([f"{i}#0" for i in range(n)], dtype=object), loss=np.ones(n),
+            grad_norm=np.linspace(1, 2, n), num_tokens=np.full(n, 9), num_response_tokens=np.full(n, 3),
+            truncated=np.zeros(n, dtype=bool), status=np.array(["ok"] * n, dtype=object),
+            anchor_dot=np.linspace(-1, 1, n) if anchored else np.full(n, np.nan),
+            anchor_cos=np.linspace(-0.5, 0.5, n) if anchored else np.full(n, np.nan),
+        )  # fmt: skip
+        write_table(table, stage / "scores" / "scores.parquet")
+        cut = {"kept_anchor_cos_range": [0.1, 0.5]} if anchored else {}
+        (stage / "stage.json").write_text(json.dumps({"selection": cut}))
+    assert _score_histograms(tmp_path, plt, "anchor_cos", "cosine") == tmp_path / "anchor_cos.png"
+    assert (tmp_path / "anchor_cos.png").is_file()
+    assert _score_histograms(tmp_path, plt, "grad_norm", "norm") == tmp_path / "grad_norms.png"
+    shutil.rmtree(tmp_path / "seed-0" / "anchor")  # no stage scored with an anchor set: no anchor plot
+    (tmp_path / "anchor_cos.png").unlink()
+    assert _score_histograms(tmp_path, plt, "anchor_cos", "cosine") is None
+    assert not (tmp_path / "anchor_cos.png").exists()

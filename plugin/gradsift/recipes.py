@@ -1206,11 +1206,11 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         selection = {"gradsift_version": __version__, "summary": report.summary(), **report.selection.counts()}
         write_json(selection, step.folder / "selection.json")
         table = report.table
-        kept_norms = table.grad_norm[report.selection.keep]
         record["selection"] = {
             "summary": report.summary(),
             "dropped": report.selection.counts(),
-            "kept_norm_range": [float(np.min(kept_norms)), float(np.max(kept_norms))] if len(kept_norms) else None,
+            "kept_norm_range": _kept_range(table.grad_norm, report.selection.keep),
+            "kept_anchor_cos_range": _kept_range(table.anchor_cos, report.selection.keep),
         }
         dataset = kept
     elif spec.kind == "random":
@@ -1357,6 +1357,15 @@ def _train_axolotl(
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(step.folder / "axolotl-prepared", ignore_errors=True)
     return {"backend": "axolotl", "rows": len(dataset), "seconds": elapsed(start)}
+
+
+def _kept_range(values: Any, keep: Any) -> list[float] | None:
+    """[min, max] of a score over the kept rows with a finite value (None if there are none)."""
+    import numpy as np
+
+    kept = values[keep]
+    kept = kept[np.isfinite(kept)]
+    return [float(kept.min()), float(kept.max())] if len(kept) else None
 
 
 def full_arm_steps(rows: int, train: TrainSpec) -> int:

@@ -765,14 +765,22 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         out[f"accuracy_matrix_{name}"] = path
-    hist = _norm_histograms(run_dir, plt)
-    if hist is not None:
-        out["grad_norms"] = hist
+    for key, column, label in HISTOGRAMS:
+        hist = _score_histograms(run_dir, plt, column, label)
+        if hist is not None:
+            out[key] = hist
     return out
 
 
-def _norm_histograms(run_dir: Path, plt: Any) -> Path | None:
-    """Gradient-norm histogram of every scored stage (first seed), with the kept range as cut lines."""
+# Plots of a score column of every scored stage: (report key and file name, column, x-axis label).
+HISTOGRAMS = (
+    ("grad_norms", "grad_norm", "per-sample gradient norm"),
+    ("anchor_cos", "anchor_cos", "cosine of the row's gradient with the anchor set's mean gradient"),
+)
+
+
+def _score_histograms(run_dir: Path, plt: Any, column: str, label: str) -> Path | None:
+    """A histogram of `column` for every scored stage (first seed) that has it, the kept range as cut lines."""
     import pyarrow.parquet as pq
 
     panels = []
@@ -781,21 +789,25 @@ def _norm_histograms(run_dir: Path, plt: Any) -> Path | None:
             stage_dir = table_path.parent.parent
             if not (stage_dir / STAGE_FILE).is_file():
                 continue  # an unfinished stage, or the seed's shared stage-1 cache (each arm keeps its own copy)
+            if column not in pq.read_schema(table_path).names:
+                continue  # scored before the column existed
+            values = np.array(pq.read_table(table_path, columns=[column])[column].to_pylist(), dtype=float)
+            if not np.isfinite(values).any():
+                continue  # e.g. anchor_cos of a stage scored without an anchor set
             record = json.loads((stage_dir / STAGE_FILE).read_text())
-            norms = np.array(pq.read_table(table_path, columns=["grad_norm"])["grad_norm"].to_pylist(), dtype=float)
-            panels.append((f"{stage_dir.parent.name}/{stage_dir.name}", norms, record))
+            cut = (record.get("selection") or {}).get(f"kept_{'norm' if column == 'grad_norm' else column}_range")
+            panels.append((f"{stage_dir.parent.name}/{stage_dir.name}", values, cut))
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 1.9 * len(panels)), squeeze=False)
-    for ax, (title, norms, record) in zip(axes[:, 0], panels):
-        ax.hist(norms[np.isfinite(norms)], bins=30, color="#4c72b0")
-        cut = (record.get("selection") or {}).get("kept_norm_range")
+    for ax, (title, values, cut) in zip(axes[:, 0], panels):
+        ax.hist(values[np.isfinite(values)], bins=30, color="#4c72b0")
         for x in cut or []:
             ax.axvline(x, color="#c44e52", linestyle="--")
         ax.set_title(title, fontsize=8)
-    axes[-1, 0].set_xlabel("per-sample gradient norm (dashed: kept range)")
+    axes[-1, 0].set_xlabel(f"{label} (dashed: kept range)")
     fig.tight_layout()
-    path = run_dir / "grad_norms.png"
+    path = run_dir / ("grad_norms.png" if column == "grad_norm" else f"{column}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
