@@ -207,6 +207,89 @@ def test_online_selection_equals_the_core_rule_on_loop_reference_scores(tmp_path
     assert step["dropped"] == expected.counts()
 
 
+@pytest.mark.parametrize("selection", [{"rule": "anchor"}, {"rule": "moderate", "min_anchor_cos": 0.0}])
+def test_online_anchor_selection_equals_the_core_rule_on_loop_reference_scores(
+    tmp_path, tokenizer, mixed_records, selection
+):
+    from gradsift.anchors import anchor_rows
+    from gradsift.scoring import anchor_gradient
+
+    records = mixed_records[:8]
+    args = sft_config(tmp_path)
+    model = peft_model(tokenizer)
+    data = data_config_for(DataConfig(), args)
+    rows = tokenize_records(records, tokenizer, data)
+    loop_config = ScoringConfig(method="loop", anchor_data="embedded:refusals")
+    mean = anchor_gradient(
+        model, anchor_rows("embedded:refusals", tokenizer, data), loop_config, tokenizer.pad_token_id
+    )
+    loop = score_rows(model, rows, loop_config, tokenizer.pad_token_id, progress=False, anchor=mean)
+    config = GradSiftConfig(
+        mode="online",
+        scoring={"anchor_data": "embedded:refusals"},
+        selection=SelectionConfig(keep_fraction=0.5, **selection),
+    )
+    expected = select_rows(loop.loss, loop.grad_norm, loop.status, config.selection, anchor_dot=loop.anchor_dot,
+                           anchor_cos=loop.anchor_cos)  # fmt: skip
+    assert 0 < expected.num_kept < 8
+    trainer = GradSiftSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=tokenizer,
+        gradsift_config=config,
+    )
+    trainer.train()
+    step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
+    assert sorted(step["kept_ids"]) == sorted(loop.sample_id[expected.keep].tolist())
+    assert step["dropped"] == expected.counts()
+
+
+def test_the_anchor_rule_online_needs_an_anchor_set(tmp_path, tokenizer, mixed_records):
+    from gradsift.errors import UserError
+
+    with pytest.raises(UserError, match="set `scoring.anchor_data`"):
+        GradSiftSFTTrainer(
+            model=peft_model(tokenizer),
+            args=sft_config(tmp_path),
+            train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
+            processing_class=tokenizer,
+            gradsift_config=GradSiftConfig(mode="online", selection=SelectionConfig(rule="anchor", keep_fraction=0.5)),
+        )
+
+
+@pytest.mark.parametrize("refresh,expected_steps", [(None, [0, 2]), (1, [0, 1, 2, 3])])
+def test_the_online_anchor_gradient_is_taken_each_epoch_or_every_n_steps(
+    tmp_path, tokenizer, mixed_records, monkeypatch, refresh, expected_steps
+):
+    import gradsift.online
+
+    taken = []
+    real = gradsift.online.anchor_gradient
+
+    def counting(model, rows, config, pad_token_id):
+        taken.append(trainer.state.global_step)
+        return real(model, rows, config, pad_token_id)
+
+    monkeypatch.setattr(gradsift.online, "anchor_gradient", counting)
+    args = sft_config(tmp_path, per_device_train_batch_size=4, max_steps=-1, num_train_epochs=2)
+    config = GradSiftConfig(
+        mode="online",
+        scoring={"anchor_data": "embedded:refusals"},
+        selection=SelectionConfig(rule="anchor", keep_fraction=0.5),
+        online={"anchor_refresh_steps": refresh},
+    )
+    trainer = GradSiftSFTTrainer(
+        model=peft_model(tokenizer),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
+        processing_class=tokenizer,
+        gradsift_config=config,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4 and taken == expected_steps
+
+
 def test_micro_batch_window_selects_inside_each_micro_batch(tmp_path, tokenizer, mixed_records):
     args = sft_config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
     trainer = GradSiftSFTTrainer(

@@ -44,10 +44,13 @@ def anchor_source(spec: str) -> Source:
 
 
 def anchor_rows(spec: str | None, tokenizer: Any, data: DataConfig) -> list[TokenizedRow] | None:
-    """The anchor set tokenized as the scored rows are (same `data` options, format detected), or None without one."""
+    """The anchor set tokenized with `data`'s length limit, its format detected, and its loss on the answers only (the
+    anchor loss is the likelihood of the anchor answers, e.g. refusals, whatever the training data's setting); None
+    without one."""
     if not spec:
         return None
     source = anchor_source(spec)
     if not source.records:
         raise UserError(f"`scoring.anchor_data` {spec!r} holds no rows; pass an anchor set with rows.")
-    return tokenize_records(source.records, tokenizer, data.model_copy(update={"format": "auto"}), progress=False)
+    answers_only = {"format": "auto", "completion_only_loss": True, "assistant_only_loss": True}
+    return tokenize_records(source.records, tokenizer, data.model_copy(update=answers_only), progress=False)

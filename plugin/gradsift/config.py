@@ -203,6 +203,12 @@ class OnlineConfig(_Strict):
         description="`auto` recomputes instead of reusing when one selection window's per-sample gradients (rows × "
         "trainable parameters × 4 bytes) exceed this many GiB.",
     )
+    anchor_refresh_steps: int | None = Field(
+        None,
+        ge=1,
+        description="With `scoring.anchor_data`: take the anchor set's mean gradient again, with the current model, "
+        "every this many optimizer steps; null = at the start of each epoch.",
+    )
     log_file: str | None = Field(
         "gradsift_online.jsonl",
         description="Per-step record (kept and dropped sample ids, norm quantiles) under the trainer's output_dir; "

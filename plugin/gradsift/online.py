@@ -37,7 +37,15 @@ from gradsift.config import GradSiftConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, assign_sample_ids
 from gradsift.errors import UserError
 from gradsift.jsonio import dumps
-from gradsift.scoring import STATUS_NO_RESPONSE, STATUS_NONFINITE, STATUS_OK, GradNormHooks, score_batch, scoring_mode
+from gradsift.scoring import (
+    STATUS_NO_RESPONSE,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    GradNormHooks,
+    anchor_gradient,
+    score_batch,
+    scoring_mode,
+)
 from gradsift.selection import select_rows
 
 logger = logging.getLogger(__name__)
@@ -58,10 +66,10 @@ def check_online_config(config: GradSiftConfig, micro_batch_size: int, gradient_
             f"{gradient_accumulation_steps if config.online.window == 'step' else 1}). Raise keep_fraction to at "
             f"least {math.ceil(1000 / rows) / 1000:g}, or select over more rows."
         )
-    if config.selection.rule == "anchor" or config.selection.min_anchor_cos is not None:
+    if uses_anchor(config) and not config.scoring.anchor_data:
         raise UserError(
-            "The anchor score (`selection.rule: anchor`, `selection.min_anchor_cos`) is offline only for now: the "
-            "online mode does not compute an anchor gradient. Use `mode: offline` with `scoring.anchor_data`."
+            "`selection.rule: anchor` and `selection.min_anchor_cos` rank rows by their gradient's agreement with an "
+            "anchor set: set `scoring.anchor_data` (e.g. embedded:refusals)."
         )
     if config.selection.window is not None:
         raise UserError(
@@ -69,6 +77,11 @@ def check_online_config(config: GradSiftConfig, micro_batch_size: int, gradient_
             "(`online.window`). Remove `selection.window`."
         )
     return rows
+
+
+def uses_anchor(config: GradSiftConfig) -> bool:
+    """Whether the selection reads the anchor score (the `anchor` rule, or the `min_anchor_cos` filter)."""
+    return config.selection.rule == "anchor" or config.selection.min_anchor_cos is not None
 
 
 @contextlib.contextmanager
@@ -102,6 +115,9 @@ class OnlineSelectionMixin:
         )
         self.gradsift_stats: list[dict[str, Any]] = []
         self.gradsift_skipped_steps = 0
+        self._gradsift_anchor_rows = self._gradsift_load_anchor()
+        self._gradsift_anchor: dict[int, torch.Tensor] | None = None
+        self._gradsift_anchor_at: tuple[int, int] | None = None  # (step, epoch) the anchor gradient was taken at
         self._gradsift_pending: tuple[dict[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._gradsift_pending_tokens = 0
         reason = self._gradsift_no_reuse_reason(window_rows)
@@ -113,6 +129,35 @@ class OnlineSelectionMixin:
             logger.info("gradsift: each step's update reuses the scoring pass's per-sample gradients")
         elif update == "auto":
             logger.info("gradsift: each step recomputes the kept rows' gradients, because %s", reason)
+
+    def _gradsift_load_anchor(self) -> list[Any] | None:
+        """The anchor rows, tokenized like the training rows (the trainer's tokenizer and max_length)."""
+        config = self.gradsift_config
+        if not config.scoring.anchor_data:
+            return None
+        from gradsift.anchors import anchor_rows
+
+        tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        max_length = getattr(self.args, "max_length", None) or config.data.max_length
+        return anchor_rows(
+            config.scoring.anchor_data, tokenizer, config.data.model_copy(update={"max_length": max_length})
+        )
+
+    def _gradsift_anchor_gradient(self, model: Any) -> dict[int, torch.Tensor] | None:
+        """ḡ_A with the current model, taken again every `online.anchor_refresh_steps` steps (or each epoch)."""
+        if self._gradsift_anchor_rows is None:
+            return None
+        step, epoch = int(self.state.global_step), int(self.state.epoch or 0)
+        every = self.gradsift_config.online.anchor_refresh_steps
+        due = self._gradsift_anchor_at is None or (
+            step - self._gradsift_anchor_at[0] >= every if every else epoch != self._gradsift_anchor_at[1]
+        )
+        if due:
+            pad_token_id = self.processing_class.pad_token_id if hasattr(self, "processing_class") else 0
+            scoring = self.gradsift_config.scoring.model_copy(update={"method": "batched"})
+            self._gradsift_anchor = anchor_gradient(model, self._gradsift_anchor_rows, scoring, pad_token_id)
+            self._gradsift_anchor_at = (step, epoch)
+        return self._gradsift_anchor
 
     def _gradsift_no_reuse_reason(self, window_rows: int) -> str | None:
         """Why the scoring pass's per-sample gradients cannot make the update, or None when they can."""
@@ -203,6 +248,7 @@ class OnlineSelectionMixin:
     def _gradsift_select(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         config = self.gradsift_config
         model = self.accelerator.unwrap_model(self.model)
+        anchor = self._gradsift_anchor_gradient(model)
         scored, per_sample = [], []
         # Reuse scores in train mode: the update then is the gradient of the trainer's own forward (dropout too).
         mode = _train_mode(model) if self.gradsift_reuse else scoring_mode(model)
@@ -212,17 +258,23 @@ class OnlineSelectionMixin:
             mode,
             self.accelerator.autocast(),
             self.compute_loss_context_manager(),
-            GradNormHooks(model, config.scoring.norm_method, keep_grads=self.gradsift_reuse) as hooks,
+            GradNormHooks(model, config.scoring.norm_method, keep_grads=self.gradsift_reuse, anchor=anchor) as hooks,
         ):
             for batch in batches:
                 inputs = {key: batch[key].to(self.args.device) for key in ("input_ids", "attention_mask", "labels")}
                 losses, norms = score_batch(model, hooks, inputs)
-                scored.append((losses.double().cpu().numpy(), norms.cpu().numpy()))
+                scored.append((losses.double().cpu().numpy(), norms.cpu().numpy(), hooks.dots.cpu().numpy()))
                 if self.gradsift_reuse:
                     per_sample.append(hooks.take_grads())
         sizes = [len(batch["input_ids"]) for batch in batches]
         losses = np.concatenate([s[0] for s in scored])
         norms = np.concatenate([s[1] for s in scored])
+        dots = cosines = None
+        if anchor is not None:
+            dots = np.concatenate([s[2] for s in scored])
+            anchor_norm = math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in anchor.values()))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cosines = dots / (norms * anchor_norm)
         counts = np.concatenate([(batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy() for batch in batches])
         status = np.where(counts == 0, STATUS_NO_RESPONSE, STATUS_OK).astype(object)
         status[(status == STATUS_OK) & ~(np.isfinite(losses) & np.isfinite(norms))] = STATUS_NONFINITE
@@ -242,6 +294,8 @@ class OnlineSelectionMixin:
                 config.selection,
                 num_response_tokens=counts[group],
                 min_kept=1,
+                anchor_dot=None if dots is None else dots[group],
+                anchor_cos=None if cosines is None else cosines[group],
             )
             keep[group], reasons[group] = selection.keep, selection.reasons
         self._gradsift_record(batches, losses, norms, status, keep, reasons)
