@@ -21,6 +21,12 @@ ratios from one run, not absolute times.
     python bench/score_bench.py --shapes tiny    # seconds, for a smoke run
 
 Last line (the SmolLM2-shaped model): `batched_vs_plain=X batched_vs_loop=Y mem_vs_plain=Z`.
+
+`--methods batched,anchor` times the safety-anchor score against the norm alone: `anchor` is batched scoring with
+`anchor_dot` (one matmul more per LoRA layer) plus the anchor pass that takes the anchor set's mean gradient first
+(`--anchor-rows` rows of the same kind, 16 by default: the pass costs about anchor_rows / samples of a scoring run, so
+it shrinks with the data). It prints `anchor_vs_norm=X` (time with the anchor over time without) and
+`anchor_pass_share=Y` (the anchor pass's part of the anchor run).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ SHAPES = {
     ),
 }  # fmt: skip
 METHODS = ("loop", "batched", "plain")
-EXTRA_METHODS = ("checkpointing",)  # batched scoring with gradient checkpointing: less memory, more time
+# batched scoring with gradient checkpointing (less memory, more time); batched scoring with the anchor score
+EXTRA_METHODS = ("checkpointing", "anchor")
 
 
 def build(shape: str):
@@ -89,13 +96,13 @@ def peak_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure(shape: str, method: str, n: int, batch_size: int, queue) -> None:
+def measure(shape: str, method: str, n: int, batch_size: int, anchor_rows: int, queue) -> None:
     """In a fresh process: build the model and samples, then time one method and its peak memory above that."""
     import torch
 
     from gradsift.config import ScoringConfig
     from gradsift.data import collate
-    from gradsift.scoring import score_rows
+    from gradsift.scoring import anchor_gradient, score_rows
 
     torch.manual_seed(0)
     model = build(shape)
@@ -120,7 +127,15 @@ def measure(shape: str, method: str, n: int, batch_size: int, queue) -> None:
                 max_batch_size=batch_size,
                 max_tokens_per_batch=batch_size * 128,
             )
-            score_rows(model, rows, config, pad_token_id=0, progress=False)
+            mean = None
+            if method == "anchor":
+                started = time.perf_counter()
+                mean = anchor_gradient(model, anchor, config, pad_token_id=0)
+                anchor_seconds.append(time.perf_counter() - started)
+            score_rows(model, rows, config, pad_token_id=0, progress=False, anchor=mean)
+
+    anchor = samples(anchor_rows, SHAPES[shape]["vocab_size"], seed=1)
+    anchor_seconds: list[float] = []
 
     before = rss_mib()  # the loaded model; the peak is read above this, warm-up included
     reset_peak()
@@ -128,13 +143,13 @@ def measure(shape: str, method: str, n: int, batch_size: int, queue) -> None:
     start = time.perf_counter()
     run(rows)
     seconds = time.perf_counter() - start
-    queue.put((seconds, max(peak_mib() - before, 0.0)))
+    queue.put((seconds, max(peak_mib() - before, 0.0), anchor_seconds[-1] if anchor_seconds else 0.0))
 
 
-def run_one(shape: str, method: str, n: int, batch_size: int) -> tuple[float, float]:
+def run_one(shape: str, method: str, n: int, batch_size: int, anchor_rows: int) -> tuple[float, float, float]:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=measure, args=(shape, method, n, batch_size, queue))
+    process = context.Process(target=measure, args=(shape, method, n, batch_size, anchor_rows, queue))
     process.start()
     result = queue.get()
     process.join()
@@ -151,31 +166,42 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--reps", type=int, default=2)
-    needed, extra = ", ".join(METHODS), ", ".join(EXTRA_METHODS)
+    parser.add_argument("--anchor-rows", type=int, default=16, help="rows of the anchor set (method `anchor`)")
+    every = ", ".join(METHODS + EXTRA_METHODS)
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated: {needed} (for the ratios), optionally {extra}"
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, `batched` among them: {every}; each ratio is printed when both its methods ran",
     )
     args = parser.parse_args()
     methods = tuple(args.methods.split(","))
-    if not set(METHODS) <= set(methods) <= set(METHODS + EXTRA_METHODS):
-        parser.error(f"--methods must hold {needed} and may add {extra}; got {args.methods!r}")
+    if "batched" not in methods or not set(methods) <= set(METHODS + EXTRA_METHODS):
+        parser.error(f"--methods must hold batched and may add {every}; got {args.methods!r}")
     summary = {}
     for shape in args.shapes.split(","):
         times: dict[str, list[float]] = {m: [] for m in methods}
         memory: dict[str, list[float]] = {m: [] for m in methods}
+        anchor_pass: list[float] = []
         for rep in range(args.reps):
             for method in methods if rep % 2 == 0 else tuple(reversed(methods)):
-                seconds, peak = run_one(shape, method, args.samples, args.batch_size)
+                seconds, peak, anchor_seconds = run_one(shape, method, args.samples, args.batch_size, args.anchor_rows)
                 times[method].append(seconds)
                 memory[method].append(peak)
+                if method == "anchor":
+                    anchor_pass.append(anchor_seconds / seconds)
                 print(f"{shape:8s} rep {rep} {method:13s} {seconds:7.2f} s  peak +{peak:7.0f} MiB", flush=True)
         best = {m: min(times[m]) for m in methods}
         mem = {m: min(memory[m]) for m in methods}
-        ratios = {
-            "batched_vs_plain": best["plain"] / best["batched"],
-            "batched_vs_loop": best["loop"] / best["batched"],
-            "mem_vs_plain": mem["batched"] / mem["plain"] if mem["plain"] else float("nan"),
-        }
+        ratios = {}
+        if "plain" in methods:
+            ratios["batched_vs_plain"] = best["plain"] / best["batched"]
+        if "loop" in methods:
+            ratios["batched_vs_loop"] = best["loop"] / best["batched"]
+        if "plain" in methods:
+            ratios["mem_vs_plain"] = mem["batched"] / mem["plain"] if mem["plain"] else float("nan")
+        if "anchor" in methods:
+            ratios["anchor_vs_norm"] = best["anchor"] / best["batched"]
+            ratios["anchor_pass_share"] = min(anchor_pass)
         summary[shape] = ratios
         print(
             f"{shape}: {args.samples} samples, {args.batch_size} per batch, torch_threads={torch.get_num_threads()}; "

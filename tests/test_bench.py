@@ -54,3 +54,12 @@ def test_score_bench_prints_its_ratios():
     lines = result.stdout.strip().splitlines()
     assert RATIOS.match(lines[-1])
     assert sum(" rep 0 " in line for line in lines) == 3  # loop, batched and plain each ran
+
+
+def test_score_bench_times_the_anchor_score_against_the_norm():
+    args = ("--shapes", "tiny", "--samples", "8", "--batch-size", "4", "--reps", "1", "--methods", "batched,anchor")
+    result = run_script("bench/score_bench.py", *args, "--anchor-rows", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.match(r"^anchor_vs_norm=[\d.]+ anchor_pass_share=0\.\d+$", lines[-1]), lines[-1]
+    assert sum(" rep 0 " in line for line in lines) == 2
