@@ -219,3 +219,25 @@ def test_min_anchor_cos_drops_conflicting_rows_before_any_rule():
     rest = np.flatnonzero(cos >= 0)
     top = rest[np.argsort(-norms[rest], kind="stable")[: len(rest) // 2]]
     np.testing.assert_array_equal(np.flatnonzero(selection.keep), np.sort(top))
+
+
+def test_anchor_dot_in_nf4_matches_the_loop(tiny_model_dir, tokenizer, rows, anchor_rows):
+    """bitsandbytes 4-bit base + LoRA: both paths dequantize the same NF4 weights into fp32 matmuls and differ only by
+    summation order over padded batches, as the norms do (1e-4 there); the dot gets the same 1e-4 · ‖g_i‖·‖ḡ_A‖."""
+    from gradsift.models import load_model
+
+    model = load_model(ScoringConfig(model=str(tiny_model_dir), quantization="nf4", lora_r=4, device="cpu"))
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    tables = {}
+    for method in ("batched", "loop"):
+        config = ScoringConfig(method=method, max_tokens_per_batch=256)
+        anchor = anchor_gradient(model, anchor_rows, config, tokenizer.pad_token_id)
+        norm = float(sum(g.double().pow(2).sum() for g in anchor.values()).sqrt())
+        tables[method] = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False, anchor=anchor)
+    batched, loop = tables["batched"], tables["loop"]
+    assert (loop.anchor_dot < 0).any() and (loop.anchor_dot > 0).any()
+    assert (np.abs(batched.anchor_dot - loop.anchor_dot) <= 1e-4 * loop.grad_norm * norm).all()

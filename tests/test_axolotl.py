@@ -220,3 +220,15 @@ def test_online_mode_rejects_sample_packing(workdir):
     config["sample_packing"] = True
     with pytest.raises(Exception, match="`sample_packing` joins rows"):
         validate(config)
+
+
+def test_the_anchor_set_is_a_scoring_option_of_the_gradsift_block():
+    from axolotl.utils.dict import DictDefault
+
+    from gradsift.integrations.axolotl.plugin import resolve_config
+
+    cfg = DictDefault({"base_model": "some/model", "adapter": "lora", "lora_r": 8})
+    block = {"scoring": {"anchor_data": "embedded:refusals"}, "selection": {"rule": "anchor", "keep_fraction": 0.5}}
+    config = resolve_config(cfg, block)
+    assert config.scoring.anchor_data == "embedded:refusals" and config.selection.rule == "anchor"
+    assert config.scoring.model == "some/model" and config.scoring.lora_r == 8
