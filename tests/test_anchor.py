@@ -241,3 +241,53 @@ def test_anchor_dot_in_nf4_matches_the_loop(tiny_model_dir, tokenizer, rows, anc
     batched, loop = tables["batched"], tables["loop"]
     assert (loop.anchor_dot < 0).any() and (loop.anchor_dot > 0).any()
     assert (np.abs(batched.anchor_dot - loop.anchor_dot) <= 1e-4 * loop.grad_norm * norm).all()
+
+
+def test_a_min_anchor_cos_that_drops_every_row_is_refused_for_a_dataset_but_not_a_window():
+    from gradsift.config import SelectionConfig
+    from gradsift.errors import UserError
+    from gradsift.selection import select_rows
+
+    n = 10
+    cos = np.linspace(-0.2, 0.05, n)
+    args = (np.ones(n), np.ones(n), np.array(["ok"] * n, dtype=object), SelectionConfig(min_anchor_cos=0.1))
+    with pytest.raises(UserError, match=r"`selection.min_anchor_cos` 0.1 drops every one of the 10 scored rows"):
+        select_rows(*args, anchor_cos=cos, require_kept=True)
+    assert not select_rows(*args, anchor_cos=cos).keep.any()  # an online window: the step is skipped
+    # A window where no row scored (NaN cosines) is not "scores without an anchor": nothing kept, no error.
+    status = np.array(["no_response_tokens"] * n, dtype=object)
+    none = select_rows(np.full(n, np.nan), np.zeros(n), status, args[3], anchor_cos=np.full(n, np.nan), min_kept=1)
+    assert not none.keep.any()
+
+
+def test_select_dataset_refuses_the_anchor_rule_without_an_anchor_set_before_scoring(tokenizer, mixed_records):
+    import datasets
+
+    from gradsift.config import GradSiftConfig, SelectionConfig
+    from gradsift.errors import UserError
+    from gradsift.integrations.trl import select_dataset
+
+    config = GradSiftConfig(selection=SelectionConfig(rule="anchor"))
+    with pytest.raises(UserError, match="set `scoring.anchor_data`"):
+        # No model: it would be loaded (and fail: none is named) only if scoring started.
+        select_dataset(datasets.Dataset.from_list(mixed_records), None, tokenizer, config)
+
+
+def test_another_anchor_set_is_another_identity(tmp_path, tiny_model_dir, mixed_records, capsys):
+    import json
+
+    from gradsift.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in mixed_records))
+    anchor = tmp_path / "anchor.jsonl"
+    anchor.write_text("".join(json.dumps(r) + "\n" for r in ANCHOR_RECORDS))
+    out = tmp_path / "scores"
+    argv = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--lora-r", "4"]
+    assert main([*argv, "--anchor-data", str(anchor)]) == 0
+    anchor.write_text("".join(json.dumps(r) + "\n" for r in ANCHOR_RECORDS[:2]))
+    capsys.readouterr()
+    assert main([*argv, "--anchor-data", str(anchor)]) == 0
+    assert capsys.readouterr().out.startswith("scored 24 of 24 rows")
+    assert main(argv) == 0  # no anchor set: another identity again
+    assert capsys.readouterr().out.startswith("scored 24 of 24 rows")

@@ -328,3 +328,17 @@ def test_anchor_arms_need_an_anchor_set_and_its_path_must_exist(tmp_path):
     assert loaded.scoring_config().anchor_data == str(tmp_path / "refusals.jsonl")
     assert loaded.selection_for("anchor").rule == "anchor"
     load_recipe(write(tmp_path, recipe(arms=arms, scoring={"anchor_data": "embedded:refusals"})))
+
+
+def test_the_random_arm_ignores_the_recipes_anchor_filter(tmp_path):
+    from gradsift.recipes import random_subset
+
+    arms = {"random": {}, "gradsift": {}}
+    loaded = load_recipe(
+        write(
+            tmp_path, recipe(arms=arms, scoring={"anchor_data": "embedded:refusals"}, selection={"min_anchor_cos": 0})
+        )
+    )
+    assert loaded.selection_for("gradsift").min_anchor_cos == 0  # the scored arm filters
+    assert random_subset(loaded, "random", 20, 5).num_kept == 5  # the random arm has no scores to filter
+    assert random_subset(loaded, "random", 20, None).num_kept == 4  # keep_fraction 0.2 of 20

@@ -20,6 +20,11 @@ EMBEDDED_REFUSALS = "embedded:refusals"
 EMBEDDED = {EMBEDDED_REFUSALS: "the shipped align set's harmful requests, each with its refusal"}
 
 
+def uses_anchor(config: Any) -> bool:
+    """Whether a `GradSiftConfig`'s selection reads the anchor score (the `anchor` rule or `min_anchor_cos`)."""
+    return config.selection.rule == "anchor" or config.selection.min_anchor_cos is not None
+
+
 def shipped_file(relative: str) -> Path:
     """A file under gradsift's `recipes/` folder: the repo's in a checkout, the wheel's otherwise."""
     here = Path(__file__).resolve().parent

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradsift.anchors import uses_anchor
 from gradsift.config import GradSiftConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, assign_sample_ids
 from gradsift.errors import UserError
@@ -77,11 +78,6 @@ def check_online_config(config: GradSiftConfig, micro_batch_size: int, gradient_
             "(`online.window`). Remove `selection.window`."
         )
     return rows
-
-
-def uses_anchor(config: GradSiftConfig) -> bool:
-    """Whether the selection reads the anchor score (the `anchor` rule, or the `min_anchor_cos` filter)."""
-    return config.selection.rule == "anchor" or config.selection.min_anchor_cos is not None
 
 
 @contextlib.contextmanager
@@ -145,8 +141,8 @@ class OnlineSelectionMixin:
 
     def _gradsift_anchor_gradient(self, model: Any) -> dict[int, torch.Tensor] | None:
         """ḡ_A with the current model, taken again every `online.anchor_refresh_steps` steps (or each epoch)."""
-        if self._gradsift_anchor_rows is None:
-            return None
+        if self._gradsift_anchor_rows is None or not uses_anchor(self.gradsift_config):
+            return None  # the selection does not read the anchor score: no anchor pass
         step, epoch = int(self.state.global_step), int(self.state.epoch or 0)
         every = self.gradsift_config.online.anchor_refresh_steps
         due = self._gradsift_anchor_at is None or (
@@ -278,6 +274,9 @@ class OnlineSelectionMixin:
         counts = np.concatenate([(batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy() for batch in batches])
         status = np.where(counts == 0, STATUS_NO_RESPONSE, STATUS_OK).astype(object)
         status[(status == STATUS_OK) & ~(np.isfinite(losses) & np.isfinite(norms))] = STATUS_NONFINITE
+        if dots is not None:  # as offline: no anchor score for a row that was not scored
+            dots[status != STATUS_OK] = np.nan
+            cosines[status != STATUS_OK] = np.nan
         if config.online.window == "step":
             groups = [np.arange(len(losses))]
         else:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradsift.anchors import anchor_rows
+from gradsift.anchors import anchor_rows, uses_anchor
 from gradsift.config import GradSiftConfig, ScoringConfig
 from gradsift.data import TokenizedRow, rows_fingerprint
 from gradsift.distributed import Team, assign_shards
@@ -340,6 +340,12 @@ def score_and_select(
     """
     if not rows:
         raise UserError("The dataset is empty: there are no rows to score.")
+    if uses_anchor(config) and not config.scoring.anchor_data:  # before a scoring pass whose scores would not do
+        raise UserError(
+            f"`selection.rule` {config.selection.rule!r} with `selection.min_anchor_cos` "
+            f"{config.selection.min_anchor_cos} ranks rows by the anchor score: set `scoring.anchor_data` (e.g. "
+            "embedded:refusals)."
+        )
     live_model = model if model is not None and hasattr(model, "parameters") else None
     anchor = anchor_rows(config.scoring.anchor_data, tokenizer, config.data)
     fingerprints = fingerprints_for(

@@ -1176,7 +1176,6 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     from trl import SFTTrainer
 
     from gradsift.integrations.trl import GradSiftSFTTrainer, select_dataset
-    from gradsift.selection import select_rows
     from gradsift.store import MANIFEST, TABLE
 
     stage = recipe.stages[step.index - 1]
@@ -1215,10 +1214,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         dataset = kept
     elif spec.kind == "random":
         matched = _kept_by(steps, step, "gradsift")
-        selection = recipe.selection_for(step.arm)
-        zeros = np.zeros(len(records))
-        status = np.array(["ok"] * len(records), dtype=object)
-        chosen = select_rows(zeros, zeros, status, selection, keep_count=matched)
+        chosen = random_subset(recipe, step.arm, len(records), matched)
         dataset = Dataset.from_list([records[i] for i in np.flatnonzero(chosen.keep)])
         record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
     else:
@@ -1357,6 +1353,20 @@ def _train_axolotl(
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(step.folder / "axolotl-prepared", ignore_errors=True)
     return {"backend": "axolotl", "rows": len(dataset), "seconds": elapsed(start)}
+
+
+def random_subset(recipe: Recipe, arm: str, rows: int, matched: int | None) -> Any:
+    """A `random` arm's selection of `rows` rows: `matched` of them (the `gradsift` arm's count), else its fraction.
+
+    A random subset has no scores, so the recipe's anchor filter (`min_anchor_cos`, meant for the scored arms) is off.
+    """
+    import numpy as np
+
+    from gradsift.selection import select_rows
+
+    selection = recipe.selection_for(arm).model_copy(update={"min_anchor_cos": None})
+    zeros = np.zeros(rows)
+    return select_rows(zeros, zeros, np.array(["ok"] * rows, dtype=object), selection, keep_count=matched)
 
 
 def _kept_range(values: Any, keep: Any) -> list[float] | None:

@@ -139,6 +139,8 @@ class GradNormHooks:
                 "(no modules_to_save, DoRA or embedding LoRA), `scoring.param_scope: all`, or `scoring.method: loop`."
             )
         self.shared = {key for key, count in owners.items() if count > 1}
+        if anchor is not None and any(id(p) not in anchor for p in self.params):
+            raise RuntimeError("The anchor gradient was taken on other trainable parameters than this model's.")
         if keep_grads:
             embeddings = [m for m in self.modules if isinstance(m, nn.Embedding)]
             kept_out = [names.get(id(p), "?") for p in self.params if id(p) in self.shared]
@@ -150,6 +152,8 @@ class GradNormHooks:
                     "`online.update: recompute`."
                 )
         self.grads: dict[int, torch.Tensor] = {}
+        # `anchor_gradient` sets `keep_batch_grads`: each batch's Σ_i g_i (from the backward the norms need anyway).
+        self.keep_batch_grads = False
         self.batch_grads: tuple[torch.Tensor | None, ...] | None = None
         self.handles: list[Any] = []
         self.recording = False
@@ -351,6 +355,8 @@ def _factor_dot(u: torch.Tensor, v: torch.Tensor, anchor: torch.Tensor) -> torch
     """Per-sample ⟨Σ_t u_t v_tᵀ, Ḡ⟩ = Σ_t u_t·(Ḡ v_t) (float64), u dense [B, T, d_out] or token ids [B, T]."""
     if u.dim() == 2:  # an embedding: u_t is one-hot, so u_tᵀ Ḡ is Ḡ's row for the token
         return (anchor[u] * v.float()).sum(dim=(1, 2)).double()
+    if anchor.shape[0] > anchor.shape[1]:  # project the narrower side: the same products, a smaller temporary
+        return (torch.matmul(u.float(), anchor) * v.float()).sum(dim=(1, 2)).double()
     projected = torch.matmul(v.float(), anchor.t())  # [B, T, d_out]; the anchor is kept in float32
     return (projected * u.float()).sum(dim=(1, 2)).double()
 
@@ -489,8 +495,9 @@ def score_batch(
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
     hooks.batch_grads = None
     if total.requires_grad and bool(finite.any()):
-        # Σ_i g_i over the batch's finite rows, per trainable parameter: what an anchor pass accumulates.
-        hooks.batch_grads = torch.autograd.grad(total, hooks.params, allow_unused=True)
+        grads = torch.autograd.grad(total, hooks.params, allow_unused=True)
+        if hooks.keep_batch_grads:  # Σ_i g_i over the batch's finite rows: what an anchor pass accumulates
+            hooks.batch_grads = grads
     norms = hooks.finish()
     if not hooks.masked and bool((finite & ~torch.isfinite(norms)).any()):
         # A finite loss with a non-finite norm: a NaN or inf sits in some row's padding. Redo with padding masked.
@@ -630,36 +637,50 @@ def anchor_gradient(
     """ḡ_A: the mean over the anchor rows of each row's gradient g_a (of its mean response-token loss), per trainable
     parameter (float32, keyed by `id(param)`), computed the way the rows are scored (`batched` or `loop`).
 
-    Rows without response tokens or with a non-finite loss are left out of the mean.
+    Rows without response tokens, or whose loss or gradient is not finite, are left out of the mean. A batch whose
+    summed gradient is not finite (a NaN or inf from padding, or from one row) is taken again row by row.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     total = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
     todo = [row for row in rows if row.num_response_tokens > 0]
     count = 0
     device = _device_of(model)
+
+    def add(grads: Sequence[torch.Tensor | None]) -> None:
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                total[id(param)] += grad.float()
+
+    def add_rows(members: Sequence[TokenizedRow]) -> int:
+        added = 0
+        for row in members:
+            _, grads = _row_gradient(model, row, pad_token_id)
+            if grads is not None and all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                add(grads)
+                added += 1
+        return added
+
     with scoring_mode(model), compute_autocast(config, device):
         if config.method == "loop":
-            for row in tqdm(todo, desc="anchor gradient (loop)", unit="row", disable=not progress):
-                loss, grads = _row_gradient(model, row, pad_token_id)
-                if grads is not None:
-                    count += 1
-                    for param, grad in zip(params, grads):
-                        if grad is not None:
-                            total[id(param)] += grad.float()
+            count = add_rows(tqdm(todo, desc="anchor gradient (loop)", unit="row", disable=not progress))
         else:
             lengths = [len(row.input_ids) for row in todo]
             with GradNormHooks(model, config.norm_method) as hooks:
+                hooks.keep_batch_grads = True
                 batches = make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size)
                 for positions in tqdm(batches, desc="anchor gradient", unit="batch", disable=not progress):
-                    losses, _ = score_batch(model, hooks, collate([todo[i] for i in positions], pad_token_id, device))
-                    count += int(torch.isfinite(losses).sum())
-                    for param, grad in zip(hooks.params, hooks.batch_grads or ()):
-                        if grad is not None:
-                            total[id(param)] += grad.float()
+                    members = [todo[i] for i in positions]
+                    losses, _ = score_batch(model, hooks, collate(members, pad_token_id, device))
+                    grads = hooks.batch_grads or ()
+                    if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                        add(grads)
+                        count += int(torch.isfinite(losses).sum())
+                    else:
+                        count += add_rows(members)
     if count == 0:
         raise UserError(
             f"The anchor set has no row to take a gradient of ({len(rows)} rows, none with response tokens and a "
-            "finite loss). Pass anchor rows with answers (e.g. harmful requests with refusals)."
+            "finite loss and gradient). Pass anchor rows with answers (e.g. harmful requests with refusals)."
         )
     return {key: grad / count for key, grad in total.items()}
 

@@ -305,6 +305,28 @@ def _at_least(ks: list[int], sizes: np.ndarray, minimum: int) -> list[int]:
     return ks
 
 
+def _check_anchor_scores(arrays: dict[str, np.ndarray], config: SelectionConfig, scored: np.ndarray) -> None:
+    """The anchor rule and filter need the anchor columns, with a value for the scored rows (none scored: fine)."""
+    for needed, wanted in (("anchor_dot", config.rule == "anchor"), ("anchor_cos", config.min_anchor_cos is not None)):
+        values = arrays.get(needed)
+        if wanted and (values is None or (scored.any() and not np.isfinite(values[scored]).any())):
+            what = "`selection.rule` 'anchor'" if needed == "anchor_dot" else "`selection.min_anchor_cos`"
+            raise UserError(
+                f"{what} needs each row's `{needed}`, but the scores have none. Score with an anchor set "
+                "(`scoring.anchor_data`, e.g. --anchor-data embedded:refusals), or choose another rule."
+            )
+
+
+def _filtered_out(config: SelectionConfig, cosines: np.ndarray) -> str:
+    finite = cosines[np.isfinite(cosines)]
+    quantiles = np.quantile(finite, [0.5, 0.9, 1.0]) if len(finite) else []
+    shown = ", ".join(f"{q:g}: {v:+.3f}" for q, v in zip((0.5, 0.9, 1.0), quantiles))
+    return (
+        f"`selection.min_anchor_cos` {config.min_anchor_cos} drops every one of the {len(cosines):,} scored rows "
+        f"(their anchor_cos quantiles {shown or 'none finite'}). Lower it below the largest, or unset it."
+    )
+
+
 def _keeps_no_row(config: SelectionConfig, eligible: int, largest: int) -> str:
     fraction = config.keep_fraction
     groups = {"window": config.window, "length_strata": config.length_strata}
@@ -337,14 +359,6 @@ def _check_inputs(arrays: dict[str, np.ndarray], config: SelectionConfig, keep_c
             f"`selection.length_strata` is {config.length_strata} but no `num_response_tokens` were given. Pass them, "
             "or unset `selection.length_strata`."
         )
-    for needed, wanted in (("anchor_dot", config.rule == "anchor"), ("anchor_cos", config.min_anchor_cos is not None)):
-        values = arrays.get(needed)
-        if wanted and (values is None or not np.isfinite(values).any()):
-            what = "`selection.rule` 'anchor'" if needed == "anchor_dot" else "`selection.min_anchor_cos`"
-            raise UserError(
-                f"{what} needs each row's `{needed}`, but the scores have none. Score with an anchor set "
-                "(`scoring.anchor_data`, e.g. --anchor-data embedded:refusals), or choose another rule."
-            )
     if keep_count is not None and config.rule != "random":
         raise ValueError(f"`keep_count` only applies to `selection.rule` 'random'; got rule {config.rule!r}.")
 
@@ -411,10 +425,13 @@ def select_rows(
         raise ValueError(
             f"`keep_count` must be between 0 and the {np.count_nonzero(ok):,} ok rows; got {keep_count:,}."
         )
+    _check_anchor_scores(arrays, config, (arrays["status"] == "ok") & np.isfinite(losses))
     reasons[(reasons == "ok") & ~ok] = "nonfinite"
     reasons[ok] = ""
     if config.min_anchor_cos is not None:
         conflict = ok & ~(arrays["anchor_cos"] >= config.min_anchor_cos)
+        if require_kept and conflict.any() and conflict.sum() == ok.sum():
+            raise UserError(_filtered_out(config, arrays["anchor_cos"][ok]))
         reasons[conflict] = "anchor_conflict"
         ok &= ~conflict
 
