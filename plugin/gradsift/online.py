@@ -43,6 +43,7 @@ from gradsift.scoring import (
     STATUS_NONFINITE,
     STATUS_OK,
     GradNormHooks,
+    anchor_cosines,
     anchor_gradient,
     score_batch,
     scoring_mode,
@@ -268,9 +269,7 @@ class OnlineSelectionMixin:
         dots = cosines = None
         if anchor is not None:
             dots = np.concatenate([s[2] for s in scored])
-            anchor_norm = math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in anchor.values()))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                cosines = dots / (norms * anchor_norm)
+            cosines = anchor_cosines(dots, norms, anchor)
         counts = np.concatenate([(batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy() for batch in batches])
         status = np.where(counts == 0, STATUS_NO_RESPONSE, STATUS_OK).astype(object)
         status[(status == STATUS_OK) & ~(np.isfinite(losses) & np.isfinite(norms))] = STATUS_NONFINITE

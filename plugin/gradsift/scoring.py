@@ -731,15 +731,20 @@ def score_rows(
     bad = (table.status == STATUS_OK) & ~(np.isfinite(table.loss) & np.isfinite(table.grad_norm))
     table.status[bad] = STATUS_NONFINITE
     if anchor is not None:
-        anchor_norm = math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in anchor.values()))
         table.anchor_dot[table.status != STATUS_OK] = np.nan
-        with np.errstate(divide="ignore", invalid="ignore"):
-            table.anchor_cos = table.anchor_dot / (table.grad_norm * anchor_norm)
+        table.anchor_cos = anchor_cosines(table.anchor_dot, table.grad_norm, anchor)
     if bad.any():
         logger.warning(
             "%d row(s) have a non-finite loss or gradient norm; they are marked `nonfinite`.", int(bad.sum())
         )
     return table
+
+
+def anchor_cosines(dots: np.ndarray, norms: np.ndarray, anchor: dict[int, torch.Tensor]) -> np.ndarray:
+    """anchor_cos = ⟨g_i, ḡ_A⟩ / (‖g_i‖·‖ḡ_A‖) per row (NaN where a row has no norm)."""
+    anchor_norm = math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in anchor.values()))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return dots / (norms * anchor_norm)
 
 
 def _row_gradient(
