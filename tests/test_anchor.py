@@ -94,6 +94,19 @@ def test_the_batched_anchor_gradient_is_the_mean_of_the_rows_gradients(tokenizer
         torch.testing.assert_close(batched[key], loop[key], rtol=1e-5, atol=1e-7)
 
 
+def test_an_anchor_row_with_a_nonfinite_loss_is_left_out_of_the_mean(tokenizer, anchor_rows):
+    # A NaN in one anchor row's embedding makes its batch's gradient NaN; the batch is taken again row by row and the
+    # mean is over the other rows only, as the loop reference computes it on those rows.
+    model = lora_model(tokenizer)
+    poisoned = next(t for t in anchor_rows[2].input_ids if all(t not in row.input_ids for row in anchor_rows[:2]))
+    clean = anchor_gradient(model, anchor_rows[:2], ScoringConfig(method="loop"), tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[poisoned] = float("nan")
+    batched = anchor_gradient(model, anchor_rows[:3], ScoringConfig(max_tokens_per_batch=512), tokenizer.pad_token_id)
+    for key in clean:
+        torch.testing.assert_close(batched[key], clean[key], rtol=1e-5, atol=1e-7)
+
+
 def test_kept_gradients_give_the_same_anchor_dot(tokenizer, rows, anchor_rows):
     # The online mode's reuse path materialises each G_i; its dot must agree with the factor path.
     model = lora_model(tokenizer)

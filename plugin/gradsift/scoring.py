@@ -152,9 +152,6 @@ class GradNormHooks:
                     "`online.update: recompute`."
                 )
         self.grads: dict[int, torch.Tensor] = {}
-        # `anchor_gradient` sets `keep_batch_grads`: each batch's Σ_i g_i (from the backward the norms need anyway).
-        self.keep_batch_grads = False
-        self.batch_grads: tuple[torch.Tensor | None, ...] | None = None
         self.handles: list[Any] = []
         self.recording = False
         # Padding positions get exactly zero output gradients (no loss reads them, and with right padding no real
@@ -473,31 +470,9 @@ def score_batch(
     full-vocabulary logits are kept, and the head costs two matmuls over response tokens, as TRL's `chunked_nll`.
     Otherwise the model is asked for logits at the union of response positions (`logits_to_keep`).
     """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    head = _frozen_head(model, batch)
-    positions = None if head is not None else (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    hooks.start(batch["attention_mask"], logit_positions=positions)
-    try:
-        if head is not None:
-            losses, counts = _frozen_head_losses(head, batch, targets)
-        else:
-            logits = _forward_logits(model, batch, positions)
-    finally:
-        hooks.stop_recording()
-    if head is None:
-        if logits.shape[1] == positions.numel():
-            losses, counts = _loss_at(logits, targets[:, positions])
-        else:  # the model ignored logits_to_keep and returned every position
-            losses, counts = per_sample_loss(logits, labels)
-    finite = torch.isfinite(losses) & (counts > 0)
-    # Non-finite rows are left out of the sum, so their NaN cannot reach the other rows' gradients.
-    total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
-    hooks.batch_grads = None
+    losses, total, finite = _batch_losses(model, batch, hooks)
     if total.requires_grad and bool(finite.any()):
-        grads = torch.autograd.grad(total, hooks.params, allow_unused=True)
-        if hooks.keep_batch_grads:  # Σ_i g_i over the batch's finite rows: what an anchor pass accumulates
-            hooks.batch_grads = grads
+        torch.autograd.grad(total, hooks.params, allow_unused=True)
     norms = hooks.finish()
     if not hooks.masked and bool((finite & ~torch.isfinite(norms)).any()):
         # A finite loss with a non-finite norm: a NaN or inf sits in some row's padding. Redo with padding masked.
@@ -507,6 +482,36 @@ def score_batch(
         finally:
             hooks.masked = False
     return losses.detach(), norms
+
+
+def _batch_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], hooks: GradNormHooks | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward: per-row mean response-token losses, their sum over the finite rows (what the backward takes) and
+    the mask of those rows. With `hooks`, they record the forward."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    head = _frozen_head(model, batch)
+    positions = None if head is not None else (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if hooks is not None:
+        hooks.start(batch["attention_mask"], logit_positions=positions)
+    try:
+        if head is not None:
+            losses, counts = _frozen_head_losses(head, batch, targets)
+        else:
+            logits = _forward_logits(model, batch, positions)
+    finally:
+        if hooks is not None:
+            hooks.stop_recording()
+    if head is None:
+        if logits.shape[1] == positions.numel():
+            losses, counts = _loss_at(logits, targets[:, positions])
+        else:  # the model ignored logits_to_keep and returned every position
+            losses, counts = per_sample_loss(logits, labels)
+    finite = torch.isfinite(losses) & (counts > 0)
+    # Non-finite rows are left out of the sum, so their NaN cannot reach the other rows' gradients.
+    total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
+    return losses, total, finite
 
 
 class FrozenHeadLoss(torch.autograd.Function):
@@ -664,19 +669,20 @@ def anchor_gradient(
         if config.method == "loop":
             count = add_rows(tqdm(todo, desc="anchor gradient (loop)", unit="row", disable=not progress))
         else:
+            # Only Σ_a g_a is needed, not per-row norms: one plain backward per batch, no hooks.
             lengths = [len(row.input_ids) for row in todo]
-            with GradNormHooks(model, config.norm_method) as hooks:
-                hooks.keep_batch_grads = True
-                batches = make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size)
-                for positions in tqdm(batches, desc="anchor gradient", unit="batch", disable=not progress):
-                    members = [todo[i] for i in positions]
-                    losses, _ = score_batch(model, hooks, collate(members, pad_token_id, device))
-                    grads = hooks.batch_grads or ()
-                    if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
-                        add(grads)
-                        count += int(torch.isfinite(losses).sum())
-                    else:
-                        count += add_rows(members)
+            batches = make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size)
+            for positions in tqdm(batches, desc="anchor gradient", unit="batch", disable=not progress):
+                members = [todo[i] for i in positions]
+                _, total_loss, finite = _batch_losses(model, collate(members, pad_token_id, device))
+                grads = ()
+                if total_loss.requires_grad and bool(finite.any()):
+                    grads = torch.autograd.grad(total_loss, params, allow_unused=True)
+                if bool(finite.all()) and all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                    add(grads)
+                    count += len(members)
+                else:  # a row without a finite loss, or a NaN from padding: take the batch again row by row
+                    count += add_rows(members)
     if count == 0:
         raise UserError(
             f"The anchor set has no row to take a gradient of ({len(rows)} rows, none with response tokens and a "
