@@ -752,7 +752,9 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
             stage = recipe.stages[step.index - 1]
             size = stage.data.size if stage.data.size else "all"
             mode = spec.mode or recipe.mode
-            detail = {"select": f"select {recipe.selection_for(step.arm).rule} ({mode})", "random": "random subset"}
+            selection = recipe.selection_for(step.arm)
+            floor = f", anchor cos ≥ {selection.min_anchor_cos:g}" if selection.min_anchor_cos is not None else ""
+            detail = {"select": f"select {selection.rule}{floor} ({mode})", "random": "random subset"}
             matched = (spec.steps or recipe.steps) == "full" and spec.kind in detail
             matched = ", as many steps as full" if matched else ""
             what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
