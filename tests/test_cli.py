@@ -67,6 +67,23 @@ def test_score_select_inspect_end_to_end(tmp_path, tiny_model_dir, data_file, ca
     assert "grad_norm" in capsys.readouterr().out
 
 
+def test_select_inspect_and_report_never_import_torch(tmp_path, tiny_model_dir, data_file):
+    # `import torch` fails in the child: select and inspect must work from the files alone.
+    out = tmp_path / "scores"
+    assert main(score_args(tiny_model_dir, data_file, out)) == 0
+    blocked = "import sys; sys.modules['torch'] = None; "
+    run_cli = blocked + "from gradsift.cli import main; sys.exit(main(sys.argv[1:]))"
+    kept = tmp_path / "sel" / "kept.jsonl"
+    for argv in (["select", str(out), "--keep-fraction", "0.25", "--out", str(kept)], ["inspect", str(out), "--json"]):
+        done = subprocess.run([sys.executable, "-c", run_cli, *argv], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert len(kept.read_text().splitlines()) == 6
+    # (scipy.stats probes a present `torch` module, so the report is checked by what it leaves imported.)
+    check = "import sys, gradsift.report; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_inspect_length_bins_are_the_selection_length_bins():
     # 6 terse rows and 4 long ones, --bins 2: the two bins `selection.length_strata: 2` uses, not one quantile bin.
     lengths = np.array([2, 40, 2, 2, 40, 2, 2, 40, 2, 40])

@@ -232,7 +232,7 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from gradsift.data import atomic_path
+    from gradsift.fileio import atomic_path
 
     old = os.umask(0o022)
     try:
@@ -242,6 +242,19 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left behind
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    from gradsift.fileio import atomic_path
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
 # --- every row is checked before any is tokenized -------------------------------------------------------------------

@@ -9,24 +9,26 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from gradsift.cli import main
+from gradsift.data import TokenizedRow
 from gradsift.errors import UserError
-from gradsift.jsonio import write_json
+from gradsift.fileio import write_json
 from gradsift.recipes import (
     STAGE_MARK,
     RecipeError,
     _clean,
-    _write_dropped,
     check_run_folder,
     drift_records,
     load_recipe,
     run_recipe,
 )
+from gradsift.selection import Selection
+from gradsift.store import write_dropped
+from gradsift.table import ScoreTable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,9 +302,13 @@ def test_records_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
         "train": {"train_loss": None, "losses": [1.0, None]},
         "drift": {"kl": None},
     }
-    report = SimpleNamespace(dropped=lambda: [{"index": 3, "reason": "nonfinite", "grad_norm": np.float64("nan")}])
-    _write_dropped(tmp_path / "dropped.jsonl", report)
-    assert strict((tmp_path / "dropped.jsonl").read_text()) == {"index": 3, "reason": "nonfinite", "grad_norm": None}
+    table = ScoreTable.empty([TokenizedRow(input_ids=[1, 2], labels=[-100, 2], sample_id="s#0")], [3])
+    table.status[:] = "nonfinite"
+    selection = Selection(keep=np.zeros(1, dtype=bool), reasons=np.array(["nonfinite"], dtype=object))
+    write_dropped(tmp_path / "dropped.jsonl", table, selection)
+    line = strict((tmp_path / "dropped.jsonl").read_text())
+    assert line["index"] == 3 and line["reason"] == "nonfinite"
+    assert line["grad_norm"] is None and line["loss"] is None and line["anchor_cos"] is None
 
 
 def test_an_online_window_that_keeps_no_row_is_caught_by_validation(tmp_path):

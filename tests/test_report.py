@@ -504,8 +504,8 @@ def test_anchor_cos_histogram_only_for_stages_scored_with_an_anchor(tmp_path):
     import matplotlib.pyplot as plt
 
     from gradsift.report import _score_histograms
-    from gradsift.scoring import ScoreTable
     from gradsift.store import write_table
+    from gradsift.table import ScoreTable
 
     n = 8
     for arm, anchored in (("anchor", True), ("gradsift", False)):

@@ -382,9 +382,8 @@ def run_select(args: argparse.Namespace) -> int:
     """`gradsift select`."""
     from gradsift.data import load_source
     from gradsift.locking import folder_lock
-    from gradsift.pipeline import apply_selection, kept_indices
-    from gradsift.selection import REASONS
-    from gradsift.store import MANIFEST, TABLE, selection_paths, selection_record, write_dropped, write_json
+    from gradsift.selection import apply_selection, kept_indices
+    from gradsift.store import MANIFEST, TABLE, selection_paths, write_dropped, write_selection
 
     config = config_from_args(args)
     manifest, table = _load_scores(args.scores)
@@ -410,18 +409,8 @@ def run_select(args: argparse.Namespace) -> int:
         paths = selection_paths(out, inputs)
         source.write_subset(kept_indices(selection, table).tolist(), out)
         write_dropped(paths["dropped"], table, selection, lambda i: {"row": source.records[i]})
-        summary = {
-            "scores": str(args.scores),
-            "data": data_path,
-            "out": str(out),
-            "selection": config.selection.model_dump(),
-            "num_rows": len(table),
-            "num_kept": selection.num_kept,
-            "dropped": selection.counts(),
-            "reasons": {reason: REASONS[reason] for reason in selection.counts()},
-            "summary": selection.summary(),
-        }
-        write_json(selection_record(paths, summary), paths["selection"])
+        where = {"scores": str(args.scores), "data": data_path, "out": str(out)}
+        write_selection(paths["selection"], table, selection, config.selection, where, outputs=paths)
     dropped_path = paths["dropped"]
     print(f"{selection.summary()} -> {out} (dropped rows: {dropped_path})")
     return 0
@@ -429,7 +418,7 @@ def run_select(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """`gradsift inspect`."""
-    from gradsift.pipeline import apply_selection
+    from gradsift.selection import apply_selection
 
     config = config_from_args(args)
     manifest, table = _load_scores(args.scores)

@@ -18,6 +18,10 @@ SELECTION_RULES = ("moderate", "drop_top", "band", "threshold", "random", "high"
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "tokenized")
 
 
+# The online mode's per-step record, under the trainer's output_dir (the default of `online.log_file`).
+ONLINE_LOG = "gradsift_online.jsonl"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
@@ -210,7 +214,7 @@ class OnlineConfig(_Strict):
         "every this many optimizer steps; null = at the start of each epoch.",
     )
     log_file: str | None = Field(
-        "gradsift_online.jsonl",
+        ONLINE_LOG,
         description="Per-step record (kept and dropped sample ids, norm quantiles) under the trainer's output_dir; "
         "null disables it.",
     )

@@ -16,7 +16,6 @@ import json
 import logging
 import numbers
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from gradsift.config import DataConfig
 from gradsift.errors import UserError
+from gradsift.fileio import atomic_path, dumps
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ class Source:
                 f"Output file {str(path)!r} must end in .jsonl, .json or .parquet; got {suffix or 'no suffix'!r}. "
                 "Choose one of these suffixes."
             )
-        from gradsift.jsonio import dumps  # strict JSON (NaN as null); dates and bytes of parquet rows as text
-
+        # strict JSON (NaN as null); dates and bytes of parquet rows as text
         indices = list(indices)
         with atomic_path(path) as tmp:
             if suffix == ".jsonl":
@@ -122,29 +121,6 @@ class Source:
                 else:
                     table = pa.Table.from_pylist([self.records[i] for i in indices])
                 pq.write_table(table, tmp)
-
-
-class atomic_path:
-    """Yield a temporary path beside `path`; on success rename it over `path` (readers never see a half file)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:

@@ -843,8 +843,7 @@ def judge_results(
     from tqdm.auto import tqdm
 
     from gradsift.config import ScoringConfig
-    from gradsift.data import atomic_path
-    from gradsift.jsonio import dumps, write_json
+    from gradsift.fileio import atomic_path, dumps, write_json
     from gradsift.models import load_for_eval, load_tokenizer
 
     judge_format = judge_format or guess_judge_format(judge)

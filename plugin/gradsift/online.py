@@ -37,18 +37,10 @@ from gradsift.anchors import uses_anchor
 from gradsift.config import GradSiftConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, assign_sample_ids
 from gradsift.errors import UserError
-from gradsift.jsonio import dumps
-from gradsift.scoring import (
-    STATUS_NO_RESPONSE,
-    STATUS_NONFINITE,
-    STATUS_OK,
-    GradNormHooks,
-    anchor_cosines,
-    anchor_gradient,
-    score_batch,
-    scoring_mode,
-)
+from gradsift.fileio import dumps
+from gradsift.scoring import GradNormHooks, anchor_cosines, anchor_gradient, score_batch, scoring_mode
 from gradsift.selection import select_rows
+from gradsift.table import STATUS_OK, row_status
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +263,7 @@ class OnlineSelectionMixin:
             dots = np.concatenate([s[2] for s in scored])
             cosines = anchor_cosines(dots, norms, anchor)
         counts = np.concatenate([(batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy() for batch in batches])
-        status = np.where(counts == 0, STATUS_NO_RESPONSE, STATUS_OK).astype(object)
-        status[(status == STATUS_OK) & ~(np.isfinite(losses) & np.isfinite(norms))] = STATUS_NONFINITE
+        status = row_status(counts, losses, norms)
         if dots is not None:  # as offline: no anchor score for a row that was not scored
             dots[status != STATUS_OK] = np.nan
             cosines[status != STATUS_OK] = np.nan

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from gradsift.anchors import anchor_rows, uses_anchor
@@ -23,9 +22,10 @@ from gradsift.distributed import Team, assign_shards
 from gradsift.errors import UserError
 from gradsift.locking import folder_lock
 from gradsift.models import model_fingerprint, resolved_settings, tokenizer_fingerprint
-from gradsift.scoring import ScoreTable, anchor_gradient, score_rows
-from gradsift.selection import Selection, select_rows
+from gradsift.scoring import anchor_gradient, score_rows
+from gradsift.selection import Selection, apply_selection
 from gradsift.store import ScoreStore, read_table
+from gradsift.table import ScoreTable
 
 logger = logging.getLogger(__name__)
 
@@ -378,26 +378,6 @@ def score_and_select(
     return result, selection
 
 
-def apply_selection(table: ScoreTable, config: GradSiftConfig, keep_count: int | None = None) -> Selection:
-    """Apply `config.selection` to a score table."""
-    return select_rows(
-        table.loss,
-        table.grad_norm,
-        table.status,
-        config.selection,
-        num_response_tokens=table.num_response_tokens,
-        keep_count=keep_count,
-        require_kept=True,
-        anchor_dot=table.anchor_dot,
-        anchor_cos=table.anchor_cos,
-    )
-
-
 def partial_loader(load: Callable[[ScoringConfig], Any], config: ScoringConfig) -> Callable[[], Any]:
     """Return a zero-argument loader, so the model is loaded only when something is left to score."""
     return lambda: load(config)
-
-
-def kept_indices(selection: Selection, table: ScoreTable) -> np.ndarray:
-    """Return the dataset positions of the kept rows, in dataset order."""
-    return np.sort(table.index[selection.keep])

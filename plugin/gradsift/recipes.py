@@ -47,9 +47,10 @@ from pydantic import (
 )
 
 from gradsift import __version__
-from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
+from gradsift.config import ONLINE_LOG, DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
 from gradsift.errors import UserError
-from gradsift.jsonio import dumps, write_json
+from gradsift.fileio import write_json
+from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ STAGE_FILE = "stage.json"
 RUN_FILE = "recipe.json"
 # Written when a stage starts: the stage folder is gradsift's, so a resumed run may empty it.
 STAGE_MARK = ".gradsift-stage"
+# A stage's copy of the online mode's per-step record.
+STAGE_ONLINE_LOG = "online.jsonl"
 # Everything a stage writes at its top level. An unfinished stage folder of a run older than STAGE_MARK is emptied
 # only if it holds nothing else (and `atomic_path`'s temporary files).
 STAGE_NAMES = frozenset(
@@ -69,9 +72,9 @@ STAGE_NAMES = frozenset(
         "scores",
         "shared-scores",
         "eval",
-        "dropped.jsonl",
-        "selection.json",
-        "online.jsonl",
+        DROPPED_FILE,
+        SELECTION_FILE,
+        STAGE_ONLINE_LOG,
         "trainer",
         "train.jsonl",
         "axolotl.yaml",
@@ -985,7 +988,7 @@ def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec) -> GradSiftC
         data=DataConfig(max_length=train.max_length),
         scoring=recipe.scoring_config(),
         selection=recipe.selection_for(arm),
-        online={"log_file": "gradsift_online.jsonl"},
+        online={"log_file": ONLINE_LOG},
     )
 
 
@@ -1129,9 +1132,9 @@ def _train(trainer: Any, folder: Path) -> dict[str, Any]:
     start = time.perf_counter()
     result = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    online_log = folder / "trainer" / "gradsift_online.jsonl"
+    online_log = folder / "trainer" / ONLINE_LOG
     if online_log.is_file():  # the online mode's per-step record, kept beside the stage's other outputs
-        shutil.move(online_log, folder / "online.jsonl")
+        shutil.move(online_log, folder / STAGE_ONLINE_LOG)
     shutil.rmtree(folder / "trainer", ignore_errors=True)
     return {
         "train_loss": result.training_loss,
@@ -1203,9 +1206,9 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
             (step.folder / "scores").mkdir()
             for name in (TABLE, MANIFEST):  # the finished table and its manifest; not the shards or a lock
                 shutil.copy2(cache / name, step.folder / "scores" / name)
-        _write_dropped(step.folder / "dropped.jsonl", report)
-        selection = {"gradsift_version": __version__, "summary": report.summary(), **report.selection.counts()}
-        write_json(selection, step.folder / "selection.json")
+        write_dropped(step.folder / DROPPED_FILE, report.table, report.selection)
+        reuse = {"reused_scores": report.reused_scores}
+        write_selection(step.folder / SELECTION_FILE, report.table, report.selection, config.selection, reuse)
         table = report.table
         record["selection"] = {
             "summary": report.summary(),
@@ -1234,7 +1237,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
             recipe, step, train, dataset, config if online else None, spec, max_steps=record.get("max_steps")
         )
         if online:
-            _count_online(record, step.folder / "online.jsonl")
+            _count_online(record, step.folder / STAGE_ONLINE_LOG)
         _finish_stage(recipe, step, tokenizer, record, adapter=str(step.folder / "adapter"))
         return
     if online:
@@ -1249,7 +1252,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     record["train"] = _train(trainer, step.folder)
     if online:
-        _count_online(record, step.folder / "online.jsonl")
+        _count_online(record, step.folder / STAGE_ONLINE_LOG)
     model.save_pretrained(step.folder / "adapter")
     del trainer, model
     _finish_stage(recipe, step, tokenizer, record, adapter=str(step.folder / "adapter"))
@@ -1350,8 +1353,8 @@ def _train_axolotl(
     adapter.mkdir()
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy(out / name, adapter / name)
-    if online is not None and (out / "gradsift_online.jsonl").is_file():
-        shutil.move(out / "gradsift_online.jsonl", step.folder / "online.jsonl")
+    if online is not None and (out / ONLINE_LOG).is_file():
+        shutil.move(out / ONLINE_LOG, step.folder / STAGE_ONLINE_LOG)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(step.folder / "axolotl-prepared", ignore_errors=True)
     return {"backend": "axolotl", "rows": len(dataset), "seconds": elapsed(start)}
@@ -1418,14 +1421,6 @@ def _full_steps_by(steps: list[Step], step: Step) -> int | None:
 def _kept_by(steps: list[Step], step: Step, arm: str) -> int | None:
     """Rows the `arm` arm kept at the same seed and stage, if it ran."""
     return next((int(record["kept"]) for name, record in _finished_beside(steps, step) if name == arm), None)
-
-
-def _write_dropped(path: Path, report: Any) -> None:
-    from gradsift.data import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for entry in report.dropped():  # a `nonfinite` row's norm is NaN: written as null
-            handle.write(dumps(entry, ensure_ascii=False) + "\n")
 
 
 def _write_stage(step: Step, record: dict[str, Any]) -> None:

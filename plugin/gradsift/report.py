@@ -52,10 +52,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from gradsift.data import atomic_path
 from gradsift.errors import UserError
 from gradsift.evaluation import judged_task_kind
-from gradsift.jsonio import write_json
+from gradsift.fileio import atomic_path, write_json
 from gradsift.recipes import BUILTIN_ARMS, STAGE_FILE, ArmSpec, iter_stage_files
 
 # The judge's rates as stage.json stores them; older runs lack some (shown "–").

@@ -14,7 +14,6 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
@@ -26,60 +25,9 @@ from tqdm.auto import tqdm
 from gradsift.config import ScoringConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, collate, make_batches
 from gradsift.errors import UserError
+from gradsift.table import STATUS_NONFINITE, STATUS_OK, ScoreTable, row_status
 
 logger = logging.getLogger(__name__)
-
-STATUS_OK = "ok"
-STATUS_NO_RESPONSE = "no_response_tokens"
-STATUS_NONFINITE = "nonfinite"
-
-
-@dataclass
-class ScoreTable:
-    """One row per sample: its position in the dataset, id, loss, gradient norm, token counts and status."""
-
-    index: np.ndarray
-    sample_id: np.ndarray
-    loss: np.ndarray
-    grad_norm: np.ndarray
-    num_tokens: np.ndarray
-    num_response_tokens: np.ndarray
-    truncated: np.ndarray
-    status: np.ndarray
-    # ⟨g_i, ḡ_A⟩ with the mean gradient of an anchor set, and its cosine; NaN when scored without an anchor.
-    anchor_dot: np.ndarray
-    anchor_cos: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @classmethod
-    def empty(cls, rows: Sequence[TokenizedRow], index: Sequence[int]) -> ScoreTable:
-        """Return a table for `rows` with NaN scores and statuses still to fill in."""
-        n = len(rows)
-        return cls(
-            index=np.asarray(index, dtype=np.int64),
-            sample_id=np.array([row.sample_id for row in rows], dtype=object),
-            loss=np.full(n, np.nan),
-            grad_norm=np.full(n, np.nan),
-            num_tokens=np.array([len(row.input_ids) for row in rows], dtype=np.int64),
-            num_response_tokens=np.array([row.num_response_tokens for row in rows], dtype=np.int64),
-            truncated=np.array([row.truncated for row in rows], dtype=bool),
-            status=np.array([STATUS_OK] * n, dtype=object),
-            anchor_dot=np.full(n, np.nan),
-            anchor_cos=np.full(n, np.nan),
-        )
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """Return the columns by name, in table order."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def concat(cls, tables: Sequence[ScoreTable]) -> ScoreTable:
-        """Join tables and sort the result by `index`."""
-        merged = cls(**{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(cls)})
-        order = np.argsort(merged.index, kind="stable")
-        return cls(**{name: column[order] for name, column in merged.columns().items()})
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,7 +656,6 @@ def score_rows(
     each row's `anchor_dot` = ⟨g_i, ḡ_A⟩ and `anchor_cos` are filled in, from the same forward and backward.
     """
     table = ScoreTable.empty(rows, range(len(rows)) if index is None else index)
-    table.status[table.num_response_tokens == 0] = STATUS_NO_RESPONSE
     todo = np.flatnonzero(table.num_response_tokens > 0)
     device = _device_of(model)
     own_bar = bar is None
@@ -734,8 +681,8 @@ def score_rows(
                     bar.update(len(members))
     if own_bar:
         bar.close()
-    bad = (table.status == STATUS_OK) & ~(np.isfinite(table.loss) & np.isfinite(table.grad_norm))
-    table.status[bad] = STATUS_NONFINITE
+    table.status = row_status(table.num_response_tokens, table.loss, table.grad_norm)
+    bad = table.status == STATUS_NONFINITE
     if anchor is not None:
         table.anchor_dot[table.status != STATUS_OK] = np.nan
         table.anchor_cos = anchor_cosines(table.anchor_dot, table.grad_norm, anchor)

@@ -11,11 +11,16 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gradsift.config import SelectionConfig
 from gradsift.errors import UserError
+
+if TYPE_CHECKING:
+    from gradsift.config import GradSiftConfig
+    from gradsift.table import ScoreTable
 
 logger = logging.getLogger(__name__)
 
@@ -448,3 +453,23 @@ def select_rows(
         if len(index):
             reasons[index] = rule(losses[index], norms[index], index, k, config, rng)
     return Selection(keep=np.asarray(reasons == "", dtype=bool), reasons=reasons)
+
+
+def apply_selection(table: ScoreTable, config: GradSiftConfig, keep_count: int | None = None) -> Selection:
+    """Apply `config.selection` to a score table (every row scored; a rule that keeps no row is an error)."""
+    return select_rows(
+        table.loss,
+        table.grad_norm,
+        table.status,
+        config.selection,
+        num_response_tokens=table.num_response_tokens,
+        keep_count=keep_count,
+        require_kept=True,
+        anchor_dot=table.anchor_dot,
+        anchor_cos=table.anchor_cos,
+    )
+
+
+def kept_indices(selection: Selection, table: ScoreTable) -> np.ndarray:
+    """Return the dataset positions of the kept rows, in dataset order."""
+    return np.sort(table.index[selection.keep])

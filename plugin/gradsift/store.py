@@ -23,16 +23,21 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradsift import __version__
-from gradsift.data import FILE_SUFFIXES, atomic_path, file_fingerprint
+from gradsift.data import FILE_SUFFIXES, file_fingerprint
 from gradsift.errors import UserError
-from gradsift.jsonio import dumps, write_json
+from gradsift.fileio import atomic_path, dumps, write_json
 from gradsift.locking import LOCK_NAME
-from gradsift.scoring import ScoreTable
+from gradsift.selection import REASONS
+from gradsift.table import ScoreTable
+
+if TYPE_CHECKING:
+    from gradsift.config import SelectionConfig
+    from gradsift.selection import Selection
 
 MANIFEST = "scores.json"
 TABLE = "scores.parquet"
@@ -263,24 +268,65 @@ def _remove_empty(folder: Path) -> None:
         pass
 
 
-def write_dropped(
-    path: str | os.PathLike, table: ScoreTable, selection: Any, describe: Callable[[int], dict[str, Any]]
-) -> None:
-    """Write each dropped row with its scores and reason, plus `describe(index)` (its content), as JSON lines."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for position in np.flatnonzero(~selection.keep):
-            index = int(table.index[position])
-            entry = {
+def dropped_entries(
+    table: ScoreTable, selection: Selection, describe: Callable[[int], dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Each dropped row: its dataset index, sample id, reason, scores and status, plus `describe(index)` (its content,
+    where the caller has it). A `nonfinite` row's NaN norm is written as null."""
+    entries = []
+    for position in np.flatnonzero(~selection.keep):
+        index = int(table.index[position])
+        entries.append(
+            {
                 "index": index,
                 "sample_id": str(table.sample_id[position]),
                 "reason": str(selection.reasons[position]),
                 "loss": float(table.loss[position]),
                 "grad_norm": float(table.grad_norm[position]),
+                "anchor_cos": float(table.anchor_cos[position]),
                 "num_response_tokens": int(table.num_response_tokens[position]),
                 "status": str(table.status[position]),
-                **describe(index),
+                **(describe(index) if describe is not None else {}),
             }
+        )
+    return entries
+
+
+def write_dropped(
+    path: str | os.PathLike,
+    table: ScoreTable,
+    selection: Selection,
+    describe: Callable[[int], dict[str, Any]] | None = None,
+) -> None:
+    """`dropped.jsonl`: `dropped_entries` as strict JSON lines, written atomically. Its one writer."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for entry in dropped_entries(table, selection, describe):
             handle.write(dumps(entry, ensure_ascii=False) + "\n")
+
+
+def write_selection(
+    path: Path,
+    table: ScoreTable,
+    selection: Selection,
+    config: SelectionConfig,
+    extra: dict[str, Any] | None = None,
+    outputs: dict[str, Path] | None = None,
+) -> None:
+    """`selection.json`: the rule's settings, the counts, every reason that occurred with its meaning, the summary
+    line, `extra` (where the scores and data came from), and with `outputs` (from `selection_paths`) each written
+    file's sha256, which later lets gradsift replace those files. Its one writer."""
+    counts = selection.counts()
+    record = {
+        "gradsift_version": __version__,
+        "selection": config.model_dump(),
+        "num_rows": len(table),
+        "num_kept": int(selection.num_kept),
+        "dropped": counts,
+        "reasons": {reason: REASONS.get(reason, reason) for reason in counts},
+        "summary": selection.summary(),
+        **(extra or {}),
+    }
+    write_json(selection_record(outputs, record) if outputs is not None else record, path)
 
 
 SELECTION_FILE = "selection.json"

@@ -21,9 +21,10 @@ from gradsift.config import DataConfig, GradSiftConfig
 from gradsift.data import load_source, tokenize_records
 from gradsift.models import scoring_view
 from gradsift.online import OnlineSelectionMixin
-from gradsift.pipeline import ScoreResult, kept_indices, score_and_select
-from gradsift.scoring import ScoreTable
-from gradsift.selection import Selection
+from gradsift.pipeline import ScoreResult, score_and_select
+from gradsift.selection import Selection, kept_indices
+from gradsift.store import dropped_entries
+from gradsift.table import ScoreTable
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,8 @@ class SelectionReport:
         return self.selection.summary()
 
     def dropped(self) -> list[dict[str, Any]]:
-        """Each dropped row's position, sample id, reason, loss and gradient norm."""
-        table, selection = self.table, self.selection
-        return [
-            {
-                "index": int(table.index[i]),
-                "sample_id": str(table.sample_id[i]),
-                "reason": str(selection.reasons[i]),
-                "loss": float(table.loss[i]),
-                "grad_norm": float(table.grad_norm[i]),
-            }
-            for i in np.flatnonzero(~selection.keep)
-        ]
+        """Each dropped row's position, sample id, reason, scores and status (as in `dropped.jsonl`)."""
+        return dropped_entries(self.table, self.selection)
 
 
 def data_config_for(config: DataConfig, sft_config: Any | None) -> DataConfig:

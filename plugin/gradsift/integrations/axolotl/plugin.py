@@ -48,11 +48,11 @@ class GradSiftPlugin(BasePlugin):
         from axolotl.common.datasets import load_datasets as axolotl_load_datasets
         from axolotl.loaders import load_tokenizer
 
-        from gradsift import __version__
         from gradsift.errors import UserError
         from gradsift.models import load_model
-        from gradsift.pipeline import ScoresMissing, kept_indices, score_and_select
-        from gradsift.store import write_dropped, write_json
+        from gradsift.pipeline import ScoresMissing, score_and_select
+        from gradsift.selection import kept_indices
+        from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 
         meta = axolotl_load_datasets(cfg=cfg)
         dataset = meta.train_dataset
@@ -81,24 +81,13 @@ class GradSiftPlugin(BasePlugin):
         keep = kept_indices(selection, table)
         if _is_main_process():
             write_dropped(
-                folder / "dropped.jsonl",
+                folder / DROPPED_FILE,
                 table,
                 selection,
                 lambda i: {"text": tokenizer.decode(dataset[i]["input_ids"])},
             )
-            write_json(
-                {
-                    "gradsift_version": __version__,
-                    "selection": config.selection.model_dump(),
-                    "num_rows": len(table),
-                    "num_kept": int(selection.num_kept),
-                    "dropped": selection.counts(),
-                    "summary": selection.summary(),
-                    "reused_scores": result.reused,
-                    "rows_scored": result.rows_scored,
-                },
-                folder / "selection.json",
-            )
+            reuse = {"reused_scores": result.reused, "rows_scored": result.rows_scored}
+            write_selection(folder / SELECTION_FILE, table, selection, config.selection, reuse)
         verb = "reused cached scores" if result.reused else f"scored {result.rows_scored:,} rows"
         LOG.info("gradsift: %s; %s (details in %s)", verb, selection.summary(), folder)
         kept = dataset.select(keep.tolist()).flatten_indices()  # flatten: axolotl counts tokens from the raw table

@@ -1,17 +1,37 @@
-"""Strict JSON out: every file gradsift writes parses with a strict (RFC 8259) parser, and is written atomically.
+"""Files out: written atomically (a reader never sees half a file), JSON strict (RFC 8259: no bare NaN or Infinity).
 
-No torch here, so the report and the recipe runner can write JSON without importing it.
+No torch here, so `select`, `inspect`, the report and the recipe runner write files without importing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gradsift.data import atomic_path
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on an exception remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    os.replace(tmp, path)
 
 
 def strict_json(value: Any) -> Any:

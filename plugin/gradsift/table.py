@@ -1,0 +1,76 @@
+"""The score table: one row per sample with its loss, gradient norm and status, and the rule that sets the status.
+
+No torch here: `gradsift select`, `inspect` and `report` read and write score tables without importing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from gradsift.data import TokenizedRow
+
+STATUS_OK = "ok"
+STATUS_NO_RESPONSE = "no_response_tokens"
+STATUS_NONFINITE = "nonfinite"
+
+
+@dataclass
+class ScoreTable:
+    """One row per sample: its position in the dataset, id, loss, gradient norm, token counts and status."""
+
+    index: np.ndarray
+    sample_id: np.ndarray
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    num_tokens: np.ndarray
+    num_response_tokens: np.ndarray
+    truncated: np.ndarray
+    status: np.ndarray
+    # ⟨g_i, ḡ_A⟩ with the mean gradient of an anchor set, and its cosine; NaN when scored without an anchor.
+    anchor_dot: np.ndarray
+    anchor_cos: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @classmethod
+    def empty(cls, rows: Sequence[TokenizedRow], index: Sequence[int]) -> ScoreTable:
+        """Return a table for `rows` with NaN scores and statuses still to fill in."""
+        n = len(rows)
+        return cls(
+            index=np.asarray(index, dtype=np.int64),
+            sample_id=np.array([row.sample_id for row in rows], dtype=object),
+            loss=np.full(n, np.nan),
+            grad_norm=np.full(n, np.nan),
+            num_tokens=np.array([len(row.input_ids) for row in rows], dtype=np.int64),
+            num_response_tokens=np.array([row.num_response_tokens for row in rows], dtype=np.int64),
+            truncated=np.array([row.truncated for row in rows], dtype=bool),
+            status=np.array([STATUS_OK] * n, dtype=object),
+            anchor_dot=np.full(n, np.nan),
+            anchor_cos=np.full(n, np.nan),
+        )
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Return the columns by name, in table order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def concat(cls, tables: Sequence[ScoreTable]) -> ScoreTable:
+        """Join tables and sort the result by `index`."""
+        merged = cls(**{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(cls)})
+        order = np.argsort(merged.index, kind="stable")
+        return cls(**{name: column[order] for name, column in merged.columns().items()})
+
+
+def row_status(num_response_tokens: np.ndarray, losses: np.ndarray, grad_norms: np.ndarray) -> np.ndarray:
+    """Each row's status: `no_response_tokens` (nothing to score), else `nonfinite` when its loss or gradient norm is
+    NaN or infinite, else `ok`. Only `ok` rows have scores a rule may read."""
+    counts = np.asarray(num_response_tokens)
+    finite = np.isfinite(np.asarray(losses, dtype=float)) & np.isfinite(np.asarray(grad_norms, dtype=float))
+    status = np.where(counts == 0, STATUS_NO_RESPONSE, np.where(finite, STATUS_OK, STATUS_NONFINITE))
+    return status.astype(object)
