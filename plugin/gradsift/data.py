@@ -454,6 +454,13 @@ class TokenizedRow:
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
+def require_rows(records: Sequence[Any]) -> None:
+    """Refuse an empty dataset (`UserError` naming it): there is nothing to score or train on."""
+    if not records:
+        origin = records.origin if isinstance(records, Rows) and records.origin else "the dataset"
+        raise UserError(f"{origin[0].upper()}{origin[1:]} is empty: there are no rows to score. Add rows.")
+
+
 def tokenize_records(
     records: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -466,9 +473,7 @@ def tokenize_records(
     Every row is checked against the format (`data.format`, or the one detected from the rows' columns) before any is
     tokenized, so a bad row fails in seconds with its line; see `check_rows`.
     """
-    if not records:
-        origin = records.origin if isinstance(records, Rows) and records.origin else "the dataset"
-        raise UserError(f"{origin[0].upper()}{origin[1:]} is empty: there are no rows to score. Add rows.")
+    require_rows(records)
     fmt = check_rows(records, config.format)
     rows = []
     for record in tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from gradsift.anchors import anchor_rows, uses_anchor
 from gradsift.config import GradSiftConfig, ScoringConfig
-from gradsift.data import TokenizedRow, rows_fingerprint
+from gradsift.data import TokenizedRow, require_rows, rows_fingerprint
 from gradsift.distributed import Team, assign_shards
 from gradsift.errors import UserError
 from gradsift.locking import folder_lock
@@ -338,8 +338,7 @@ def score_and_select(
 
     `model` may be a loaded model, a callable that loads one, or None to load `config.scoring.model` when needed.
     """
-    if not rows:
-        raise UserError("The dataset is empty: there are no rows to score.")
+    require_rows(rows)
     if uses_anchor(config) and not config.scoring.anchor_data:  # before a scoring pass whose scores would not do
         raise UserError(
             f"`selection.rule` {config.selection.rule!r} with `selection.min_anchor_cos` "

@@ -354,11 +354,6 @@ def _check_inputs(arrays: dict[str, np.ndarray], config: SelectionConfig, keep_c
     if len({len(array) for array in arrays.values()}) > 1:
         lengths = ", ".join(f"`{name}` {len(array)}" for name, array in arrays.items())
         raise ValueError(f"selection inputs must have one entry per row; got lengths {lengths}.")
-    if config.window is not None and config.rule != "moderate":
-        raise ValueError(
-            f"`selection.window` only applies to `selection.rule` 'moderate'; got rule {config.rule!r} with window "
-            f"{config.window}. Unset `selection.window` or use rule 'moderate'."
-        )
     if config.length_strata is not None and "num_response_tokens" not in arrays:
         raise ValueError(
             f"`selection.length_strata` is {config.length_strata} but no `num_response_tokens` were given. Pass them, "
