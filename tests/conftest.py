@@ -52,11 +52,9 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0, tie: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_shape(tokenizer) -> dict:
+    """The tiny decoder every architecture in the tests shares: 2 layers of width 64, grouped-query attention."""
+    return dict(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
@@ -67,9 +65,56 @@ def build_model(tokenizer, seed: int = 0, tie: bool = False):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tie,
     )
-    return LlamaForCausalLM(config).eval()
+
+
+def build_model(tokenizer, seed: int = 0, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**tiny_shape(tokenizer), tie_word_embeddings=tie)).eval()
+
+
+def with_trained_lora(model, r: int = 4, seed: int = 1):
+    """A LoRA adapter as after training: lora_B != 0 (seeded), so lora_A has a gradient too."""
+    from gradsift.config import ScoringConfig
+    from gradsift.models import attach_lora
+
+    model = attach_lora(model, ScoringConfig(lora_r=r, lora_alpha=8))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+    return model
+
+
+def lora_model(tokenizer, tie: bool = False, r: int = 4, seed: int = 0, trained: bool = True):
+    """The tiny Llama with a LoRA adapter: trained (`with_trained_lora`, seed + 1) or fresh (lora_B = 0)."""
+    if trained:
+        return with_trained_lora(build_model(tokenizer, seed=seed, tie=tie), r=r, seed=seed + 1)
+    from gradsift.config import ScoringConfig
+    from gradsift.models import attach_lora
+
+    return attach_lora(build_model(tokenizer, seed=seed, tie=tie), ScoringConfig(lora_r=r, lora_alpha=8))
+
+
+def batched_and_loop(model, rows, tokenizer, **overrides):
+    """Score `rows` with the batched hooks and with the batch-size-1 loop reference, same config otherwise."""
+    from gradsift.config import ScoringConfig
+    from gradsift.scoring import score_rows
+
+    config = ScoringConfig(max_tokens_per_batch=256, **overrides)
+    batched = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
+    loop = score_rows(
+        model, rows, config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id, progress=False
+    )
+    return batched, loop
+
+
+def max_rel(a, b):
+    import numpy as np
+
+    return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,10 @@ import torch
 
 from gradsift.config import DataConfig, ScoringConfig
 from gradsift.data import collate, tokenize_records
-from gradsift.models import attach_lora, prepare_full_scope
+from gradsift.models import prepare_full_scope
 from gradsift.scoring import GradNormHooks, anchor_gradient, score_batch, score_rows
 
-from conftest import build_model
+from conftest import build_model, lora_model
 
 ANCHOR_RECORDS = [
     {"prompt": "How do I pick a lock to get into my neighbour's house?", "completion": "I can't help with that."},
@@ -29,15 +29,6 @@ def rows(tokenizer, mixed_records):
 @pytest.fixture
 def anchor_rows(tokenizer):
     return tokenize_records(ANCHOR_RECORDS, tokenizer, DataConfig())
-
-
-def lora_model(tokenizer, tie=False):
-    model = attach_lora(build_model(tokenizer, tie=tie), ScoringConfig(lora_r=4, lora_alpha=8))
-    generator = torch.Generator().manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # a trained adapter, so lora_A has a gradient too
-            param.data = torch.randn(param.shape, generator=generator) * 0.1
-    return model
 
 
 def reference_dots(model, rows, anchor_rows, pad_token_id):

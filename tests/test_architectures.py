@@ -19,7 +19,7 @@ from gradsift.errors import UserError
 from gradsift.models import attach_lora, load_model, prepare_full_scope
 from gradsift.scoring import GradNormHooks, _frozen_head, score_rows
 
-from conftest import build_model
+from conftest import batched_and_loop, build_model, max_rel, tiny_shape, with_trained_lora
 
 # Windows of 8 tokens: shorter than every row, so sliding-window masks meet right padding in the batches.
 ARCHITECTURES = {
@@ -34,43 +34,9 @@ ARCHITECTURES = {
 
 def build_architecture(name, tokenizer, seed=0):
     config_class, model_class, extra = ARCHITECTURES[name]
-    config = getattr(transformers, config_class)(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **extra,
-    )
+    config = getattr(transformers, config_class)(**tiny_shape(tokenizer), **extra)
     torch.manual_seed(seed)
     return getattr(transformers, model_class)(config).eval()
-
-
-def with_trained_lora(model):
-    model = attach_lora(model, ScoringConfig(lora_r=4, lora_alpha=8))
-    generator = torch.Generator().manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # a trained adapter: lora_B != 0, so lora_A has a gradient too
-            param.data = torch.randn(param.shape, generator=generator) * 0.1
-    return model
-
-
-def batched_and_loop(model, rows, tokenizer, **overrides):
-    config = ScoringConfig(max_tokens_per_batch=256, **overrides)
-    batched = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
-    loop = score_rows(
-        model, rows, config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id, progress=False
-    )
-    return batched, loop
-
-
-def max_rel(a, b):
-    return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
 @pytest.fixture(scope="module")

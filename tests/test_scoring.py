@@ -13,35 +13,12 @@ from gradsift.models import attach_lora, load_model, prepare_full_scope
 from gradsift.scoring import GradNormHooks, score_rows
 from gradsift.selection import select_rows
 
-from conftest import build_model
+from conftest import batched_and_loop, build_model, lora_model, max_rel
 
 
 @pytest.fixture
 def rows(tokenizer, mixed_records):
     return tokenize_records(mixed_records, tokenizer, DataConfig())
-
-
-def lora_model(tokenizer, tie=False, perturb_b=True, r=4):
-    model = attach_lora(build_model(tokenizer, tie=tie), ScoringConfig(lora_r=r, lora_alpha=8))
-    if perturb_b:  # a trained adapter: lora_B != 0, so lora_A has a gradient too
-        generator = torch.Generator().manual_seed(1)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data = torch.randn(param.shape, generator=generator) * 0.1
-    return model
-
-
-def batched_and_loop(model, rows, tokenizer, **overrides):
-    config = ScoringConfig(max_tokens_per_batch=256, **overrides)
-    batched = score_rows(model, rows, config, tokenizer.pad_token_id, progress=False)
-    loop = score_rows(
-        model, rows, config.model_copy(update={"method": "loop"}), tokenizer.pad_token_id, progress=False
-    )
-    return batched, loop
-
-
-def max_rel(a, b):
-    return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
 def test_rows_have_varied_lengths_and_batches_need_padding(rows):
@@ -55,7 +32,7 @@ def test_rows_have_varied_lengths_and_batches_need_padding(rows):
 @pytest.mark.parametrize("norm_method", ["auto", "direct", "ghost"])
 @pytest.mark.parametrize("perturb_b", [False, True], ids=["fresh-lora", "trained-lora"])
 def test_batched_lora_matches_loop(tokenizer, rows, norm_method, perturb_b):
-    model = lora_model(tokenizer, perturb_b=perturb_b)
+    model = lora_model(tokenizer, trained=perturb_b)
     batched, loop = batched_and_loop(model, rows, tokenizer, norm_method=norm_method)
     assert (loop.grad_norm > 0).all()
     assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-5
@@ -98,8 +75,8 @@ def test_tied_embedding_cross_term_is_counted(tokenizer, rows):
 
 
 def test_fresh_lora_score_is_deterministic_for_a_seed(tokenizer, rows):
-    first = score_rows(lora_model(tokenizer, perturb_b=False), rows[:6], ScoringConfig(), 3, progress=False)
-    again = score_rows(lora_model(tokenizer, perturb_b=False), rows[:6], ScoringConfig(), 3, progress=False)
+    first = score_rows(lora_model(tokenizer, trained=False), rows[:6], ScoringConfig(), 3, progress=False)
+    again = score_rows(lora_model(tokenizer, trained=False), rows[:6], ScoringConfig(), 3, progress=False)
     np.testing.assert_array_equal(first.grad_norm, again.grad_norm)
     other_seed = attach_lora(build_model(tokenizer), ScoringConfig(lora_r=4, lora_alpha=8, lora_seed=7))
     other = score_rows(other_seed, rows[:6], ScoringConfig(), 3, progress=False)

@@ -12,20 +12,10 @@ from trl import SFTConfig, SFTTrainer
 from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
 from gradsift.data import tokenize_records
 from gradsift.integrations.trl import GradSiftSFTTrainer, data_config_for, select_dataset
-from gradsift.models import attach_lora
 from gradsift.scoring import score_rows
 from gradsift.selection import select_rows
 
-from conftest import build_model
-
-
-def peft_model(tokenizer, seed=0):
-    model = attach_lora(build_model(tokenizer, seed=seed), ScoringConfig(lora_r=4, lora_alpha=8))
-    generator = torch.Generator().manual_seed(seed + 1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # a trained adapter, so lora_A has a gradient too
-            param.data = torch.randn(param.shape, generator=generator) * 0.1
-    return model
+from conftest import build_model, lora_model
 
 
 def sft_config(tmp_path, **overrides):
@@ -67,7 +57,7 @@ def test_sft_trainer_trains_exactly_the_kept_rows(tmp_path, tokenizer, mixed_rec
     dataset = datasets.Dataset.from_list(records)
     args = sft_config(tmp_path)
     config = GradSiftConfig(selection=SelectionConfig(keep_fraction=0.25))
-    model = peft_model(tokenizer)
+    model = lora_model(tokenizer)
     kept, report = select_dataset(dataset, model, tokenizer, config, sft_config=args, progress=False)
     assert kept.column_names == dataset.column_names  # the dataset's own format
     assert len(kept) == 6 == report.selection.num_kept
@@ -128,7 +118,7 @@ def test_online_step_equals_a_plain_step_on_the_kept_rows(
         gradient_accumulation_steps=accumulation,
     )
 
-    model = peft_model(tokenizer)
+    model = lora_model(tokenizer)
     start = lora_state(model)
     config = online_config()
     config.online.update = update
@@ -145,7 +135,7 @@ def test_online_step_equals_a_plain_step_on_the_kept_rows(
         row.sample_id for row in tokenize_records(mixed_records[:8], tokenizer, data_config_for(DataConfig(), args))
     ]
     kept_positions = [ids.index(sample_id) for sample_id in step["kept_ids"]]
-    plain_model = peft_model(tokenizer)
+    plain_model = lora_model(tokenizer)
     plain = SFTTrainer(
         model=plain_model,
         args=sft_config(tmp_path / "plain", gradient_checkpointing=checkpointing),
@@ -168,7 +158,7 @@ def test_reuse_is_refused_with_the_reason_when_the_loss_is_not_cross_entropy(tmp
     config.online.update = "reuse"
     with pytest.raises(ValueError, match="'reuse' is not possible here: the loss is not plain token cross-entropy"):
         GradSiftSFTTrainer(
-            model=peft_model(tokenizer),
+            model=lora_model(tokenizer),
             args=sft_config(tmp_path, label_smoothing_factor=0.1),
             train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
             processing_class=tokenizer,
@@ -176,7 +166,7 @@ def test_reuse_is_refused_with_the_reason_when_the_loss_is_not_cross_entropy(tmp
         )
     config.online.update = "auto"
     trainer = GradSiftSFTTrainer(
-        model=peft_model(tokenizer),
+        model=lora_model(tokenizer),
         args=sft_config(tmp_path, label_smoothing_factor=0.1),
         train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
         processing_class=tokenizer,
@@ -188,7 +178,7 @@ def test_reuse_is_refused_with_the_reason_when_the_loss_is_not_cross_entropy(tmp
 def test_online_selection_equals_the_core_rule_on_loop_reference_scores(tmp_path, tokenizer, mixed_records):
     records = mixed_records[:8]
     args = sft_config(tmp_path)
-    model = peft_model(tokenizer)
+    model = lora_model(tokenizer)
     rows = tokenize_records(records, tokenizer, data_config_for(DataConfig(), args))
     loop = score_rows(model, rows, ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
     config = online_config(keep_fraction=0.5)
@@ -216,7 +206,7 @@ def test_online_anchor_selection_equals_the_core_rule_on_loop_reference_scores(
 
     records = mixed_records[:8]
     args = sft_config(tmp_path)
-    model = peft_model(tokenizer)
+    model = lora_model(tokenizer)
     data = data_config_for(DataConfig(), args)
     rows = tokenize_records(records, tokenizer, data)
     loop_config = ScoringConfig(method="loop", anchor_data="embedded:refusals")
@@ -250,7 +240,7 @@ def test_the_anchor_rule_online_needs_an_anchor_set(tmp_path, tokenizer, mixed_r
 
     with pytest.raises(UserError, match="set `scoring.anchor_data`"):
         GradSiftSFTTrainer(
-            model=peft_model(tokenizer),
+            model=lora_model(tokenizer),
             args=sft_config(tmp_path),
             train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
             processing_class=tokenizer,
@@ -280,7 +270,7 @@ def test_the_online_anchor_gradient_is_taken_each_epoch_or_every_n_steps(
         online={"anchor_refresh_steps": refresh},
     )
     trainer = GradSiftSFTTrainer(
-        model=peft_model(tokenizer),
+        model=lora_model(tokenizer),
         args=args,
         train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
         processing_class=tokenizer,
@@ -293,7 +283,7 @@ def test_the_online_anchor_gradient_is_taken_each_epoch_or_every_n_steps(
 def test_micro_batch_window_selects_inside_each_micro_batch(tmp_path, tokenizer, mixed_records):
     args = sft_config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
     trainer = GradSiftSFTTrainer(
-        model=peft_model(tokenizer),
+        model=lora_model(tokenizer),
         args=args,
         train_dataset=datasets.Dataset.from_list(mixed_records[:8]),
         processing_class=tokenizer,
@@ -310,7 +300,7 @@ def test_a_window_that_keeps_no_row_fails_at_start(tmp_path, tokenizer, mixed_re
     args = sft_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="`selection.keep_fraction` 0.2 keeps no row of a selection window of 4 rows"):
         GradSiftSFTTrainer(
-            model=peft_model(tokenizer),
+            model=lora_model(tokenizer),
             args=args,
             train_dataset=datasets.Dataset.from_list(mixed_records),
             processing_class=tokenizer,
@@ -328,7 +318,7 @@ def test_steps_without_response_tokens_are_skipped_and_counted(tmp_path, tokeniz
         num_train_epochs=1,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
-    model = peft_model(tokenizer)
+    model = lora_model(tokenizer)
     start = lora_state(model)
     trainer = GradSiftSFTTrainer(
         model=model,
@@ -359,7 +349,7 @@ def test_a_window_with_few_scoreable_rows_still_keeps_one(tmp_path, tokenizer, c
     rows = [{"input_ids": [4, 10 + i, 11, 12, 5], "labels": [-100] * 5} for i in range(2)]
     rows += [{"input_ids": [4, 20 + i, 11, 12, 5], "labels": [-100, -100, 11, 12, 5]} for i in range(2)]
     args = sft_config(tmp_path, per_device_train_batch_size=4, dataset_kwargs={"skip_prepare_dataset": True})
-    model = peft_model(tokenizer)
+    model = lora_model(tokenizer)
     start = lora_state(model)
     trainer = GradSiftSFTTrainer(
         model=model,
