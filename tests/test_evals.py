@@ -583,6 +583,41 @@ def test_judge_without_logged_samples_says_to_log_them(tmp_path, capsys):
     assert "--log_samples" in capsys.readouterr().err
 
 
+def test_eval_and_judge_flags_come_from_the_model_and_eval_schemas():
+    from gradsift.cli import build_parser
+    from gradsift.config import EvalConfig, ModelConfig
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command, model_fields, section_fields in (
+        ("eval", set(ModelConfig.model_fields), set(EvalConfig.model_fields)),
+        ("judge", set(ModelConfig.model_fields) - {"model", "adapter"}, set()),
+    ):
+        actions = {a.dest: a for a in commands[command]._actions}
+        assert {d.split(".", 1)[1] for d in actions if d.startswith("model.")} == model_fields
+        assert {d.split(".", 1)[1] for d in actions if d.startswith("eval.")} == section_fields
+        # The schema's choices and defaults, not hand-typed ones (`none` against `auto`, a `cuda:N` it rejects).
+        assert actions["model.quantization"].choices == ["auto", "nf4", "none"]
+        assert "(default: 'auto')" in actions["model.quantization"].help
+        assert actions["model.device"].choices == ["auto", "cpu", "cuda"]
+
+
+def test_eval_without_a_model_or_with_a_bad_value_is_one_line_naming_the_flag(capsys):
+    assert main(["eval", "--tasks", "gradsift_refusal_mc"]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    assert main(["eval", "--model", "unused", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`eval.batch_size`" in err and "got 0" in err
+
+
+def test_a_judge_model_that_does_not_exist_is_named_as_the_judge(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    samples = tmp_path / "model" / "samples_gradsift_refusal_strongreject_offline_2026-01-01T00-00-00.jsonl"
+    samples.write_text(json.dumps({"doc": {"prompt": "p"}, "filtered_resps": ["I can't."], "doc_id": 0}) + "\n")
+    assert main(["judge", str(tmp_path), "--judge", str(tmp_path / "no-such-guard"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "`--judge`" in err and "scoring.model" not in err
+
+
 def lm_eval_env():
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="0")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradsift import __version__
-from gradsift.config import SECTIONS, GradSiftConfig, load_config
+from gradsift.config import SECTIONS, EvalConfig, GradSiftConfig, ModelConfig, load_config
 from gradsift.distributed import Team
 from gradsift.errors import UserError
 from gradsift.selection import length_bins
@@ -122,19 +122,10 @@ def _add_eval_commands(commands: Any) -> None:
         "The chat template is applied for chat models. Saves lm-eval's results JSON and per-sample logs under "
         "--output and prints lm-eval's table.",
     )
-    evaluate.add_argument("--model", required=True, help="hub id, local folder or embedded:smollm2-135m-instruct")
-    evaluate.add_argument("--adapter", help="a PEFT adapter folder to apply")
-    evaluate.add_argument(
-        "--tasks",
-        default="gradsift_safety_offline",
-        help="comma-separated lm-eval tasks or groups (default: gradsift_safety_offline)",
-    )
-    evaluate.add_argument("--limit", type=float, help="documents per task (a fraction if below 1)")
     evaluate.add_argument("--output", type=Path, default=Path("runs/eval"), help="results folder (default runs/eval)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
-    evaluate.add_argument("--max-gen-toks", type=int, help="override every generation task's max new tokens")
-    evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (default 0)")
-    _add_model_flags(evaluate)
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_schema_flags(evaluate, "model", ModelConfig, "the model to evaluate (--model is required)")
+    _add_schema_flags(evaluate, "eval", EvalConfig, "what lm-eval runs")
     evaluate.set_defaults(handler=run_eval)
 
     judge = commands.add_parser(
@@ -154,7 +145,8 @@ def _add_eval_commands(commands: Any) -> None:
     )
     judge.add_argument("--batch-size", type=int, default=8, help="answers judged per batch (default 8)")
     judge.add_argument("--max-new-tokens", type=int, default=24, help="judge output length (default 24)")
-    _add_model_flags(judge)
+    judge.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_schema_flags(judge, "model", ModelConfig, "how the judge model is loaded", exclude=("model", "adapter"))
     judge.set_defaults(handler=run_judge)
 
     run = commands.add_parser(
@@ -203,12 +195,27 @@ def _add_eval_commands(commands: Any) -> None:
     path.set_defaults(handler=run_evals_path)
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantization", choices=["auto", "nf4", "none"], default="none", help="default none")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+def _add_schema_flags(
+    parser: argparse.ArgumentParser, section: str, model: type, title: str, exclude: Sequence[str] = ()
+) -> None:
+    """A flag per field of a config model, as `score`'s are made: help and defaults come from the schema."""
+    group = parser.add_argument_group(f"{section} options ({title})")
+    for name, field in model.model_fields.items():
+        if name not in exclude:
+            _add_field_flag(group, section, name, field)
+
+
+def _section_values(args: argparse.Namespace, section: str, model: type, **fixed: Any) -> Any:
+    """The config model of one flag section: the flags given, over the schema's defaults (`UserError` if invalid)."""
+    from pydantic import ValidationError
+
+    from gradsift.config import format_validation_error
+
+    given = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith(f"{section}.")}
+    try:
+        return model(**given, **fixed)
+    except ValidationError as error:
+        raise UserError(" ".join(format_validation_error(error, section).splitlines())) from None
 
 
 def _add_common(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
@@ -222,7 +229,9 @@ def _add_common(parser: argparse.ArgumentParser, sections: Sequence[str]) -> Non
 
 def _add_field_flag(group: Any, section: str, name: str, field: Any) -> None:
     flag = "--" + name.replace("_", "-")
-    default = field.default
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list):
+        default = ",".join(default)
     help_text = f"{field.description} (default: {default!r})".replace("%", "%%")
     dest = f"{section}.{name}"
     annotation = field.annotation
@@ -235,6 +244,8 @@ def _add_field_flag(group: Any, section: str, name: str, field: Any) -> None:
         group.add_argument(flag, dest=dest, choices=choices, default=argparse.SUPPRESS, help=help_text)
     elif name == "lora_target_modules":
         group.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=help_text)
+    elif typing.get_origin(annotation) is list:
+        group.add_argument(flag, dest=dest, type=_comma_list, default=argparse.SUPPRESS, metavar="A,B", help=help_text)
     else:
         group.add_argument(
             flag,
@@ -244,6 +255,10 @@ def _add_field_flag(group: Any, section: str, name: str, field: Any) -> None:
             metavar=_metavar(annotation),
             help=help_text,
         )
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _literal_choices(annotation: Any) -> list[str] | None:
@@ -530,34 +545,30 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     """`gradsift eval`."""
-    from gradsift.config import ScoringConfig
     from gradsift.evaluation import check_task_names, results_table, run_lm_eval, task_manager
     from gradsift.models import load_for_eval, load_tokenizer
 
-    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    model_config = _section_values(args, "model", ModelConfig)
+    evals = _section_values(args, "eval", EvalConfig)
+    if not model_config.model:
+        raise UserError("`gradsift eval` needs --model: a hub id, a local folder or embedded:smollm2-135m-instruct.")
+    if not evals.tasks:
+        raise UserError("--tasks is empty; name lm-eval tasks or groups, e.g. --tasks gradsift_safety_offline.")
     manager = task_manager()
-    check_task_names(tasks, manager)  # before loading the model: a typo fails in seconds
-    config = ScoringConfig(
-        model=args.model,
-        adapter=args.adapter,
-        quantization=args.quantization,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-    )
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_for_eval(config)
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    name = args.model + (f"+{Path(args.adapter).name}" if args.adapter else "")
+    check_task_names(evals.tasks, manager)  # before loading the model: a typo fails in seconds
+    tokenizer = load_tokenizer(model_config.model, model_config.trust_remote_code, what="`--model`")
+    model = load_for_eval(model_config)
+    limit = None if evals.limit is None else (int(evals.limit) if evals.limit >= 1 else evals.limit)
+    name = model_config.model + (f"+{Path(model_config.adapter).name}" if model_config.adapter else "")
     results = run_lm_eval(
         model,
         tokenizer,
-        tasks,
+        evals.tasks,
         args.output,
         limit=limit,
-        batch_size=args.batch_size,
-        max_gen_toks=args.max_gen_toks,
-        seed=args.seed,
+        batch_size=evals.batch_size,
+        max_gen_toks=evals.max_gen_toks,
+        seed=evals.seed or 0,
         model_name=name,
         manager=manager,
     )
@@ -571,16 +582,17 @@ def run_judge(args: argparse.Namespace) -> int:
     """`gradsift judge`."""
     from gradsift.evaluation import judge_results
 
+    loading = _section_values(args, "model", ModelConfig)
     summary = judge_results(
         args.results,
         args.judge,
         judge_format=None if args.format == "auto" else args.format,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        trust_remote_code=args.trust_remote_code,
+        device=loading.device,
+        dtype=loading.dtype,
+        quantization=loading.quantization,
+        trust_remote_code=loading.trust_remote_code,
         progress=not args.quiet,
     )
     rows = [

@@ -48,16 +48,17 @@ class DataConfig(_Strict):
     )
 
 
-class ScoringConfig(_Strict):
-    """Which model scores the rows, and how per-sample losses and gradient norms are computed."""
+class ModelConfig(_Strict):
+    """A model to load, and how: scoring, `gradsift eval` and `gradsift judge` share these settings."""
 
     model: str | None = Field(
         None,
-        description="Model to score with: a hub id, a local folder, or `embedded:smollm2-135m-instruct`.",
+        description="The model: a hub id, a local folder, or `embedded:smollm2-135m-instruct`.",
     )
     adapter: str | None = Field(
         None,
-        description="An existing PEFT adapter folder to score with instead of a fresh LoRA (e.g. last stage's).",
+        description="An existing PEFT adapter folder applied to the model (scoring: instead of a fresh LoRA, e.g. "
+        "last stage's).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype. `auto` = bfloat16 on a CUDA GPU that supports it, else float32."
@@ -69,6 +70,18 @@ class ScoringConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` = cuda when available, else cpu.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you set it.")
+
+    def label(self, field: str) -> str:
+        """How a message names one of these settings: the flag, here (a subclass names its config key)."""
+        return f"`--{field.replace('_', '-')}`"
+
+
+class ScoringConfig(ModelConfig):
+    """Which model scores the rows, and how per-sample losses and gradient norms are computed."""
+
+    def label(self, field: str) -> str:
+        return f"`scoring.{field}`"
+
     param_scope: Literal["lora", "all"] = Field(
         "lora",
         description="Parameters whose gradient norm is measured: `lora` (the adapter) or `all` (every weight of the "
@@ -217,6 +230,27 @@ class OnlineConfig(_Strict):
         ONLINE_LOG,
         description="Per-step record (kept and dropped sample ids, norm quantiles) under the trainer's output_dir; "
         "null disables it.",
+    )
+
+
+class EvalConfig(_Strict):
+    """What lm-eval runs: `gradsift eval`, and a recipe's `evals.*` (which add the stages' domain tasks)."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["gradsift_safety_offline"],
+        description="lm-eval tasks or groups (comma-separated on the command line).",
+    )
+    limit: float | None = Field(
+        None,
+        gt=0,
+        description="Documents per task (lm-eval's `--limit`; a fraction of each task if below 1); null: all.",
+    )
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    max_gen_toks: int | None = Field(
+        None, ge=1, description="Answer length of every generation task; null: each task's own."
+    )
+    seed: int | None = Field(
+        None, description="lm-eval's random seeds (Python, numpy, torch, few-shot); null: 0, or a recipe's run seed."
     )
 
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradsift.config import ModelConfig
 from gradsift.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -821,6 +822,13 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+class JudgeModelConfig(ModelConfig):
+    """The guard model's loading settings; messages name its model `--judge`."""
+
+    def label(self, field: str) -> str:
+        return "`--judge`" if field == "model" else super().label(field)
+
+
 def judge_results(
     results_dir: Path,
     judge: str,
@@ -842,7 +850,6 @@ def judge_results(
     """
     from tqdm.auto import tqdm
 
-    from gradsift.config import ScoringConfig
     from gradsift.fileio import atomic_path, dumps, write_json
     from gradsift.models import load_for_eval, load_tokenizer
 
@@ -851,10 +858,10 @@ def judge_results(
     if parser is None:
         raise UserError(f"Unknown judge format {judge_format!r}; use one of {', '.join(JUDGE_FORMATS)}.")
     samples = {task: read_samples(path) for task, path in find_samples(results_dir).items()}
-    config = ScoringConfig(
+    config = JudgeModelConfig(
         model=judge, device=device, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code
     )
-    tokenizer = load_tokenizer(judge, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(judge, trust_remote_code=trust_remote_code, what=config.label("model"))
     model = load_for_eval(config)
     summary: dict[str, Any] = {"judge": judge, "format": judge_format, "tasks": {}}
     total = sum(len(records) for records in samples.values())

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gradsift.config import ScoringConfig
+from gradsift.config import ModelConfig, ScoringConfig
 from gradsift.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -39,19 +39,19 @@ def cache_root() -> Path:
     return Path(base) / "gradsift"
 
 
-def resolve_device(config: ScoringConfig) -> str:
-    """Return "cuda" or "cpu" for `scoring.device`."""
+def resolve_device(config: ModelConfig) -> str:
+    """Return "cuda" or "cpu" for `device`."""
     import torch
 
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("`scoring.device` is 'cuda' but no CUDA GPU is visible. Use --device cpu or auto.")
+        raise UserError(f"{config.label('device')} is 'cuda' but no CUDA GPU is visible. Use --device cpu or auto.")
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device
 
 
-def resolve_dtype(config: ScoringConfig, device: str) -> Any:
-    """Return the torch dtype for `scoring.dtype` on `device`."""
+def resolve_dtype(config: ModelConfig, device: str) -> Any:
+    """Return the torch dtype for `dtype` on `device`."""
     import torch
 
     if config.dtype == "auto":
@@ -59,11 +59,12 @@ def resolve_dtype(config: ScoringConfig, device: str) -> Any:
     return getattr(torch, config.dtype)
 
 
-def resolve_quantization(config: ScoringConfig, device: str) -> str:
-    """Return "nf4" or "none" for `scoring.quantization` on `device`."""
+def resolve_quantization(config: ModelConfig, device: str) -> str:
+    """Return "nf4" or "none" for `quantization` on `device` (scoring every weight needs an unquantized model)."""
+    param_scope = getattr(config, "param_scope", "lora")
     if config.quantization == "auto":
-        return "nf4" if device == "cuda" and config.param_scope == "lora" else "none"
-    if config.quantization == "nf4" and config.param_scope == "all":
+        return "nf4" if device == "cuda" and param_scope == "lora" else "none"
+    if config.quantization == "nf4" and param_scope == "all":
         raise UserError(
             "`scoring.param_scope` 'all' needs an unquantized model (4-bit weights have no gradient); got "
             "`scoring.quantization` 'nf4'. Use --quantization none or --param-scope lora."
@@ -104,33 +105,35 @@ def model_quantization(model: Any) -> str:
     return str(getattr(method, "value", method)) if method else "none"
 
 
-def resolve_model_path(spec: str | None) -> str:
-    """Turn a model spec into something `from_pretrained` takes: a local folder (converted if embedded) or a hub id."""
+def resolve_model_path(spec: str | None, what: str = "`scoring.model`") -> str:
+    """Turn a model spec into something `from_pretrained` takes: a local folder (converted if embedded) or a hub id.
+
+    `what` names the setting in messages (`scoring.model`, `--judge`, ...)."""
     if not spec:
         raise UserError(
-            "`scoring.model` is not set. Pass --model with a hub id, a local folder or embedded:smollm2-135m-instruct."
+            f"{what} is not set. Pass --model with a hub id, a local folder or embedded:smollm2-135m-instruct."
         )
     if spec.startswith(EMBEDDED_PREFIX):
-        return str(embedded_model_dir(spec[len(EMBEDDED_PREFIX) :]))
+        return str(embedded_model_dir(spec[len(EMBEDDED_PREFIX) :], what))
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(
-                f"`scoring.model` {spec!r} is a path but holds no config.json: not a model folder. Pass the folder "
+                f"{what} {spec!r} is a path but holds no config.json: not a model folder. Pass the folder "
                 "that holds config.json, or a hub id like org/name."
             )
         return str(path)
     # Hub ids are `name` or `org/name`; anything else that does not exist is a mistyped path.
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/"):
-        raise UserError(f"`scoring.model` {spec!r} does not exist. Check the path, or pass a hub id like org/name.")
+        raise UserError(f"{what} {spec!r} does not exist. Check the path, or pass a hub id like org/name.")
     return spec
 
 
-def embedded_model_dir(name: str) -> Path:
+def embedded_model_dir(name: str, what: str = "`scoring.model`") -> Path:
     """Return the plain model folder of an embedded model, converting its GGUF file once (a minute on a CPU)."""
     if name not in EMBEDDED_MODELS:
         raise UserError(
-            f"`scoring.model` names an unknown embedded model {name!r}. Known: "
+            f"{what} names an unknown embedded model {name!r}. Known: "
             + ", ".join(EMBEDDED_PREFIX + known for known in EMBEDDED_MODELS)
         )
     target = cache_root() / "models" / name
@@ -181,15 +184,15 @@ def _embedded_gguf(name: str) -> Path:
     return path
 
 
-def load_tokenizer(spec: str | None, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(spec: str | None, trust_remote_code: bool = False, what: str = "`scoring.model`") -> Any:
     """Load the tokenizer of a model spec, with a pad token (the EOS token when the model has none)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise UserError(f"Could not load the tokenizer of `scoring.model` {spec!r}: {error}") from None
+        raise UserError(f"Could not load the tokenizer of {what} {spec!r}: {error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -217,7 +220,7 @@ def load_model(config: ScoringConfig, vocab_size: int | None = None) -> Any:
     return model
 
 
-def load_base_model(config: ScoringConfig, vocab_size: int | None = None) -> Any:
+def load_base_model(config: ModelConfig, vocab_size: int | None = None) -> Any:
     """Load `config.model` (hub id, folder or `embedded:` name) with its dtype, device and quantization, no adapter."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -225,7 +228,7 @@ def load_base_model(config: ScoringConfig, vocab_size: int | None = None) -> Any
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     quantization = resolve_quantization(config, device)
-    path = resolve_model_path(config.model)
+    path = resolve_model_path(config.model, config.label("model"))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code, "use_safetensors": True}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -241,7 +244,7 @@ def load_base_model(config: ScoringConfig, vocab_size: int | None = None) -> Any
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
-        raise UserError(f"Could not load `scoring.model` {config.model!r}: {error}") from None
+        raise UserError(f"Could not load {config.label('model')} {config.model!r}: {error}") from None
     if quantization != "nf4":
         model.to(device)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
@@ -249,7 +252,7 @@ def load_base_model(config: ScoringConfig, vocab_size: int | None = None) -> Any
     return model
 
 
-def load_for_eval(config: ScoringConfig, merge: bool = False) -> Any:
+def load_for_eval(config: ModelConfig, merge: bool = False) -> Any:
     """The model to evaluate: `config.model`, with `config.adapter` applied (frozen) when given.
 
     `merge` folds the adapter into the weights (faster generation), except on a 4-bit model, which cannot hold it.

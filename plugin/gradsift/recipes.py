@@ -47,7 +47,7 @@ from pydantic import (
 )
 
 from gradsift import __version__
-from gradsift.config import ONLINE_LOG, DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
+from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
 from gradsift.errors import UserError
 from gradsift.fileio import write_json
 from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
@@ -204,7 +204,11 @@ class ArmSpec(_Strict):
     )
 
 
-class EvalSpec(_Strict):
+class EvalSpec(EvalConfig):
+    """`gradsift eval`'s settings (`EvalConfig`) for the evals after a stage, plus the stages' domain tasks."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks beside the stages' domain tasks.")
     domain: bool = Field(True, description="Also evaluate every stage's domain task (the accuracy matrix).")
     limit: int | None = Field(None, ge=1, description="Documents per task (lm-eval's `--limit`); null: all.")
@@ -215,7 +219,6 @@ class EvalSpec(_Strict):
         None, ge=1, description="Answer length of the generated `tasks`; null: each task's own. Domain tasks keep "
         "their own when `domain_limit` is set.",
     )  # fmt: skip
-    batch_size: int = Field(8, ge=1)
 
     def domain_docs(self) -> int | None:
         """Documents per domain task."""
@@ -1457,7 +1460,7 @@ def _evaluate(
             limit=limit,
             batch_size=spec.batch_size,
             max_gen_toks=max_gen_toks,
-            seed=step.seed,
+            seed=spec.seed if spec.seed is not None else step.seed,
             model_name=f"{recipe.name}/seed-{step.seed}/{step.arm or 'align'}/{step.index:02d}-{step.stage}",
             manager=_task_manager(),
         )
