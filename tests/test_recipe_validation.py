@@ -348,3 +348,50 @@ def test_the_random_arm_ignores_the_recipes_anchor_filter(tmp_path):
     assert loaded.selection_for("gradsift").min_anchor_cos == 0  # the scored arm filters
     assert random_subset(loaded, "random", 20, 5).num_kept == 5  # the random arm has no scores to filter
     assert random_subset(loaded, "random", 20, None).num_kept == 4  # keep_fraction 0.2 of 20
+
+
+def test_token_kl_is_the_kl_divergence_of_the_two_models_at_response_tokens(tokenizer, mixed_records):
+    import torch
+
+    from gradsift.config import DataConfig
+    from gradsift.data import collate, tokenize_records
+    from gradsift.evaluation import response_logprobs, token_kl
+
+    from conftest import build_model
+
+    rows = tokenize_records(mixed_records[:6], tokenizer, DataConfig())
+    batch = collate(rows, tokenizer.pad_token_id)
+    model, reference = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
+    with torch.no_grad():
+        kl = token_kl(response_logprobs(model, batch), response_logprobs(reference, batch))
+        # The reference: torch's own KL, position by position, over the response tokens only.
+        p = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+        q = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+        mask = batch["labels"][:, 1:] != -100
+        expected = torch.nn.functional.kl_div(
+            q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)[mask]
+    assert kl.shape == (int(mask.sum()),) and (kl > 0).all()
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_drift_reuses_the_stage_model_and_loads_each_reference_once_per_seed(
+    tmp_path, tiny_model_dir, tokenizer, monkeypatch
+):
+    import gradsift.recipes as recipes
+    from conftest import build_model
+
+    (tmp_path / "align.jsonl").write_text(json.dumps({"prompt": "Why is the sky blue?", "completion": "Air."}) + "\n")
+    loaded = load_recipe(
+        write(tmp_path, recipe(model=str(tiny_model_dir), align={"data": {"path": "align.jsonl"}}, drift_prompts=1)),
+        check_data=False,
+    )
+    loads = []
+    monkeypatch.setattr(recipes, "_eval_model", lambda r, spec, adapter: loads.append(spec) or build_model(tokenizer))
+    monkeypatch.setattr(recipes, "_REFERENCES", {})
+    step = recipes.Step(seed=0, arm="full", index=1, stage="sentiment", folder=tmp_path / "seed-0" / "full" / "01-x")
+    stage_model = build_model(tokenizer, seed=3)
+    first = recipes._drift(loaded, stage_model, tokenizer, step)
+    again = recipes._drift(loaded, stage_model, tokenizer, step)
+    assert first == again and first["pretrained"] > 0 and first["aligned"] > 0
+    assert loads == [str(tiny_model_dir), str(tmp_path / "seed-0" / "00-align" / "model")]  # once each, then cached

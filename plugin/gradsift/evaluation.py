@@ -822,6 +822,22 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def response_logprobs(model: Any, batch: dict[str, Any]) -> Any:
+    """log p(· | prefix) over the vocabulary at every response token of a collated batch (where `labels[:, 1:]` is
+    not ignored), float32, one row per token: what the KL drift and the `kl` arm compare."""
+    import torch
+
+    from gradsift.data import IGNORE_INDEX
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return torch.log_softmax(logits[batch["labels"][:, 1:] != IGNORE_INDEX].float(), dim=-1)
+
+
+def token_kl(logp: Any, reference: Any) -> Any:
+    """KL(p ‖ q) per token from log-probabilities over the vocabulary (rows: tokens): Σ_v p_v (log p_v − log q_v)."""
+    return (logp.exp() * (logp - reference)).sum(-1)
+
+
 class JudgeModelConfig(ModelConfig):
     """The guard model's loading settings; messages name its model `--judge`."""
 

@@ -1265,8 +1265,11 @@ def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, 
     """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished)."""
     base = _base_model_spec(recipe, step)
     final = step.index == len(recipe.stages)
-    record["eval"], record["eval_per_doc"] = _evaluate(recipe, base, adapter, tokenizer, step, final=final)
-    record["drift"] = _drift(recipe, base, adapter, tokenizer, step)
+    needed = bool(recipe.eval_tasks(final)[1]) or bool(drift_records(recipe))
+    model = _eval_model(recipe, base, adapter) if needed else None  # one load for the evals and the drift
+    record["eval"], record["eval_per_doc"] = _evaluate(recipe, model, tokenizer, step, final=final)
+    record["drift"] = _drift(recipe, model, tokenizer, step)
+    del model
     _write_stage(step, record)
 
 
@@ -1431,9 +1434,9 @@ def _write_stage(step: Step, record: dict[str, Any]) -> None:
 
 
 def _evaluate(
-    recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step, final: bool
+    recipe: Recipe, model: Any, tokenizer: Any, step: Step, final: bool
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, list]]]:
-    """Run the stage's evals on the model (adapter merged into a fresh copy).
+    """Run the stage's evals on the model (`_eval_model`: the adapter merged into a fresh copy).
 
     Returns {task: {metric: value}} and, for the report's per-prompt bootstrap, {task: {metric: [value per doc]}}
     (with the `doc_id` list) of the generated refusal and over-refusal tasks.
@@ -1448,7 +1451,6 @@ def _evaluate(
         domain = [stage.domain_task() for stage in recipe.stages]
         runs = [([t for t in tasks if t not in domain], spec.limit, spec.max_gen_toks)]
         runs.append(([t for t in tasks if t in domain], spec.domain_limit, None))
-    model = _eval_model(recipe, base, adapter)
     metrics: dict[str, dict[str, float | None]] = {}
     per_doc: dict[str, dict[str, list]] = {}
     for names, limit, max_gen_toks in (run for run in runs if run[0]):
@@ -1489,13 +1491,15 @@ def _eval_model(recipe: Recipe, base: str, adapter: str | None) -> Any:
     return load_for_eval(recipe.scoring_config().model_copy(update={"model": base, "adapter": adapter}), merge=True)
 
 
-def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step: Step) -> dict[str, float | None]:
-    """Mean per-token KL(p_model ‖ p_reference) on the align set's first benign answers (fixed prompts)."""
+def _drift(recipe: Recipe, model: Any, tokenizer: Any, step: Step) -> dict[str, float | None]:
+    """Mean per-token KL(p_model ‖ p_reference) on the align set's first benign answers (fixed prompts), against the
+    pretrained model and (for a task stage) the seed's aligned model."""
     if recipe.drift_prompts == 0 or recipe.align is None:
         return {}
     import torch
 
     from gradsift.data import collate, tokenize_records
+    from gradsift.evaluation import response_logprobs, token_kl
 
     records = drift_records(recipe)
     if not records:
@@ -1503,27 +1507,40 @@ def _drift(recipe: Recipe, base: str, adapter: str | None, tokenizer: Any, step:
         return {}
     rows = tokenize_records(records, tokenizer, DataConfig(max_length=256), progress=False)
     batch = collate(rows, tokenizer.pad_token_id, _device(recipe))
-    model = _eval_model(recipe, base, adapter)
     references = {"pretrained": recipe.reference_model or recipe.model}
-    aligned = str(step.folder.parents[1] / "00-align" / "model") if step.arm else None
-    if aligned is not None:
-        references["aligned"] = aligned
+    if step.arm:
+        references["aligned"] = str(step.folder.parents[1] / "00-align" / "model")
     out = {}
     with torch.no_grad():
-        logp = _logprobs(model, batch)
+        logp = response_logprobs(model, batch)
         for name, spec in references.items():
-            ref = _logprobs(_eval_model(recipe, spec, None), batch)
-            mask = batch["labels"][:, 1:] != -100
-            kl = (logp.exp() * (logp - ref)).sum(-1)
-            out[name] = finite(float(kl[mask].mean()))
+            out[name] = finite(float(token_kl(logp, _reference_logprobs(recipe, spec, batch)).mean()))
     return out
 
 
-def _logprobs(model: Any, batch: dict[str, Any]) -> Any:
-    import torch
+# The reference models' log-probs on the drift prompts: the same for every stage of a seed, so kept for the latest
+# two references (the pretrained model and the seed's aligned one) when they are small enough.
+_REFERENCES: dict[tuple[str, str, str], Any] = {}
+_REFERENCE_BYTES = 2**30
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1)
+
+def _reference_logprobs(recipe: Recipe, spec: str, batch: dict[str, Any]) -> Any:
+    import hashlib
+
+    from gradsift.evaluation import response_logprobs
+
+    tokens = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
+    key = (spec, _device(recipe), tokens)
+    if key not in _REFERENCES:
+        reference = _eval_model(recipe, spec, None)
+        logp = response_logprobs(reference, batch)
+        del reference
+        if logp.numel() * logp.element_size() > _REFERENCE_BYTES:
+            return logp
+        while len(_REFERENCES) >= 2:
+            _REFERENCES.pop(next(iter(_REFERENCES)))
+        _REFERENCES[key] = logp
+    return _REFERENCES[key]
 
 
 def _kl_trainer_class() -> type:
@@ -1534,6 +1551,8 @@ def _kl_trainer_class() -> type:
     """
     import torch
     from trl import SFTTrainer
+
+    from gradsift.evaluation import token_kl
 
     class KLSFTTrainer(SFTTrainer):
         def __init__(self, *args: Any, kl_coef: float, **kwargs: Any):
@@ -1550,7 +1569,7 @@ def _kl_trainer_class() -> type:
                 reference = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
             logp = torch.log_softmax(outputs.logits[:, :-1][mask].float(), dim=-1)
             ref = torch.log_softmax(reference[:, :-1][mask].float(), dim=-1)
-            kl = (logp.exp() * (logp - ref)).sum()
+            kl = token_kl(logp, ref).sum()
             count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
             loss = loss + self.kl_coef * kl / count
             return (loss, outputs) if return_outputs else loss
