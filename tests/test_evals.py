@@ -606,7 +606,11 @@ def test_eval_without_a_model_or_with_a_bad_value_is_one_line_naming_the_flag(ca
     assert "needs --model" in capsys.readouterr().err
     assert main(["eval", "--model", "unused", "--batch-size", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "`eval.batch_size`" in err and "got 0" in err
+    assert len(err.splitlines()) == 1 and "`--batch-size`" in err and "got 0" in err
+    for bad in (["--limit", "inf"], ["--seed", "-1"]):  # caught before any model loads, named by its flag
+        assert main(["eval", "--model", "unused", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"`{bad[0]}`" in err, err
 
 
 def test_a_judge_model_that_does_not_exist_is_named_as_the_judge(tmp_path, capsys):
@@ -704,3 +708,28 @@ def test_gradsift_eval_on_the_embedded_model_writes_results_lm_eval_reads(tmp_pa
     assert "refusal_rate" in printed and "compliance_rate_safe" in printed
     # A group that reports its tasks side by side, with no averaged score of its own.
     assert not any(k.endswith(",none") for k in results["results"].get("gradsift_safety_offline", {}))
+
+
+def test_token_kl_is_the_kl_divergence_of_the_two_models_at_response_tokens(tokenizer, mixed_records):
+    import torch
+
+    from gradsift.config import DataConfig
+    from gradsift.data import collate, tokenize_records
+    from gradsift.evaluation import response_logprobs, token_kl
+
+    from conftest import build_model
+
+    rows = tokenize_records(mixed_records[:6], tokenizer, DataConfig())
+    batch = collate(rows, tokenizer.pad_token_id)
+    model, reference = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
+    with torch.no_grad():
+        kl = token_kl(response_logprobs(model, batch), response_logprobs(reference, batch))
+        # The reference: torch's own KL, position by position, over the response tokens only.
+        p = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+        q = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+        mask = batch["labels"][:, 1:] != -100
+        expected = torch.nn.functional.kl_div(
+            q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)[mask]
+    assert kl.shape == (int(mask.sum()),) and (kl > 0).all()
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-4, atol=1e-6)

@@ -350,35 +350,9 @@ def test_the_random_arm_ignores_the_recipes_anchor_filter(tmp_path):
     assert random_subset(loaded, "random", 20, None).num_kept == 4  # keep_fraction 0.2 of 20
 
 
-def test_token_kl_is_the_kl_divergence_of_the_two_models_at_response_tokens(tokenizer, mixed_records):
-    import torch
-
-    from gradsift.config import DataConfig
-    from gradsift.data import collate, tokenize_records
-    from gradsift.evaluation import response_logprobs, token_kl
-
-    from conftest import build_model
-
-    rows = tokenize_records(mixed_records[:6], tokenizer, DataConfig())
-    batch = collate(rows, tokenizer.pad_token_id)
-    model, reference = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
-    with torch.no_grad():
-        kl = token_kl(response_logprobs(model, batch), response_logprobs(reference, batch))
-        # The reference: torch's own KL, position by position, over the response tokens only.
-        p = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
-        q = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
-        mask = batch["labels"][:, 1:] != -100
-        expected = torch.nn.functional.kl_div(
-            q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none"
-        ).sum(-1)[mask]
-    assert kl.shape == (int(mask.sum()),) and (kl > 0).all()
-    torch.testing.assert_close(kl.double(), expected, rtol=1e-4, atol=1e-6)
-
-
-def test_drift_reuses_the_stage_model_and_loads_each_reference_once_per_seed(
-    tmp_path, tiny_model_dir, tokenizer, monkeypatch
-):
+def test_drift_loads_each_reference_once_per_seed(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
     import gradsift.recipes as recipes
+
     from conftest import build_model
 
     (tmp_path / "align.jsonl").write_text(json.dumps({"prompt": "Why is the sky blue?", "completion": "Air."}) + "\n")
@@ -388,10 +362,19 @@ def test_drift_reuses_the_stage_model_and_loads_each_reference_once_per_seed(
     )
     loads = []
     monkeypatch.setattr(recipes, "_eval_model", lambda r, spec, adapter: loads.append(spec) or build_model(tokenizer))
-    monkeypatch.setattr(recipes, "_REFERENCES", {})
-    step = recipes.Step(seed=0, arm="full", index=1, stage="sentiment", folder=tmp_path / "seed-0" / "full" / "01-x")
+    monkeypatch.setattr(recipes, "_REFERENCES", recipes.collections.OrderedDict())
+
+    def step(seed):
+        return recipes.Step(
+            seed=seed, arm="full", index=1, stage="x", folder=tmp_path / f"seed-{seed}" / "full" / "01-x"
+        )
+
     stage_model = build_model(tokenizer, seed=3)
-    first = recipes._drift(loaded, stage_model, tokenizer, step)
-    again = recipes._drift(loaded, stage_model, tokenizer, step)
-    assert first == again and first["pretrained"] > 0 and first["aligned"] > 0
-    assert loads == [str(tiny_model_dir), str(tmp_path / "seed-0" / "00-align" / "model")]  # once each, then cached
+    first = recipes._drift(loaded, stage_model, tokenizer, step(0))
+    assert recipes._drift(loaded, stage_model, tokenizer, step(0)) == first  # from the kept log-probs
+    assert first["pretrained"] > 0 and first["aligned"] > 0
+    recipes._drift(loaded, stage_model, tokenizer, step(1))
+    recipes._drift(loaded, stage_model, tokenizer, step(1))
+    aligned = [str(tmp_path / f"seed-{seed}" / "00-align" / "model") for seed in (0, 1)]
+    # The pretrained reference is loaded once for both seeds; each seed's aligned model once.
+    assert loads == [str(tiny_model_dir), aligned[0], aligned[1]]

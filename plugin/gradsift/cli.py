@@ -205,17 +205,21 @@ def _add_schema_flags(
             _add_field_flag(group, section, name, field)
 
 
-def _section_values(args: argparse.Namespace, section: str, model: type, **fixed: Any) -> Any:
-    """The config model of one flag section: the flags given, over the schema's defaults (`UserError` if invalid)."""
+def _section_values(args: argparse.Namespace, section: str, model: type) -> Any:
+    """The config model of one flag section: the flags given, over the schema's defaults (`UserError` naming the
+    flag if a value is invalid)."""
     from pydantic import ValidationError
 
     from gradsift.config import format_validation_error
 
     given = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith(f"{section}.")}
     try:
-        return model(**given, **fixed)
+        return model(**given)
     except ValidationError as error:
-        raise UserError(" ".join(format_validation_error(error, section).splitlines())) from None
+        message = " ".join(format_validation_error(error, section).splitlines())
+        for name in model.model_fields:  # these commands take flags only: name the flag, not a config key
+            message = message.replace(f"`{section}.{name}`", f"`--{name.replace('_', '-')}`")
+        raise UserError(message) from None
 
 
 def _add_common(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:

@@ -243,6 +243,7 @@ class EvalConfig(_Strict):
     limit: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="Documents per task (lm-eval's `--limit`; a fraction of each task if below 1); null: all.",
     )
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
@@ -250,7 +251,9 @@ class EvalConfig(_Strict):
         None, ge=1, description="Answer length of every generation task; null: each task's own."
     )
     seed: int | None = Field(
-        None, description="lm-eval's random seeds (Python, numpy, torch, few-shot); null: 0, or a recipe's run seed."
+        None,
+        ge=0,
+        description="lm-eval's random seeds (Python, numpy, torch, few-shot); null: 0, or a recipe's run seed.",
     )
 
 

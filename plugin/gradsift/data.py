@@ -99,7 +99,6 @@ class Source:
                 f"Output file {str(path)!r} must end in .jsonl, .json or .parquet; got {suffix or 'no suffix'!r}. "
                 "Choose one of these suffixes."
             )
-        # strict JSON (NaN as null); dates and bytes of parquet rows as text
         indices = list(indices)
         with atomic_path(path) as tmp:
             if suffix == ".jsonl":

@@ -19,6 +19,7 @@ file reported with its YAML path, before any training starts.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import json
@@ -206,8 +207,6 @@ class ArmSpec(_Strict):
 
 class EvalSpec(EvalConfig):
     """`gradsift eval`'s settings (`EvalConfig`) for the evals after a stage, plus the stages' domain tasks."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks beside the stages' domain tasks.")
     domain: bool = Field(True, description="Also evaluate every stage's domain task (the accuracy matrix).")
@@ -1017,6 +1016,7 @@ def run_recipe(
     from gradsift.locking import folder_lock
 
     steps = plan(recipe, out, arms, seeds)
+    _REFERENCES.clear()  # a reference of an earlier run in this process may have been trained again since
     with folder_lock(out):
         check_run_folder(out)  # again, now that no other run can write it
         meta = {
@@ -1265,7 +1265,7 @@ def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, 
     """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished)."""
     base = _base_model_spec(recipe, step)
     final = step.index == len(recipe.stages)
-    needed = bool(recipe.eval_tasks(final)[1]) or bool(drift_records(recipe))
+    needed = bool(recipe.eval_tasks(final)[1]) or (recipe.drift_prompts > 0 and recipe.align is not None)
     model = _eval_model(recipe, base, adapter) if needed else None  # one load for the evals and the drift
     record["eval"], record["eval_per_doc"] = _evaluate(recipe, model, tokenizer, step, final=final)
     record["drift"] = _drift(recipe, model, tokenizer, step)
@@ -1514,33 +1514,46 @@ def _drift(recipe: Recipe, model: Any, tokenizer: Any, step: Step) -> dict[str, 
     with torch.no_grad():
         logp = response_logprobs(model, batch)
         for name, spec in references.items():
-            out[name] = finite(float(token_kl(logp, _reference_logprobs(recipe, spec, batch)).mean()))
+            reference = _reference_logprobs(recipe, spec, batch).to(logp.device)
+            out[name] = finite(float(token_kl(logp, reference).mean()))
     return out
 
 
-# The reference models' log-probs on the drift prompts: the same for every stage of a seed, so kept for the latest
-# two references (the pretrained model and the seed's aligned one) when they are small enough.
-_REFERENCES: dict[tuple[str, str, str], Any] = {}
+# The reference models' log-probs on the drift prompts, on the CPU: the same for every stage of a seed, so kept for the
+# two references used last (the pretrained model and the seed's aligned one) when under 1 GiB each. Keyed by how the
+# model is loaded and by its files' fingerprint, and emptied when a run starts.
+_REFERENCES: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
 _REFERENCE_BYTES = 2**30
 
 
 def _reference_logprobs(recipe: Recipe, spec: str, batch: dict[str, Any]) -> Any:
     import hashlib
 
-    from gradsift.evaluation import response_logprobs
+    import torch
 
-    tokens = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
-    key = (spec, _device(recipe), tokens)
-    if key not in _REFERENCES:
-        reference = _eval_model(recipe, spec, None)
+    from gradsift.evaluation import response_logprobs
+    from gradsift.models import model_fingerprint
+
+    loading = recipe.scoring_config()
+    tokens = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes() + bytes(str(batch["input_ids"].shape), "ascii"))
+    key = (
+        spec,
+        json.dumps(model_fingerprint(spec), sort_keys=True),
+        *(str(getattr(loading, name)) for name in ("device", "dtype", "quantization", "trust_remote_code")),
+        tokens.hexdigest(),
+    )
+    if key in _REFERENCES:
+        _REFERENCES.move_to_end(key)
+        return _REFERENCES[key]
+    reference = _eval_model(recipe, spec, None)
+    with torch.no_grad():
         logp = response_logprobs(reference, batch)
-        del reference
-        if logp.numel() * logp.element_size() > _REFERENCE_BYTES:
-            return logp
-        while len(_REFERENCES) >= 2:
-            _REFERENCES.pop(next(iter(_REFERENCES)))
-        _REFERENCES[key] = logp
-    return _REFERENCES[key]
+    del reference
+    if logp.numel() * logp.element_size() <= _REFERENCE_BYTES:
+        _REFERENCES[key] = logp.cpu()
+        while len(_REFERENCES) > 2:
+            _REFERENCES.popitem(last=False)
+    return logp
 
 
 def _kl_trainer_class() -> type:

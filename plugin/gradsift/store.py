@@ -272,7 +272,7 @@ def dropped_entries(
     table: ScoreTable, selection: Selection, describe: Callable[[int], dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
     """Each dropped row: its dataset index, sample id, reason, scores and status, plus `describe(index)` (its content,
-    where the caller has it). A `nonfinite` row's NaN norm is written as null."""
+    where the caller has it). A `nonfinite` row's norm is NaN here (`write_dropped` writes it as null)."""
     entries = []
     for position in np.flatnonzero(~selection.keep):
         index = int(table.index[position])
