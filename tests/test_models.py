@@ -318,3 +318,27 @@ def test_a_hub_model_neither_online_nor_cached_gets_no_commit(monkeypatch, tmp_p
     fake_hub(monkeypatch, tmp_path, {"main": "a" * 40})
     assert hub_commit("org/name") == "a" * 40
     assert model_fingerprint("org/name")["model_fingerprint"] != unresolved
+
+
+def test_a_recipes_training_lora_is_seeded_without_touching_the_global_random_state(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from gradsift.recipes import LoraSpec, _fresh_lora
+
+    from conftest import build_model
+
+    recipe = SimpleNamespace(lora=LoraSpec(r=4, alpha=8, dropout=0.1))
+    model = build_model(tokenizer)  # (seeds the global state itself)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = _fresh_lora(recipe, model, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    # The same seed gives the same adapter whatever the global state; another seed another one.
+    torch.manual_seed(999)
+    again = _fresh_lora(recipe, build_model(tokenizer), seed=7)
+    other = _fresh_lora(recipe, build_model(tokenizer), seed=8)
+    weights = [{n: p for n, p in m.named_parameters() if "lora_A" in n} for m in (first, again, other)]
+    assert weights[0] and all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    assert not all(torch.equal(weights[0][n], weights[2][n]) for n in weights[0])
+    dropouts = {m.p for n, m in first.named_modules() if n.endswith("lora_dropout.default")}
+    assert dropouts == {0.1}  # the recipe's dropout, unlike the scoring LoRA's 0

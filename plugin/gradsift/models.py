@@ -272,7 +272,7 @@ def load_for_eval(config: ModelConfig, merge: bool = False) -> Any:
 def attach_lora(model: Any, config: ScoringConfig) -> Any:
     """Wrap `model` in a fresh seeded LoRA, or load `scoring.adapter` as trainable; dropout forced to 0."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     if config.adapter:
         if not Path(config.adapter, "adapter_config.json").is_file():
@@ -281,22 +281,34 @@ def attach_lora(model: Any, config: ScoringConfig) -> Any:
             )
         model = PeftModel.from_pretrained(model, config.adapter, is_trainable=True)
     else:
-        # The fresh LoRA's A matrices are the random projection of the weight gradient: seed them.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.lora_seed)
-            lora = LoraConfig(
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                target_modules=config.lora_target_modules,
-                lora_dropout=0.0,
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, lora)
+        # The fresh LoRA's A matrices are the random projection of the weight gradient: seeded.
+        model = fresh_lora(model, config.lora_r, config.lora_alpha, config.lora_target_modules, config.lora_seed)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model
+
+
+def fresh_lora(
+    model: Any, r: int, alpha: float, target_modules: list[str] | str, seed: int, dropout: float = 0.0
+) -> Any:
+    """Wrap `model` in a new LoRA adapter whose initialisation is seeded by `seed`, leaving the global random state
+    (CPU and CUDA) as it was: the scoring LoRA and every recipe's training LoRA are made here."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        lora = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=target_modules,
+            lora_dropout=dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
 
 
 def prepare_full_scope(model: Any) -> None:

@@ -1056,10 +1056,7 @@ def _device(recipe: Recipe) -> str:
 def _tokenizer(recipe: Recipe) -> Any:
     from gradsift.models import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(recipe.model)  # with a pad token (EOS when the model has none)
 
 
 def _base_model_spec(recipe: Recipe, step: Step) -> str:
@@ -1076,18 +1073,10 @@ def _load_base(recipe: Recipe, spec: str) -> Any:
 
 
 def _fresh_lora(recipe: Recipe, model: Any, seed: int) -> Any:
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from gradsift.models import fresh_lora
 
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    lora = recipe.lora
+    return fresh_lora(model, lora.r, lora.alpha, lora.target_modules, seed, dropout=lora.dropout)
 
 
 def _bf16(train: TrainSpec, device: str) -> bool:
