@@ -378,3 +378,18 @@ def test_drift_loads_each_reference_once_per_seed(tmp_path, tiny_model_dir, toke
     aligned = [str(tmp_path / f"seed-{seed}" / "00-align" / "model") for seed in (0, 1)]
     # The pretrained reference is loaded once for both seeds; each seed's aligned model once.
     assert loads == [str(tiny_model_dir), aligned[0], aligned[1]]
+
+
+def test_a_missing_previous_adapter_is_named_with_the_fix(tmp_path):
+    from gradsift.recipes import Step, previous_adapter
+
+    stages = [{"name": n, "data": {"synthetic": "sentiment", "size": 8}} for n in ("first", "second")]
+    loaded = load_recipe(write(tmp_path, recipe(stages=stages)))
+    arm = tmp_path / "run" / "seed-0" / "full"
+    step = Step(seed=0, arm="full", index=2, stage="second", folder=arm / "02-second")
+    (arm / "01-first" / "adapter").mkdir(parents=True)
+    with pytest.raises(UserError, match="01-first/adapter' is missing.*01-first/stage.json"):
+        previous_adapter(loaded, step)
+    (arm / "01-first" / "adapter" / "adapter_config.json").write_text("{}")
+    (arm / "01-a-stray").mkdir()  # sorts first: the old glob took it for the previous stage
+    assert previous_adapter(loaded, step) == arm / "01-first" / "adapter"

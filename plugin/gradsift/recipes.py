@@ -1163,8 +1163,21 @@ def _stage_model(recipe: Recipe, step: Step) -> Any:
     base = _load_base(recipe, _base_model_spec(recipe, step))
     if step.index == 1:
         return _fresh_lora(recipe, base, step.seed)
-    previous = sorted(step.folder.parent.glob(f"{step.index - 1:02d}-*"))[0] / "adapter"
-    return PeftModel.from_pretrained(base, str(previous), is_trainable=True)
+    return PeftModel.from_pretrained(base, str(previous_adapter(recipe, step)), is_trainable=True)
+
+
+def previous_adapter(recipe: Recipe, step: Step) -> Path:
+    """The adapter the arm's previous stage wrote, which this stage trains further (`UserError` if it is gone)."""
+    index = step.index - 1
+    folder = step.folder.parent / f"{index:02d}-{recipe.stages[index - 1].name}"
+    adapter = folder / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(
+            f"{str(adapter)!r} is missing: it is the adapter stage {index} of arm {step.arm!r} (seed {step.seed}) "
+            f"left, which {step.stage!r} trains further. Restore it, or remove {str(folder / STAGE_FILE)!r} so that "
+            "stage runs again."
+        )
+    return adapter
 
 
 def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) -> None:
@@ -1325,7 +1338,7 @@ def _train_axolotl(
     else:
         config["lora_target_modules"] = recipe.lora.target_modules
     if step.index > 1:
-        config["lora_model_dir"] = str(sorted(step.folder.parent.glob(f"{step.index - 1:02d}-*"))[0] / "adapter")
+        config["lora_model_dir"] = str(previous_adapter(recipe, step))
     if online is not None:
         config["plugins"] = ["gradsift.integrations.axolotl.GradSiftPlugin"]
         config["gradsift"] = {
