@@ -28,34 +28,26 @@ def scored(tmp_path_factory, tiny_model_dir):
     return folder, lines, code
 
 
-def test_a_row_without_the_response_column_is_named(tmp_path, tiny_model_dir, capsys):
-    data = write_lines(tmp_path / "data.jsonl", json.dumps(GOOD), json.dumps({"prompt": "Hi?", "response": "no"}))
-    user_error(
-        capsys,
-        score_args(tiny_model_dir, data, tmp_path / "out"),
-        str(data),
-        "line 2: no `completion` column (it has ['prompt', 'response'])",
-    )
-
-
-def test_a_completion_that_is_not_a_string_is_named(tmp_path, tiny_model_dir, capsys):
-    data = write_lines(tmp_path / "data.jsonl", json.dumps(GOOD), json.dumps({"prompt": "Hi?", "completion": 5}))
-    user_error(
-        capsys,
-        score_args(tiny_model_dir, data, tmp_path / "out"),
-        str(data),
-        "line 2: `completion` must be a string or a list of chat messages; got a number 5",
-    )
-
-
-def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, tiny_model_dir, capsys):
-    data = write_lines(tmp_path / "data.jsonl", json.dumps(GOOD), "[1, 2]")
-    user_error(capsys, score_args(tiny_model_dir, data, tmp_path / "out"), str(data), "line 2: an array [1, 2]")
-
-
-def test_invalid_json_after_blank_lines_is_named_by_its_line_in_the_file(tmp_path, tiny_model_dir, capsys):
-    data = write_lines(tmp_path / "data.jsonl", "", json.dumps(GOOD), "", '{"prompt": "Hi?", "completion": }')
-    user_error(capsys, score_args(tiny_model_dir, data, tmp_path / "out"), str(data), "line 4: invalid JSON")
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (
+            [json.dumps(GOOD), json.dumps({"prompt": "Hi?", "response": "no"})],
+            "line 2: no `completion` column (it has ['prompt', 'response'])",
+        ),
+        (
+            [json.dumps(GOOD), json.dumps({"prompt": "Hi?", "completion": 5})],
+            "line 2: `completion` must be a string or a list of chat messages; got a number 5",
+        ),
+        ([json.dumps(GOOD), "[1, 2]"], "line 2: an array [1, 2]"),
+        # Blank lines count: the line number is the file's.
+        (["", json.dumps(GOOD), "", '{"prompt": "Hi?", "completion": }'], "line 4: invalid JSON"),
+    ],
+    ids=["missing-column", "completion-not-a-string", "not-an-object", "invalid-json-after-blank-lines"],
+)
+def test_a_bad_row_is_named_by_its_line_in_the_file(tmp_path, tiny_model_dir, capsys, lines, message):
+    data = write_lines(tmp_path / "data.jsonl", *lines)
+    user_error(capsys, score_args(tiny_model_dir, data, tmp_path / "out"), str(data), message)
 
 
 def test_a_file_that_is_not_utf8_is_named(tmp_path, tiny_model_dir, capsys):

@@ -175,31 +175,13 @@ def test_reuse_is_refused_with_the_reason_when_the_loss_is_not_cross_entropy(tmp
     assert not trainer.gradsift_reuse
 
 
-def test_online_selection_equals_the_core_rule_on_loop_reference_scores(tmp_path, tokenizer, mixed_records):
-    records = mixed_records[:8]
-    args = sft_config(tmp_path)
-    model = lora_model(tokenizer)
-    rows = tokenize_records(records, tokenizer, data_config_for(DataConfig(), args))
-    loop = score_rows(model, rows, ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
-    config = online_config(keep_fraction=0.5)
-    expected = select_rows(loop.loss, loop.grad_norm, loop.status, config.selection)
-
-    trainer = GradSiftSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(records),
-        processing_class=tokenizer,
-        gradsift_config=config,
-    )
-    trainer.train()
-    step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
-    assert sorted(step["kept_ids"]) == sorted(loop.sample_id[expected.keep].tolist())
-    assert step["dropped"] == expected.counts()
-
-
-@pytest.mark.parametrize("selection", [{"rule": "anchor"}, {"rule": "moderate", "min_anchor_cos": 0.0}])
-def test_online_anchor_selection_equals_the_core_rule_on_loop_reference_scores(
-    tmp_path, tokenizer, mixed_records, selection
+@pytest.mark.parametrize(
+    "anchor,selection",
+    [(None, {}), ("embedded:refusals", {"rule": "anchor"}), ("embedded:refusals", {"min_anchor_cos": 0.0})],
+    ids=["moderate", "anchor", "moderate-min-anchor-cos"],
+)
+def test_online_selection_equals_the_core_rule_on_loop_reference_scores(
+    tmp_path, tokenizer, mixed_records, anchor, selection
 ):
     from gradsift.anchors import anchor_rows
     from gradsift.scoring import anchor_gradient
@@ -209,15 +191,16 @@ def test_online_anchor_selection_equals_the_core_rule_on_loop_reference_scores(
     model = lora_model(tokenizer)
     data = data_config_for(DataConfig(), args)
     rows = tokenize_records(records, tokenizer, data)
-    loop_config = ScoringConfig(method="loop", anchor_data="embedded:refusals")
-    mean = anchor_gradient(
-        model, anchor_rows("embedded:refusals", tokenizer, data), loop_config, tokenizer.pad_token_id
-    )
+    loop_config = ScoringConfig(method="loop", anchor_data=anchor)
+    mean = None
+    if anchor is not None:
+        mean = anchor_gradient(model, anchor_rows(anchor, tokenizer, data), loop_config, tokenizer.pad_token_id)
     loop = score_rows(model, rows, loop_config, tokenizer.pad_token_id, progress=False, anchor=mean)
     config = GradSiftConfig(
         mode="online",
-        scoring={"anchor_data": "embedded:refusals"},
+        scoring={"anchor_data": anchor},
         selection=SelectionConfig(keep_fraction=0.5, **selection),
+        online={"window": "step"},
     )
     expected = select_rows(loop.loss, loop.grad_norm, loop.status, config.selection, anchor_dot=loop.anchor_dot,
                            anchor_cos=loop.anchor_cos)  # fmt: skip
