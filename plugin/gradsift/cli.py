@@ -560,7 +560,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError("--tasks is empty; name lm-eval tasks or groups, e.g. --tasks gradsift_safety_offline.")
     manager = task_manager()
     check_task_names(evals.tasks, manager)  # before loading the model: a typo fails in seconds
-    tokenizer = load_tokenizer(model_config.model, model_config.trust_remote_code, what="`--model`")
+    tokenizer = load_tokenizer(model_config.model, model_config.trust_remote_code, what=model_config.label("model"))
     model = load_for_eval(model_config)
     limit = None if evals.limit is None else (int(evals.limit) if evals.limit >= 1 else evals.limit)
     name = model_config.model + (f"+{Path(model_config.adapter).name}" if model_config.adapter else "")

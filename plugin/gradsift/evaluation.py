@@ -823,14 +823,19 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 
 
 def response_logprobs(model: Any, batch: dict[str, Any]) -> Any:
-    """log p(· | prefix) over the vocabulary at every response token of a collated batch (where `labels[:, 1:]` is
-    not ignored), float32, one row per token: what the KL drift and the `kl` arm compare."""
+    """`logprobs_at_responses` of the model's logits on a collated batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logprobs_at_responses(logits, batch["labels"])
+
+
+def logprobs_at_responses(logits: Any, labels: Any) -> Any:
+    """log p(· | prefix) over the vocabulary at every response token (where `labels[:, 1:]` is not ignored), float32,
+    one row per token: what the KL drift and the `kl` arm compare."""
     import torch
 
     from gradsift.data import IGNORE_INDEX
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return torch.log_softmax(logits[batch["labels"][:, 1:] != IGNORE_INDEX].float(), dim=-1)
+    return torch.log_softmax(logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].float(), dim=-1)
 
 
 def token_kl(logp: Any, reference: Any) -> Any:

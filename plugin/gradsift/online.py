@@ -38,7 +38,7 @@ from gradsift.config import GradSiftConfig
 from gradsift.data import IGNORE_INDEX, TokenizedRow, assign_sample_ids
 from gradsift.errors import UserError
 from gradsift.fileio import dumps
-from gradsift.scoring import GradNormHooks, anchor_cosines, anchor_gradient, score_batch, scoring_mode
+from gradsift.scoring import GradNormHooks, anchor_gradient, anchor_scores, score_batch, scoring_mode
 from gradsift.selection import select_rows
 from gradsift.table import STATUS_OK, row_status
 
@@ -258,15 +258,11 @@ class OnlineSelectionMixin:
         sizes = [len(batch["input_ids"]) for batch in batches]
         losses = np.concatenate([s[0] for s in scored])
         norms = np.concatenate([s[1] for s in scored])
-        dots = cosines = None
-        if anchor is not None:
-            dots = np.concatenate([s[2] for s in scored])
-            cosines = anchor_cosines(dots, norms, anchor)
         counts = np.concatenate([(batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy() for batch in batches])
         status = row_status(counts, losses, norms)
-        if dots is not None:  # as offline: no anchor score for a row that was not scored
-            dots[status != STATUS_OK] = np.nan
-            cosines[status != STATUS_OK] = np.nan
+        dots = cosines = None
+        if anchor is not None:
+            dots, cosines = anchor_scores(np.concatenate([s[2] for s in scored]), norms, status, anchor)
         if config.online.window == "step":
             groups = [np.arange(len(losses))]
         else:

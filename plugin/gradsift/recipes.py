@@ -773,6 +773,11 @@ def stage_records(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, A
     return [_as_prompt_completion(row) for row in _source_rows(recipe, spec, seed)]
 
 
+def _measures_drift(recipe: Recipe) -> bool:
+    """Whether stages measure the KL drift: `drift_prompts` > 0 and an align set to take them from."""
+    return recipe.drift_prompts > 0 and recipe.align is not None
+
+
 def drift_records(recipe: Recipe) -> list[dict[str, Any]]:
     """The fixed prompts of the drift measure: the first `drift_prompts` benign rows of the align set (seed 0).
 
@@ -780,7 +785,7 @@ def drift_records(recipe: Recipe) -> list[dict[str, Any]]:
     row without `kind` is benign unless its answer is a refusal. Harmful prompts are left out: the drift measures
     how far the answers to ordinary requests moved, which a refusal's shift would confound.
     """
-    if recipe.align is None or recipe.drift_prompts == 0:
+    if not _measures_drift(recipe):
         return []
     rows = [row for row in _source_rows(recipe, recipe.align.data, 0) if _benign(row)]
     return [_as_prompt_completion(row) for row in rows[: recipe.drift_prompts]]
@@ -1267,7 +1272,7 @@ def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, 
     """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished)."""
     base = _base_model_spec(recipe, step)
     final = step.index == len(recipe.stages)
-    needed = bool(recipe.eval_tasks(final)[1]) or (recipe.drift_prompts > 0 and recipe.align is not None)
+    needed = bool(recipe.eval_tasks(final)[1]) or _measures_drift(recipe)
     model = _eval_model(recipe, base, adapter) if needed else None  # one load for the evals and the drift
     record["eval"], record["eval_per_doc"] = _evaluate(recipe, model, tokenizer, step, final=final)
     record["drift"] = _drift(recipe, model, tokenizer, step)
@@ -1496,7 +1501,7 @@ def _eval_model(recipe: Recipe, base: str, adapter: str | None) -> Any:
 def _drift(recipe: Recipe, model: Any, tokenizer: Any, step: Step) -> dict[str, float | None]:
     """Mean per-token KL(p_model ‖ p_reference) on the align set's first benign answers (fixed prompts), against the
     pretrained model and (for a task stage) the seed's aligned model."""
-    if recipe.drift_prompts == 0 or recipe.align is None:
+    if not _measures_drift(recipe):
         return {}
     import torch
 
@@ -1567,7 +1572,7 @@ def _kl_trainer_class() -> type:
     import torch
     from trl import SFTTrainer
 
-    from gradsift.evaluation import token_kl
+    from gradsift.evaluation import logprobs_at_responses, token_kl
 
     class KLSFTTrainer(SFTTrainer):
         def __init__(self, *args: Any, kl_coef: float, **kwargs: Any):
@@ -1579,13 +1584,11 @@ def _kl_trainer_class() -> type:
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-            mask = inputs["labels"][:, 1:] != -100
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
                 reference = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            logp = torch.log_softmax(outputs.logits[:, :-1][mask].float(), dim=-1)
-            ref = torch.log_softmax(reference[:, :-1][mask].float(), dim=-1)
-            kl = token_kl(logp, ref).sum()
-            count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            logp = logprobs_at_responses(outputs.logits, inputs["labels"])
+            kl = token_kl(logp, logprobs_at_responses(reference, inputs["labels"])).sum()
+            count = num_items_in_batch if num_items_in_batch is not None else logp.shape[0]  # response tokens
             loss = loss + self.kl_coef * kl / count
             return (loss, outputs) if return_outputs else loss
 

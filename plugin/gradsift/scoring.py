@@ -623,14 +623,16 @@ def anchor_gradient(
             for positions in tqdm(batches, desc="anchor gradient", unit="batch", disable=not progress):
                 members = [todo[i] for i in positions]
                 _, total_loss, finite = _batch_losses(model, collate(members, pad_token_id, device))
-                grads = ()
-                if total_loss.requires_grad and bool(finite.any()):
-                    grads = torch.autograd.grad(total_loss, params, allow_unused=True)
-                if bool(finite.all()) and all(g is None or bool(torch.isfinite(g).all()) for g in grads):
-                    add(grads)
-                    count += len(members)
-                else:  # a row without a finite loss, or a NaN from padding: take the batch again row by row
-                    count += add_rows(members)
+                if bool(finite.all()):
+                    grads = (
+                        torch.autograd.grad(total_loss, params, allow_unused=True) if total_loss.requires_grad else ()
+                    )
+                    if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                        add(grads)
+                        count += len(members)
+                        continue
+                # A row without a finite loss, or a NaN from padding: take the batch again row by row.
+                count += add_rows(members)
     if count == 0:
         raise UserError(
             f"The anchor set has no row to take a gradient of ({len(rows)} rows, none with response tokens and a "
@@ -684,8 +686,7 @@ def score_rows(
     table.status = row_status(table.num_response_tokens, table.loss, table.grad_norm)
     bad = table.status == STATUS_NONFINITE
     if anchor is not None:
-        table.anchor_dot[table.status != STATUS_OK] = np.nan
-        table.anchor_cos = anchor_cosines(table.anchor_dot, table.grad_norm, anchor)
+        table.anchor_dot, table.anchor_cos = anchor_scores(table.anchor_dot, table.grad_norm, table.status, anchor)
     if bad.any():
         logger.warning(
             "%d row(s) have a non-finite loss or gradient norm; they are marked `nonfinite`.", int(bad.sum())
@@ -693,11 +694,15 @@ def score_rows(
     return table
 
 
-def anchor_cosines(dots: np.ndarray, norms: np.ndarray, anchor: dict[int, torch.Tensor]) -> np.ndarray:
-    """anchor_cos = ⟨g_i, ḡ_A⟩ / (‖g_i‖·‖ḡ_A‖) per row (NaN where a row has no norm)."""
+def anchor_scores(
+    dots: np.ndarray, norms: np.ndarray, status: np.ndarray, anchor: dict[int, torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The anchor columns: `anchor_dot` = ⟨g_i, ḡ_A⟩ and `anchor_cos` = anchor_dot / (‖g_i‖·‖ḡ_A‖), both NaN for a
+    row whose status is not `ok` (it has no score a rule may read)."""
     anchor_norm = math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in anchor.values()))
+    dots = np.where(status == STATUS_OK, dots, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return dots / (norms * anchor_norm)
+        return dots, dots / (norms * anchor_norm)
 
 
 def _row_gradient(
