@@ -1,0 +1,37 @@
+"""The `kl` arm's loss: the SFT loss plus kl_coef · KL(model ‖ adapter-disabled model) per response token."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from trl import SFTConfig
+
+from gradsift.recipes import _kl_trainer_class
+
+from conftest import lora_model
+
+
+def test_the_kl_arm_adds_the_mean_token_kl_to_the_adapter_free_model(tmp_path, tokenizer, mixed_records):
+    model = lora_model(tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[])
+    trainer = _kl_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(mixed_records[:4]),
+        processing_class=tokenizer,
+        kl_coef=0.5,
+    )
+    inputs = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, inputs)
+        # The obvious computation, position by position over the response tokens, with torch's own KL.
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].double()
+        with model.disable_adapter():
+            ref = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].double()
+        mask = inputs["labels"][:, 1:] != -100
+        kl = torch.nn.functional.kl_div(ref.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="none")
+        targets = inputs["labels"][:, 1:][mask]
+        nll = torch.nn.functional.cross_entropy(logits[mask], targets)
+    assert kl.sum(-1)[mask].sum() > 0
+    expected = nll + 0.5 * kl.sum(-1)[mask].sum() / mask.sum()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
