@@ -393,3 +393,69 @@ def test_a_missing_previous_adapter_is_named_with_the_fix(tmp_path):
     (arm / "01-first" / "adapter" / "adapter_config.json").write_text("{}")
     (arm / "01-a-stray").mkdir()  # sorts first: the old glob took it for the previous stage
     assert previous_adapter(loaded, step) == arm / "01-first" / "adapter"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The domain tasks' own lm-eval run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def two_stage_evals(each: dict, final: dict | None = None) -> dict:
+    stages = [{"name": n, "data": {"synthetic": n, "size": 8}} for n in ("sentiment", "yes_no")]
+    evals = {"after_each_stage": {"tasks": ["gradsift_refusal_strongreject_offline"], **each}}
+    if final is not None:
+        evals["final"] = {"tasks": ["gradsift_refusal_strongreject_offline"], **final}
+    return recipe(stages=stages, evals=evals)
+
+
+@pytest.mark.parametrize(
+    "each, runs",
+    [
+        # Their own answer length: a run of their own, all their documents.
+        (
+            {"limit": 5, "max_gen_toks": 48, "domain_max_gen_toks": 112},
+            [(["gradsift_refusal_strongreject_offline"], 5, 48), (["domain"], 5, 112)],
+        ),
+        # Their own document count: a run of their own at each task's own answer length.
+        (
+            {"limit": 5, "max_gen_toks": 48, "domain_limit": 3},
+            [(["gradsift_refusal_strongreject_offline"], 5, 48), (["domain"], 3, None)],
+        ),
+        # Neither: one run, one answer length for all.
+        ({"limit": 5, "max_gen_toks": 48}, [(["gradsift_refusal_strongreject_offline", "domain"], 5, 48)]),
+    ],
+)
+def test_the_domain_tasks_run_apart_with_their_own_limit_and_answer_length(tmp_path, monkeypatch, each, runs):
+    from gradsift import evaluation, recipes
+
+    calls = []
+
+    def fake_run_lm_eval(model, tokenizer, names, output_path, *, limit, max_gen_toks, **kwargs):
+        calls.append((list(names), limit, max_gen_toks))
+        return {"results": {}, "per_doc": {}}
+
+    monkeypatch.setattr(evaluation, "run_lm_eval", fake_run_lm_eval)
+    monkeypatch.setattr(recipes, "_task_manager", lambda: None)
+    loaded = load_recipe(write(tmp_path, two_stage_evals(each)))
+    step = next(s for s in recipes.plan(loaded, tmp_path / "run") if s.arm == "full" and s.index == 1)
+    recipes._evaluate(loaded, None, None, step, final=False)
+    domain = ["gradsift_domain_sentiment", "gradsift_domain_yes_no"]
+    expected = [([t for n in names for t in (domain if n == "domain" else [n])], lim, g) for names, lim, g in runs]
+    assert calls == expected
+
+
+@pytest.mark.parametrize(
+    "each, final, key",
+    [
+        ({"domain_max_gen_toks": 112}, {"domain_max_gen_toks": 160}, "domain_max_gen_toks"),
+        ({"domain_limit": 8}, {"domain_limit": 16}, "domain_limit"),
+        ({"max_gen_toks": 48}, {"max_gen_toks": 64}, "max_gen_toks"),  # one run: the domain answers' length too
+    ],
+)
+def test_the_accuracy_matrix_needs_the_same_domain_documents_and_answer_length_at_every_stage(
+    tmp_path, each, final, key
+):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, two_stage_evals(each, final)))
+    assert f"`{key}`" in str(error.value) and "set them alike" in str(error.value)
+    load_recipe(write(tmp_path, two_stage_evals(each, each)))  # alike: accepted

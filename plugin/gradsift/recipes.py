@@ -216,12 +216,24 @@ class EvalSpec(EvalConfig):
     )
     max_gen_toks: int | None = Field(
         None, ge=1, description="Answer length of the generated `tasks`; null: each task's own. Domain tasks keep "
-        "their own when `domain_limit` is set.",
+        "their own when `domain_limit` or `domain_max_gen_toks` is set.",
+    )  # fmt: skip
+    domain_max_gen_toks: int | None = Field(
+        None, ge=1, description="Answer length of the domain tasks, in a run of their own; null: each domain task's "
+        "own (then `max_gen_toks` applies to them unless `domain_limit` is set).",
     )  # fmt: skip
 
     def domain_docs(self) -> int | None:
         """Documents per domain task."""
         return self.domain_limit if self.domain_limit is not None else self.limit
+
+    def domain_apart(self) -> bool:
+        """Whether the domain tasks run on their own (their own document count or answer length)."""
+        return self.domain_limit is not None or self.domain_max_gen_toks is not None
+
+    def domain_answer_length(self) -> int | None:
+        """The domain tasks' answer length (null: each task's own)."""
+        return self.domain_max_gen_toks if self.domain_apart() else self.max_gen_toks
 
 
 class EvalsSpec(_Strict):
@@ -402,6 +414,13 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
                 f"evals: evals.final evaluates {final.domain_docs()} documents per domain task and "
                 f"evals.after_each_stage {each.domain_docs()} (`domain_limit`, else `limit`): the accuracy matrix "
                 "must compare the same documents at every stage; set them alike"
+            )
+        if final.domain_answer_length() != each.domain_answer_length():
+            problems.append(
+                f"evals: evals.final lets domain answers run to {final.domain_answer_length()} tokens and "
+                f"evals.after_each_stage to {each.domain_answer_length()} (`domain_max_gen_toks`, else "
+                "`max_gen_toks` unless `domain_limit` is set; None: each task's own): the accuracy matrix must judge "
+                "answers of the same length at every stage; set them alike"
             )
     if recipe.trainer == "axolotl":
         kl = [name for name in recipe.arms if recipe.arm(name).kind == "kl"]
@@ -1454,10 +1473,10 @@ def _evaluate(
     if not tasks:
         return {}, {}
     runs = [(tasks, spec.limit, spec.max_gen_toks)]
-    if spec.domain_limit is not None:  # the domain tasks in a run of their own, with their own limit and lengths
+    if spec.domain_apart():  # the domain tasks in a run of their own, with their own limit and answer length
         domain = [stage.domain_task() for stage in recipe.stages]
         runs = [([t for t in tasks if t not in domain], spec.limit, spec.max_gen_toks)]
-        runs.append(([t for t in tasks if t in domain], spec.domain_limit, None))
+        runs.append(([t for t in tasks if t in domain], spec.domain_docs(), spec.domain_max_gen_toks))
     metrics: dict[str, dict[str, float | None]] = {}
     per_doc: dict[str, dict[str, list]] = {}
     for names, limit, max_gen_toks in (run for run in runs if run[0]):
