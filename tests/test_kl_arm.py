@@ -6,7 +6,7 @@ import datasets
 import torch
 from trl import SFTConfig
 
-from gradsift.recipes import _kl_trainer_class
+from gradsift.continual.arms import kl_trainer_class
 
 from conftest import lora_model
 
@@ -14,7 +14,7 @@ from conftest import lora_model
 def test_the_kl_arm_adds_the_mean_token_kl_to_the_adapter_free_model(tmp_path, tokenizer, mixed_records):
     model = lora_model(tokenizer)
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[])
-    trainer = _kl_trainer_class()(
+    trainer = kl_trainer_class()(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(mixed_records[:4]),

@@ -4,6 +4,7 @@ a second run on the same folder. No test here loads a model."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -14,18 +15,13 @@ import pytest
 import yaml
 
 from gradsift.cli import main
+from gradsift.continual import RecipeError, check_run_folder, load_recipe
+from gradsift.continual.layout import STAGE_MARK, clean_stage
+from gradsift.continual.rows import drift_records
+from gradsift.continual.runner import run_recipe
 from gradsift.data import TokenizedRow
 from gradsift.errors import UserError
 from gradsift.fileio import write_json
-from gradsift.recipes import (
-    STAGE_MARK,
-    RecipeError,
-    _clean,
-    check_run_folder,
-    drift_records,
-    load_recipe,
-    run_recipe,
-)
 from gradsift.selection import Selection
 from gradsift.store import write_dropped
 from gradsift.table import ScoreTable
@@ -166,7 +162,7 @@ def test_a_stage_folder_gradsift_marked_or_an_older_run_left_is_emptied_and_mark
     (marked / "notes-of-the-killed-run.txt").write_text("x")
     (older / ".stage.json.abc.tmp").write_text("{")  # atomic_path's temporary file, left by a kill
     for folder in (marked, older):
-        _clean(folder)
+        clean_stage(folder)
         assert [p.name for p in folder.iterdir()] == [STAGE_MARK]
         assert "gradsift_version" in json.loads((folder / STAGE_MARK).read_text())
 
@@ -337,7 +333,7 @@ def test_anchor_arms_need_an_anchor_set_and_its_path_must_exist(tmp_path):
 
 
 def test_the_random_arm_ignores_the_recipes_anchor_filter(tmp_path):
-    from gradsift.recipes import random_subset
+    from gradsift.continual.arms import random_subset
 
     arms = {"random": {}, "gradsift": {}}
     loaded = load_recipe(
@@ -351,7 +347,8 @@ def test_the_random_arm_ignores_the_recipes_anchor_filter(tmp_path):
 
 
 def test_drift_loads_each_reference_once_per_seed(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
-    import gradsift.recipes as recipes
+    from gradsift.continual import evals
+    from gradsift.continual.layout import RunLayout, Step
 
     from conftest import build_model
 
@@ -361,32 +358,31 @@ def test_drift_loads_each_reference_once_per_seed(tmp_path, tiny_model_dir, toke
         check_data=False,
     )
     loads = []
-    monkeypatch.setattr(recipes, "_eval_model", lambda r, spec, adapter: loads.append(spec) or build_model(tokenizer))
-    monkeypatch.setattr(recipes, "_REFERENCES", recipes.collections.OrderedDict())
+    monkeypatch.setattr(evals, "eval_model", lambda r, spec, adapter: loads.append(spec) or build_model(tokenizer))
+    monkeypatch.setattr(evals, "_REFERENCES", collections.OrderedDict())
 
     def step(seed):
-        return recipes.Step(
-            seed=seed, arm="full", index=1, stage="x", folder=tmp_path / f"seed-{seed}" / "full" / "01-x"
-        )
+        return Step(seed=seed, arm="full", index=1, stage="x", layout=RunLayout(tmp_path))
 
     stage_model = build_model(tokenizer, seed=3)
-    first = recipes._drift(loaded, stage_model, tokenizer, step(0))
-    assert recipes._drift(loaded, stage_model, tokenizer, step(0)) == first  # from the kept log-probs
+    first = evals.drift(loaded, stage_model, tokenizer, step(0))
+    assert evals.drift(loaded, stage_model, tokenizer, step(0)) == first  # from the kept log-probs
     assert first["pretrained"] > 0 and first["aligned"] > 0
-    recipes._drift(loaded, stage_model, tokenizer, step(1))
-    recipes._drift(loaded, stage_model, tokenizer, step(1))
+    evals.drift(loaded, stage_model, tokenizer, step(1))
+    evals.drift(loaded, stage_model, tokenizer, step(1))
     aligned = [str(tmp_path / f"seed-{seed}" / "00-align" / "model") for seed in (0, 1)]
     # The pretrained reference is loaded once for both seeds; each seed's aligned model once.
     assert loads == [str(tiny_model_dir), aligned[0], aligned[1]]
 
 
 def test_a_missing_previous_adapter_is_named_with_the_fix(tmp_path):
-    from gradsift.recipes import Step, previous_adapter
+    from gradsift.continual.layout import RunLayout, Step
+    from gradsift.continual.runner import previous_adapter
 
     stages = [{"name": n, "data": {"synthetic": "sentiment", "size": 8}} for n in ("first", "second")]
     loaded = load_recipe(write(tmp_path, recipe(stages=stages)))
     arm = tmp_path / "run" / "seed-0" / "full"
-    step = Step(seed=0, arm="full", index=2, stage="second", folder=arm / "02-second")
+    step = Step(seed=0, arm="full", index=2, stage="second", layout=RunLayout(tmp_path / "run"))
     (arm / "01-first" / "adapter").mkdir(parents=True)
     with pytest.raises(UserError, match="01-first/adapter' is missing.*01-first/stage.json"):
         previous_adapter(loaded, step)
@@ -426,7 +422,8 @@ def two_stage_evals(each: dict, final: dict | None = None) -> dict:
     ],
 )
 def test_the_domain_tasks_run_apart_with_their_own_limit_and_answer_length(tmp_path, monkeypatch, each, runs):
-    from gradsift import evaluation, recipes
+    from gradsift import evaluation
+    from gradsift.continual import evals, runner
 
     calls = []
 
@@ -435,10 +432,10 @@ def test_the_domain_tasks_run_apart_with_their_own_limit_and_answer_length(tmp_p
         return {"results": {}, "per_doc": {}}
 
     monkeypatch.setattr(evaluation, "run_lm_eval", fake_run_lm_eval)
-    monkeypatch.setattr(recipes, "_task_manager", lambda: None)
+    monkeypatch.setattr(evals, "_task_manager", lambda: None)
     loaded = load_recipe(write(tmp_path, two_stage_evals(each)))
-    step = next(s for s in recipes.plan(loaded, tmp_path / "run") if s.arm == "full" and s.index == 1)
-    recipes._evaluate(loaded, None, None, step, final=False)
+    step = next(s for s in runner.plan(loaded, tmp_path / "run") if s.arm == "full" and s.index == 1)
+    evals.evaluate(loaded, None, None, step, final=False)
     domain = ["gradsift_domain_sentiment", "gradsift_domain_yes_no"]
     expected = [([t for n in names for t in (domain if n == "domain" else [n])], lim, g) for names, lim, g in runs]
     assert calls == expected

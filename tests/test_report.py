@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gradsift.recipes import ArmSpec, load_recipe, run_recipe
+from gradsift.continual import ArmSpec, load_recipe
+from gradsift.continual.runner import run_recipe
 from gradsift.report import (
     bootstrap_rate,
     is_refusal_task,

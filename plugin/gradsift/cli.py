@@ -615,7 +615,8 @@ def _rate(value: float | None) -> str:
 
 def run_run(args: argparse.Namespace) -> int:
     """`gradsift run`."""
-    from gradsift.recipes import describe_plan, load_recipe, plan, run_recipe
+    from gradsift.continual.loading import load_recipe
+    from gradsift.continual.runner import describe_plan, plan, run_recipe
 
     recipe = load_recipe(args.recipe)
     out = args.out or Path("runs") / recipe.name
@@ -647,7 +648,7 @@ def run_report(args: argparse.Namespace) -> int:
     from gradsift.report import headline_table, write_report
 
     if args.rejudge:
-        from gradsift.recipes import rejudge_run
+        from gradsift.continual.evals import rejudge_run
 
         logger.info("gradsift report: judged the answers of %d stage(s) again", rejudge_run(args.run_dir))
     paths = write_report(args.run_dir, plots=not args.no_plots)

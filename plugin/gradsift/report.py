@@ -52,10 +52,11 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from gradsift.continual.layout import STAGE_FILE, RunLayout, iter_stage_files
+from gradsift.continual.schema import BUILTIN_ARMS, ArmSpec
 from gradsift.errors import UserError
 from gradsift.evaluation import judged_task_kind
 from gradsift.fileio import atomic_path, write_json
-from gradsift.recipes import BUILTIN_ARMS, STAGE_FILE, ArmSpec, iter_stage_files
 
 # The judge's rates as stage.json stores them; older runs lack some (shown "–").
 REFUSAL_METRICS = ("refused_rate", "complied_rate", "neither_rate", "refusal_rate", "attack_success_rate")
@@ -318,8 +319,7 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
             stage_tasks = tasks or _guess_tasks(stages)
             records = {0: entry["align"], **stages} if entry["align"] else dict(stages)
             matrix = accuracy_matrix(entry["align"], stages, stage_tasks)
-            last = run_dir / f"seed-{seed}" / arm
-            final_dir = sorted(p for p in last.iterdir() if (p / STAGE_FILE).is_file())[-1] if last.is_dir() else None
+            final_dir = RunLayout(run_dir).last_finished_stage(seed, arm)
             per_seed[seed] = {
                 "stages": {str(k): {"name": r["stage"], **stage_metrics(r)} for k, r in sorted(records.items())},
                 "accuracy_matrix": matrix,
@@ -487,7 +487,7 @@ def _bin_label(low: int, high: int) -> str:
 def length_bin_accuracy(stage_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     """Accuracy per domain task and reference-answer length bin, from a stage's logged lm-eval samples."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for path in sorted((stage_dir / "eval").rglob("samples_gradsift_domain_*.jsonl")):
+    for path in sorted(RunLayout.eval_dir(stage_dir).rglob("samples_gradsift_domain_*.jsonl")):
         task = path.name[len("samples_") :].rsplit("_", 1)[0]
         bins: dict[str, list[float]] = {}
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -783,19 +783,21 @@ def _score_histograms(run_dir: Path, plt: Any, column: str, label: str) -> Path 
     import pyarrow.parquet as pq
 
     panels = []
-    for seed_dir in sorted(run_dir.glob("seed-*"))[:1]:
-        for table_path in sorted(seed_dir.glob(f"*/*/scores/{SCORE_TABLE}")):
-            stage_dir = table_path.parent.parent
-            if not (stage_dir / STAGE_FILE).is_file():
-                continue  # an unfinished stage, or the seed's shared stage-1 cache (each arm keeps its own copy)
-            if column not in pq.read_schema(table_path).names:
-                continue  # scored before the column existed
-            values = np.array(pq.read_table(table_path, columns=[column])[column].to_pylist(), dtype=float)
-            if not np.isfinite(values).any():
-                continue  # e.g. anchor_cos of a stage scored without an anchor set
-            record = json.loads((stage_dir / STAGE_FILE).read_text())
-            cut = (record.get("selection") or {}).get(f"kept_{'norm' if column == 'grad_norm' else column}_range")
-            panels.append((f"{stage_dir.parent.name}/{stage_dir.name}", values, cut))
+    layout = RunLayout(run_dir)
+    stages = list(layout.finished_stages())  # not the seed's shared stage-1 cache: each arm keeps its own copy
+    first = min((seed for seed, *_ in stages), default=None)
+    for seed, arm, _, stage_dir in stages:
+        table_path = RunLayout.scores(stage_dir) / SCORE_TABLE
+        if seed != first or arm is None or not table_path.is_file():
+            continue
+        if column not in pq.read_schema(table_path).names:
+            continue  # scored before the column existed
+        values = np.array(pq.read_table(table_path, columns=[column])[column].to_pylist(), dtype=float)
+        if not np.isfinite(values).any():
+            continue  # e.g. anchor_cos of a stage scored without an anchor set
+        record = json.loads(RunLayout.stage_file(stage_dir).read_text(encoding="utf-8"))
+        cut = (record.get("selection") or {}).get(f"kept_{'norm' if column == 'grad_norm' else column}_range")
+        panels.append((f"{stage_dir.parent.name}/{stage_dir.name}", values, cut))
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 1.9 * len(panels)), squeeze=False)
