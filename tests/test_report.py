@@ -28,7 +28,7 @@ from gradsift.report import (
     t_interval,
     write_report,
 )
-from test_recipes import tiny_recipe, write
+from test_continual_runner import tiny_recipe, write
 
 ARMS = ("full", "gradsift", "random")
 SEEDS = (0, 1, 2)

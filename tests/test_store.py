@@ -151,3 +151,30 @@ def test_scoring_can_be_forbidden_when_no_finished_scores_exist(setup, tokenizer
         rows, loader, tokenizer, config, tmp_path / "multi", progress=False, allow_scoring=False
     )
     assert result.reused and loader.loads == 1
+
+
+def test_records_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    import numpy as np
+
+    from gradsift.data import TokenizedRow
+    from gradsift.fileio import write_json
+    from gradsift.selection import Selection
+    from gradsift.store import write_dropped
+    from gradsift.table import ScoreTable
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in strict JSON"))
+
+    record = {"train": {"train_loss": float("nan"), "losses": [1.0, float("inf")]}, "drift": {"kl": np.float32("nan")}}
+    write_json(record, tmp_path / "stage.json")
+    assert strict((tmp_path / "stage.json").read_text()) == {
+        "train": {"train_loss": None, "losses": [1.0, None]},
+        "drift": {"kl": None},
+    }
+    table = ScoreTable.empty([TokenizedRow(input_ids=[1, 2], labels=[-100, 2], sample_id="s#0")], [3])
+    table.status[:] = "nonfinite"
+    selection = Selection(keep=np.zeros(1, dtype=bool), reasons=np.array(["nonfinite"], dtype=object))
+    write_dropped(tmp_path / "dropped.jsonl", table, selection)
+    line = strict((tmp_path / "dropped.jsonl").read_text())
+    assert line["index"] == 3 and line["reason"] == "nonfinite"
+    assert line["grad_norm"] is None and line["loss"] is None and line["anchor_cos"] is None
