@@ -504,7 +504,7 @@ def test_anchor_cos_histogram_only_for_stages_scored_with_an_anchor(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradsift.report import _score_histograms
+    from gradsift.report.plots import _score_histograms
     from gradsift.store import write_table
     from gradsift.table import ScoreTable
 
