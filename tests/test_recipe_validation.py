@@ -19,12 +19,12 @@ from gradsift.continual import RecipeError, check_run_folder, load_recipe
 from gradsift.continual.layout import STAGE_MARK, clean_stage
 from gradsift.continual.rows import drift_records
 from gradsift.continual.runner import run_recipe
-from gradsift.data import TokenizedRow
 from gradsift.errors import UserError
 from gradsift.fileio import write_json
 from gradsift.selection import Selection
 from gradsift.store import write_dropped
 from gradsift.table import ScoreTable
+from gradsift.tokenization import TokenizedRow
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
-from gradsift.data import tokenize_records
 from gradsift.integrations.trl import GradSiftSFTTrainer, data_config_for, select_dataset
 from gradsift.scoring import score_rows
 from gradsift.selection import select_rows
+from gradsift.tokenization import tokenize_records
 
 from conftest import build_model, lora_model
 
