@@ -714,8 +714,8 @@ def test_token_kl_is_the_kl_divergence_of_the_two_models_at_response_tokens(toke
     import torch
 
     from gradsift.config import DataConfig
-    from gradsift.data import collate, tokenize_records
     from gradsift.evaluation import response_logprobs, token_kl
+    from gradsift.tokenization import collate, tokenize_records
 
     from conftest import build_model
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gradsift.config import DataConfig, ScoringConfig, load_config
-from gradsift.data import tokenize_records
 from gradsift.errors import UserError
 from gradsift.models import (
     embedded_model_dir,
@@ -18,6 +17,7 @@ from gradsift.models import (
     resolved_settings,
 )
 from gradsift.scoring import score_rows
+from gradsift.tokenization import tokenize_records
 
 
 def test_fresh_lora_is_the_only_trainable_part_and_has_no_dropout(tiny_model_dir):

@@ -11,7 +11,7 @@ import torch
 from trl import SFTTrainer
 
 from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
-from gradsift.data import tokenize_records
+from gradsift.tokenization import tokenize_records
 from gradsift.integrations.trl import GradSiftSFTTrainer, data_config_for
 from gradsift.scoring import score_rows
 from gradsift.selection import select_rows

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from gradsift.config import GradSiftConfig
-from gradsift.data import load_source, tokenize_records
+from gradsift.data import load_source
 from gradsift.models import load_model
 from gradsift.pipeline import fingerprints_for, score_cached
 from gradsift.store import MANIFEST, SHARDS, TABLE, read_table
+from gradsift.tokenization import tokenize_records
 
 from conftest import build_model
 
@@ -137,7 +138,7 @@ def test_shards_of_another_identity_are_not_reused(setup):
 
 def test_scoring_can_be_forbidden_when_no_finished_scores_exist(setup, tokenizer, mixed_records):
     """Used by the axolotl plugin when several processes run: only a finished cache is accepted."""
-    from gradsift.data import DataConfig
+    from gradsift.config import DataConfig
     from gradsift.pipeline import ScoresMissing, score_and_select
 
     run, config, _, tmp_path = setup
@@ -156,7 +157,7 @@ def test_scoring_can_be_forbidden_when_no_finished_scores_exist(setup, tokenizer
 def test_records_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
     import numpy as np
 
-    from gradsift.data import TokenizedRow
+    from gradsift.tokenization import TokenizedRow
     from gradsift.fileio import write_json
     from gradsift.selection import Selection
     from gradsift.store import write_dropped

@@ -8,7 +8,7 @@ import torch
 from trl import SFTTrainer
 
 from gradsift.config import DataConfig, GradSiftConfig, SelectionConfig
-from gradsift.data import tokenize_records
+from gradsift.tokenization import tokenize_records
 from gradsift.integrations.trl import data_config_for, select_dataset
 
 from conftest import build_model, lora_model, sft_config

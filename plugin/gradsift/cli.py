@@ -222,9 +222,10 @@ def run_score(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tuple[ScoreResult, int]:
     from gradsift.anchors import anchor_rows
-    from gradsift.data import load_source, tokenize_records
+    from gradsift.data import load_source
     from gradsift.models import load_model, load_tokenizer
     from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
+    from gradsift.tokenization import tokenize_records
 
     source = load_source(args.data, split=config.data.split)
     tokenizer = load_tokenizer(config.scoring.model, config.scoring.trust_remote_code)

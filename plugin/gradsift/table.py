@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from gradsift.data import TokenizedRow
+    from gradsift.tokenization import TokenizedRow
 
 STATUS_OK = "ok"
 STATUS_NO_RESPONSE = "no_response_tokens"

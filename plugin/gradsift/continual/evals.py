@@ -86,8 +86,8 @@ def drift(recipe: Recipe, model: Any, tokenizer: Any, step: Step) -> dict[str, f
         return {}
     import torch
 
-    from gradsift.data import collate, tokenize_records
     from gradsift.evaluation import response_logprobs, token_kl
+    from gradsift.tokenization import collate, tokenize_records
 
     records = drift_records(recipe)
     if not records:
