@@ -11,10 +11,10 @@ import torch
 from trl import SFTTrainer
 
 from gradsift.config import DataConfig, GradSiftConfig, ScoringConfig, SelectionConfig
-from gradsift.tokenization import tokenize_records
 from gradsift.integrations.trl import GradSiftSFTTrainer, data_config_for
 from gradsift.scoring import score_rows
 from gradsift.selection import select_rows
+from gradsift.tokenization import tokenize_records
 
 from conftest import lora_model, sft_config
 

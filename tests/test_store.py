@@ -157,11 +157,11 @@ def test_scoring_can_be_forbidden_when_no_finished_scores_exist(setup, tokenizer
 def test_records_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
     import numpy as np
 
-    from gradsift.tokenization import TokenizedRow
     from gradsift.fileio import write_json
     from gradsift.selection import Selection
     from gradsift.store import write_dropped
     from gradsift.table import ScoreTable
+    from gradsift.tokenization import TokenizedRow
 
     def strict(text: str):
         return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in strict JSON"))

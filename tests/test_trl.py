@@ -8,8 +8,8 @@ import torch
 from trl import SFTTrainer
 
 from gradsift.config import DataConfig, GradSiftConfig, SelectionConfig
-from gradsift.tokenization import tokenize_records
 from gradsift.integrations.trl import data_config_for, select_dataset
+from gradsift.tokenization import tokenize_records
 
 from conftest import build_model, lora_model, sft_config
 
