@@ -41,7 +41,8 @@ def test_an_installed_wheel_finds_its_shipped_recipes_their_data_and_its_lm_eval
         str(dist),
         str(REPO),
     ]
-    subprocess.run([*build, str(REPO)], check=True, capture_output=True)
+    built = subprocess.run(build, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = dist.glob("gradsift-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in (

@@ -30,8 +30,8 @@ TRAIN_KEYS = (
     ("weight_decay", "weight_decay", "weight_decay"),
     ("max_grad_norm", "max_grad_norm", "max_grad_norm"),
     ("lr_scheduler_type", "lr_scheduler_type", "lr_scheduler"),
-    ("gradient_checkpointing", "gradient_checkpointing", "gradient_checkpointing"),
     ("bf16", "bf16", "bf16"),
+    ("gradient_checkpointing", "gradient_checkpointing", "gradient_checkpointing"),
 )
 
 

@@ -64,7 +64,7 @@ STAGE_NAMES = frozenset(
     }
 )
 _TEMPORARY = re.compile(r"\..+\.tmp")
-_STAGE_DIR = re.compile(r"(\d\d)-.+")
+_STAGE_DIR = re.compile(r"(\d+)-.+")
 
 
 @dataclass(frozen=True)
@@ -120,34 +120,39 @@ class RunLayout:
     def eval_dir(stage_dir: Path) -> Path:
         return stage_dir / "eval"
 
-    def finished_stages(self) -> Iterator[tuple[int, str | None, int, Path]]:
+    def finished_stages(self, *, links: bool = False) -> Iterator[tuple[int, str | None, int, Path]]:
         """(seed, arm or None for align, stage index, stage folder) of every finished stage, in folder order.
 
-        Only the run's own layout is read (`seed-N/00-align`, `seed-N/<arm>/NN-<stage>`), and never through a link.
+        Only the run's own layout is read (`seed-N/00-align`, `seed-N/<arm>/NN-<stage>`). A folder that is a link is
+        followed only with `links` (reading a run, e.g. a report over seeds linked in from elsewhere), never by what
+        writes into the stages (`--rejudge`).
         """
-        for seed_dir in sorted(p for p in self.root.glob("seed-*") if p.is_dir() and not p.is_symlink()):
+
+        def folders(parent: Path, pattern: str = "*") -> list[Path]:
+            return sorted(p for p in parent.glob(pattern) if p.is_dir() and (links or not p.is_symlink()))
+
+        for seed_dir in folders(self.root, "seed-*"):
             seed = int(seed_dir.name.split("-", 1)[1])
             align = seed_dir / ALIGN_DIR
-            if not align.is_symlink() and self.stage_file(align).is_file():
+            if (links or not align.is_symlink()) and self.stage_file(align).is_file():
                 yield seed, None, 0, align
-            for arm_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+            for arm_dir in folders(seed_dir):
                 if arm_dir.name in (ALIGN_DIR, SHARED_DIR):
                     continue
-                for stage_dir in sorted(arm_dir.iterdir()):
+                for stage_dir in folders(arm_dir):
                     match = _STAGE_DIR.fullmatch(stage_dir.name)
-                    if match and stage_dir.is_dir() and not stage_dir.is_symlink():
-                        if self.stage_file(stage_dir).is_file():
-                            yield seed, arm_dir.name, int(match.group(1)), stage_dir
+                    if match and self.stage_file(stage_dir).is_file():
+                        yield seed, arm_dir.name, int(match.group(1)), stage_dir
 
     def last_finished_stage(self, seed: int, arm: str) -> Path | None:
-        """The arm's last finished stage folder in the seed, or None."""
-        found = [d for s, a, _, d in self.finished_stages() if s == seed and a == arm]
+        """The arm's last finished stage folder in the seed (links followed: this only reads), or None."""
+        found = [d for s, a, _, d in self.finished_stages(links=True) if s == seed and a == arm]
         return found[-1] if found else None
 
 
 def iter_stage_files(run_dir: Path) -> Iterator[tuple[int, str | None, int, dict[str, Any]]]:
-    """(seed, arm, stage index, stage.json) of every finished stage under a run folder."""
-    for seed, arm, index, stage_dir in RunLayout(run_dir).finished_stages():
+    """(seed, arm, stage index, stage.json) of every finished stage under a run folder (links followed)."""
+    for seed, arm, index, stage_dir in RunLayout(run_dir).finished_stages(links=True):
         yield seed, arm, index, json.loads(RunLayout.stage_file(stage_dir).read_text(encoding="utf-8"))
 
 

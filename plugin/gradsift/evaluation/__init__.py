@@ -11,7 +11,10 @@ logprobs.py  response log-probs and the per-token KL (drift, the `kl` arm)
 
 from gradsift.evaluation.guard import (
     JUDGE_FORMATS,
+    LLAMA_GUARD_3_CATEGORIES,
+    LLAMA_GUARD_3_TEMPLATE,
     PARSERS,
+    WILDGUARD_TEMPLATE,
     JudgeModelConfig,
     Verdict,
     generate_greedy,
@@ -46,8 +49,16 @@ from gradsift.evaluation.judge import (
     refusal_metrics,
 )
 from gradsift.evaluation.logprobs import logprobs_at_responses, response_logprobs, token_kl
+from gradsift.evaluation.topic import BARE_WORDS
+from gradsift.evaluation.wording import OPENING_CHARS, OPENING_SENTENCES
 
 __all__ = [
+    "BARE_WORDS",
+    "LLAMA_GUARD_3_CATEGORIES",
+    "LLAMA_GUARD_3_TEMPLATE",
+    "OPENING_CHARS",
+    "OPENING_SENTENCES",
+    "WILDGUARD_TEMPLATE",
     "JUDGE_FORMATS",
     "OUTCOMES",
     "OVERREFUSAL_TASK_PREFIX",

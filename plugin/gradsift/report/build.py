@@ -223,8 +223,8 @@ def headline(arms: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_meta(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "recipe.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = RunLayout(run_dir).recipe_file
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _guess_tasks(stages: dict[int, dict]) -> list[str | None]:

@@ -15,9 +15,7 @@ import numpy as np
 
 from gradsift.continual.layout import RunLayout
 from gradsift.report.stages import is_overrefusal_task, is_refusal_task, short_key, task_metric
-
-# gradsift.store's score table file name; store itself imports torch (via scoring), which `report` must not.
-SCORE_TABLE = "scores.parquet"
+from gradsift.store import TABLE as SCORE_TABLE
 
 # Plot -> which stage keys it draws.
 PLOT_GROUPS: dict[str, Callable[[str], bool]] = {
@@ -112,7 +110,9 @@ def _score_histograms(run_dir: Path, plt: Any, column: str, label: str) -> Path 
 
     panels = []
     layout = RunLayout(run_dir)
-    stages = list(layout.finished_stages())  # not the seed's shared stage-1 cache: each arm keeps its own copy
+    stages = list(
+        layout.finished_stages(links=True)
+    )  # not the seed's shared stage-1 cache: each arm keeps its own copy
     first = min((seed for seed, *_ in stages), default=None)
     for seed, arm, _, stage_dir in stages:
         table_path = RunLayout.scores(stage_dir) / SCORE_TABLE
