@@ -12,9 +12,18 @@ cross-entropy divided by their response-token count, as TRL computes it. The upd
   written into `.grad` before the optimizer step. No second forward or backward: the step costs about one plain step.
 - `recompute`: the trainer gets micro-batches holding only the kept rows and runs its usual forward and backward.
 
-`auto` reuses unless something rules it out: several processes (gradients are not all-reduced by hand), fp16 loss
-scaling, a loss other than token cross-entropy, trainable weights outside linear layers, or per-sample gradients
-larger than `online.reuse_max_gb`. With several processes each one selects among its own rows.
+`auto` reuses unless something rules it out: a sharding engine (FSDP, DeepSpeed: no rank holds the whole gradient),
+fp16 loss scaling, a loss other than token cross-entropy, trainable weights outside linear layers, or per-sample
+gradients larger than `online.reuse_max_gb`.
+
+Under several data-parallel processes (DDP) the window is the step's global batch: every rank scores its own rows,
+the rows' numbers are all-gathered (`gradsift.online_window`), the rule runs once on the whole window on every rank
+(the same kept set everywhere, no broadcast; `GRADSIFT_DEBUG=1` asserts it), and each rank trains its own kept rows.
+`num_items_in_batch` is the global kept-token count (the trainer gathers it). With `reuse` each rank sums
+`n_i G_i / Σ_kept n_i` over its own kept rows and one all-reduce of those sums (the size of the LoRA gradient, what DDP
+all-reduces anyway) gives the exact global update; no backward runs through the DDP wrapper, so its own gradient sync
+does not run. With `recompute` a rank that kept fewer rows still runs as many backward passes as the others (on a row
+with no label to learn), since each backward all-reduces.
 
 How many rows a window keeps: Algorithm 1 keeps ⌊ρ·|B|⌋ of a batch B whose rows all score. gradsift keeps ⌊ρ·n_ok⌋ of
 the window's n_ok scoreable rows (rows without response tokens or with a non-finite loss or norm are never kept) and at
@@ -36,32 +45,42 @@ import torch
 from gradsift.anchors import uses_anchor
 from gradsift.config import GradSiftConfig
 from gradsift.data import IGNORE_INDEX
+from gradsift.distributed import Team
 from gradsift.errors import UserError
 from gradsift.fileio import dumps
 from gradsift.hooks import GradNormHooks
 from gradsift.model_mode import scoring_mode
+from gradsift.online_window import Window, all_reduce_sum, gather_window
 from gradsift.scoring import anchor_gradient, anchor_scores, score_batch
 from gradsift.selection import select_rows
 from gradsift.table import STATUS_OK, row_status
-from gradsift.tokenization import TokenizedRow, assign_sample_ids
+from gradsift.tokenization import TokenizedRow, row_digest
 
 logger = logging.getLogger(__name__)
 
 # Rule parameters that decide how many rows a selection keeps, for the start-up check.
 FRACTION_RULES = ("moderate", "random", "high", "low")
+# accelerate's kinds of plain data parallelism (every rank holds the whole model), where `reuse` all-reduces the
+# kept rows' gradients itself; FSDP, DeepSpeed and the like keep `recompute`.
+DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_XPU",
+                 "MULTI_HPU")  # fmt: skip
 # Padding values per collated key when kept rows from different micro-batches are re-padded together.
 PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0}
 
 
-def check_online_config(config: GradSiftConfig, micro_batch_size: int, gradient_accumulation_steps: int) -> int:
-    """Return the number of rows one selection sees; raise if the rule would keep none of them."""
-    rows = micro_batch_size * (gradient_accumulation_steps if config.online.window == "step" else 1)
+def check_online_config(
+    config: GradSiftConfig, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int = 1
+) -> int:
+    """Return the number of rows one selection sees (over every data-parallel rank); raise if the rule would keep
+    none of them."""
+    steps = gradient_accumulation_steps if config.online.window == "step" else 1
+    rows = micro_batch_size * steps * world_size
     if config.selection.rule in FRACTION_RULES and math.floor(round(config.selection.keep_fraction * rows, 6)) < 1:
+        ranks = f" × {world_size} processes" if world_size > 1 else ""
         raise UserError(
             f"`selection.keep_fraction` {config.selection.keep_fraction} keeps no row of a selection window of {rows} "
-            f"rows (`online.window` {config.online.window!r}: micro_batch_size {micro_batch_size} × "
-            f"{gradient_accumulation_steps if config.online.window == 'step' else 1}). Raise keep_fraction to at "
-            f"least {math.ceil(1000 / rows) / 1000:g}, or select over more rows."
+            f"rows (`online.window` {config.online.window!r}: micro_batch_size {micro_batch_size} × {steps}{ranks}). "
+            f"Raise keep_fraction to at least {math.ceil(1000 / rows) / 1000:g}, or select over more rows."
         )
     if uses_anchor(config) and not config.scoring.anchor_data:
         raise UserError(
@@ -103,8 +122,13 @@ class OnlineSelectionMixin:
         if getattr(self.args, "padding_free", False) or getattr(self.args, "packing", False):
             raise UserError("gradsift's online mode scores padded rows: set `packing=False` and `padding_free=False`.")
         window_rows = check_online_config(
-            self.gradsift_config, self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
+            self.gradsift_config,
+            self.args.per_device_train_batch_size,
+            self.args.gradient_accumulation_steps,
+            self.args.world_size,
         )
+        # The data-parallel ranks that select together from the step's global batch (alone: a team of one).
+        self._gradsift_team = Team(rank=self.args.process_index, world_size=self.args.world_size)
         self.gradsift_stats: list[dict[str, Any]] = []
         self.gradsift_skipped_steps = 0
         self._gradsift_anchor_rows = self._gradsift_load_anchor()
@@ -156,8 +180,9 @@ class OnlineSelectionMixin:
         from accelerate.utils import DistributedType
 
         args, accelerator = self.args, self.accelerator
-        if args.world_size > 1 or accelerator.distributed_type != DistributedType.NO:
-            return "training runs in several processes or under a sharding engine"
+        data_parallel = {getattr(DistributedType, name) for name in DATA_PARALLEL if hasattr(DistributedType, name)}
+        if accelerator.distributed_type not in data_parallel:
+            return f"training runs under {accelerator.distributed_type.value}, which shards the weights across ranks"
         if getattr(accelerator, "scaler", None) is not None:
             return "fp16 loss scaling is on"
         loss_type = getattr(args, "loss_type", "nll")
@@ -173,7 +198,8 @@ class OnlineSelectionMixin:
             GradNormHooks(model, keep_grads=True)
         except ValueError as error:
             return str(error).rstrip(".")
-        size = sum(p.numel() for p in model.parameters() if p.requires_grad) * window_rows * 4 / 2**30
+        rows = window_rows // max(args.world_size, 1)  # this rank's rows of the window
+        size = sum(p.numel() for p in model.parameters() if p.requires_grad) * rows * 4 / 2**30
         limit = self.gradsift_config.online.reuse_max_gb
         if size > limit:
             return f"one window's per-sample gradients take {size:.1f} GiB, over `online.reuse_max_gb` {limit}"
@@ -258,7 +284,37 @@ class OnlineSelectionMixin:
                 scored.append((losses.double().cpu().numpy(), norms.cpu().numpy(), hooks.dots.cpu().numpy()))
                 if self.gradsift_reuse:
                     per_sample.append(hooks.take_grads())
-        sizes = [len(batch["input_ids"]) for batch in batches]
+        window = gather_window(self._gradsift_team, self._gradsift_local_window(batches, scored, anchor))
+        keep = np.zeros(len(window.losses), dtype=bool)
+        reasons = np.full(len(window.losses), "", dtype=object)
+        for group in window.groups(config.online.window):
+            # ⌊ρ·n_ok⌋ of the window's scoreable rows, at least one whenever one scores (the module docstring).
+            selection = select_rows(
+                window.losses[group],
+                window.norms[group],
+                window.status[group],
+                config.selection,
+                num_response_tokens=window.counts[group],
+                min_kept=1,
+                anchor_dot=None if window.dots is None else window.dots[group],
+                anchor_cos=None if window.cosines is None else window.cosines[group],
+            )
+            keep[group], reasons[group] = selection.keep, selection.reasons
+        self._gradsift_check_agreement(keep)
+        self._gradsift_record(window, keep, reasons)
+        if not keep.any():
+            return None  # on every rank: the window is the same everywhere
+        mine = keep[window.mine]
+        packed = self._gradsift_repack(batches, mine, window.sizes[window.rank])
+        if self.gradsift_reuse:
+            self._gradsift_prepare_update(hooks, per_sample, window, keep)
+            for batch in packed:
+                if "_gradsift_skip" not in batch:
+                    batch["_gradsift_reused"] = True
+        return packed
+
+    def _gradsift_local_window(self, batches: list[dict[str, Any]], scored: list, anchor: Any) -> Window:
+        """This rank's rows: their scores, statuses, anchor columns and content digests."""
         losses = np.concatenate([s[0] for s in scored])
         norms = np.concatenate([s[1] for s in scored])
         counts = np.concatenate([(batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).numpy() for batch in batches])
@@ -266,45 +322,46 @@ class OnlineSelectionMixin:
         dots = cosines = None
         if anchor is not None:
             dots, cosines = anchor_scores(np.concatenate([s[2] for s in scored]), norms, status, anchor)
-        if config.online.window == "step":
-            groups = [np.arange(len(losses))]
-        else:
-            bounds = np.cumsum([0, *sizes])
-            groups = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
-        keep = np.zeros(len(losses), dtype=bool)
-        reasons = np.full(len(losses), "", dtype=object)
-        for group in groups:
-            # ⌊ρ·n_ok⌋ of the window's scoreable rows, at least one whenever one scores (the module docstring).
-            selection = select_rows(
-                losses[group],
-                norms[group],
-                status[group],
-                config.selection,
-                num_response_tokens=counts[group],
-                min_kept=1,
-                anchor_dot=None if dots is None else dots[group],
-                anchor_cos=None if cosines is None else cosines[group],
+        rows = [
+            TokenizedRow(
+                input_ids=b["input_ids"][i][b["attention_mask"][i].bool()].tolist(),
+                labels=b["labels"][i][b["attention_mask"][i].bool()].tolist(),
             )
-            keep[group], reasons[group] = selection.keep, selection.reasons
-        self._gradsift_record(batches, losses, norms, status, keep, reasons)
-        if not keep.any():
-            return None
-        packed = self._gradsift_repack(batches, keep, sizes)
-        if self.gradsift_reuse:
-            self._gradsift_prepare_update(hooks, per_sample, sizes, losses, counts, keep, batches)
-            for batch in packed:
-                if "_gradsift_skip" not in batch:
-                    batch["_gradsift_reused"] = True
-        return packed
+            for b in batches
+            for i in range(len(b["input_ids"]))
+        ]
+        return Window(
+            losses=losses,
+            norms=norms,
+            counts=counts,
+            tokens=np.concatenate([batch["attention_mask"].sum(dim=1).cpu().numpy() for batch in batches]),
+            status=status,
+            digests=[row_digest(row) for row in rows],
+            sizes=[[len(batch["input_ids"]) for batch in batches]],
+            dots=dots,
+            cosines=cosines,
+        )
 
-    def _gradsift_prepare_update(self, hooks, per_sample, sizes, losses, counts, keep, batches) -> None:
-        """The kept rows' gradient of Σ_kept n_i L_i / Σ_kept n_i, from the scoring pass's per-sample gradients."""
-        weights = np.where(keep, counts, 0) / counts[keep].sum()
+    def _gradsift_check_agreement(self, keep: np.ndarray) -> None:
+        """With `GRADSIFT_DEBUG` set, assert that every rank kept the same rows (they must, with no broadcast)."""
+        team = self._gradsift_team
+        if team.world_size > 1 and os.environ.get("GRADSIFT_DEBUG"):
+            masks = team.gather(keep.tobytes())
+            if any(mask != masks[0] for mask in masks):
+                raise RuntimeError("gradsift: the ranks selected different rows from the same window (a bug)")
+
+    def _gradsift_prepare_update(self, hooks, per_sample, window: Window, keep: np.ndarray) -> None:
+        """The kept rows' gradient of Σ_kept n_i L_i / Σ_kept n_i over the whole window, from the scoring pass's
+        per-sample gradients: each rank weights its own kept rows, one all-reduce sums the ranks' parts."""
+        total = window.counts[keep].sum()
+        mine = keep[window.mine]
+        counts = window.counts[window.mine]
+        weights = np.where(mine, counts, 0) / total
         params = {id(p): p for p in hooks.params}
         grads: dict[int, torch.Tensor] = {}
-        bounds = np.cumsum([0, *sizes])
+        bounds = np.cumsum([0, *window.sizes[window.rank]])
         for b, batch_grads in enumerate(per_sample):
-            rows = np.flatnonzero(keep[bounds[b] : bounds[b + 1]])
+            rows = np.flatnonzero(mine[bounds[b] : bounds[b + 1]])
             if not len(rows):
                 continue  # rows only ever weighted 0 are left out: a non-finite row's gradient may be NaN
             w = torch.as_tensor(weights[bounds[b] + rows], dtype=torch.float32)
@@ -312,10 +369,13 @@ class OnlineSelectionMixin:
             for key, grad in batch_grads.items():
                 contribution = torch.tensordot(w.to(grad.device), grad[index.to(grad.device)], dims=1)
                 grads[key] = grads[key] + contribution if key in grads else contribution
-        loss = float(np.sum(np.where(keep, losses * counts, 0.0)) / counts[keep].sum())
+        if self._gradsift_team.world_size > 1:  # every rank adds a part, zero where it kept no row
+            keys = sorted(params)
+            parts = [grads.get(key, torch.zeros_like(params[key], dtype=torch.float32)) for key in keys]
+            grads = dict(zip(keys, all_reduce_sum(parts, self._gradsift_team)))
+        loss = float(np.sum(np.where(keep, window.losses * window.counts, 0.0)) / total)
         self._gradsift_pending = ({params[key]: grad for key, grad in grads.items()}, torch.tensor(loss))
-        tokens = np.concatenate([batch["attention_mask"].sum(dim=1).cpu().numpy() for batch in batches])
-        self._gradsift_pending_tokens = int(tokens[keep].sum())
+        self._gradsift_pending_tokens = int(window.tokens[keep].sum())
 
     def _gradsift_repack(self, batches: list[dict[str, Any]], keep: np.ndarray, sizes: list[int]) -> list[dict]:
         """Micro-batches of the kept rows: in place for `micro_batch`, re-dealt in order for `step`."""
@@ -328,9 +388,20 @@ class OnlineSelectionMixin:
         else:
             bounds = np.cumsum([0, *sizes])
             chunks = [[rows[i] for i in range(bounds[b], bounds[b + 1]) if keep[i]] for b in range(len(sizes))]
-        out = [self._gradsift_collate(chunk, keys) if chunk else {"_gradsift_skip": True} for chunk in chunks]
-        out += [{"_gradsift_skip": True}] * (len(batches) - len(out))  # the trainer counts micro-batches per step
+        empty = self._gradsift_empty(rows[0], keys)
+        out = [self._gradsift_collate(chunk, keys) if chunk else empty for chunk in chunks]
+        out += [empty] * (len(batches) - len(out))  # the trainer counts micro-batches per step
         return out
+
+    def _gradsift_empty(self, row: dict[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
+        """A micro-batch that adds nothing to the step. Alone it is skipped. Under DDP with `recompute` every rank
+        must run as many backward passes as the others (each one all-reduces): one row with no label to learn
+        (`labels` all ignored) gives a zero gradient and counts no token."""
+        if self._gradsift_team.world_size == 1 or self.gradsift_reuse:
+            return {"_gradsift_skip": True}
+        batch = self._gradsift_collate([row], keys)
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        return batch
 
     def _gradsift_collate(self, rows: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str, torch.Tensor]:
         # Trim to the longest kept row so the update sees the same tensors a trainer given only these rows would.
@@ -346,31 +417,24 @@ class OnlineSelectionMixin:
             batch[key] = tensor
         return batch
 
-    def _gradsift_record(self, batches, losses, norms, status, keep, reasons) -> None:
-        ok = status == STATUS_OK
-        rows = [
-            TokenizedRow(
-                input_ids=b["input_ids"][i][b["attention_mask"][i].bool()].tolist(),
-                labels=b["labels"][i][b["attention_mask"][i].bool()].tolist(),
-            )
-            for b in batches
-            for i in range(len(b["input_ids"]))
-        ]
-        assign_sample_ids(rows)
-        quantiles = np.quantile(norms[ok], [0.1, 0.5, 0.9]) if ok.any() else [float("nan")] * 3
+    def _gradsift_record(self, window: Window, keep: np.ndarray, reasons: np.ndarray) -> None:
+        """The step's record (the whole window: every rank's rows): counts, norm quantiles, kept and dropped ids."""
+        ok = window.status == STATUS_OK
+        quantiles = np.quantile(window.norms[ok], [0.1, 0.5, 0.9]) if ok.any() else [float("nan")] * 3
         dropped: dict[str, int] = {}
         for reason in reasons[~keep]:
             dropped[reason] = dropped.get(reason, 0) + 1
+        ids = window.sample_ids()
         record = {
             "step": int(self.state.global_step),
-            "rows": len(rows),
+            "rows": len(ids),
             "kept": int(keep.sum()),
             "grad_norm_q10": float(quantiles[0]),
             "grad_norm_q50": float(quantiles[1]),
             "grad_norm_q90": float(quantiles[2]),
             "dropped": dropped,
-            "kept_ids": [row.sample_id for row, flag in zip(rows, keep) if flag],
-            "dropped_ids": [row.sample_id for row, flag in zip(rows, keep) if not flag],
+            "kept_ids": [sample_id for sample_id, flag in zip(ids, keep) if flag],
+            "dropped_ids": [sample_id for sample_id, flag in zip(ids, keep) if not flag],
         }
         self.gradsift_stats.append(record)
         log_file = self.gradsift_config.online.log_file

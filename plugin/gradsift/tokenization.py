@@ -153,13 +153,16 @@ _TOKENIZERS = {
 }
 
 
+def row_digest(row: TokenizedRow) -> str:
+    """A 16-character content hash of a row's tokens and labels."""
+    return hashlib.sha256(json.dumps([row.input_ids, row.labels], separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def assign_sample_ids(rows: Sequence[TokenizedRow]) -> None:
     """Give each row `hash#k`: a content hash of its tokens and labels, and k its occurrence among identical rows."""
     seen: Counter[str] = Counter()
     for row in rows:
-        digest = hashlib.sha256(json.dumps([row.input_ids, row.labels], separators=(",", ":")).encode()).hexdigest()[
-            :16
-        ]
+        digest = row_digest(row)
         row.sample_id = f"{digest}#{seen[digest]}"
         seen[digest] += 1
 
