@@ -6,8 +6,10 @@ one process (this machine is noisy: compare ratios, not absolute times). The pap
     python bench/online_bench.py                    # a SmolLM2-135M-shaped random model, 16 rows per step
     python bench/online_bench.py --shape tiny       # seconds, for a smoke run
     python bench/online_bench.py --update recompute # the second-forward-and-backward update
+    python bench/online_bench.py --nproc 2          # two DDP ranks (torchrun, gloo on CPU), the same global batch
 
-Last line: `online_vs_plain=X` (online time / plain time; lower is better).
+Last line: `online_vs_plain=X` (online time / plain time; lower is better), or with `--nproc N > 1`
+`online_ddp_vs_plain_ddp=X` (both arms under N data-parallel ranks, the online arm selecting from the global batch).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,11 +74,15 @@ def rows(n: int, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(data)
 
 
-def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int, update: str = "auto") -> float:
+def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int, update: str = "auto") -> tuple:
+    """(seconds, whether the online arm reused the scoring pass's gradients) of one training run; `batch_size` is the
+    global batch, split among the data-parallel ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,
-            per_device_train_batch_size=batch_size,
+            per_device_train_batch_size=batch_size // world,
+            ddp_backend="gloo",
             max_steps=steps,
             report_to="none",
             save_strategy="no",
@@ -97,7 +105,19 @@ def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int, u
             trainer = SFTTrainer(**common)
         start = time.perf_counter()
         trainer.train()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, getattr(trainer, "gradsift_reuse", None)
+
+
+def relaunch(nproc: int) -> int:
+    """Run this script again as `nproc` torchrun ranks, the cores shared among them; return their exit status."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    command += ["--master_port", str(port), str(Path(__file__).resolve()), *sys.argv[1:]]
+    return subprocess.call(command, env=env)
 
 
 def main() -> None:
@@ -109,21 +129,36 @@ def main() -> None:
     parser.add_argument(
         "--update", choices=["auto", "reuse", "recompute"], default="auto", help="the online arm's `online.update`"
     )
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="data-parallel processes (torchrun, gloo); the global batch is split"
+    )
     args = parser.parse_args()
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        raise SystemExit(relaunch(args.nproc))
+    world, main_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split among {world} processes")
     tokenizer = build_tokenizer()
     dataset = rows(args.batch_size * args.steps)
-    times = {"plain": [], "online": []}
+    times: dict[str, list[float]] = {"plain": [], "online": []}
+    reused = None
     for rep in range(args.reps):
         for arm in ("plain", "online") if rep % 2 == 0 else ("online", "plain"):
-            seconds = run(arm, args.shape, tokenizer, dataset, args.batch_size, args.steps, args.update)
+            seconds, reuse = run(arm, args.shape, tokenizer, dataset, args.batch_size, args.steps, args.update)
             times[arm].append(seconds)
-            print(f"rep {rep} {arm:6s} {seconds:7.2f} s  ({args.steps} steps of {args.batch_size} rows)", flush=True)
+            reused = reuse if arm == "online" else reused
+            if main_rank:
+                print(
+                    f"rep {rep} {arm:6s} {seconds:7.2f} s  ({args.steps} steps of {args.batch_size} rows)", flush=True
+                )
+    if not main_rank:
+        return
     plain, online = min(times["plain"]), min(times["online"])
     print(
-        f"shape={args.shape} update={args.update} torch_threads={torch.get_num_threads()} "
-        f"best plain {plain:.2f} s, online {online:.2f} s"
+        f"shape={args.shape} update={args.update} (reuse chosen: {reused}) processes={world} "
+        f"torch_threads={torch.get_num_threads()} best plain {plain:.2f} s, online {online:.2f} s"
     )
-    print(f"online_vs_plain={online / plain:.3f}")
+    print(f"{'online_ddp_vs_plain_ddp' if world > 1 else 'online_vs_plain'}={online / plain:.3f}")
 
 
 if __name__ == "__main__":
