@@ -232,3 +232,51 @@ def test_the_anchor_set_is_a_scoring_option_of_the_gradsift_block():
     config = resolve_config(cfg, block)
     assert config.scoring.anchor_data == "embedded:refusals" and config.selection.rule == "anchor"
     assert config.scoring.model == "some/model" and config.scoring.lora_r == 8
+
+
+def accelerate_train(config_path: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N -m axolotl.cli.train` on the CPU (gloo)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    launch += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "-m", "axolotl.cli.train", str(config_path)]
+    env = {**ENV, "OMP_NUM_THREADS": "1", "GRADSIFT_DEBUG": "1"}
+    result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_online_mode_under_two_processes_selects_from_the_global_batch(workdir):
+    config_path = write_config(workdir, "online-ddp", "alpaca", False, gradient_accumulation_steps=2, logging_steps=1)
+    config = yaml.safe_load(config_path.read_text())
+    config["gradsift"]["mode"] = "online"
+    config_path.write_text(yaml.safe_dump(config))
+    train = accelerate_train(config_path)
+    log = train.stdout + train.stderr
+    assert re.search(r"gradsift/kept_fraction.{0,6}0\.5", log), log[-3000:]
+    steps = [
+        json.loads(line)
+        for line in (workdir / "online-ddp" / "out" / "gradsift_online.jsonl").read_text().splitlines()
+    ]
+    # 24 rows; a step is 2 processes × 2 micro-batches × 2 rows, selected together.
+    assert len(steps) == 3 and all(step["rows"] == 8 and step["kept"] == 4 for step in steps)
+
+
+@pytest.mark.slow
+def test_offline_scoring_under_two_processes_splits_the_shards_and_trains_the_kept_rows(workdir):
+    config_path = write_config(workdir, "offline-ddp", "alpaca", False, logging_steps=1)
+    config = yaml.safe_load(config_path.read_text())
+    config["gradsift"].setdefault("scoring", {})["shard_size"] = 6
+    config_path.write_text(yaml.safe_dump(config))
+    accelerate_train(config_path)
+    folder = workdir / "offline-ddp" / "prepared" / "gradsift"
+    manifest = json.loads((folder / "scores.json").read_text())
+    assert manifest["world_size"] == 2 and {shard["rank"] for shard in manifest["shards"]} == {0, 1}
+    trained = json.loads((folder / "train.json").read_text())
+    selection = json.loads((folder / "selection.json").read_text())
+    assert trained["rows"] == selection["num_kept"] == 12
