@@ -36,10 +36,10 @@ VARIANTS = ("default", "shuffled", "masked", "logits_to_keep", "full_logits", "d
 @contextlib.contextmanager
 def variant(name: str, model, batch_size: int):
     """Apply one change for the duration of a scoring run."""
-    from gradsift import scoring
+    from gradsift import hooks, scoring
 
     saved = {key: getattr(model, key, None) for key in ("_gradsift_frozen_head", "_gradsift_no_logits_to_keep")}
-    original_batches, original_init = scoring.make_batches, scoring.GradNormHooks.__init__
+    original_batches, original_init = scoring.make_batches, hooks.GradNormHooks.__init__
     try:
         if name == "shuffled":
 
@@ -55,7 +55,7 @@ def variant(name: str, model, batch_size: int):
                 original_init(self, *args, **kwargs)
                 self.masked = True
 
-            scoring.GradNormHooks.__init__ = masked_init
+            hooks.GradNormHooks.__init__ = masked_init
         elif name in ("logits_to_keep", "full_logits"):
             model._gradsift_frozen_head = ()  # the cached "no usable frozen head" answer
             model._gradsift_no_logits_to_keep = name == "full_logits"
@@ -63,7 +63,7 @@ def variant(name: str, model, batch_size: int):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         yield
     finally:
-        scoring.make_batches, scoring.GradNormHooks.__init__ = original_batches, original_init
+        scoring.make_batches, hooks.GradNormHooks.__init__ = original_batches, original_init
         for key, value in saved.items():
             if value is None:
                 model.__dict__.pop(key, None)

@@ -49,7 +49,8 @@ METHODS = ("loop", "batched", "plain")
 
 def make_rows(n: int, vocab: int, min_len: int, max_len: int, seed: int = 0):
     """Rows of mixed lengths; the loss is on a response of 30–70% of each row, as in SFT data."""
-    from gradsift.data import IGNORE_INDEX, TokenizedRow
+    from gradsift.data import IGNORE_INDEX
+    from gradsift.tokenization import TokenizedRow
 
     rng = random.Random(seed)
     rows = []
@@ -92,7 +93,7 @@ def sync(device: str) -> None:
 
 def plain_pass(model, rows, batch_size: int, device: str) -> None:
     """What a training epoch computes: shuffled padded batches, full logits, the model's loss, one backward."""
-    from gradsift.data import collate
+    from gradsift.tokenization import collate
 
     order = list(range(len(rows)))
     random.Random(1).shuffle(order)
@@ -107,7 +108,8 @@ def run_method(model, rows, method: str, batch_size: int, max_tokens: int, devic
     import torch
 
     from gradsift.config import ScoringConfig
-    from gradsift.scoring import compute_autocast, score_rows
+    from gradsift.model_mode import compute_autocast
+    from gradsift.scoring import score_rows
 
     if method == "plain":  # under the autocast scoring uses (bf16 on a GPU), as a `bf16: true` trainer runs
         was_training = model.training

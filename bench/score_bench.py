@@ -67,7 +67,8 @@ def build(shape: str):
 
 
 def samples(n: int, vocab: int, seed: int = 0):
-    from gradsift.data import IGNORE_INDEX, TokenizedRow
+    from gradsift.data import IGNORE_INDEX
+    from gradsift.tokenization import TokenizedRow
 
     rng = random.Random(seed)
     rows = []
@@ -101,8 +102,8 @@ def measure(shape: str, method: str, n: int, batch_size: int, anchor_rows: int, 
     import torch
 
     from gradsift.config import ScoringConfig
-    from gradsift.data import collate
     from gradsift.scoring import anchor_gradient, score_rows
+    from gradsift.tokenization import collate
 
     torch.manual_seed(0)
     model = build(shape)

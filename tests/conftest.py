@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -115,6 +116,59 @@ def max_rel(a, b):
     import numpy as np
 
     return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def sft_config(tmp_path, **overrides):
+    """TRL settings for one exact SGD step on the CPU (no warm-up, clipping or decay), as the trainer tests compare
+    trained weights with a hand-made step; `overrides` set the rest."""
+    from trl import SFTConfig
+
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=64,
+        seed=0,
+        dataloader_drop_last=False,
+    )
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def write_recipe(folder: Path, data: dict, name: str = "recipe.yaml") -> Path:
+    """`data` as a recipe YAML file in `folder`."""
+    import yaml
+
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def recipe_dict(**extra) -> dict:
+    """A recipe that validates without a model or lm-eval's task index (no task named, no align)."""
+    data = {
+        "name": "tiny",
+        "model": "never-loaded",
+        "stages": [{"name": "sentiment", "data": {"synthetic": "sentiment", "size": 8}}],
+        "arms": ["full"],
+        "evals": {"after_each_stage": {"tasks": [], "domain": False}},
+        "drift_prompts": 0,
+    }
+    data.update(extra)
+    return data
 
 
 @pytest.fixture(scope="session")

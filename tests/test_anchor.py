@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from gradsift.config import DataConfig, ScoringConfig
-from gradsift.data import collate, tokenize_records
+from gradsift.hooks import GradNormHooks
 from gradsift.models import prepare_full_scope
-from gradsift.scoring import GradNormHooks, anchor_gradient, score_batch, score_rows
+from gradsift.scoring import anchor_gradient, score_batch, score_rows
+from gradsift.tokenization import collate, tokenize_records
 
 from conftest import build_model, lora_model
 

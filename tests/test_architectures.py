@@ -14,10 +14,12 @@ import transformers
 from torch import nn
 
 from gradsift.config import DataConfig, ScoringConfig
-from gradsift.data import collate, tokenize_records
 from gradsift.errors import UserError
+from gradsift.frozen_head import _frozen_head
+from gradsift.hooks import GradNormHooks
 from gradsift.models import attach_lora, load_model, prepare_full_scope
-from gradsift.scoring import GradNormHooks, _frozen_head, score_rows
+from gradsift.scoring import score_rows
+from gradsift.tokenization import collate, tokenize_records
 
 from conftest import batched_and_loop, build_model, max_rel, tiny_shape, with_trained_lora
 

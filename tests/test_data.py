@@ -7,18 +7,15 @@ import json
 import pytest
 
 from gradsift.config import DataConfig
-from gradsift.data import (
+from gradsift.data import IGNORE_INDEX, check_rows, detect_format, load_source
+from gradsift.errors import UserError
+from gradsift.tokenization import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
-    IGNORE_INDEX,
-    check_rows,
     collate,
-    detect_format,
-    load_source,
     make_batches,
     tokenize_records,
 )
-from gradsift.errors import UserError
 
 
 def spans(row, tokenizer):

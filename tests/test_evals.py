@@ -674,7 +674,7 @@ def test_judge_command_runs_end_to_end_with_a_tiny_stand_in_judge(lm_eval_run, t
 
 
 def test_judged_attack_success_rate_counts_the_guards_verdicts(lm_eval_run, tiny_model_dir, monkeypatch):
-    import gradsift.evaluation as evaluation
+    import gradsift.evaluation.guard as evaluation
 
     out, _ = lm_eval_run
     verdicts = iter(["unsafe\nS2", "safe", "safe", "unsafe\nS1", "safe", "??", "safe", "safe"])
@@ -714,8 +714,8 @@ def test_token_kl_is_the_kl_divergence_of_the_two_models_at_response_tokens(toke
     import torch
 
     from gradsift.config import DataConfig
-    from gradsift.data import collate, tokenize_records
     from gradsift.evaluation import response_logprobs, token_kl
+    from gradsift.tokenization import collate, tokenize_records
 
     from conftest import build_model
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gradsift.config import DataConfig, ScoringConfig, load_config
-from gradsift.data import tokenize_records
 from gradsift.errors import UserError
 from gradsift.models import (
     embedded_model_dir,
@@ -18,6 +17,7 @@ from gradsift.models import (
     resolved_settings,
 )
 from gradsift.scoring import score_rows
+from gradsift.tokenization import tokenize_records
 
 
 def test_fresh_lora_is_the_only_trainable_part_and_has_no_dropout(tiny_model_dir):
@@ -323,7 +323,8 @@ def test_a_hub_model_neither_online_nor_cached_gets_no_commit(monkeypatch, tmp_p
 def test_a_recipes_training_lora_is_seeded_without_touching_the_global_random_state(tokenizer, tmp_path):
     from types import SimpleNamespace
 
-    from gradsift.recipes import LoraSpec, _fresh_lora
+    from gradsift.continual.backends import fresh_lora
+    from gradsift.continual.schema import LoraSpec
 
     from conftest import build_model
 
@@ -331,12 +332,12 @@ def test_a_recipes_training_lora_is_seeded_without_touching_the_global_random_st
     model = build_model(tokenizer)  # (seeds the global state itself)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    first = _fresh_lora(recipe, model, seed=7)
+    first = fresh_lora(recipe, model, seed=7)
     assert torch.equal(torch.random.get_rng_state(), before)
     # The same seed gives the same adapter whatever the global state; another seed another one.
     torch.manual_seed(999)
-    again = _fresh_lora(recipe, build_model(tokenizer), seed=7)
-    other = _fresh_lora(recipe, build_model(tokenizer), seed=8)
+    again = fresh_lora(recipe, build_model(tokenizer), seed=7)
+    other = fresh_lora(recipe, build_model(tokenizer), seed=8)
     weights = [{n: p for n, p in m.named_parameters() if "lora_A" in n} for m in (first, again, other)]
     assert weights[0] and all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
     assert not all(torch.equal(weights[0][n], weights[2][n]) for n in weights[0])

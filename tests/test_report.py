@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gradsift.recipes import ArmSpec, load_recipe, run_recipe
+from gradsift.continual import ArmSpec, load_recipe
+from gradsift.continual.runner import run_recipe
 from gradsift.report import (
     bootstrap_rate,
     is_refusal_task,
@@ -27,7 +28,7 @@ from gradsift.report import (
     t_interval,
     write_report,
 )
-from test_recipes import tiny_recipe, write
+from test_continual_runner import tiny_recipe, write
 
 ARMS = ("full", "gradsift", "random")
 SEEDS = (0, 1, 2)
@@ -503,7 +504,7 @@ def test_anchor_cos_histogram_only_for_stages_scored_with_an_anchor(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradsift.report import _score_histograms
+    from gradsift.report.plots import _score_histograms
     from gradsift.store import write_table
     from gradsift.table import ScoreTable
 

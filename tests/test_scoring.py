@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from gradsift.config import DataConfig, ScoringConfig, SelectionConfig
-from gradsift.data import TokenizedRow, make_batches, tokenize_records
 from gradsift.errors import UserError
+from gradsift.hooks import GradNormHooks
 from gradsift.models import attach_lora, load_model, prepare_full_scope
-from gradsift.scoring import GradNormHooks, score_rows
+from gradsift.scoring import score_rows
 from gradsift.selection import select_rows
+from gradsift.tokenization import TokenizedRow, make_batches, tokenize_records
 
 from conftest import batched_and_loop, build_model, lora_model, max_rel
 
@@ -62,8 +63,8 @@ def test_tied_embedding_cross_term_is_counted(tokenizer, rows):
     hooks = GradNormHooks(model)
     assert len(hooks.shared) == 1
     hooks.shared.clear()  # pretend the weight is not shared: each use then counts on its own
-    from gradsift.data import collate
     from gradsift.scoring import score_batch
+    from gradsift.tokenization import collate
 
     batch = collate(rows[:4], tokenizer.pad_token_id)
     with hooks:
@@ -190,8 +191,8 @@ def test_a_layer_called_twice_per_forward_is_refused(tokenizer, rows):
 
 
 def test_kept_per_sample_gradients_equal_each_rows_own_gradient(tokenizer, rows):
-    from gradsift.data import collate
     from gradsift.scoring import per_sample_loss, score_batch
+    from gradsift.tokenization import collate
 
     model = lora_model(tokenizer)
     model.eval()
@@ -223,7 +224,7 @@ def test_keeping_gradients_of_a_tied_embedding_is_refused(tokenizer):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_frozen_head_loss_matches_autograd_cross_entropy(with_bias):
-    from gradsift.scoring import FrozenHeadLoss
+    from gradsift.frozen_head import FrozenHeadLoss
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(11, 16, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -248,8 +249,8 @@ def test_frozen_head_loss_matches_autograd_cross_entropy(with_bias):
 def test_frozen_head_path_is_used_only_where_it_gives_the_models_logits(tokenizer, rows):
     from transformers import LlamaForCausalLM
 
-    from gradsift.data import collate
-    from gradsift.scoring import _frozen_head
+    from gradsift.frozen_head import _frozen_head
+    from gradsift.tokenization import collate
 
     batch = collate(rows[:4], tokenizer.pad_token_id, torch.device("cpu"))
     assert _frozen_head(lora_model(tokenizer), batch) is not None  # LoRA: the head is frozen

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from gradsift.config import GradSiftConfig
-from gradsift.data import load_source, tokenize_records
+from gradsift.data import load_source
 from gradsift.models import load_model
 from gradsift.pipeline import fingerprints_for, score_cached
 from gradsift.store import MANIFEST, SHARDS, TABLE, read_table
+from gradsift.tokenization import tokenize_records
 
 from conftest import build_model
 
@@ -137,7 +138,7 @@ def test_shards_of_another_identity_are_not_reused(setup):
 
 def test_scoring_can_be_forbidden_when_no_finished_scores_exist(setup, tokenizer, mixed_records):
     """Used by the axolotl plugin when several processes run: only a finished cache is accepted."""
-    from gradsift.data import DataConfig
+    from gradsift.config import DataConfig
     from gradsift.pipeline import ScoresMissing, score_and_select
 
     run, config, _, tmp_path = setup
@@ -151,3 +152,30 @@ def test_scoring_can_be_forbidden_when_no_finished_scores_exist(setup, tokenizer
         rows, loader, tokenizer, config, tmp_path / "multi", progress=False, allow_scoring=False
     )
     assert result.reused and loader.loads == 1
+
+
+def test_records_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    import numpy as np
+
+    from gradsift.fileio import write_json
+    from gradsift.selection import Selection
+    from gradsift.store import write_dropped
+    from gradsift.table import ScoreTable
+    from gradsift.tokenization import TokenizedRow
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in strict JSON"))
+
+    record = {"train": {"train_loss": float("nan"), "losses": [1.0, float("inf")]}, "drift": {"kl": np.float32("nan")}}
+    write_json(record, tmp_path / "stage.json")
+    assert strict((tmp_path / "stage.json").read_text()) == {
+        "train": {"train_loss": None, "losses": [1.0, None]},
+        "drift": {"kl": None},
+    }
+    table = ScoreTable.empty([TokenizedRow(input_ids=[1, 2], labels=[-100, 2], sample_id="s#0")], [3])
+    table.status[:] = "nonfinite"
+    selection = Selection(keep=np.zeros(1, dtype=bool), reasons=np.array(["nonfinite"], dtype=object))
+    write_dropped(tmp_path / "dropped.jsonl", table, selection)
+    line = strict((tmp_path / "dropped.jsonl").read_text())
+    assert line["index"] == 3 and line["reason"] == "nonfinite"
+    assert line["grad_norm"] is None and line["loss"] is None and line["anchor_cos"] is None

@@ -16,7 +16,10 @@ import yaml
 
 from gradsift import synthetic
 from gradsift.cli import main
-from gradsift.recipes import SHARED_DIR, RecipeError, full_arm_steps, iter_stage_files, load_recipe, run_recipe
+from gradsift.continual import RecipeError, iter_stage_files, load_recipe
+from gradsift.continual.arms import full_arm_steps
+from gradsift.continual.layout import SHARED_DIR
+from gradsift.continual.runner import run_recipe
 from gradsift.store import TABLE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from gradsift.config import DataConfig
-from gradsift.data import Source, TokenizedRow, file_fingerprint, load_source, tokenize_records
+from gradsift.data import Source, file_fingerprint, load_source
 from gradsift.errors import UserError
+from gradsift.tokenization import TokenizedRow, tokenize_records
 
 EMBEDDED_REFUSALS = "embedded:refusals"
 EMBEDDED = {EMBEDDED_REFUSALS: "the shipped align set's harmful requests, each with its refusal"}

@@ -1,8 +1,10 @@
-"""The `gradsift` command: score, select, inspect, eval, judge, evals-path.
+"""The `gradsift` command: score, select, inspect, eval, judge, run, report, evals-path.
 
 Every config key is a `--kebab-case` flag (`--quantization none`, `--keep-fraction 0.2`), or comes from a YAML file
 given with `--config` (nested `data:`, `scoring:`, `selection:` sections; a top-level `gradsift:` block, as in an
-axolotl YAML, works too). Flags win over the file. User errors print one line and exit with status 2.
+axolotl YAML, works too). Flags win over the file; `gradsift.cli_flags` makes them from the config schema. This
+module parses arguments and prints; what `inspect` computes lives beside the score table (`gradsift.table`) and
+the selection rules (`gradsift.selection`). User errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import argparse
 import json
 import logging
 import sys
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradsift import __version__
-from gradsift.config import SECTIONS, EvalConfig, GradSiftConfig, ModelConfig, load_config
+from gradsift.cli_flags import add_common, add_schema_flags, config_from_args, section_values
+from gradsift.config import EvalConfig, GradSiftConfig, ModelConfig
 from gradsift.distributed import Team
 from gradsift.errors import UserError
-from gradsift.selection import length_bins
+from gradsift.selection import length_bin_summary
+from gradsift.table import QUANTILES, anchor_correlations, column_quantiles
 
 if TYPE_CHECKING:
     from gradsift.pipeline import ScoreResult
 
 logger = logging.getLogger("gradsift")
-
-QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="a .jsonl/.json/.parquet file, a saved dataset folder or a hub id"
     )
     score.add_argument("--out", required=True, type=Path, help="folder for scores.parquet and scores.json")
-    _add_common(score, ("data", "scoring"))
+    add_common(score, ("data", "scoring"))
     score.set_defaults(handler=run_score)
 
     select = commands.add_parser(
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("scores", type=Path, metavar="DIR", help="a folder written by `gradsift score`")
     select.add_argument("--out", required=True, type=Path, help="file for the kept rows (.jsonl, .json or .parquet)")
     select.add_argument("--data", help="the scored data, if it moved (its content must match the scored fingerprint)")
-    _add_common(select, ("selection",))
+    add_common(select, ("selection",))
     select.set_defaults(handler=run_select)
 
     inspect = commands.add_parser(
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("scores", type=Path, metavar="DIR", help="a folder written by `gradsift score`")
     inspect.add_argument("--bins", type=int, default=4, help="number of response-length bins (default 4)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    _add_common(inspect, ("selection",))
+    add_common(inspect, ("selection",))
     inspect.set_defaults(handler=run_inspect)
     _add_eval_commands(commands)
     return parser
@@ -124,8 +124,8 @@ def _add_eval_commands(commands: Any) -> None:
     )
     evaluate.add_argument("--output", type=Path, default=Path("runs/eval"), help="results folder (default runs/eval)")
     evaluate.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    _add_schema_flags(evaluate, "model", ModelConfig, "the model to evaluate (--model is required)")
-    _add_schema_flags(evaluate, "eval", EvalConfig, "what lm-eval runs")
+    add_schema_flags(evaluate, "model", ModelConfig, "the model to evaluate (--model is required)")
+    add_schema_flags(evaluate, "eval", EvalConfig, "what lm-eval runs")
     evaluate.set_defaults(handler=run_eval)
 
     judge = commands.add_parser(
@@ -146,7 +146,7 @@ def _add_eval_commands(commands: Any) -> None:
     judge.add_argument("--batch-size", type=int, default=8, help="answers judged per batch (default 8)")
     judge.add_argument("--max-new-tokens", type=int, default=24, help="judge output length (default 24)")
     judge.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    _add_schema_flags(judge, "model", ModelConfig, "how the judge model is loaded", exclude=("model", "adapter"))
+    add_schema_flags(judge, "model", ModelConfig, "how the judge model is loaded", exclude=("model", "adapter"))
     judge.set_defaults(handler=run_judge)
 
     run = commands.add_parser(
@@ -195,141 +195,6 @@ def _add_eval_commands(commands: Any) -> None:
     path.set_defaults(handler=run_evals_path)
 
 
-def _add_schema_flags(
-    parser: argparse.ArgumentParser, section: str, model: type, title: str, exclude: Sequence[str] = ()
-) -> None:
-    """A flag per field of a config model, as `score`'s are made: help and defaults come from the schema."""
-    group = parser.add_argument_group(f"{section} options ({title})")
-    for name, field in model.model_fields.items():
-        if name not in exclude:
-            _add_field_flag(group, section, name, field)
-
-
-def _section_values(args: argparse.Namespace, section: str, model: type) -> Any:
-    """The config model of one flag section: the flags given, over the schema's defaults (`UserError` naming the
-    flag if a value is invalid)."""
-    from pydantic import ValidationError
-
-    from gradsift.config import format_validation_error
-
-    given = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith(f"{section}.")}
-    try:
-        return model(**given)
-    except ValidationError as error:
-        message = " ".join(format_validation_error(error, section).splitlines())
-        for name in model.model_fields:  # these commands take flags only: name the flag, not a config key
-            message = message.replace(f"`{section}.{name}`", f"`--{name.replace('_', '-')}`")
-        raise UserError(message) from None
-
-
-def _add_common(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file with data:, scoring: and selection: sections")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    for section in sections:
-        group = parser.add_argument_group(f"{section} options (`{section}.*` in --config)")
-        for name, field in SECTIONS[section].model_fields.items():
-            _add_field_flag(group, section, name, field)
-
-
-def _add_field_flag(group: Any, section: str, name: str, field: Any) -> None:
-    flag = "--" + name.replace("_", "-")
-    default = field.get_default(call_default_factory=True)
-    if isinstance(default, list):
-        default = ",".join(default)
-    help_text = f"{field.description} (default: {default!r})".replace("%", "%%")
-    dest = f"{section}.{name}"
-    annotation = field.annotation
-    choices = _literal_choices(annotation)
-    if annotation is bool:
-        group.add_argument(
-            flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-        )
-    elif choices:
-        group.add_argument(flag, dest=dest, choices=choices, default=argparse.SUPPRESS, help=help_text)
-    elif name == "lora_target_modules":
-        group.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=help_text)
-    elif typing.get_origin(annotation) is list:
-        group.add_argument(flag, dest=dest, type=_comma_list, default=argparse.SUPPRESS, metavar="A,B", help=help_text)
-    else:
-        group.add_argument(
-            flag,
-            dest=dest,
-            type=_scalar_parser(annotation),
-            default=argparse.SUPPRESS,
-            metavar=_metavar(annotation),
-            help=help_text,
-        )
-
-
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _literal_choices(annotation: Any) -> list[str] | None:
-    if typing.get_origin(annotation) is typing.Literal:
-        return list(typing.get_args(annotation))
-    return None
-
-
-def _scalar_parser(annotation: Any):
-    args = (
-        typing.get_args(annotation)
-        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
-        else (annotation,)
-    )
-    nullable = type(None) in args
-    base = next((a for a in args if a is not type(None)), str)
-
-    def parse(text: str) -> Any:
-        if nullable and text.lower() in ("none", "null"):
-            return None
-        return base(text) if base in (int, float) else text
-
-    parse.__name__ = getattr(base, "__name__", "value")
-    return parse
-
-
-def _metavar(annotation: Any) -> str:
-    text = str(annotation)
-    if "float" in text:
-        return "X"
-    if "int" in text:
-        return "N"
-    return "VALUE"
-
-
-def config_from_args(args: argparse.Namespace) -> GradSiftConfig:
-    """Merge `--config FILE` with the flags that were given (flags win) into a validated config."""
-    data: dict[str, Any] = {}
-    if args.config is not None:
-        data = read_yaml_config(args.config)
-    for key, value in vars(args).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            data.setdefault(section, {})[name] = value
-    return load_config(data)
-
-
-def read_yaml_config(path: Path) -> dict[str, Any]:
-    """Read a config YAML: `data:`/`scoring:`/`selection:` sections, possibly under a top-level `gradsift:` key."""
-    import yaml
-
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise UserError(f"--config {str(path)!r} {what}; pass a YAML file.")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"--config {str(path)!r} is not valid YAML: {error}. Fix the file's syntax.") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--config {str(path)!r} is not UTF-8 text; save the YAML file as UTF-8.") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"--config {str(path)!r} must hold a mapping; got {type(loaded).__name__}.")
-    if "gradsift" in loaded:
-        loaded = loaded["gradsift"] or {}
-    return loaded
-
-
 def run_score(args: argparse.Namespace) -> int:
     """`gradsift score`; under torchrun or `accelerate launch`, the processes split the shards and rank 0 reports."""
     from gradsift.distributed import launched_team
@@ -357,9 +222,10 @@ def run_score(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tuple[ScoreResult, int]:
     from gradsift.anchors import anchor_rows
-    from gradsift.data import load_source, tokenize_records
+    from gradsift.data import load_source
     from gradsift.models import load_model, load_tokenizer
     from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
+    from gradsift.tokenization import tokenize_records
 
     source = load_source(args.data, split=config.data.split)
     tokenizer = load_tokenizer(config.scoring.model, config.scoring.trust_remote_code)
@@ -384,28 +250,15 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
     return result, len(rows)
 
 
-def _load_scores(folder: Path):
-    from gradsift.store import finished_table, read_manifest
-
-    manifest = read_manifest(folder)
-    table = finished_table(folder, manifest)
-    if manifest is None or table is None:
-        raise UserError(
-            f"{str(folder)!r} holds no finished scores (no complete scores.json beside its scores.parquet). Run "
-            "`gradsift score` first, or again to finish an interrupted one."
-        )
-    return manifest, table
-
-
 def run_select(args: argparse.Namespace) -> int:
     """`gradsift select`."""
     from gradsift.data import load_source
     from gradsift.locking import folder_lock
     from gradsift.selection import apply_selection, kept_indices
-    from gradsift.store import MANIFEST, TABLE, selection_paths, write_dropped, write_selection
+    from gradsift.store import MANIFEST, TABLE, load_finished_scores, selection_paths, write_dropped, write_selection
 
     config = config_from_args(args)
-    manifest, table = _load_scores(args.scores)
+    manifest, table = load_finished_scores(args.scores)
     fingerprints = manifest["fingerprints"]
     data_path = args.data or fingerprints.get("data_path")
     if not data_path:
@@ -438,16 +291,17 @@ def run_select(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     """`gradsift inspect`."""
     from gradsift.selection import apply_selection
+    from gradsift.store import load_finished_scores
 
     config = config_from_args(args)
-    manifest, table = _load_scores(args.scores)
+    manifest, table = load_finished_scores(args.scores)
     selection = apply_selection(table, config)
     ok = table.status == "ok"
     report: dict[str, Any] = {
         "rows": len(table),
         "status": {status: int((table.status == status).sum()) for status in sorted(set(table.status.tolist()))},
         "quantiles": {
-            column: {str(q): float(np.quantile(getattr(table, column)[ok], q)) for q in QUANTILES} if ok.any() else {}
+            column: column_quantiles(getattr(table, column)[ok]) if ok.any() else {}
             for column in ("loss", "grad_norm")
         },
         "selection": {"rule": config.selection.rule, "summary": selection.summary(), "dropped": selection.counts()},
@@ -456,10 +310,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     anchored = ok & np.isfinite(table.anchor_cos)
     if anchored.any():
         report["quantiles"].update(
-            {column: {str(q): float(np.quantile(getattr(table, column)[anchored], q)) for q in QUANTILES}
-             for column in ("anchor_dot", "anchor_cos")}
-        )  # fmt: skip
-        report["anchor_correlation"] = _anchor_correlations(table, anchored)
+            {column: column_quantiles(getattr(table, column)[anchored]) for column in ("anchor_dot", "anchor_cos")}
+        )
+        report["anchor_correlation"] = anchor_correlations(table, anchored)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -500,44 +353,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _anchor_correlations(table: Any, rows: np.ndarray) -> dict[str, float | None]:
-    """Spearman's rank correlation of `anchor_cos` with the gradient norm and with the response length."""
-    from scipy.stats import spearmanr
-
-    result: dict[str, float | None] = {}
-    for name in ("grad_norm", "num_response_tokens"):
-        other = getattr(table, name)[rows]
-        if rows.sum() < 3 or np.ptp(other) == 0 or np.ptp(table.anchor_cos[rows]) == 0:
-            result[name] = None  # undefined on fewer than 3 rows or a constant column
-        else:
-            result[name] = float(spearmanr(table.anchor_cos[rows], other).statistic)
-    return result
-
-
 def _length_bins(table: Any, selection: Any, ok: np.ndarray, bins: int) -> list[dict[str, Any]]:
     if bins < 1:
         raise UserError(f"`--bins` must be >= 1; got {bins}. Pass the number of response-length bins, e.g. 4.")
-    # The rows and bins of `selection.length_strata`, so with --bins K a bin here is a group that rule runs on.
-    rows = np.flatnonzero(ok & np.isfinite(table.loss) & np.isfinite(table.grad_norm))
-    if not len(rows):
-        return []
-    lengths = table.num_response_tokens[rows]
-    ids = length_bins(lengths, bins)
-    result = []
-    for b in range(int(ids.max()) + 1):
-        member = rows[ids == b]
-        kept = int(selection.keep[member].sum())
-        result.append(
-            {
-                "range": f"{int(lengths[ids == b].min())}-{int(lengths[ids == b].max())}",
-                "rows": len(member),
-                "median_loss": float(np.median(table.loss[member])),
-                "median_grad_norm": float(np.median(table.grad_norm[member])),
-                "kept": kept,
-                "kept_fraction": kept / len(member),
-            }
-        )
-    return result
+    return length_bin_summary(table, selection, ok, bins)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -552,8 +371,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from gradsift.evaluation import check_task_names, results_table, run_lm_eval, task_manager
     from gradsift.models import load_for_eval, load_tokenizer
 
-    model_config = _section_values(args, "model", ModelConfig)
-    evals = _section_values(args, "eval", EvalConfig)
+    model_config = section_values(args, "model", ModelConfig)
+    evals = section_values(args, "eval", EvalConfig)
     if not model_config.model:
         raise UserError("`gradsift eval` needs --model: a hub id, a local folder or embedded:smollm2-135m-instruct.")
     if not evals.tasks:
@@ -586,7 +405,7 @@ def run_judge(args: argparse.Namespace) -> int:
     """`gradsift judge`."""
     from gradsift.evaluation import judge_results
 
-    loading = _section_values(args, "model", ModelConfig)
+    loading = section_values(args, "model", ModelConfig)
     summary = judge_results(
         args.results,
         args.judge,
@@ -615,7 +434,8 @@ def _rate(value: float | None) -> str:
 
 def run_run(args: argparse.Namespace) -> int:
     """`gradsift run`."""
-    from gradsift.recipes import describe_plan, load_recipe, plan, run_recipe
+    from gradsift.continual.loading import load_recipe
+    from gradsift.continual.runner import describe_plan, plan, run_recipe
 
     recipe = load_recipe(args.recipe)
     out = args.out or Path("runs") / recipe.name
@@ -647,7 +467,7 @@ def run_report(args: argparse.Namespace) -> int:
     from gradsift.report import headline_table, write_report
 
     if args.rejudge:
-        from gradsift.recipes import rejudge_run
+        from gradsift.continual.evals import rejudge_run
 
         logger.info("gradsift report: judged the answers of %d stage(s) again", rejudge_run(args.run_dir))
     paths = write_report(args.run_dir, plots=not args.no_plots)

@@ -1,19 +1,19 @@
-"""Read datasets in any supported format and tokenize them with response-only labels, the way training sees them.
+"""Read datasets in any supported format and check every row against its format.
 
 Formats (detected from the columns unless `data.format` is set):
 - `prompt_completion`: `prompt` + `completion`, plain strings or lists of chat messages (TRL's conversational form).
-- `messages`: a chat in `messages`; loss on every assistant turn, its end-of-turn token included.
-- `alpaca`: `instruction` (+ optional `input`) + `output`, rendered with the Alpaca prompt like axolotl's `alpaca`.
+- `messages`: a chat in `messages`.
+- `alpaca`: `instruction` (+ optional `input`) + `output`.
 - `tokenized`: `input_ids` + `labels` (-100 where no loss).
 
-Tokenization mirrors TRL's `SFTTrainer`, so that scored tokens are trained tokens.
+A bad row is reported where one finds it (its line in a JSON Lines file). `gradsift.tokenization` turns checked rows
+into tokens and labels.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import numbers
 import os
 from collections import Counter
@@ -22,13 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from gradsift.config import DataConfig
 from gradsift.errors import UserError
 from gradsift.fileio import atomic_path, dumps
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -40,16 +35,6 @@ FORMAT_COLUMNS = {
 }
 # A bad-rows error shows this many rows, then counts the rest.
 MAX_REPORTED_ROWS = 5
-# The same prompts as axolotl's `type: alpaca`.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 class Rows(list):
@@ -438,177 +423,8 @@ def _more(total: int) -> str:
     return f"; and {total - MAX_REPORTED_ROWS:,} more" if total > MAX_REPORTED_ROWS else ""
 
 
-@dataclass
-class TokenizedRow:
-    """One training sample as the model sees it: `labels` is -100 wherever no loss is taken."""
-
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool = False
-    sample_id: str = ""
-
-    @property
-    def num_response_tokens(self) -> int:
-        # Labels are shifted inside the loss: the first position never has a target.
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
-
-
 def require_rows(records: Sequence[Any]) -> None:
     """Refuse an empty dataset (`UserError` naming it): there is nothing to score or train on."""
     if not records:
         origin = records.origin if isinstance(records, Rows) and records.origin else "the dataset"
         raise UserError(f"{origin[0].upper()}{origin[1:]} is empty: there are no rows to score. Add rows.")
-
-
-def tokenize_records(
-    records: Sequence[dict[str, Any]],
-    tokenizer: Any,
-    config: DataConfig,
-    *,
-    progress: bool = True,
-) -> list[TokenizedRow]:
-    """Tokenize rows into `TokenizedRow`s with response-only labels, truncated to `data.max_length`, with ids.
-
-    Every row is checked against the format (`data.format`, or the one detected from the rows' columns) before any is
-    tokenized, so a bad row fails in seconds with its line; see `check_rows`.
-    """
-    require_rows(records)
-    fmt = check_rows(records, config.format)
-    rows = []
-    for record in tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000):
-        input_ids, labels = _TOKENIZERS[fmt](record, tokenizer, config)
-        truncated = len(input_ids) > config.max_length
-        rows.append(TokenizedRow(input_ids[: config.max_length], labels[: config.max_length], truncated))
-    assign_sample_ids(rows)
-    return rows
-
-
-def _prompt_completion(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[int], list[int]]:
-    prompt, completion = record["prompt"], record["completion"]
-    if isinstance(prompt, list):
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
-        ids = _chat_ids(tokenizer, prompt + completion)
-    else:
-        if not completion.endswith(tokenizer.eos_token):  # TRL appends EOS to plain completions
-            completion = completion + tokenizer.eos_token
-        prompt_ids = tokenizer(text=prompt)["input_ids"]
-        ids = tokenizer(text=prompt + completion)["input_ids"]
-    if ids[: len(prompt_ids)] != prompt_ids:
-        logger.warning(
-            "The tokenized prompt is not a prefix of the tokenized prompt+completion; the split may be off."
-        )
-    if not config.completion_only_loss:
-        return ids, list(ids)
-    return ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
-
-
-def _alpaca(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[int], list[int]]:
-    template = ALPACA_PROMPT if record.get("input") else ALPACA_PROMPT_NO_INPUT
-    prompt = template.format(instruction=record["instruction"], input=record.get("input") or "")
-    return _prompt_completion({"prompt": prompt, "completion": record["output"]}, tokenizer, config)
-
-
-def _messages(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[int], list[int]]:
-    messages = record["messages"]
-    ids = _chat_ids(tokenizer, messages)
-    if not config.assistant_only_loss:
-        return ids, list(ids)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        start = len(_chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = _chat_ids(tokenizer, messages[: i + 1])
-        if ids[: len(upto)] != upto or upto[:start] != ids[:start]:
-            raise UserError(
-                "The chat template renders earlier turns differently once later turns follow, so assistant turns "
-                "cannot be located. Use `data.format: tokenized` with your own labels, or prompt/completion rows."
-            )
-        end = len(upto)
-        # The turn ends at its end-of-turn token; the template's whitespace after it is not the model's answer.
-        while end > start and not tokenizer.decode(upto[end - 1 : end]).strip():
-            end -= 1
-        labels[start:end] = ids[start:end]
-    return ids, labels
-
-
-def _tokenized(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[int], list[int]]:
-    return list(record["input_ids"]), list(record["labels"])
-
-
-def _chat_ids(tokenizer: Any, messages: list, add_generation_prompt: bool = False) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            "The tokenizer has no chat template, so chat rows cannot be rendered. Use a chat model, or plain-text "
-            "prompt/completion rows."
-        )
-    if not messages:
-        return []
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
-    return list(encoded["input_ids"])
-
-
-_TOKENIZERS = {
-    "prompt_completion": _prompt_completion,
-    "messages": _messages,
-    "alpaca": _alpaca,
-    "tokenized": _tokenized,
-}
-
-
-def assign_sample_ids(rows: Sequence[TokenizedRow]) -> None:
-    """Give each row `hash#k`: a content hash of its tokens and labels, and k its occurrence among identical rows."""
-    seen: Counter[str] = Counter()
-    for row in rows:
-        digest = hashlib.sha256(json.dumps([row.input_ids, row.labels], separators=(",", ":")).encode()).hexdigest()[
-            :16
-        ]
-        row.sample_id = f"{digest}#{seen[digest]}"
-        seen[digest] += 1
-
-
-def rows_fingerprint(rows: Sequence[TokenizedRow]) -> str:
-    """Return a hash of the tokenized rows in order: it changes with the data, the tokenizer or `max_length`."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(row.sample_id.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
-
-
-def make_batches(lengths: Sequence[int], max_tokens_per_batch: int, max_batch_size: int) -> list[list[int]]:
-    """Group row indices into length-sorted batches whose padded size (rows × longest) fits the token budget.
-
-    A row longer than the budget gets a batch of its own rather than an error.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1 > max_batch_size or (len(current) + 1) * longest > max_tokens_per_batch):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def collate(rows: Sequence[TokenizedRow], pad_token_id: int, device: Any = None) -> dict[str, Any]:
-    """Right-pad rows into `input_ids`, `attention_mask` and `labels` tensors (labels -100 on padding)."""
-    import torch
-
-    width = max(len(row.input_ids) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row.input_ids)
-        input_ids[i, :n] = torch.tensor(row.input_ids)
-        labels[i, :n] = torch.tensor(row.labels)
-        attention_mask[i, :n] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

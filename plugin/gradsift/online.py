@@ -35,12 +35,15 @@ import torch
 
 from gradsift.anchors import uses_anchor
 from gradsift.config import GradSiftConfig
-from gradsift.data import IGNORE_INDEX, TokenizedRow, assign_sample_ids
+from gradsift.data import IGNORE_INDEX
 from gradsift.errors import UserError
 from gradsift.fileio import dumps
-from gradsift.scoring import GradNormHooks, anchor_gradient, anchor_scores, score_batch, scoring_mode
+from gradsift.hooks import GradNormHooks
+from gradsift.model_mode import scoring_mode
+from gradsift.scoring import anchor_gradient, anchor_scores, score_batch
 from gradsift.selection import select_rows
 from gradsift.table import STATUS_OK, row_status
+from gradsift.tokenization import TokenizedRow, assign_sample_ids
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from gradsift.anchors import anchor_rows, uses_anchor
 from gradsift.config import GradSiftConfig, ScoringConfig
-from gradsift.data import TokenizedRow, require_rows, rows_fingerprint
+from gradsift.data import require_rows
 from gradsift.distributed import Team, assign_shards
 from gradsift.errors import UserError
 from gradsift.locking import folder_lock
@@ -26,6 +26,7 @@ from gradsift.scoring import anchor_gradient, score_rows
 from gradsift.selection import Selection, apply_selection
 from gradsift.store import ScoreStore, read_table
 from gradsift.table import ScoreTable
+from gradsift.tokenization import TokenizedRow, rows_fingerprint
 
 logger = logging.getLogger(__name__)
 

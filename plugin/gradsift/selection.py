@@ -2,7 +2,8 @@
 
 Pure numpy and I/O-free, so the offline CLI, the online per-batch mode and the tests share one implementation.
 Ties are always broken by the lower original row index: it is kept first by `moderate`, `high` and `low`, and
-dropped first by `drop_top` (which ranks rows by descending norm, then index).
+dropped first by `drop_top` (which ranks rows by descending norm, then index). `length_bin_summary` is what
+`gradsift inspect` shows per response-length bin: the rows, median scores and kept count of each `length_bins` bin.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -468,3 +469,29 @@ def apply_selection(table: ScoreTable, config: GradSiftConfig, keep_count: int |
 def kept_indices(selection: Selection, table: ScoreTable) -> np.ndarray:
     """Return the dataset positions of the kept rows, in dataset order."""
     return np.sort(table.index[selection.keep])
+
+
+def length_bin_summary(table: ScoreTable, selection: Selection, ok: np.ndarray, bins: int) -> list[dict[str, Any]]:
+    """Per response-length bin of the `ok` rows with finite scores: its length range, rows, median loss and gradient
+    norm, and how many rows `selection` keeps (`bins` at least 1)."""
+    # The rows and bins of `selection.length_strata`, so with `bins` K a bin here is a group that rule runs on.
+    rows = np.flatnonzero(ok & np.isfinite(table.loss) & np.isfinite(table.grad_norm))
+    if not len(rows):
+        return []
+    lengths = table.num_response_tokens[rows]
+    ids = length_bins(lengths, bins)
+    result = []
+    for b in range(int(ids.max()) + 1):
+        member = rows[ids == b]
+        kept = int(selection.keep[member].sum())
+        result.append(
+            {
+                "range": f"{int(lengths[ids == b].min())}-{int(lengths[ids == b].max())}",
+                "rows": len(member),
+                "median_loss": float(np.median(table.loss[member])),
+                "median_grad_norm": float(np.median(table.grad_norm[member])),
+                "kept": kept,
+                "kept_fraction": kept / len(member),
+            }
+        )
+    return result

@@ -119,6 +119,18 @@ def finished_table(folder: str | os.PathLike, manifest: dict[str, Any] | None = 
     return read_table(pa.BufferReader(data))
 
 
+def load_finished_scores(folder: Path) -> tuple[dict[str, Any], ScoreTable]:
+    """The manifest and table of a folder of finished scores (`UserError` if it holds none)."""
+    manifest = read_manifest(folder)
+    table = finished_table(folder, manifest)
+    if manifest is None or table is None:
+        raise UserError(
+            f"{str(folder)!r} holds no finished scores (no complete scores.json beside its scores.parquet). Run "
+            "`gradsift score` first, or again to finish an interrupted one."
+        )
+    return manifest, table
+
+
 class ScoreStore:
     """A score folder for one (model, data, scoring config) identity.
 

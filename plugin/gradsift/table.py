@@ -1,4 +1,5 @@
-"""The score table: one row per sample with its loss, gradient norm and status, and the rule that sets the status.
+"""The score table: one row per sample with its loss, gradient norm and status, and the rule that sets the status;
+and the statistics of its columns that `gradsift inspect` shows (quantiles, anchor correlations).
 
 No torch here: `gradsift select`, `inspect` and `report` read and write score tables without importing it.
 """
@@ -12,11 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from gradsift.data import TokenizedRow
+    from gradsift.tokenization import TokenizedRow
 
 STATUS_OK = "ok"
 STATUS_NO_RESPONSE = "no_response_tokens"
 STATUS_NONFINITE = "nonfinite"
+# The quantiles `gradsift inspect` shows of each score column.
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
 @dataclass
@@ -74,3 +77,22 @@ def row_status(num_response_tokens: np.ndarray, losses: np.ndarray, grad_norms: 
     finite = np.isfinite(np.asarray(losses, dtype=float)) & np.isfinite(np.asarray(grad_norms, dtype=float))
     status = np.where(counts == 0, STATUS_NO_RESPONSE, np.where(finite, STATUS_OK, STATUS_NONFINITE))
     return status.astype(object)
+
+
+def column_quantiles(values: np.ndarray) -> dict[str, float]:
+    """The `QUANTILES` of a column's values, keyed by the quantile as text (`"0.5"`)."""
+    return {str(q): float(np.quantile(values, q)) for q in QUANTILES}
+
+
+def anchor_correlations(table: ScoreTable, rows: np.ndarray) -> dict[str, float | None]:
+    """Spearman's rank correlation of `anchor_cos` with the gradient norm and with the response length."""
+    from scipy.stats import spearmanr
+
+    result: dict[str, float | None] = {}
+    for name in ("grad_norm", "num_response_tokens"):
+        other = getattr(table, name)[rows]
+        if rows.sum() < 3 or np.ptp(other) == 0 or np.ptp(table.anchor_cos[rows]) == 0:
+            result[name] = None  # undefined on fewer than 3 rows or a constant column
+        else:
+            result[name] = float(spearmanr(table.anchor_cos[rows], other).statistic)
+    return result

@@ -18,13 +18,14 @@ import numpy as np
 from trl import SFTTrainer
 
 from gradsift.config import DataConfig, GradSiftConfig
-from gradsift.data import load_source, tokenize_records
+from gradsift.data import load_source
 from gradsift.models import scoring_view
 from gradsift.online import OnlineSelectionMixin
 from gradsift.pipeline import ScoreResult, score_and_select
 from gradsift.selection import Selection, kept_indices
 from gradsift.store import dropped_entries
 from gradsift.table import ScoreTable
+from gradsift.tokenization import tokenize_records
 
 logger = logging.getLogger(__name__)
 

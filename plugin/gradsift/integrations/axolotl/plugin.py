@@ -14,8 +14,8 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
-from gradsift.data import TokenizedRow, assign_sample_ids
 from gradsift.integrations.axolotl.args import AxolotlGradSiftConfig
+from gradsift.tokenization import TokenizedRow, assign_sample_ids
 
 # axolotl shows INFO only from loggers under "axolotl"; its own integrations log under axolotl.integrations.
 LOG = get_logger("axolotl.integrations.gradsift")

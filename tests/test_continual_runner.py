@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from gradsift.cli import main
-from gradsift.recipes import RecipeError, iter_stage_files, load_recipe, run_recipe
+from gradsift.continual import RecipeError, iter_stage_files, load_recipe
+from gradsift.continual.runner import run_recipe
 from gradsift.report import build_report, write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_unknown_arms_tasks_and_data_fail_before_training(tmp_path, tiny_model_d
         load_recipe(write(tmp_path, data))
 
     with pytest.raises(RecipeError, match="--arms kl: not in the recipe's arms"):
-        from gradsift.recipes import plan
+        from gradsift.continual.runner import plan
 
         plan(load_recipe(write(tmp_path, tiny_recipe(tiny_model_dir))), tmp_path / "out", arms=["kl"])
 

@@ -6,15 +6,18 @@ import datasets
 import torch
 from trl import SFTConfig
 
-from gradsift.recipes import _kl_trainer_class
+from gradsift.continual import load_recipe
+from gradsift.continual.arms import kl_trainer_class
 
 from conftest import lora_model
+from conftest import recipe_dict as recipe
+from conftest import write_recipe as write
 
 
 def test_the_kl_arm_adds_the_mean_token_kl_to_the_adapter_free_model(tmp_path, tokenizer, mixed_records):
     model = lora_model(tokenizer)
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[])
-    trainer = _kl_trainer_class()(
+    trainer = kl_trainer_class()(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(mixed_records[:4]),
@@ -35,3 +38,17 @@ def test_the_kl_arm_adds_the_mean_token_kl_to_the_adapter_free_model(tmp_path, t
     assert kl.sum(-1)[mask].sum() > 0
     expected = nll + 0.5 * kl.sum(-1)[mask].sum() / mask.sum()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_random_arm_ignores_the_recipes_anchor_filter(tmp_path):
+    from gradsift.continual.arms import random_subset
+
+    arms = {"random": {}, "gradsift": {}}
+    loaded = load_recipe(
+        write(
+            tmp_path, recipe(arms=arms, scoring={"anchor_data": "embedded:refusals"}, selection={"min_anchor_cos": 0})
+        )
+    )
+    assert loaded.selection_for("gradsift").min_anchor_cos == 0  # the scored arm filters
+    assert random_subset(loaded, "random", 20, 5).num_kept == 5  # the random arm has no scores to filter
+    assert random_subset(loaded, "random", 20, None).num_kept == 4  # keep_fraction 0.2 of 20

@@ -1,0 +1,148 @@
+"""A recipe stage's rows: where its data path points, how its rows are read, templated, shuffled and cut, and which
+align rows the drift measure asks."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradsift.errors import UserError
+
+if TYPE_CHECKING:
+    from gradsift.continual.schema import DataSpec, Recipe
+
+# A data `path` that can only mean a file: it never falls back to a hub dataset id.
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _data_roots(base: Path) -> list[Path]:
+    """Where a relative data path is looked for: the recipe's folder, the current one, and for a recipe shipped with
+    gradsift (`recipes/*.yaml` in a checkout or the wheel) the folder holding its `recipes/`, where its data lies."""
+    roots = [base.resolve(), Path.cwd()]
+    package = Path(__file__).resolve().parents[1]  # gradsift/
+    if roots[0] in (package.parents[1] / "recipes", package / "recipes"):  # a checkout's, the wheel's
+        roots.append(roots[0].parent)
+    return list(dict.fromkeys(roots))
+
+
+def resolve_path(path: str, base: Path) -> Path | str:
+    """A recipe's data path: a file or folder (absolute, or relative to `base` or the current folder), or a hub id.
+
+    A path that can only mean a file (a .jsonl/.json/.parquet suffix, a start of `./`, `../`, `/` or `~`, or more than
+    one `/`) and exists nowhere raises `UserError`: it never silently becomes a hub dataset id.
+    """
+    candidate = Path(path).expanduser()
+    roots = [] if candidate.is_absolute() else _data_roots(base)
+    for found in [candidate] if candidate.is_absolute() else [root / candidate for root in roots]:
+        if found.exists():
+            return found
+    file_like = (
+        path.lower().endswith(_DATA_SUFFIXES) or path.startswith(("./", "../", "/", "~")) or path.count("/") > 1
+    )
+    if candidate.is_absolute() or file_like:
+        where = f" (looked in {' and '.join(map(str, roots))})" if roots else ""
+        raise UserError(
+            f"{path!r} does not exist{where}. Fix the path; a hub dataset id has one `/`, e.g. `org/name`."
+        )
+    return path  # a hub dataset id
+
+
+def stage_records(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any]]:
+    """The rows of a stage (or the align set), as single-turn prompt/completion conversations where possible."""
+    return [as_prompt_completion(row) for row in source_rows(recipe, spec, seed)]
+
+
+def measures_drift(recipe: Recipe) -> bool:
+    """Whether stages measure the KL drift: `drift_prompts` > 0 and an align set to take them from."""
+    return recipe.drift_prompts > 0 and recipe.align is not None
+
+
+def drift_records(recipe: Recipe) -> list[dict[str, Any]]:
+    """The fixed prompts of the drift measure: the first `drift_prompts` benign rows of the align set (seed 0).
+
+    A row is benign when its `kind` says so (`recipes/data/align.jsonl` marks every row `harmful` or `benign`); a
+    row without `kind` is benign unless its answer is a refusal. Harmful prompts are left out: the drift measures
+    how far the answers to ordinary requests moved, which a refusal's shift would confound.
+    """
+    if not measures_drift(recipe):
+        return []
+    assert recipe.align is not None
+    rows = [row for row in source_rows(recipe, recipe.align.data, 0) if _benign(row)]
+    return [as_prompt_completion(row) for row in rows[: recipe.drift_prompts]]
+
+
+def _benign(row: dict[str, Any]) -> bool:
+    from gradsift.evaluation import judge_answer
+
+    if row.get("kind") is not None:
+        return row["kind"] == "benign"
+    record = as_prompt_completion(row)
+    answer = record.get("completion", record.get("output", ""))
+    prompt = record.get("prompt", record.get("instruction", ""))
+    return judge_answer(_text(answer), _text(prompt) or None) != "refused"
+
+
+def _text(value: Any) -> str:
+    """The text of a plain string or of a conversation's last turn."""
+    if isinstance(value, list):
+        value = value[-1].get("content", "") if value and isinstance(value[-1], dict) else ""
+    return value if isinstance(value, str) else ""
+
+
+def source_rows(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any]]:
+    """A stage's rows as read (templates applied), shuffled by `seed` and cut to `size`."""
+    import random
+
+    from gradsift.data import load_source
+    from gradsift.synthetic import generate
+
+    if spec.synthetic is not None:
+        return generate(spec.synthetic, spec.size, split="train", seed=seed)
+    assert spec.path is not None
+    resolved = resolve_path(spec.path, recipe._base or Path.cwd())
+    if isinstance(resolved, Path):
+        rows = list(load_source(str(resolved), split=spec.split).records)
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset(resolved, spec.name, split=spec.split))
+    random.Random(seed).shuffle(rows)
+    rows = rows[: spec.size] if spec.size else rows
+    if spec.prompt_template is not None:
+        rows = [templated(row, spec) for row in rows]
+    return rows
+
+
+class _Formatter(string.Formatter):
+    """`str.format` with two conversions: `!L` (0 → A, 1 → B, …) and `!F` (a list's first item, or "")."""
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        if conversion == "L":
+            return "ABCDEFGHIJ"[int(value)]
+        if conversion == "F":
+            return value[0] if len(value) else ""
+        return super().convert_field(value, conversion)
+
+
+def templated(row: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
+    """A chat prompt/completion row built from a row's columns with the stage's templates."""
+    assert spec.prompt_template is not None and spec.completion_template is not None
+    formatter = _Formatter()
+    try:
+        prompt = formatter.format(spec.prompt_template, **row)
+        completion = formatter.format(spec.completion_template, **row)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(
+            f"data template cannot be filled from a row with columns {sorted(row)}: {error!r}; fix "
+            "`prompt_template` / `completion_template`"
+        ) from None
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+
+
+def as_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    """A one-turn `messages` row becomes TRL's conversational prompt/completion, so the loss is on the answer."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and len(messages) >= 2 and messages[-1].get("role") == "assistant":
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    return {k: v for k, v in row.items() if k in ("prompt", "completion", "instruction", "input", "output")}

@@ -1,0 +1,298 @@
+"""The recipe runner: the plan (every stage of every seed and arm, in order) and running it, stage by stage.
+
+For each seed, arm and stage the runner scores the stage's rows with the model as it stands (the previous stage's
+adapter), selects, trains the one LoRA adapter further (TRL, or axolotl), evaluates with lm-eval and writes the stage
+folder (`gradsift.continual.layout`). Everything is validated, and every error in the file reported with its YAML
+path, before any training starts; the run folder is locked for the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from gradsift import __version__
+from gradsift.continual import backends
+from gradsift.continual.arms import (
+    full_arm_steps,
+    full_steps_by,
+    kept_by,
+    kept_range,
+    kl_trainer_class,
+    random_subset,
+    scores_cache,
+)
+from gradsift.continual.evals import drift, eval_model, evaluate, forget_references
+from gradsift.continual.layout import RunLayout, Step, check_run_folder, clean_stage
+from gradsift.continual.rows import measures_drift, stage_records
+from gradsift.continual.schema import Recipe, RecipeError, gradsift_config_for
+from gradsift.errors import UserError
+from gradsift.fileio import write_json
+from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
+
+logger = logging.getLogger(__name__)
+
+
+def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[int] | None = None) -> list[Step]:
+    """Every stage to run, in order: per seed the align stage, then each arm's task stages.
+
+    Raises `UserError` when `out` is not a folder a run may write into (`check_run_folder`), so a dry run says so too.
+    """
+    check_run_folder(out)
+    arms = arms or list(recipe.arms)
+    unknown = [arm for arm in arms if arm not in recipe.arms]
+    if unknown:
+        raise RecipeError(f"--arms {', '.join(unknown)}: not in the recipe's arms ({', '.join(recipe.arms)}).")
+    # `random` matches the size the `gradsift` arm kept, so it runs after it; a step-matched arm matches the steps
+    # `full` took, so `full` runs first.
+    arms = sorted(arms, key=lambda arm: {"full": 0, "random": 2}.get(recipe.arm(arm).kind, 1))
+    layout = RunLayout(out)
+    steps = []
+    for seed in seeds if seeds is not None else recipe.seeds:
+        if recipe.align is not None:
+            steps.append(Step(seed, None, 0, "align", layout))
+        for arm in arms:
+            steps += [Step(seed, arm, k, stage.name, layout) for k, stage in enumerate(recipe.stages, start=1)]
+    return steps
+
+
+def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
+    arms = ", ".join(recipe.arms)
+    lines = [f"recipe {recipe.name}: model {recipe.model}, {len(recipe.stages)} stage(s), arms {arms}"]
+    for step in steps:
+        what = "align (shared by all arms)" if step.arm is None else f"{step.arm}: {step.stage}"
+        if step.arm is not None:
+            spec = recipe.arm(step.arm)
+            stage = recipe.stages[step.index - 1]
+            size = stage.data.size if stage.data.size else "all"
+            mode = spec.mode or recipe.mode
+            selection = recipe.selection_for(step.arm)
+            floor = f", anchor cos ≥ {selection.min_anchor_cos:g}" if selection.min_anchor_cos is not None else ""
+            detail = {"select": f"select {selection.rule}{floor} ({mode})", "random": "random subset"}
+            matched = (spec.steps or recipe.steps) == "full" and spec.kind in detail
+            matched = ", as many steps as full" if matched else ""
+            what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
+        status = "done" if step.done() else "to run"
+        lines.append(f"  seed {step.seed}  {what:<60s} {status:7s} {step.folder}")
+    return "\n".join(lines)
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: Path,
+    *,
+    arms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> list[Step]:
+    """Run every unfinished stage of the plan in order. `stop_after` ends after that many stages (for tests).
+
+    `out` must be new, empty or a run folder (`check_run_folder`); it is locked for the whole run, so a second
+    `gradsift run` on it fails with `UserError` instead of writing the same stages.
+    """
+    from gradsift.locking import folder_lock
+
+    steps = plan(recipe, out, arms, seeds)
+    forget_references()
+    with folder_lock(out):
+        check_run_folder(out)  # again, now that no other run can write it
+        meta = {
+            "gradsift_version": __version__,
+            "name": recipe.name,
+            "model": recipe.model,
+            "stages": [stage.name for stage in recipe.stages],
+            "domain_tasks": [stage.domain_task() for stage in recipe.stages],
+            "arms": list(recipe.arms),
+            "recipe": recipe.model_dump(mode="json"),
+        }
+        write_json(meta, RunLayout(out).recipe_file)
+        ran = 0
+        for step in steps:
+            if step.done():
+                logger.info("gradsift run: %s already finished, skipped", step.folder)
+                continue
+            if stop_after is not None and ran >= stop_after:
+                break
+            start = time.perf_counter()
+            clean_stage(step.folder)
+            if step.arm is None:
+                _run_align(recipe, step, progress)
+            else:
+                _run_stage(recipe, step, steps, progress)
+            ran += 1
+            logger.info("gradsift run: %s finished in %.0f s", step.folder, time.perf_counter() - start)
+    return steps
+
+
+def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    assert recipe.align is not None
+    tokenizer = backends.tokenizer(recipe)
+    train = recipe.train_for(recipe.align)
+    records = stage_records(recipe, recipe.align.data, step.seed)
+    model = backends.fresh_lora(recipe, backends.load_base(recipe, recipe.model), step.seed)
+    args = backends.sft_args(recipe, train, None, step.folder, step.seed, progress)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    training = backends.train(trainer, step.folder)
+    merged = model.merge_and_unload()
+    aligned = step.layout.aligned_model(step.seed)
+    merged.save_pretrained(aligned, safe_serialization=True)
+    tokenizer.save_pretrained(aligned)
+    del merged, model, trainer
+    record = {"stage": "align", "index": 0, "seed": step.seed, "rows": len(records), "train": training}
+    _finish_stage(recipe, step, tokenizer, record, adapter=None)
+
+
+def _stage_model(recipe: Recipe, step: Step) -> Any:
+    """The base (aligned) model with the arm's adapter as the previous stage left it, trainable."""
+    from peft import PeftModel
+
+    base = backends.load_base(recipe, backends.base_model_spec(recipe, step))
+    if step.index == 1:
+        return backends.fresh_lora(recipe, base, step.seed)
+    return PeftModel.from_pretrained(base, str(previous_adapter(recipe, step)), is_trainable=True)
+
+
+def previous_adapter(recipe: Recipe, step: Step) -> Path:
+    """The adapter the arm's previous stage wrote, which this stage trains further (`UserError` if it is gone)."""
+    index = step.index - 1
+    folder = step.layout.stage_dir(step.seed, step.arm, index, recipe.stages[index - 1].name)
+    adapter = RunLayout.adapter(folder)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(
+            f"{str(adapter)!r} is missing: it is the adapter stage {index} of arm {step.arm!r} (seed {step.seed}) "
+            f"left, which {step.stage!r} trains further. Restore it, or remove {str(RunLayout.stage_file(folder))!r} "
+            "so that stage runs again."
+        )
+    return adapter
+
+
+def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) -> None:
+    from trl import SFTTrainer
+
+    from gradsift.integrations.trl import GradSiftSFTTrainer
+
+    assert step.arm is not None
+    stage = recipe.stages[step.index - 1]
+    spec = recipe.arm(step.arm)
+    train = recipe.train_for(stage)
+    tokenizer = backends.tokenizer(recipe)
+    records = stage_records(recipe, stage.data, step.seed)
+    model = _stage_model(recipe, step)
+    args = backends.sft_args(recipe, train, spec, step.folder, step.seed, progress)
+    config = gradsift_config_for(recipe, step.arm, train)
+    record: dict[str, Any] = {"stage": stage.name, "index": step.index, "seed": step.seed, "arm": step.arm}
+    record["arm_kind"] = spec.kind
+    record["rows"] = len(records)
+    online = spec.kind == "select" and config.mode == "online"
+    start = time.perf_counter()
+    dataset = _stage_rows(recipe, step, steps, records, model, tokenizer, config, args, record, online, progress)
+    record["kept"] = len(dataset)
+    record["select_seconds"] = backends.elapsed(start)
+    if spec.kind in ("select", "random") and not online and (spec.steps or recipe.steps) == "full":
+        # As many optimizer steps as `full` took on all rows (its record; the Trainer's count when it has not run):
+        # the trainer cycles the kept rows until then.
+        args.max_steps = full_steps_by(steps, step) or full_arm_steps(len(records), train)
+        record["max_steps"] = args.max_steps
+    adapter = RunLayout.adapter(step.folder)
+    if recipe.trainer == "axolotl":
+        del model
+        previous = previous_adapter(recipe, step) if step.index > 1 else None
+        record["train"] = backends.train_axolotl(
+            recipe, step, train, dataset, config if online else None, spec, record.get("max_steps"), previous
+        )
+    else:
+        if online:
+            trainer = GradSiftSFTTrainer(
+                model=model, args=args, train_dataset=dataset, processing_class=tokenizer, gradsift_config=config
+            )
+        elif spec.kind == "kl":
+            trainer = kl_trainer_class()(
+                model=model, args=args, train_dataset=dataset, processing_class=tokenizer, kl_coef=spec.kl_coef
+            )
+        else:
+            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        record["train"] = backends.train(trainer, step.folder)
+        model.save_pretrained(adapter)
+        del trainer, model
+    if online:
+        _count_online(record, RunLayout.online_log(step.folder))
+    _finish_stage(recipe, step, tokenizer, record, adapter=str(adapter))
+
+
+def _stage_rows(
+    recipe: Recipe,
+    step: Step,
+    steps: list[Step],
+    records: list[dict[str, Any]],
+    model: Any,
+    tokenizer: Any,
+    config: Any,
+    args: Any,
+    record: dict[str, Any],
+    online: bool,
+    progress: bool,
+) -> Any:
+    """The rows the stage trains on: the offline selection's kept rows (scores, dropped.jsonl and selection.json
+    written, the summary in `record`), a random arm's subset, or all rows (full, clip, kl and online arms)."""
+    import numpy as np
+    from datasets import Dataset
+
+    from gradsift.integrations.trl import select_dataset
+    from gradsift.store import MANIFEST, TABLE
+
+    assert step.arm is not None
+    kind = recipe.arm(step.arm).kind
+    if kind == "select" and not online:
+        cache = scores_cache(step, recipe)
+        kept, report = select_dataset(
+            Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=cache, progress=progress
+        )
+        scores = RunLayout.scores(step.folder)
+        if cache != scores:
+            scores.mkdir()
+            for name in (TABLE, MANIFEST):  # the finished table and its manifest; not the shards or a lock
+                shutil.copy2(cache / name, scores / name)
+        write_dropped(step.folder / DROPPED_FILE, report.table, report.selection)
+        reuse = {"reused_scores": report.reused_scores}
+        write_selection(step.folder / SELECTION_FILE, report.table, report.selection, config.selection, reuse)
+        record["selection"] = {
+            "summary": report.summary(),
+            "dropped": report.selection.counts(),
+            "kept_norm_range": kept_range(report.table.grad_norm, report.selection.keep),
+            "kept_anchor_cos_range": kept_range(report.table.anchor_cos, report.selection.keep),
+        }
+        return kept
+    if kind == "random":
+        matched = kept_by(steps, step, "gradsift")
+        chosen = random_subset(recipe, step.arm, len(records), matched)
+        record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
+        return Dataset.from_list([records[i] for i in np.flatnonzero(chosen.keep)])
+    return Dataset.from_list(records)
+
+
+def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapter: str | None) -> None:
+    """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished)."""
+    base = backends.base_model_spec(recipe, step)
+    final = step.index == len(recipe.stages)
+    needed = bool(recipe.eval_tasks(final)[1]) or measures_drift(recipe)
+    model = eval_model(recipe, base, adapter) if needed else None  # one load for the evals and the drift
+    record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, final=final)
+    record["drift"] = drift(recipe, model, tokenizer, step)
+    del model
+    write_json(record, RunLayout.stage_file(step.folder))
+
+
+def _count_online(record: dict[str, Any], path: Path) -> None:
+    """Set the stage's kept and seen row counts from the online selection log, when there is one."""
+    if path.is_file():
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        record["kept"] = int(sum(e["kept"] for e in entries))
+        record["online_rows"] = int(sum(e["rows"] for e in entries))

@@ -1,0 +1,424 @@
+"""A recipe's schema: the specs of its parts, what the built-in arm names mean, and the checks between fields.
+
+A recipe names a base model, an optional `align` stage (trained once per seed, merged into the weights, shared by
+every arm), an ordered list of task stages, the selection config and the arms to compare. `gradsift.continual.loading`
+reads and validates the file; `gradsift.continual.runner` runs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
+from gradsift.continual.rows import resolve_path
+from gradsift.errors import UserError
+from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
+
+BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl")
+# Keys of a stage's axolotl config that place its files in the stage folder or chain the stages: never from `axolotl:`.
+AXOLOTL_OWNED = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "lora_model_dir")
+# Names that become one path segment: the recipe's (`runs/<name>`), a stage's (`<NN>-<name>`) and an arm's.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+_ARM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def _segment(value: str, what: str) -> str:
+    if not _SEGMENT.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"{what} becomes a folder name, so it is letters, digits, `_`, `.` and `-`, and not `.` or `..`; "
+            f"got {value!r}"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LoraSpec(_Strict):
+    """The one LoRA adapter every task stage trains further."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainSpec(_Strict):
+    """Training hyperparameters (TRL `SFTConfig` names); a stage's `train:` overrides the recipe's."""
+
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    lr_scheduler_type: str = "linear"
+    bf16: bool | None = Field(None, description="null: bf16 where the hardware has it fast (CUDA bf16, CPU AMX).")
+    gradient_checkpointing: bool = False
+
+
+class DataSpec(_Strict):
+    """A stage's rows: a synthetic task of `gradsift.synthetic`, or a file / hub dataset."""
+
+    synthetic: str | None = None
+    path: str | None = Field(
+        None,
+        description="A .jsonl/.json/.parquet file or saved dataset folder (relative: to the recipe's folder, else "
+        "the current one), or a hub dataset id.",
+    )
+    size: int | None = Field(None, ge=1, description="Rows to take (the first `size` after a seeded shuffle).")
+    split: str = "train"
+    name: str | None = Field(None, description="Hub dataset configuration (e.g. `main` for gsm8k).")
+    prompt_template: str | None = Field(
+        None,
+        description="Build a prompt from a row's columns, e.g. `{question}`; `{cop!L}` turns 0..3 into A..D, "
+        "`{answers[text]!F}` takes a list's first item. Needs `completion_template`.",
+    )
+    completion_template: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.synthetic is None) == (self.path is None):
+            raise ValueError("give exactly one of `synthetic` (a task name) or `path` (a file or hub dataset)")
+        if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
+            raise ValueError(f"unknown synthetic task {self.synthetic!r}; choose from {', '.join(SYNTHETIC_TASKS)}")
+        if (self.prompt_template is None) != (self.completion_template is None):
+            raise ValueError("give both `prompt_template` and `completion_template`, or neither")
+        return self
+
+
+class StageSpec(_Strict):
+    name: str
+    data: DataSpec
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `train:`.")
+    eval_task: str | None = Field(
+        None, description="lm-eval task measuring this stage's domain; default for synthetic data: its own task."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        return _segment(value, "a stage name (in `<NN>-<name>`)")
+
+    def domain_task(self) -> str | None:
+        if self.eval_task is not None:
+            return self.eval_task
+        return f"gradsift_domain_{self.data.synthetic}" if self.data.synthetic else None
+
+
+class AlignSpec(_Strict):
+    data: DataSpec
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+class ArmSpec(_Strict):
+    """One way of training the stages. Built-in names need no spec; a named spec defines a new arm."""
+
+    kind: Literal["full", "select", "random", "clip", "kl"] = "select"
+    selection: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `selection:`.")
+    mode: Literal["offline", "online"] | None = None
+    max_grad_norm: float = Field(0.5, gt=0, description="`clip`: gradient clipping norm (the paper: 0.5).")
+    kl_coef: float = Field(0.1, gt=0, description="`kl`: weight of KL(model ‖ aligned model) per response token.")
+    steps: Literal["kept", "full"] | None = Field(
+        None,
+        description="`select` / `random` arms: `kept` trains the stage's epochs over the kept rows (the paper's "
+        "protocol); `full` trains as many optimizer steps as the `full` arm does on all rows (the kept rows "
+        "repeated), so that a difference to `full` is not just fewer steps. Default: the recipe's `steps`.",
+    )
+
+
+class EvalSpec(EvalConfig):
+    """`gradsift eval`'s settings (`EvalConfig`) for the evals after a stage, plus the stages' domain tasks."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks beside the stages' domain tasks.")
+    domain: bool = Field(True, description="Also evaluate every stage's domain task (the accuracy matrix).")
+    limit: int | None = Field(None, ge=1, description="Documents per task (lm-eval's `--limit`); null: all.")
+    domain_limit: int | None = Field(
+        None, ge=1, description="Documents per domain task, when it differs from `limit` (a separate lm-eval run)."
+    )
+    max_gen_toks: int | None = Field(
+        None, ge=1, description="Answer length of the generated `tasks`; null: each task's own. Domain tasks keep "
+        "their own when `domain_limit` or `domain_max_gen_toks` is set.",
+    )  # fmt: skip
+    domain_max_gen_toks: int | None = Field(
+        None, ge=1, description="Answer length of the domain tasks, in a run of their own; null: each domain task's "
+        "own (then `max_gen_toks` applies to them unless `domain_limit` is set).",
+    )  # fmt: skip
+
+    def domain_docs(self) -> int | None:
+        """Documents per domain task."""
+        return self.domain_limit if self.domain_limit is not None else self.limit
+
+    def domain_apart(self) -> bool:
+        """Whether the domain tasks run on their own (their own document count or answer length)."""
+        return self.domain_limit is not None or self.domain_max_gen_toks is not None
+
+    def domain_answer_length(self) -> int | None:
+        """The domain tasks' answer length (null: each task's own)."""
+        return self.domain_max_gen_toks if self.domain_apart() else self.max_gen_toks
+
+
+class EvalsSpec(_Strict):
+    after_each_stage: EvalSpec = Field(default_factory=EvalSpec)
+    final: EvalSpec | None = Field(None, description="After the last stage, instead of `after_each_stage`.")
+
+
+def arm_dict(value: Any) -> Any:
+    """`arms: [full, random, gradsift]` is short for built-in arms without options."""
+    return {name: {} for name in value} if isinstance(value, list) else value
+
+
+class Recipe(_Strict):
+    name: str = Field(description="The run's name; the default run folder is `runs/<name>`.")
+    model: str
+    reference_model: str | None = Field(None, description="Pretrained reference for drift; default: `model`.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    align: AlignSpec | None = None
+    stages: list[StageSpec] = Field(min_length=1)
+    scoring: dict[str, Any] = Field(default_factory=dict, description="gradsift `scoring:` options.")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    mode: Literal["offline", "online"] = "offline"
+    steps: Literal["kept", "full"] = Field("kept", description="Default `steps` of the `select` and `random` arms.")
+    trainer: Literal["trl", "axolotl"] = Field(
+        "trl", description="Training backend of the task stages: TRL in-process, or one `axolotl train` per stage."
+    )
+    axolotl: dict[str, Any] = Field(
+        default_factory=dict, description="Extra axolotl config keys for every stage (e.g. CPU kernel switches)."
+    )
+    arms: dict[str, ArmSpec] = Field(default_factory=lambda: {name: ArmSpec() for name in ("full", "gradsift")})
+    evals: EvalsSpec = Field(default_factory=EvalsSpec)
+    drift_prompts: int = Field(
+        16, ge=0, description="Benign align-set rows (`kind: benign`, or not a refusal) for the KL drift measure."
+    )
+    # Where relative data paths start (the recipe file's folder), and the indices of the stages that failed their
+    # schema and were replaced by stand-ins while `load_recipe` collects the other problems.
+    _base: Path | None = PrivateAttr(None)
+    _invalid_stages: frozenset[int] = PrivateAttr(frozenset())
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        return _segment(value, "the recipe name (the default run folder `runs/<name>`)")
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arm_list(cls, value: Any) -> Any:
+        return arm_dict(value)
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> Recipe:
+        if not (info.context or {}).get("collect"):  # `load_recipe` collects these with every other problem
+            problems = cross_field_problems(self)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
+
+    def arm(self, name: str) -> ArmSpec:
+        """The arm's spec: a built-in name's meaning, with what its spec sets on top (`random: {steps: full}`)."""
+        spec = self.arms[name]
+        if name not in BUILTIN_ARMS:
+            return spec
+        fraction = {"keep_fraction": self.selection.keep_fraction}
+        builtin = {
+            "full": ArmSpec(kind="full"),
+            "random": ArmSpec(kind="random", selection={"rule": "random", **fraction}),
+            "gradsift": ArmSpec(kind="select"),
+            "high": ArmSpec(kind="select", selection={"rule": "high", **fraction}),
+            "low": ArmSpec(kind="select", selection={"rule": "low", **fraction}),
+            "anchor": ArmSpec(kind="select", selection={"rule": "anchor", **fraction}),
+            "clip": ArmSpec(kind="clip"),
+            "kl": ArmSpec(kind="kl"),
+        }[name]
+        update = {field: getattr(spec, field) for field in spec.model_fields_set}
+        if "selection" in update:
+            update["selection"] = {**builtin.selection, **spec.selection}
+        return builtin.model_copy(update=update)
+
+    def selection_for(self, arm: str) -> SelectionConfig:
+        return SelectionConfig(**{**self.selection.model_dump(), **self.arm(arm).selection})
+
+    def train_for(self, stage: StageSpec | AlignSpec) -> TrainSpec:
+        return TrainSpec(**{**self.train.model_dump(), **stage.train})
+
+    def scoring_config(self) -> ScoringConfig:
+        scoring = {"model": self.model, "device": self.device, **self.scoring}
+        anchor = scoring.get("anchor_data")
+        if anchor and not str(anchor).startswith("embedded:"):  # a path, from the recipe's folder like its data
+            scoring["anchor_data"] = str(resolve_path(str(anchor), getattr(self, "_base", None) or Path.cwd()))
+        return ScoringConfig(**scoring)
+
+    def eval_tasks(self, final: bool) -> tuple[EvalSpec, list[str]]:
+        spec = self.evals.final if final and self.evals.final is not None else self.evals.after_each_stage
+        tasks = list(spec.tasks)
+        if spec.domain:
+            tasks += [t for t in (stage.domain_task() for stage in self.stages) if t and t not in tasks]
+        return spec, tasks
+
+    def valid_stages(self) -> Iterator[tuple[int, StageSpec]]:
+        """(index, stage) of the stages that passed their schema: all of them, outside `load_recipe`."""
+        return ((i, stage) for i, stage in enumerate(self.stages) if i not in self._invalid_stages)
+
+
+def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -> list[str]:
+    """Every problem between the recipe's fields, each `yaml.path: message`.
+
+    `failed`: top-level keys whose own schema failed (and that now hold their defaults), so the checks that would
+    judge other parts against them are skipped rather than report a problem the user does not have.
+    """
+    problems = []
+    bad = [name for name in recipe.arms if not _ARM_NAME.fullmatch(name)]
+    if bad:
+        problems.append(
+            f"arms: {', '.join(map(repr, bad))}: an arm name becomes a folder name beside `00-align`, so it is "
+            "letters, digits, `_`, `.` and `-`, starting with a letter (e.g. `random_steps`)"
+        )
+    steps = [
+        name
+        for name in recipe.arms
+        if recipe.arm(name).steps is not None
+        and (recipe.arm(name).kind not in ("select", "random") or (recipe.arm(name).mode or recipe.mode) == "online")
+    ]
+    if steps:
+        problems.append(
+            f"arms: {', '.join(steps)}: `steps` applies to offline `select` and `random` arms (a `full`, `clip` "
+            "or `kl` arm trains on all rows; an online arm selects inside each step); remove it"
+        )
+    unknown = [name for name, spec in recipe.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
+    if unknown:
+        problems.append(
+            f"arms: unknown arm(s) {', '.join(unknown)}: built-in arms are {', '.join(BUILTIN_ARMS)}; a new arm "
+            "needs a spec (e.g. `my_arm: {selection: {rule: band}}`)"
+        )
+    names = [stage.name for _, stage in recipe.valid_stages()]
+    if len(set(names)) != len(names):
+        problems.append(f"stages: stage names must be unique; got {names}")
+    if "scoring" not in failed:
+        try:
+            scoring = ScoringConfig(**recipe.scoring)
+        except ValidationError as error:
+            problems += error_lines(error, "scoring")
+        else:
+            if recipe.align is not None and scoring.quantization == "nf4":
+                problems.append(
+                    "align: `align` merges its adapter into the weights, which a 4-bit model cannot hold: set "
+                    "`scoring.quantization: none` (or auto) for a recipe with an align stage"
+                )
+    if "selection" not in failed:
+        for name in recipe.arms:
+            try:
+                selection = recipe.selection_for(name)
+            except ValidationError as error:
+                problems += error_lines(error, f"arms.{name}.selection")
+                continue
+            uses_anchor = selection.rule == "anchor" or selection.min_anchor_cos is not None
+            if uses_anchor and recipe.arm(name).kind == "select" and not recipe.scoring.get("anchor_data"):
+                problems.append(
+                    f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
+                    "(e.g. embedded:refusals)"
+                )
+    if "train" not in failed:
+        parts = [(f"stages.{i}.train", stage) for i, stage in recipe.valid_stages()]
+        parts += [("align.train", recipe.align)] if recipe.align is not None else []
+        for where, part in parts:
+            try:
+                recipe.train_for(part)
+            except ValidationError as error:
+                problems += error_lines(error, where)
+    if not failed & {"train", "selection", "scoring"}:
+        problems += _online_window_problems(recipe)
+    final, each = recipe.evals.final, recipe.evals.after_each_stage
+    if "evals" not in failed and final is not None and final.domain and each.domain:
+        if final.domain_docs() != each.domain_docs():
+            problems.append(
+                f"evals: evals.final evaluates {final.domain_docs()} documents per domain task and "
+                f"evals.after_each_stage {each.domain_docs()} (`domain_limit`, else `limit`): the accuracy matrix "
+                "must compare the same documents at every stage; set them alike"
+            )
+        if final.domain_answer_length() != each.domain_answer_length():
+            problems.append(
+                f"evals: evals.final lets domain answers run to {final.domain_answer_length()} tokens and "
+                f"evals.after_each_stage to {each.domain_answer_length()} (`domain_max_gen_toks`, else "
+                "`max_gen_toks` unless `domain_limit` is set; None: each task's own): the accuracy matrix must judge "
+                "answers of the same length at every stage; set them alike"
+            )
+    if recipe.trainer == "axolotl":
+        kl = [name for name in recipe.arms if recipe.arm(name).kind == "kl"]
+        if kl:
+            problems.append(f"arms: {', '.join(kl)}: the `kl` arm needs `trainer: trl`")
+    owned = sorted(set(recipe.axolotl) & set(AXOLOTL_OWNED))
+    if owned:
+        problems.append(
+            f"axolotl: {', '.join(owned)}: the runner sets these for each stage (inside its folder, from the "
+            "previous stage); remove them"
+        )
+    return problems
+
+
+def _online_window_problems(recipe: Recipe) -> list[str]:
+    """Online arms whose keep fraction keeps no row of a stage's window: found now, not after earlier stages train."""
+    from gradsift.online import check_online_config
+
+    problems = []
+    for name in recipe.arms:
+        spec = recipe.arm(name)
+        if spec.kind != "select" or (spec.mode or recipe.mode) != "online":
+            continue
+        for i, stage in recipe.valid_stages():
+            try:
+                train = recipe.train_for(stage)
+                check_online_config(
+                    gradsift_config_for(recipe, name, train), train.batch_size, train.gradient_accumulation_steps
+                )
+            except (UserError, ValidationError) as error:
+                problems.append(f"arms.{name} (stage stages.{i}): {error}")
+    return problems
+
+
+class RecipeError(UserError):
+    """Every problem found in a recipe, each with its YAML path, separated by `;` (one per line)."""
+
+
+def error_lines(error: ValidationError, prefix: str = "") -> list[str]:
+    """One `yaml.path: message` per pydantic error, under `prefix` (the key the validated mapping sits at)."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "") or "(top level)"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        received = item.get("input")
+        shown = "" if item["type"] in ("missing", "value_error") else f" (got {received!r})"
+        if item["type"] == "extra_forbidden":
+            message = "not a recipe key; check the spelling against the recipe schema in the README"
+        lines.append(f"{where}: {message}{shown}")
+    return lines
+
+
+def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec) -> GradSiftConfig:
+    """The gradsift config an arm's stage scores and selects with (the online mode logs to `ONLINE_LOG`)."""
+    spec = recipe.arm(arm)
+    return GradSiftConfig(
+        mode=spec.mode or recipe.mode,
+        data=DataConfig(max_length=train.max_length),
+        scoring=recipe.scoring_config(),
+        selection=recipe.selection_for(arm),
+        online={"log_file": ONLINE_LOG},
+    )

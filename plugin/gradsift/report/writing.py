@@ -1,0 +1,190 @@
+"""Writing the report into the run folder: report.json, report.md and the plots (`write_report`).
+
+report.md opens with the headline (the final stage per arm, with the paired differences to the arm's random
+reference and to `full`), then refusal per stage of each generated refusal task, every stage metric, forgetting, the
+accuracy and interference matrices, accuracy per answer length and the plots. Cells read `mean [low, high]` (the
+95 % t interval over seeds): "n/a" where there is no interval (one seed), "–" where the number was not measured;
+the headline marks with † a difference whose interval excludes 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gradsift.fileio import atomic_path, write_json
+from gradsift.report.build import HEADLINE, HEADLINE_DIFFERENCES, HEADLINE_FULL_DIFFERENCES, build_report
+from gradsift.report.plots import write_plots
+from gradsift.report.stages import (
+    FORGETTING_KEYS,
+    REFUSAL_METRICS,
+    is_overrefusal_task,
+    is_refusal_task,
+    short_key,
+    task_metric,
+)
+from gradsift.report.stats import BOOTSTRAP_RESAMPLES
+
+
+def write_report(run_dir: Path, plots: bool = True, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Path]:
+    """Write report.json, report.md and the plots into `run_dir`; return their paths."""
+    report = build_report(run_dir, n_resamples)
+    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md"}
+    write_json(report, paths["json"])  # strict JSON: a mean of nothing is null
+    figures = write_plots(run_dir, report) if plots else {}
+    with atomic_path(paths["md"]) as tmp:
+        Path(tmp).write_text(markdown(report, figures), encoding="utf-8")
+    paths.update(figures)
+    return paths
+
+
+def _fmt(cell: Any) -> str:
+    if cell is None:
+        return "–"
+    if isinstance(cell, dict):
+        return _fmt_interval(cell)
+    if isinstance(cell, float):
+        return _num(cell)
+    return str(cell)
+
+
+def _num(value: float, signed: bool = False) -> str:
+    """Three decimals; small numbers (KL drift per token) in scientific notation so they do not read as 0."""
+    sign = "+" if signed else ""
+    return f"{value:{sign}.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:{sign}.2e}"
+
+
+def _fmt_interval(cell: dict[str, Any] | None, signed: bool = False) -> str:
+    """`mean [low, high]`; "n/a" for a missing interval (one seed), "–" for a missing number; † on a signed
+    difference whose interval excludes 0."""
+    if not cell or cell.get("mean") is None:
+        return "–"
+    mean = _num(cell["mean"], signed)
+    ci = cell.get("ci")
+    if not ci or None in ci:  # report.json holds a non-finite bound as null
+        return f"{mean} [n/a]"
+    mark = " †" if signed and (ci[0] > 0 or ci[1] < 0) else ""
+    return f"{mean} [{_num(ci[0])}, {_num(ci[1])}]{mark}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def headline_table(report: dict[str, Any]) -> str:
+    """The headline: one row per arm, the final stage's numbers, the paired differences to the arm's random
+    reference (named in a column) and to `full`."""
+    data = report["headline"]["arms"]
+    with_random = any(row["references"]["vs_random"] for row in data.values())
+    with_full = any(row["references"]["vs_full"] for row in data.values())
+    names = {key: name for name, key in HEADLINE.items()}
+    header = ["arm", "final stage", *HEADLINE]
+    if with_random:
+        header += ["random ref.", *[f"Δ {names[key]} vs random ref." for key in HEADLINE_DIFFERENCES]]
+    if with_full:
+        header += [f"Δ {names[key]} vs full" for key in HEADLINE_FULL_DIFFERENCES]
+    rows = []
+    for name, row in data.items():
+        cells = [name, row["stage"], *[_fmt_interval(row[key]) for key in HEADLINE.values()]]
+        if with_random:
+            cells.append(row["references"]["vs_random"])
+            cells += [_fmt_interval(row["vs_random"][key], signed=True) for key in HEADLINE_DIFFERENCES]
+        if with_full:
+            cells += [_fmt_interval(row["vs_full"][key], signed=True) for key in HEADLINE_FULL_DIFFERENCES]
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def _refusal_tasks(report: dict[str, Any]) -> list[str]:
+    stages = [stage for arm in report["arms"].values() for stage in arm["mean"].get("stages", {}).values()]
+    tasks = {task_metric(key)[0] for stage in stages for key in stage}
+    return sorted(task for task in tasks if is_refusal_task(task))
+
+
+def refusal_table(report: dict[str, Any], task: str) -> str:
+    """Arm × stage (align included) of one refusal task: refused, complied, neither, refusal and attack success."""
+    header = ["arm", "stage", "refused", "complied", "neither", "refusal", "attack success"]
+    header.append("attack success (prompts)")
+    rows = []
+    for name, arm in report["arms"].items():
+        for k, stage in arm["mean"].get("stages", {}).items():
+            cells = [_fmt_interval(stage.get(f"{task}/{metric}")) for metric in REFUSAL_METRICS]
+            over_prompts = (stage.get(f"{task}/attack_success_rate") or {}).get("bootstrap")
+            rows.append([name, f"{int(k):02d}-{stage['name']}", *cells, _fmt_interval(over_prompts)])
+    return _table(header, rows)
+
+
+def stage_table(report: dict[str, Any]) -> str:
+    """Arm × stage with every metric but the per-task refusal ones as a column (mean [95 % t interval])."""
+    keys: list[str] = []
+    for arm in report["arms"].values():
+        for stage in arm["mean"].get("stages", {}).values():
+            keys += [k for k in stage if k != "name" and k not in keys and not is_refusal_task(k.split("/", 1)[0])]
+    keys.sort(key=lambda k: (not k.startswith("pooled/"), not is_overrefusal_task(k.split("/", 1)[0]), k))
+    rows = []
+    for name, arm in report["arms"].items():
+        for k, stage in arm["mean"].get("stages", {}).items():
+            rows.append([name, f"{int(k):02d}-{stage['name']}", *[stage.get(key) for key in keys]])
+    return _table(["arm", "stage", *[short_key(k) for k in keys]], rows)
+
+
+def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> str:
+    """report.md: the headline first, then refusal per stage, every stage metric, forgetting, matrices, plots."""
+    recipe = report.get("recipe", {})
+    parts = [f"# Report: {recipe.get('name', Path(report['run_dir']).name)}", ""]
+    if recipe:
+        parts += [f"Model `{recipe.get('model')}`, seeds {report['seeds']}, arms {', '.join(report['arms'])}.", ""]
+    refusal_tasks = _refusal_tasks(report)
+    n_resamples = report["statistics"]["over_prompts"]["n_resamples"]
+    pooled = ", ".join(f"`{short_key(t)}`" for t in refusal_tasks) or "none ran"
+    parts += [f"## Headline (final stage, {len(report['seeds'])} seeds)", "", headline_table(report), ""]
+    parts += [
+        "Mean [95 % Student-t interval over seeds]; n/a: one seed, –: not measured. Attack success (complied) and "
+        f"refusal pool every prompt of every generated refusal task of the stage ({pooled}); over-refusal is "
+        "1 − compliance on the safe prompts of the over-refusal tasks. ACC and BWT: domain accuracy (see "
+        "Forgetting); kept: fraction of the last stage's rows trained on; KL to aligned: drift per token. "
+        "Δ vs random ref.: arm − the random arm trained under the same `steps` setting (kept rows only, or as many "
+        "optimizer steps as full), named in the random ref. column, else `random`; random arms get none. Δ vs full: "
+        "arm − full. Both paired by seed; † marks a difference whose interval excludes 0.",
+        "",
+    ]
+    for task in refusal_tasks:
+        parts += [f"## Refusal per stage: `{task}`", "", refusal_table(report, task), ""]
+    if refusal_tasks:
+        parts += [
+            "Refusal = refused or neither; attack success = complied. Mean [95 % t interval over seeds]; the last "
+            f"column: 95 % percentile bootstrap over prompts ({n_resamples:,} resamples, prompts paired across "
+            "seeds). –: not in this run's stage.json (an older judge).",
+            "",
+        ]
+    parts += ["## Per stage (mean [95 % t interval over seeds])", "", stage_table(report), ""]
+    rows = [[name, *[arm["mean"].get(key) for key in FORGETTING_KEYS]] for name, arm in report["arms"].items()]
+    parts += ["## Forgetting", "", _table(["arm", "ACC", "BWT", "FM", "max drop"], rows), ""]
+    formulas = (
+        "`ACC = mean_j a[T][j]`, `BWT = mean_{j<T}(a[T][j] − a[j][j])`, "
+        "`FM = mean_{j<T} max_{j≤k<T}(a[k][j] − a[T][j])`, max drop = largest single-stage fall."
+    )
+    parts += [formulas, ""]
+    for name, arm in report["arms"].items():
+        for seed, data in arm["seeds"].items():
+            width = len(data["accuracy_matrix"][0])
+            tasks = report.get("recipe", {}).get("domain_tasks") or [f"task {j + 1}" for j in range(width)]
+            header = ["after stage", *[short_key(t or "–") for t in tasks]]
+            matrix_rows = [[("align" if k == 0 else k), *row] for k, row in enumerate(data["accuracy_matrix"])]
+            parts += [f"### {name}, seed {seed}: accuracy matrix a[k][j]", "", _table(header, matrix_rows), ""]
+            inter = [[k + 1, *row] for k, row in enumerate(data["interference"])]
+            parts += ["Interference `a[k][j] − a[k−1][j]`:", "", _table(header, inter), ""]
+    rows = []
+    for name, arm in report["arms"].items():
+        for seed, data in arm["seeds"].items():
+            for task, bins in data.get("final_accuracy_by_length", {}).items():
+                for label, cell in bins.items():
+                    rows.append([name, seed, short_key(task), label, cell["n"], cell["acc"]])
+    if rows:
+        parts += ["## Accuracy by task and answer length (after the last stage)", ""]
+        parts += [_table(["arm", "seed", "task", "reference answer", "n", "acc"], rows), ""]
+    if figures:
+        parts += ["## Plots", ""] + [f"![{key}]({path.name})" for key, path in figures.items()] + [""]
+    return "\n".join(parts)

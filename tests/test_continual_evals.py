@@ -1,0 +1,90 @@
+"""What a stage measures: the drift's reference log-probs kept per seed, and the domain tasks' own lm-eval run."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+
+from gradsift.continual import load_recipe
+
+from conftest import recipe_dict as recipe
+from conftest import write_recipe as write
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def two_stage_evals(each: dict, final: dict | None = None) -> dict:
+    stages = [{"name": n, "data": {"synthetic": n, "size": 8}} for n in ("sentiment", "yes_no")]
+    evals = {"after_each_stage": {"tasks": ["gradsift_refusal_strongreject_offline"], **each}}
+    if final is not None:
+        evals["final"] = {"tasks": ["gradsift_refusal_strongreject_offline"], **final}
+    return recipe(stages=stages, evals=evals)
+
+
+def test_drift_loads_each_reference_once_per_seed(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    from gradsift.continual import evals
+    from gradsift.continual.layout import RunLayout, Step
+
+    from conftest import build_model
+
+    (tmp_path / "align.jsonl").write_text(json.dumps({"prompt": "Why is the sky blue?", "completion": "Air."}) + "\n")
+    loaded = load_recipe(
+        write(tmp_path, recipe(model=str(tiny_model_dir), align={"data": {"path": "align.jsonl"}}, drift_prompts=1)),
+        check_data=False,
+    )
+    loads = []
+    monkeypatch.setattr(evals, "eval_model", lambda r, spec, adapter: loads.append(spec) or build_model(tokenizer))
+    monkeypatch.setattr(evals, "_REFERENCES", collections.OrderedDict())
+
+    def step(seed):
+        return Step(seed=seed, arm="full", index=1, stage="x", layout=RunLayout(tmp_path))
+
+    stage_model = build_model(tokenizer, seed=3)
+    first = evals.drift(loaded, stage_model, tokenizer, step(0))
+    assert evals.drift(loaded, stage_model, tokenizer, step(0)) == first  # from the kept log-probs
+    assert first["pretrained"] > 0 and first["aligned"] > 0
+    evals.drift(loaded, stage_model, tokenizer, step(1))
+    evals.drift(loaded, stage_model, tokenizer, step(1))
+    aligned = [str(tmp_path / f"seed-{seed}" / "00-align" / "model") for seed in (0, 1)]
+    # The pretrained reference is loaded once for both seeds; each seed's aligned model once.
+    assert loads == [str(tiny_model_dir), aligned[0], aligned[1]]
+
+
+@pytest.mark.parametrize(
+    "each, runs",
+    [
+        # Their own answer length: a run of their own, all their documents.
+        (
+            {"limit": 5, "max_gen_toks": 48, "domain_max_gen_toks": 112},
+            [(["gradsift_refusal_strongreject_offline"], 5, 48), (["domain"], 5, 112)],
+        ),
+        # Their own document count: a run of their own at each task's own answer length.
+        (
+            {"limit": 5, "max_gen_toks": 48, "domain_limit": 3},
+            [(["gradsift_refusal_strongreject_offline"], 5, 48), (["domain"], 3, None)],
+        ),
+        # Neither: one run, one answer length for all.
+        ({"limit": 5, "max_gen_toks": 48}, [(["gradsift_refusal_strongreject_offline", "domain"], 5, 48)]),
+    ],
+)
+def test_the_domain_tasks_run_apart_with_their_own_limit_and_answer_length(tmp_path, monkeypatch, each, runs):
+    from gradsift import evaluation
+    from gradsift.continual import evals, runner
+
+    calls = []
+
+    def fake_run_lm_eval(model, tokenizer, names, output_path, *, limit, max_gen_toks, **kwargs):
+        calls.append((list(names), limit, max_gen_toks))
+        return {"results": {}, "per_doc": {}}
+
+    monkeypatch.setattr(evaluation, "run_lm_eval", fake_run_lm_eval)
+    monkeypatch.setattr(evals, "_task_manager", lambda: None)
+    loaded = load_recipe(write(tmp_path, two_stage_evals(each)))
+    step = next(s for s in runner.plan(loaded, tmp_path / "run") if s.arm == "full" and s.index == 1)
+    evals.evaluate(loaded, None, None, step, final=False)
+    domain = ["gradsift_domain_sentiment", "gradsift_domain_yes_no"]
+    expected = [([t for n in names for t in (domain if n == "domain" else [n])], lim, g) for names, lim, g in runs]
+    assert calls == expected
