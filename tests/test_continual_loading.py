@@ -173,3 +173,13 @@ def test_without_a_kind_a_row_whose_answer_is_a_refusal_is_not_a_drift_prompt(tm
     (tmp_path / "align.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     loaded = load_recipe(write(tmp_path, recipe(align={"data": {"path": "align.jsonl"}}, drift_prompts=4)))
     assert [record["prompt"] for record in drift_records(loaded)] == ["What causes thunder?"]
+
+
+def test_an_override_error_names_its_full_yaml_path(tmp_path):
+    data = recipe(arms={"full": {}, "mine": {"selection": {"keep_fraction": 2}}})
+    data["stages"][0]["train"] = {"learning_rate": -1}
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    message = " ".join(str(error.value).split())
+    assert "arms.mine.selection.keep_fraction: Input should be less than or equal to 1 (got 2)" in message
+    assert "stages.0.train.learning_rate: Input should be greater than 0 (got -1)" in message
