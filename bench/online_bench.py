@@ -82,7 +82,7 @@ def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int, u
         args = SFTConfig(
             output_dir=out,
             per_device_train_batch_size=batch_size // world,
-            ddp_backend="gloo",
+            ddp_backend="gloo" if world > 1 else None,
             max_steps=steps,
             report_to="none",
             save_strategy="no",
@@ -116,8 +116,14 @@ def relaunch(nproc: int) -> int:
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    command += ["--master_port", str(port), str(Path(__file__).resolve()), *sys.argv[1:]]
+    own = [arg for i, arg in enumerate(sys.argv[1:]) if not _is_nproc(sys.argv[1:], i)]  # torchrun would read it
+    command += ["--master_port", str(port), str(Path(__file__).resolve()), *own]
     return subprocess.call(command, env=env)
+
+
+def _is_nproc(args: list[str], i: int) -> bool:
+    """Whether `args[i]` is `--nproc`, its value, or `--nproc=N`."""
+    return args[i] == "--nproc" or args[i].startswith("--nproc=") or (i > 0 and args[i - 1] == "--nproc")
 
 
 def main() -> None:

@@ -213,6 +213,8 @@ class OnlineSelectionMixin:
                 return batches, None
             selected = self._gradsift_select(batches)
             if selected is not None:
+                if self.gradsift_reuse:  # no loss is computed: the update is already known
+                    return selected, None
                 real = [batch for batch in selected if "_gradsift_skip" not in batch]
                 return selected, self._get_num_items_in_batch(real, device)
             self.gradsift_skipped_steps += 1
@@ -225,8 +227,6 @@ class OnlineSelectionMixin:
             )
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        if "_gradsift_skip" in inputs:  # a micro-batch left empty by the selection: nothing to add to the step
-            return torch.zeros((), device=self.args.device)
         if "_gradsift_reused" in inputs:  # the step's gradient is already known: add it once, report its loss
             if self._gradsift_pending is None:
                 return torch.zeros((), device=self.args.device)
@@ -240,6 +240,8 @@ class OnlineSelectionMixin:
                     param.grad.add_(grad.to(param.dtype))
             self._gradsift_count_tokens(inputs)
             return loss
+        if "_gradsift_skip" in inputs:  # a micro-batch left empty by the selection: nothing to add to the step
+            return torch.zeros((), device=self.args.device)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _gradsift_count_tokens(self, inputs: dict[str, Any]) -> None:
@@ -249,7 +251,7 @@ class OnlineSelectionMixin:
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        return 0 if "_gradsift_skip" in inputs else super().floating_point_ops(inputs)
+        return super().floating_point_ops(inputs) if "input_ids" in inputs else 0
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.gradsift_stats and "loss" in logs:
@@ -311,6 +313,8 @@ class OnlineSelectionMixin:
             for batch in packed:
                 if "_gradsift_skip" not in batch:
                     batch["_gradsift_reused"] = True
+            if not mine.any():  # this rank kept no row but the step's update is every rank's: apply it here too
+                packed[0] = {"_gradsift_reused": True}
         return packed
 
     def _gradsift_local_window(self, batches: list[dict[str, Any]], scored: list, anchor: Any) -> Window:
@@ -370,7 +374,7 @@ class OnlineSelectionMixin:
                 contribution = torch.tensordot(w.to(grad.device), grad[index.to(grad.device)], dims=1)
                 grads[key] = grads[key] + contribution if key in grads else contribution
         if self._gradsift_team.world_size > 1:  # every rank adds a part, zero where it kept no row
-            keys = sorted(params)
+            keys = [id(p) for p in hooks.params]  # the model's order, the same on every rank (ids are not)
             parts = [grads.get(key, torch.zeros_like(params[key], dtype=torch.float32)) for key in keys]
             grads = dict(zip(keys, all_reduce_sum(parts, self._gradsift_team)))
         loss = float(np.sum(np.where(keep, window.losses * window.counts, 0.0)) / total)

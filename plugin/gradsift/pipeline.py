@@ -334,13 +334,10 @@ def score_and_select(
     data_fingerprint: str | None = None,
     progress: bool = True,
     allow_scoring: bool = True,
-    team: Team | None = None,
 ) -> tuple[ScoreResult, Selection]:
     """Score `rows` (cached in `cache_dir`) and apply `config.selection`. Logs the one-line summary.
 
     `model` may be a loaded model, a callable that loads one, or None to load `config.scoring.model` when needed.
-    With a `team` of several processes the ranks score their shares of the rows (`score_cached`); every rank returns
-    the merged scores and the same selection.
     """
     require_rows(rows)
     if uses_anchor(config) and not config.scoring.anchor_data:  # before a scoring pass whose scores would not do
@@ -374,7 +371,6 @@ def score_and_select(
         progress=progress,
         describe={"data": config.data.model_dump()},
         allow_scoring=allow_scoring,
-        team=team,
         anchor=anchor,
     )
     selection = apply_selection(result.table, config)

@@ -60,7 +60,7 @@ def main() -> None:
         max_length=64,
         seed=0,
         train_sampling_strategy="sequential",  # the global batches are then the same however many ranks
-        ddp_backend="gloo",
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
     )
     config = GradSiftConfig(

@@ -1,9 +1,8 @@
 """`GradSiftPlugin`: score axolotl's own tokenized training rows, keep the selected ones, fix up the step count.
 
 `axolotl preprocess` scores (and caches the scores next to the prepared dataset); `axolotl train` reuses the cached
-scores, or scores on first use when there are none. Under several processes (`accelerate launch`, torchrun) every
-rank holds the prepared rows, so the ranks score them together with the shard protocol of `gradsift score` (each
-rank its share of the shards, balanced by tokens; rank 0 merges), and no rank waits on another's whole pass.
+scores, or scores on first use when there are none. With several processes and no cached scores, training stops
+and asks for `axolotl preprocess` first: ranks waiting on a long scoring pass would hit the distributed timeout.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ class GradSiftPlugin(BasePlugin):
         """Load with axolotl's own loader, score, select, and return the kept rows with a recomputed step count."""
         if cfg.get("gradsift") is None:
             return None
+        _cpu_device_map(cfg)
         config = resolve_config(cfg, self.raw_block)
         if config.mode == "online":  # the trainer selects inside each step; the dataset stays whole
             return None
@@ -49,9 +49,9 @@ class GradSiftPlugin(BasePlugin):
         from axolotl.common.datasets import load_datasets as axolotl_load_datasets
         from axolotl.loaders import load_tokenizer
 
-        from gradsift.distributed import launched_team
-        from gradsift.models import load_model, resolve_device
-        from gradsift.pipeline import score_and_select
+        from gradsift.errors import UserError
+        from gradsift.models import load_model
+        from gradsift.pipeline import ScoresMissing, score_and_select
         from gradsift.selection import kept_indices
         from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 
@@ -60,17 +60,24 @@ class GradSiftPlugin(BasePlugin):
         tokenizer = load_tokenizer(cfg)
         rows = rows_from_dataset(dataset)
         folder = cache_dir(cfg, config)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         vocab_size = len(tokenizer)
-        with launched_team(use_cuda=resolve_device(config.scoring) == "cuda") as team:
+        try:
             result, selection = score_and_select(
                 rows,
                 lambda: load_model(config.scoring, vocab_size=vocab_size),
                 tokenizer,
                 config,
                 folder,
-                progress=team.is_main,
-                team=team,
+                progress=_is_main_process(),
+                allow_scoring=world_size == 1,
             )
+        except ScoresMissing:
+            raise UserError(
+                f"gradsift has no cached scores in {folder} and this run has {world_size} processes; scoring in one "
+                "of them would make the others hit the distributed timeout. Run `axolotl preprocess` on this config "
+                "first, then train."
+            ) from None
         table = result.table
         keep = kept_indices(selection, table)
         if _is_main_process():
@@ -177,3 +184,15 @@ def _plain(value: Any) -> Any:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _cpu_device_map(cfg: Any) -> None:
+    """Several processes on a machine without an accelerator: axolotl maps each rank's model to the device index
+    LOCAL_RANK, which names no device there. Map it to the CPU, where `cfg.device` says it runs (the model loads after
+    the datasets, so this is in time)."""
+    if (
+        cfg.get("device") == "cpu"
+        and isinstance(cfg.get("device_map"), dict)
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
+        cfg.device_map = {"": "cpu"}
