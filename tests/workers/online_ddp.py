@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import datasets
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig
 
 from gradsift.config import GradSiftConfig
 from gradsift.integrations.trl import GradSiftSFTTrainer
 from gradsift.models import fresh_lora
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
+from conftest import sft_config  # noqa: E402
 
 
 def main() -> None:
@@ -41,24 +44,12 @@ def main() -> None:
             if "lora_B" in name:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
-    sft = SFTConfig(
+    sft = sft_config(  # the trainer tests' exact SGD settings, three steps, batches in dataset order
+        Path(args.out),
         output_dir=args.out,
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accumulation,
         max_steps=args.steps,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        bf16=False,
-        max_length=64,
-        seed=0,
         train_sampling_strategy="sequential",  # the global batches are then the same however many ranks
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
