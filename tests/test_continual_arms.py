@@ -52,3 +52,24 @@ def test_the_random_arm_ignores_the_recipes_anchor_filter(tmp_path):
     assert loaded.selection_for("gradsift").min_anchor_cos == 0  # the scored arm filters
     assert random_subset(loaded, "random", 20, 5).num_kept == 5  # the random arm has no scores to filter
     assert random_subset(loaded, "random", 20, None).num_kept == 4  # keep_fraction 0.2 of 20
+
+
+def test_the_anchor_pass_runs_in_shared_stage_one_scores_and_later_only_where_the_selection_reads_it(tmp_path):
+    from gradsift.continual.schema import gradsift_config_for
+
+    arms = {"gradsift": {}, "anchor": {}, "floor": {"selection": {"min_anchor_cos": 0.0}}}
+    loaded = load_recipe(write(tmp_path, recipe(arms=arms, scoring={"anchor_data": "embedded:refusals"})))
+    train = loaded.train_for(loaded.stages[0])
+    anchor_data = {
+        (arm, index): gradsift_config_for(loaded, arm, train, index).scoring.anchor_data
+        for arm in arms
+        for index in (1, 2)
+    }
+    assert anchor_data == {
+        ("gradsift", 1): "embedded:refusals",  # stage 1's scores are shared with the arms that read the anchor
+        ("gradsift", 2): None,
+        ("anchor", 1): "embedded:refusals",
+        ("anchor", 2): "embedded:refusals",
+        ("floor", 1): "embedded:refusals",
+        ("floor", 2): "embedded:refusals",
+    }

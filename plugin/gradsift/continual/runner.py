@@ -187,7 +187,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     records = stage_records(recipe, stage.data, step.seed)
     model = _stage_model(recipe, step)
     args = backends.sft_args(recipe, train, spec, step.folder, step.seed, progress)
-    config = gradsift_config_for(recipe, step.arm, train)
+    config = gradsift_config_for(recipe, step.arm, train, step.index)
     record: dict[str, Any] = {"stage": stage.name, "index": step.index, "seed": step.seed, "arm": step.arm}
     record["arm_kind"] = spec.kind
     record["rows"] = len(records)

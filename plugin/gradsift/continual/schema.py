@@ -412,13 +412,24 @@ def error_lines(error: ValidationError, prefix: str = "") -> list[str]:
     return lines
 
 
-def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec) -> GradSiftConfig:
-    """The gradsift config an arm's stage scores and selects with (the online mode logs to `ONLINE_LOG`)."""
+def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec, stage_index: int = 1) -> GradSiftConfig:
+    """The gradsift config an arm's stage scores and selects with (the online mode logs to `ONLINE_LOG`).
+
+    The anchor pass runs where its columns are read. Stage 1's scores are shared by every select arm of a seed, so
+    they carry the anchor columns whenever the recipe names `scoring.anchor_data`; a later stage scores with the arm's
+    own adapter and takes the anchor pass only when the arm's selection reads it (the `anchor` rule or
+    `min_anchor_cos`).
+    """
     spec = recipe.arm(arm)
+    selection = recipe.selection_for(arm)
+    scoring = recipe.scoring_config()
+    reads_anchor = selection.rule == "anchor" or selection.min_anchor_cos is not None
+    if stage_index > 1 and not reads_anchor:
+        scoring = scoring.model_copy(update={"anchor_data": None})
     return GradSiftConfig(
         mode=spec.mode or recipe.mode,
         data=DataConfig(max_length=train.max_length),
-        scoring=recipe.scoring_config(),
-        selection=recipe.selection_for(arm),
+        scoring=scoring,
+        selection=selection,
         online={"log_file": ONLINE_LOG},
     )
