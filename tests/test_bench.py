@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gradsift.config import AUTO_TOKEN_BUDGETS
+
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = re.compile(r"^batched_vs_plain=[\d.]+ batched_vs_loop=[\d.]+ mem_vs_plain=(nan|[\d.]+)$")
 
@@ -54,6 +56,17 @@ def test_score_bench_prints_its_ratios():
     lines = result.stdout.strip().splitlines()
     assert RATIOS.match(lines[-1])
     assert sum(" rep 0 " in line for line in lines) == 3  # loop, batched and plain each ran
+
+
+def test_budget_bench_sweeps_token_budgets_on_real_rows(tiny_model_dir):
+    args = ("--model", str(tiny_model_dir), "--rows", "8", "--max-length", "48", "--budgets", "48,192", "--reps", "1")
+    result = run_script("bench/budget_bench.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert sum(" budget " in line for line in lines) == 2
+    assert "same scores at every budget: True" in lines[-2]  # the budget changes the batches, not the scores
+    auto = AUTO_TOKEN_BUDGETS["cpu"]  # not in this sweep, so no ratio to it
+    assert re.match(rf"^fastest=(48|192) auto={auto}$", lines[-1]), lines[-1]
 
 
 def test_score_bench_times_the_anchor_score_against_the_norm():

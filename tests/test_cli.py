@@ -113,6 +113,21 @@ def test_flags_win_over_the_config_file(tmp_path):
     assert resolved.scoring.lora_r == 8
 
 
+def test_the_token_budget_flag_takes_a_number_or_auto(tmp_path, capsys):
+    from gradsift.cli import config_from_args
+
+    for value, expected in (("auto", "auto"), ("1024", 1024)):
+        args = build_parser().parse_args(["score", "--data", "d.jsonl", "--out", "o", "--max-tokens-per-batch", value])
+        assert config_from_args(args).scoring.max_tokens_per_batch == expected
+    user_error(
+        capsys,
+        ["score", "--data", "d.jsonl", "--out", str(tmp_path / "o"), "--max-tokens-per-batch", "0"],
+        "`scoring.max_tokens_per_batch`: input should be a whole number of tokens ≥ 1 or 'auto'",
+        "got 0",
+        "the default 'auto'",
+    )
+
+
 def test_every_config_key_has_a_flag():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices

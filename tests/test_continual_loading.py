@@ -45,6 +45,7 @@ def test_axolotl_keys_that_place_a_stages_files_are_refused(tmp_path):
 def test_schema_arm_task_and_data_problems_are_reported_together(tmp_path):
     data = recipe(
         lora={"r": 0},  # schema
+        scoring={"max_tokens_per_batch": 0},  # an `int | "auto"` option: one problem, not one per member
         arms={"full": {}, "gradsfit": {}},  # cross-field: an unknown arm
         evals={"after_each_stage": {"tasks": ["gradsift_refusal_mcq"], "domain": False}},  # an unknown task
     )
@@ -55,6 +56,7 @@ def test_schema_arm_task_and_data_problems_are_reported_together(tmp_path):
     message = " ".join(str(error.value).split())
     for expected in (
         "lora.r: Input should be greater than or equal to 1 (got 0)",
+        "scoring.max_tokens_per_batch: input should be a whole number of tokens ≥ 1 or 'auto' (got 0)",
         "stages.2.data: unknown synthetic task 'poetry'",
         "stages.2.trian: not a recipe key",
         "arms: unknown arm(s) gradsfit",
@@ -62,7 +64,7 @@ def test_schema_arm_task_and_data_problems_are_reported_together(tmp_path):
         f"stages.1.data.path: 'missing.jsonl' does not exist (looked in {tmp_path}",
     ):
         assert expected in message, expected
-    assert str(error.value).count(";\n") == 5  # a line per problem; the CLI's one line joins them with `; `
+    assert str(error.value).count(";\n") == 6  # a line per problem; the CLI's one line joins them with `; `
 
 
 def test_a_missing_relative_data_path_is_caught_by_a_dry_run_not_taken_for_a_hub_id(tmp_path, capsys):

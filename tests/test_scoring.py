@@ -372,3 +372,21 @@ def test_nf4_scores_on_a_cpu_are_the_training_steps_numbers(tiny_model_dir, toke
     assert weights and not any(getattr(p.quant_state, "packing_format_for_cpu", False) for p in weights)
     np.testing.assert_allclose(table.loss, expected[:, 0], rtol=1e-6)
     np.testing.assert_allclose(table.grad_norm, expected[:, 1], rtol=1e-6)
+
+
+def test_auto_token_budget_is_the_devices_measured_one_and_a_number_wins(tokenizer, rows, monkeypatch):
+    import gradsift.scoring as scoring
+    from gradsift.config import AUTO_TOKEN_BUDGETS, DEFAULT_TOKEN_BUDGET
+
+    budgets = []
+    real = scoring.make_batches
+    monkeypatch.setattr(
+        scoring, "make_batches", lambda lengths, budget, size: budgets.append(budget) or real(lengths, budget, size)
+    )
+    model = lora_model(tokenizer)
+    auto = score_rows(model, rows, ScoringConfig(), tokenizer.pad_token_id, progress=False)
+    small = score_rows(model, rows, ScoringConfig(max_tokens_per_batch=40), tokenizer.pad_token_id, progress=False)
+    assert budgets == [AUTO_TOKEN_BUDGETS["cpu"], 40]
+    assert ScoringConfig().token_budget("cuda") == DEFAULT_TOKEN_BUDGET == 4096  # not swept on a GPU yet
+    # The budget changes the batches (at 40 tokens nearly one row each), not the scores.
+    assert max_rel(auto.grad_norm, small.grad_norm) < 1e-5 and max_rel(auto.loss, small.loss) < 1e-5

@@ -23,7 +23,12 @@ EMBEDDED = {EMBEDDED_REFUSALS: "the shipped align set's harmful requests, each w
 
 def uses_anchor(config: Any) -> bool:
     """Whether a `GradSiftConfig`'s selection reads the anchor score (the `anchor` rule or `min_anchor_cos`)."""
-    return config.selection.rule == "anchor" or config.selection.min_anchor_cos is not None
+    return reads_anchor(config.selection)
+
+
+def reads_anchor(selection: Any) -> bool:
+    """Whether a `SelectionConfig` reads the anchor score: the `anchor` rule or the `min_anchor_cos` filter."""
+    return selection.rule == "anchor" or selection.min_anchor_cos is not None
 
 
 def shipped_file(relative: str) -> Path:

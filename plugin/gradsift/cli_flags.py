@@ -104,11 +104,14 @@ def _scalar_parser(annotation: Any):
         else (annotation,)
     )
     nullable = type(None) in args
-    base = next((a for a in args if a is not type(None)), str)
+    words = [word for a in args if typing.get_origin(a) is typing.Literal for word in typing.get_args(a)]
+    base = next((a for a in args if a is not type(None) and typing.get_origin(a) is None), str)
 
     def parse(text: str) -> Any:
         if nullable and text.lower() in ("none", "null"):
             return None
+        if text in words:  # e.g. `auto` beside a number
+            return text
         return base(text) if base in (int, float) else text
 
     parse.__name__ = getattr(base, "__name__", "value")
@@ -117,10 +120,16 @@ def _scalar_parser(annotation: Any):
 
 def _metavar(annotation: Any) -> str:
     text = str(annotation)
+    words = "|".join(
+        word
+        for a in typing.get_args(annotation)
+        if typing.get_origin(a) is typing.Literal
+        for word in typing.get_args(a)
+    )
     if "float" in text:
         return "X"
     if "int" in text:
-        return "N"
+        return f"N|{words}" if words else "N"
     return "VALUE"
 
 

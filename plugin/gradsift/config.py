@@ -10,13 +10,20 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gradsift.errors import UserError
 
 SELECTION_RULES = ("moderate", "drop_top", "band", "threshold", "random", "high", "low", "anchor")
 DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "tokenized")
 
+
+# `scoring.max_tokens_per_batch: auto` per device type: the fastest budget of a sweep with the embedded model on the
+# testbed's rows (`python bench/budget_bench.py`, recorded in bench/README.md). Batches past the CPU's caches lose
+# more than fewer, larger matmuls gain. Device types not swept yet keep the budget the earlier figures used.
+AUTO_TOKEN_BUDGETS = {"cpu": 1024}
+DEFAULT_TOKEN_BUDGET = 4096
 
 # The online mode's per-step record, under the trainer's output_dir (the default of `online.log_file`).
 ONLINE_LOG = "gradsift_online.jsonl"
@@ -103,8 +110,10 @@ class ScoringConfig(ModelConfig):
         description="Per-layer norm computation: `direct` (materialise g_iᵀa_i), `ghost` (Gram identity), or `auto` "
         "(the cheaper one per layer and batch).",
     )
-    max_tokens_per_batch: int = Field(
-        4096, ge=1, description="Token budget of one batch (rows × longest row, padding included)."
+    max_tokens_per_batch: int | Literal["auto"] = Field(
+        "auto",
+        description="Token budget of one batch (rows × longest row, padding included); `auto`: the fastest budget "
+        "measured for the device type (1024 on a CPU, 4096 elsewhere).",
     )
     max_batch_size: int = Field(32, ge=1, description="Most rows in one batch.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward to save memory.")
@@ -115,6 +124,27 @@ class ScoringConfig(ModelConfig):
         "harmful requests with refusals). Each row then also gets `anchor_dot` = ⟨g_i, ḡ_A⟩ with the anchor set's "
         "mean gradient, and `anchor_cos`, from the same pass. null = none.",
     )
+
+    @field_validator("max_tokens_per_batch", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        """One error for a bad budget, not one per member of `int | "auto"`."""
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():  # lax like the other whole-number options
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise PydanticCustomError("token_budget", "input should be a whole number of tokens ≥ 1 or 'auto'")
+
+    def token_budget(self, device_type: str) -> int:
+        """The token budget of one batch on a device type (`cpu`, `cuda`, ...): the number set, or for `auto` the
+        measured one (`AUTO_TOKEN_BUDGETS`)."""
+        if self.max_tokens_per_batch != "auto":
+            return self.max_tokens_per_batch
+        return AUTO_TOKEN_BUDGETS.get(device_type, DEFAULT_TOKEN_BUDGET)
 
     def fingerprint(self) -> str:
         """Return a hash of the fields that change the scores (not how fast they are computed).

@@ -132,7 +132,7 @@ def anchor_gradient(
         else:
             # Only Σ_a g_a is needed, not per-row norms: one plain backward per batch, no hooks.
             lengths = [len(row.input_ids) for row in todo]
-            batches = make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size)
+            batches = make_batches(lengths, config.token_budget(device.type), config.max_batch_size)
             for positions in tqdm(batches, desc="anchor gradient", unit="batch", disable=not progress):
                 members = [todo[i] for i in positions]
                 _, total_loss, finite = _batch_losses(model, collate(members, pad_token_id, device))
@@ -185,7 +185,7 @@ def score_rows(
         else:
             lengths = [len(rows[i].input_ids) for i in todo]
             with GradNormHooks(model, config.norm_method, anchor=anchor) as hooks:
-                for batch_positions in make_batches(lengths, config.max_tokens_per_batch, config.max_batch_size):
+                for batch_positions in make_batches(lengths, config.token_budget(device.type), config.max_batch_size):
                     members = todo[batch_positions]
                     batch = collate([rows[i] for i in members], pad_token_id, device)
                     losses, norms = score_batch(model, hooks, batch)

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from gradsift.anchors import reads_anchor
 from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
 from gradsift.continual.rows import resolve_path
 from gradsift.errors import UserError
@@ -330,8 +331,7 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
             except ValidationError as error:
                 problems += error_lines(error, f"arms.{name}.selection")
                 continue
-            uses_anchor = selection.rule == "anchor" or selection.min_anchor_cos is not None
-            if uses_anchor and recipe.arm(name).kind == "select" and not recipe.scoring.get("anchor_data"):
+            if reads_anchor(selection) and recipe.arm(name).kind == "select" and not recipe.scoring.get("anchor_data"):
                 problems.append(
                     f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
                     "(e.g. embedded:refusals)"
@@ -423,8 +423,7 @@ def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec, stage_index:
     spec = recipe.arm(arm)
     selection = recipe.selection_for(arm)
     scoring = recipe.scoring_config()
-    reads_anchor = selection.rule == "anchor" or selection.min_anchor_cos is not None
-    if stage_index > 1 and not reads_anchor:
+    if stage_index > 1 and not reads_anchor(selection):
         scoring = scoring.model_copy(update={"anchor_data": None})
     return GradSiftConfig(
         mode=spec.mode or recipe.mode,

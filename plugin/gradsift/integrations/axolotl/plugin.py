@@ -1,15 +1,17 @@
 """`GradSiftPlugin`: score axolotl's own tokenized training rows, keep the selected ones, fix up the step count.
 
 `axolotl preprocess` scores (and caches the scores next to the prepared dataset); `axolotl train` reuses the cached
-scores, or scores on first use when there are none. With several processes and no cached scores, training stops
-and asks for `axolotl preprocess` first: ranks waiting on a long scoring pass would hit the distributed timeout.
+scores, or scores on first use when there are none. With several processes and no cached scores, training stops:
+one line on stderr gives the exact `axolotl preprocess <config>` to run first (ranks waiting on a long scoring pass
+would hit the distributed timeout), every process exits with status 2 and the launcher reports the failed workers.
+Training under several processes then reuses those scores.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
@@ -73,11 +75,13 @@ class GradSiftPlugin(BasePlugin):
                 allow_scoring=world_size == 1,
             )
         except ScoresMissing:
-            raise UserError(
-                f"gradsift has no cached scores in {folder} and this run has {world_size} processes; scoring in one "
-                "of them would make the others hit the distributed timeout. Run `axolotl preprocess` on this config "
-                "first, then train."
-            ) from None
+            _stop(
+                UserError(
+                    f"gradsift has no cached scores in {folder} and this run has {world_size} processes: scoring in "
+                    "one of them would make the others hit the distributed timeout. Score in one process first, "
+                    f"with `{preprocess_command(cfg)}`, then run this training command again (it reuses the scores)."
+                )
+            )
         table = result.table
         keep = kept_indices(selection, table)
         if _is_main_process():
@@ -172,6 +176,35 @@ def total_steps(cfg: Any, dataset: Any) -> int:
     cfg.sample_packing_eff_est = None
     steps = calculate_total_num_steps(cfg, dataset)
     return min(steps, cfg.max_steps) if cfg.get("max_steps") else steps
+
+
+def preprocess_command(cfg: Any, argv: list[str] | None = None) -> str:
+    """The command that scores this config in one process: axolotl's preprocess on the config file this run was given,
+    with the same config overrides (`--key value` after the config path, as `axolotl train` passes them on)."""
+    import shlex
+    import sys
+
+    path = cfg.get("axolotl_config_path")
+    if not path:
+        return "axolotl preprocess <your config.yaml>"
+    args = sys.argv[1:] if argv is None else argv
+    overrides = args[1:] if args and args[0] == str(path) else []
+    return shlex.join(["axolotl", "preprocess", str(path), *overrides])
+
+
+def _stop(error: Exception) -> NoReturn:
+    """End every process on a user's mistake: its message as one line on stderr from the main process (every rank
+    reaches the same mistake on the same data), then status 2 in every process, without a traceback. The other ranks
+    wait for that line first, so that a launcher that stops the rest once one process has ended cannot cut it off."""
+    import sys
+
+    import torch.distributed as dist
+
+    if _is_main_process():
+        print(f"gradsift: {error}", file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    raise SystemExit(2)
 
 
 def _plain(value: Any) -> Any:
