@@ -51,8 +51,9 @@ def workdir(tmp_path_factory):
     return path
 
 
-def write_config(workdir: Path, name: str, dataset: str, qlora: bool, **overrides) -> Path:
-    """The shipped tiny-cpu.yaml with its paths pointed at the tiny model and a fresh output folder."""
+def write_config(workdir: Path, name: str, dataset: str, qlora: bool, mode: str | None = None, **overrides) -> Path:
+    """The shipped tiny-cpu.yaml with its paths pointed at the tiny model and a fresh output folder; `mode` sets
+    `gradsift.mode`, `overrides` top-level axolotl keys."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config.update(
         base_model=str(workdir / "model"),
@@ -69,6 +70,8 @@ def write_config(workdir: Path, name: str, dataset: str, qlora: bool, **override
     if qlora:
         config.update(load_in_4bit=True, adapter="qlora")
         config["gradsift"]["scoring"]["quantization"] = "nf4"
+    if mode is not None:
+        config["gradsift"]["mode"] = mode
     config.update(overrides)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -200,10 +203,9 @@ def test_every_axolotl_recipe_passes_axolotl_validation_with_the_plugin(path):
 
 @pytest.mark.slow
 def test_online_mode_trains_with_per_step_selection(workdir):
-    config_path = write_config(workdir, "online", "alpaca", False, gradient_accumulation_steps=2, logging_steps=1)
-    config = yaml.safe_load(config_path.read_text())
-    config["gradsift"]["mode"] = "online"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_config(
+        workdir, "online", "alpaca", False, mode="online", gradient_accumulation_steps=2, logging_steps=1
+    )
     train = axolotl("train", str(config_path), "--launcher", "python")
     log = train.stdout + train.stderr
     assert "gradsift: online selection in every step (step window)" in log
@@ -216,9 +218,9 @@ def test_online_mode_trains_with_per_step_selection(workdir):
 
 
 def test_online_mode_rejects_sample_packing(workdir):
-    config = yaml.safe_load(write_config(workdir, "online-packing", "alpaca", False).read_text())
-    config["gradsift"]["mode"] = "online"
-    config["sample_packing"] = True
+    config = yaml.safe_load(
+        write_config(workdir, "online-packing", "alpaca", False, mode="online", sample_packing=True).read_text()
+    )
     with pytest.raises(Exception, match="`sample_packing` joins rows"):
         validate(config)
 
@@ -296,10 +298,9 @@ def test_offline_mode_under_two_processes_asks_for_preprocess_then_reuses_its_sc
 
 @pytest.mark.slow
 def test_online_mode_under_two_processes_selects_from_the_global_batch(workdir):
-    config_path = write_config(workdir, "online-ddp", "alpaca", False, gradient_accumulation_steps=2, logging_steps=1)
-    config = yaml.safe_load(config_path.read_text())
-    config["gradsift"]["mode"] = "online"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_config(
+        workdir, "online-ddp", "alpaca", False, mode="online", gradient_accumulation_steps=2, logging_steps=1
+    )
     train = accelerate_train(config_path)
     log = train.stdout + train.stderr
     assert "gradsift/kept_fraction" in log, log[-3000:]

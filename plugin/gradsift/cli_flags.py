@@ -104,7 +104,7 @@ def _scalar_parser(annotation: Any):
         else (annotation,)
     )
     nullable = type(None) in args
-    words = [word for a in args if typing.get_origin(a) is typing.Literal for word in typing.get_args(a)]
+    words = _union_words(annotation)
     base = next((a for a in args if a is not type(None) and typing.get_origin(a) is None), str)
 
     def parse(text: str) -> Any:
@@ -120,17 +120,18 @@ def _scalar_parser(annotation: Any):
 
 def _metavar(annotation: Any) -> str:
     text = str(annotation)
-    words = "|".join(
-        word
-        for a in typing.get_args(annotation)
-        if typing.get_origin(a) is typing.Literal
-        for word in typing.get_args(a)
-    )
+    words = "|".join(_union_words(annotation))
     if "float" in text:
         return "X"
     if "int" in text:
         return f"N|{words}" if words else "N"
     return "VALUE"
+
+
+def _union_words(annotation: Any) -> list[str]:
+    """The fixed words a union admits beside its other members (`auto` in `int | Literal["auto"]`)."""
+    members = typing.get_args(annotation)
+    return [word for a in members if typing.get_origin(a) is typing.Literal for word in typing.get_args(a)]
 
 
 def config_from_args(args: argparse.Namespace) -> GradSiftConfig:

@@ -10,12 +10,12 @@ broken by row position, `random` seeded by the config), so every rank computes t
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from gradsift.distributed import Team
+from gradsift.tokenization import sample_ids
 
 # The per-row columns a window carries (each a 1-d array over the window's rows); `dots`/`cosines` only with an anchor.
 COLUMNS = ("losses", "norms", "counts", "tokens", "status", "dots", "cosines")
@@ -59,12 +59,7 @@ class Window:
 
     def sample_ids(self) -> list[str]:
         """`digest#k` per row, k its occurrence among identical rows of the window (as `assign_sample_ids`)."""
-        seen: Counter[str] = Counter()
-        ids = []
-        for digest in self.digests:
-            ids.append(f"{digest}#{seen[digest]}")
-            seen[digest] += 1
-        return ids
+        return sample_ids(self.digests)
 
 
 def gather_window(team: Team, local: Window) -> Window:

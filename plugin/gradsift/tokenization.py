@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,13 +158,20 @@ def row_digest(row: TokenizedRow) -> str:
     return hashlib.sha256(json.dumps([row.input_ids, row.labels], separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def sample_ids(digests: Iterable[str]) -> list[str]:
+    """`digest#k` per row, k its occurrence among the rows with the same digest before it."""
+    seen: Counter[str] = Counter()
+    ids = []
+    for digest in digests:
+        ids.append(f"{digest}#{seen[digest]}")
+        seen[digest] += 1
+    return ids
+
+
 def assign_sample_ids(rows: Sequence[TokenizedRow]) -> None:
     """Give each row `hash#k`: a content hash of its tokens and labels, and k its occurrence among identical rows."""
-    seen: Counter[str] = Counter()
-    for row in rows:
-        digest = row_digest(row)
-        row.sample_id = f"{digest}#{seen[digest]}"
-        seen[digest] += 1
+    for row, sample_id in zip(rows, sample_ids(row_digest(row) for row in rows)):
+        row.sample_id = sample_id
 
 
 def rows_fingerprint(rows: Sequence[TokenizedRow]) -> str:
