@@ -88,3 +88,37 @@ def test_the_domain_tasks_run_apart_with_their_own_limit_and_answer_length(tmp_p
     domain = ["gradsift_domain_sentiment", "gradsift_domain_yes_no"]
     expected = [([t for n in names for t in (domain if n == "domain" else [n])], lim, g) for names, lim, g in runs]
     assert calls == expected
+
+
+def test_answers_are_generated_in_the_generation_dtype_after_the_drift_is_measured_in_the_loading_dtype(
+    tmp_path, tokenizer, monkeypatch
+):
+    import torch
+
+    from gradsift import evaluation
+    from gradsift.continual import evals, runner
+
+    from conftest import build_model
+
+    seen = []
+
+    def fake_run_lm_eval(model, tokenizer, names, output_path, **kwargs):
+        seen.append(("generate", next(model.parameters()).dtype))
+        return {"results": {}, "per_doc": {}}
+
+    monkeypatch.setattr(evaluation, "run_lm_eval", fake_run_lm_eval)
+    monkeypatch.setattr(evals, "_task_manager", lambda: None)
+    monkeypatch.setattr(runner, "eval_model", lambda recipe, base, adapter: build_model(tokenizer))
+    monkeypatch.setattr(runner, "drift", lambda r, model, t, s: seen.append(("drift", model.dtype)) or {})
+    each = {"limit": 2, "generation_dtype": "bfloat16"}
+    loaded = load_recipe(write(tmp_path, two_stage_evals(each, each)))
+    step = next(s for s in runner.plan(loaded, tmp_path / "run") if s.arm == "full" and s.index == 2)
+    step.folder.mkdir(parents=True)
+    runner._finish_stage(loaded, step, tokenizer, {}, adapter=None)
+    assert seen == [("drift", torch.float32), ("generate", torch.bfloat16)]
+    assert json.loads((step.folder / "stage.json").read_text())["drift"] == {}
+    # Unset: the answers come from the model as loaded.
+    seen.clear()
+    loaded = load_recipe(write(tmp_path, two_stage_evals({"limit": 2})))
+    runner._finish_stage(loaded, step, tokenizer, {}, adapter=None)
+    assert seen == [("drift", torch.float32), ("generate", torch.float32)]

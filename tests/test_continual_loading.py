@@ -143,6 +143,7 @@ def test_anchor_arms_need_an_anchor_set_and_its_path_must_exist(tmp_path):
         ({"domain_max_gen_toks": 112}, {"domain_max_gen_toks": 160}, "domain_max_gen_toks"),
         ({"domain_limit": 8}, {"domain_limit": 16}, "domain_limit"),
         ({"max_gen_toks": 48}, {"max_gen_toks": 64}, "max_gen_toks"),  # one run: the domain answers' length too
+        ({"generation_dtype": "bfloat16"}, {}, "generation_dtype"),  # the per-stage rates from alike answers
     ],
 )
 def test_the_accuracy_matrix_needs_the_same_domain_documents_and_answer_length_at_every_stage(

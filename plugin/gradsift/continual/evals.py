@@ -34,6 +34,7 @@ def evaluate(
     spec, tasks = recipe.eval_tasks(final)
     if not tasks:
         return {}, {}
+    model = generation_model(model, spec.generation_dtype)
     runs = [(tasks, spec.limit, spec.max_gen_toks)]
     if spec.domain_apart():  # the domain tasks in a run of their own, with their own limit and answer length
         domain = [stage.domain_task() for stage in recipe.stages]
@@ -63,6 +64,18 @@ def evaluate(
             if judged_task_kind(task) is not None:
                 per_doc[task] = values
     return metrics, per_doc
+
+
+def generation_model(model: Any, dtype: str | None) -> Any:
+    """`model` cast in place to `dtype` for generating answers (`evals.*.generation_dtype`); a 4-bit model, whose
+    weights cannot be cast, keeps its compute dtype."""
+    import torch
+
+    if dtype is None or getattr(model, "is_loaded_in_4bit", False):
+        if dtype is not None:
+            logger.warning("gradsift run: the evaluated model is 4-bit; answers keep its compute dtype, not %s", dtype)
+        return model
+    return model.to(getattr(torch, dtype))
 
 
 @functools.cache

@@ -283,9 +283,9 @@ def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, 
     base = backends.base_model_spec(recipe, step)
     final = step.index == len(recipe.stages)
     needed = bool(recipe.eval_tasks(final)[1]) or measures_drift(recipe)
-    model = eval_model(recipe, base, adapter) if needed else None  # one load for the evals and the drift
+    model = eval_model(recipe, base, adapter) if needed else None  # one load for the drift and the evals
+    record["drift"] = drift(recipe, model, tokenizer, step)  # in the loading dtype: `evaluate` may cast the model
     record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, final=final)
-    record["drift"] = drift(recipe, model, tokenizer, step)
     del model
     write_json(record, RunLayout.stage_file(step.folder))
 
