@@ -122,3 +122,38 @@ def test_answers_are_generated_in_the_generation_dtype_after_the_drift_is_measur
     loaded = load_recipe(write(tmp_path, two_stage_evals({"limit": 2})))
     runner._finish_stage(loaded, step, tokenizer, {}, adapter=None)
     assert seen == [("drift", torch.float32), ("generate", torch.float32)]
+
+
+def test_generation_model_casts_a_plain_model_and_leaves_a_quantized_one(tokenizer, monkeypatch, caplog):
+    import torch
+
+    from gradsift import models
+    from gradsift.continual import evals
+
+    from conftest import build_model
+
+    model = build_model(tokenizer)
+    assert evals.generation_model(model, None) is model and model.dtype == torch.float32
+    assert {p.dtype for p in evals.generation_model(model, "bfloat16").parameters()} == {torch.bfloat16}
+
+    class Quantized(torch.nn.Linear):
+        @property
+        def dtype(self):
+            return self.weight.dtype
+
+        def to(self, *args, **kwargs):
+            raise AssertionError("a quantized model's weights cannot be cast")
+
+    evals._warn_kept_dtype.cache_clear()
+    quantized = Quantized(2, 2)
+    monkeypatch.setattr(models, "model_quantization", lambda m: "nf4")
+    with caplog.at_level("WARNING", logger="gradsift.continual.evals"):
+        assert evals.generation_model(quantized, "bfloat16") is quantized
+        evals.generation_model(quantized, "bfloat16")
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradsift run: the evaluated model is quantized (nf4); its answers are generated in its compute dtype "
+        "float32, not `generation_dtype` bfloat16"
+    ]  # once, not once per stage
+    caplog.clear()
+    quantized = Quantized(2, 2, dtype=torch.bfloat16)
+    assert evals.generation_model(quantized, "bfloat16") is quantized and not caplog.records  # already that dtype

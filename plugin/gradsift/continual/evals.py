@@ -67,15 +67,31 @@ def evaluate(
 
 
 def generation_model(model: Any, dtype: str | None) -> Any:
-    """`model` cast in place to `dtype` for generating answers (`evals.*.generation_dtype`); a 4-bit model, whose
-    weights cannot be cast, keeps its compute dtype."""
+    """`model` cast in place to `dtype` for generating answers (`evals.*.generation_dtype`). A quantized model, whose
+    weights cannot be cast, keeps its compute dtype (a warning, once, when that is not `dtype`)."""
+    if dtype is None:
+        return model
     import torch
 
-    if dtype is None or getattr(model, "is_loaded_in_4bit", False):
-        if dtype is not None:
-            logger.warning("gradsift run: the evaluated model is 4-bit; answers keep its compute dtype, not %s", dtype)
-        return model
-    return model.to(getattr(torch, dtype))
+    from gradsift.models import model_quantization
+
+    quantization = model_quantization(model)
+    if quantization == "none":
+        return model.to(getattr(torch, dtype))
+    if model.dtype != getattr(torch, dtype):
+        _warn_kept_dtype(quantization, str(model.dtype).removeprefix("torch."), dtype)
+    return model
+
+
+@functools.cache
+def _warn_kept_dtype(quantization: str, kept: str, asked: str) -> None:
+    logger.warning(
+        "gradsift run: the evaluated model is quantized (%s); its answers are generated in its compute dtype %s, "
+        "not `generation_dtype` %s",
+        quantization,
+        kept,
+        asked,
+    )
 
 
 @functools.cache

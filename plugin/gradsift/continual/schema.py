@@ -167,7 +167,7 @@ class EvalSpec(EvalConfig):
         None,
         description="dtype the answers are generated in (the evaluated model cast to it); null: the model's loading "
         "dtype (`scoring.dtype`). The drift is measured before the cast. bfloat16 generates about 20% faster on a "
-        "CPU with bf16 instructions; a 4-bit model keeps its compute dtype.",
+        "CPU with bf16 instructions; float16 is meant for GPUs; a quantized model keeps its compute dtype.",
     )
 
     def domain_docs(self) -> int | None:
@@ -370,9 +370,9 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
             )
     if "evals" not in failed and final is not None and final.generation_dtype != each.generation_dtype:
         problems.append(
-            f"evals: evals.final generates in {final.generation_dtype} and evals.after_each_stage in "
-            f"{each.generation_dtype} (`generation_dtype`; null: the loading dtype): the per-stage rates must come "
-            "from answers generated alike; set them alike"
+            f"evals: evals.final generates in {final.generation_dtype or 'null'} and evals.after_each_stage in "
+            f"{each.generation_dtype or 'null'} (`generation_dtype`; null: the loading dtype): the per-stage rates "
+            "must come from answers generated alike; set them alike"
         )
     if recipe.trainer == "axolotl":
         kl = [name for name in recipe.arms if recipe.arm(name).kind == "kl"]
