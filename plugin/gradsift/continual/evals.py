@@ -75,10 +75,11 @@ def generation_model(model: Any, dtype: str | None) -> Any:
 
     from gradsift.models import model_quantization
 
+    target = getattr(torch, dtype)
     quantization = model_quantization(model)
     if quantization == "none":
-        return model.to(getattr(torch, dtype))
-    if model.dtype != getattr(torch, dtype):
+        return model.to(target)
+    if model.dtype != target:
         _warn_kept_dtype(quantization, str(model.dtype).removeprefix("torch."), dtype)
     return model
 
