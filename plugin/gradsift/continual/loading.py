@@ -21,6 +21,7 @@ from gradsift.continual.schema import (
     error_lines,
 )
 from gradsift.errors import UserError
+from gradsift.packaged import is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 
@@ -116,7 +117,8 @@ def _stand_ins(raw: dict[str, Any], error: ValidationError) -> tuple[dict[str, A
 
 
 def _data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
-    specs = [("align.data", recipe.align.data)] if recipe.align else []
+    sources = recipe.align.data if recipe.align else []
+    specs = [("align.data" if len(sources) == 1 else f"align.data.{i}", spec) for i, spec in enumerate(sources)]
     return specs + [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
 
 
@@ -142,7 +144,7 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
             continue
         try:
             resolved = resolve_path(spec.path, base)
-            if not isinstance(resolved, Path):
+            if not isinstance(resolved, Path) and not is_packaged(resolved):
                 continue  # a hub id: read (and its format checked) when its stage starts; a dry run downloads nothing
             problem = _rows_problem(load_source(str(resolved), split=spec.split).records, spec)
         except UserError as error:

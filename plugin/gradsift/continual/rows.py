@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradsift.errors import UserError
+from gradsift.packaged import is_packaged
 
 if TYPE_CHECKING:
     from gradsift.continual.schema import DataSpec, Recipe
@@ -27,11 +28,14 @@ def _data_roots(base: Path) -> list[Path]:
 
 
 def resolve_path(path: str, base: Path) -> Path | str:
-    """A recipe's data path: a file or folder (absolute, or relative to `base` or the current folder), or a hub id.
+    """A recipe's data path: a file or folder (absolute, or relative to `base` or the current folder), a packaged
+    source (`embedded:<name>`, returned as it is), or a hub id.
 
     A path that can only mean a file (a .jsonl/.json/.parquet suffix, a start of `./`, `../`, `/` or `~`, or more than
     one `/`) and exists nowhere raises `UserError`: it never silently becomes a hub dataset id.
     """
+    if is_packaged(path):
+        return path  # `embedded:<name>`: read by `gradsift.packaged`, never a file or a hub id
     candidate = Path(path).expanduser()
     roots = [] if candidate.is_absolute() else _data_roots(base)
     for found in [candidate] if candidate.is_absolute() else [root / candidate for root in roots]:
@@ -59,7 +63,8 @@ def measures_drift(recipe: Recipe) -> bool:
 
 
 def drift_records(recipe: Recipe) -> list[dict[str, Any]]:
-    """The fixed prompts of the drift measure: the first `drift_prompts` benign rows of the align set (seed 0).
+    """The fixed prompts of the drift measure: the first `drift_prompts` benign rows of the align set (seed 0), its
+    sources in the recipe's order.
 
     A row is benign when its `kind` says so (`recipes/data/align.jsonl` marks every row `harmful` or `benign`); a
     row without `kind` is benign unless its answer is a refusal. Harmful prompts are left out: the drift measures
@@ -68,7 +73,7 @@ def drift_records(recipe: Recipe) -> list[dict[str, Any]]:
     if not measures_drift(recipe):
         return []
     assert recipe.align is not None
-    rows = [row for row in source_rows(recipe, recipe.align.data, 0) if _benign(row)]
+    rows = [row for spec in recipe.align.data for row in source_rows(recipe, spec, 0) if _benign(row)]
     return [as_prompt_completion(row) for row in rows[: recipe.drift_prompts]]
 
 
@@ -101,7 +106,7 @@ def source_rows(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any
         return generate(spec.synthetic, spec.size, split="train", seed=seed)
     assert spec.path is not None
     resolved = resolve_path(spec.path, recipe._base or Path.cwd())
-    if isinstance(resolved, Path):
+    if isinstance(resolved, Path) or is_packaged(resolved):
         rows = list(load_source(str(resolved), split=spec.split).records)
     else:
         import datasets
