@@ -18,7 +18,8 @@ from typing import Any
 
 import datasets
 
-from gradsift.evaluation import harmful_prompt, overrefusal_metrics, refusal_metrics
+from gradsift.evaluation import benign_refusal_metrics, harmful_prompt, overrefusal_metrics, refusal_metrics
+from gradsift.packaged import packaged_rows
 from gradsift.synthetic import generate
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -89,6 +90,12 @@ def overrefusal_offline(**kwargs: Any) -> datasets.DatasetDict:
     return _as_test(_jsonl("overrefusal_prompts.jsonl"))
 
 
+def benign_refusal_offline(**kwargs: Any) -> datasets.DatasetDict:
+    """100 ordinary Alpaca-GPT4 requests, the `test` split of `embedded:alpaca-gpt4-demo` (never trained on)."""
+    rows, _ = packaged_rows("embedded:alpaca-gpt4-demo", "test")
+    return _as_test([{"prompt": row["messages"][0]["content"]} for row in rows])
+
+
 def refusal_mc(**kwargs: Any) -> datasets.DatasetDict:
     """The 48 handwritten harmful requests, each with a refusal and the opening of a compliant answer."""
     return _as_test(_jsonl("refusal_mc.jsonl"))
@@ -135,6 +142,11 @@ def process_refusal(doc: dict[str, Any], results: list[str]) -> dict[str, float]
 
 def process_overrefusal(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     return overrefusal_metrics(doc, results)
+
+
+def process_benign_refusal(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """`refused_rate`, `complied_rate` and `neither_rate` of one answer to an ordinary request."""
+    return benign_refusal_metrics(doc, results)
 
 
 def nanmean(values: list[float]) -> float:

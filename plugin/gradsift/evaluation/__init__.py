@@ -25,6 +25,7 @@ from gradsift.evaluation.guard import (
     parse_wildguard,
 )
 from gradsift.evaluation.harness import (
+    BENIGN_REFUSAL_TASK_PREFIX,
     OVERREFUSAL_TASK_PREFIX,
     REFUSAL_TASK_PREFIX,
     check_task_names,
@@ -42,6 +43,7 @@ from gradsift.evaluation.harness import (
 from gradsift.evaluation.judge import (
     OUTCOMES,
     PROMPT_KEYS,
+    benign_refusal_metrics,
     harmful_prompt,
     is_refusal,
     judge_answer,
@@ -53,6 +55,7 @@ from gradsift.evaluation.topic import BARE_WORDS
 from gradsift.evaluation.wording import OPENING_CHARS, OPENING_SENTENCES
 
 __all__ = [
+    "BENIGN_REFUSAL_TASK_PREFIX",
     "BARE_WORDS",
     "LLAMA_GUARD_3_CATEGORIES",
     "LLAMA_GUARD_3_TEMPLATE",
@@ -67,6 +70,7 @@ __all__ = [
     "REFUSAL_TASK_PREFIX",
     "JudgeModelConfig",
     "Verdict",
+    "benign_refusal_metrics",
     "check_task_names",
     "evals_path",
     "find_samples",

@@ -130,13 +130,17 @@ def results_table(results: dict[str, Any]) -> str:
 
 REFUSAL_TASK_PREFIX = "gradsift_refusal_"
 OVERREFUSAL_TASK_PREFIX = "gradsift_overrefusal_"
+BENIGN_REFUSAL_TASK_PREFIX = "gradsift_benign_refusal_"
 
 
 def judged_task_kind(task: str) -> str | None:
-    """`refusal` for a generated refusal task, `overrefusal` for an over-refusal task (both judged by
-    `judge_answer`), None for any other task (the likelihood probe `gradsift_refusal_mc*` included)."""
+    """`refusal` for a generated refusal task, `overrefusal` for an over-refusal task, `benign_refusal` for a
+    benign-refusal task (ordinary requests; all three judged by `judge_answer`), None for any other task (the
+    likelihood probe `gradsift_refusal_mc*` included)."""
     if task.startswith(OVERREFUSAL_TASK_PREFIX):
         return "overrefusal"
+    if task.startswith(BENIGN_REFUSAL_TASK_PREFIX):
+        return "benign_refusal"
     if task.startswith(REFUSAL_TASK_PREFIX) and not task.startswith("gradsift_refusal_mc"):
         return "refusal"
     return None

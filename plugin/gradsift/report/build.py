@@ -11,7 +11,8 @@ In report.json every aggregated number is a cell {"mean", "std", "ci": [low, hig
 "seeds" and the "reference" arm): under `arms.<arm>.mean.stages.<k>.<metric>` and
 `arms.<arm>.mean.<ACC/BWT/FM/max drop key>`. `arms.<arm>.kind` and `.steps` say how the arm trained and
 `arms.<arm>.references` ({"vs_random", "vs_full"}: arm name or None) what it is compared with; `headline` repeats
-the final stage's cells per arm, with its "vs_random", "vs_full" and "references".
+the final stage's cells per arm, with its "vs_random", "vs_full" and "references", and `headline.aligned` the align
+stage's cells (the start every arm is read against; None without an align stage).
 """
 
 from __future__ import annotations
@@ -93,9 +94,30 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
             "reference is the random-kind arm with the same steps setting, else `random`",
             "over_prompts": {"method": "percentile", "n_resamples": n_resamples, "seed": BOOTSTRAP_SEED},
         },
-        "headline": headline(arms),
+        "headline": {**headline(arms), "aligned": aligned_row(seeds, tasks, n_resamples)},
         "arms": arms,
     }
+
+
+def aligned_row(seeds: dict[int, dict[str, Any]], tasks: list[str | None] | None, n_resamples: int) -> Any:
+    """The starting point every arm is read against: the align stage's numbers over seeds (cells as in `arms`), its
+    ACC the mean accuracy on the domain tasks before any task stage; None without an align stage."""
+    per_seed: dict[int, dict[str, Any]] = {}
+    docs: dict[str, dict[int, dict]] = {"0": {}}
+    for seed, entry in seeds.items():
+        record = entry["align"]
+        if record is None:
+            continue
+        metrics = {"name": record["stage"], **stage_metrics(record)}
+        domain = tasks or [task for task in record.get("eval", {}) if task.startswith("gradsift_domain_")]
+        accuracies = [a for a in accuracy_matrix(record, {}, domain)[0] if a is not None]
+        metrics["average_accuracy"] = sum(accuracies) / len(accuracies) if accuracies else None
+        per_seed[seed] = {"stages": {"0": metrics}, **{key: None for key in FORGETTING_KEYS}}
+        docs["0"][seed] = doc_values(record)
+    if not per_seed:
+        return None
+    cells = _aggregate(per_seed, docs, n_resamples)["stages"]["0"]
+    return {"stage": f"00-{cells.pop('name')}", **{key: cells.get(key) for key in HEADLINE.values()}}
 
 
 def _aggregate(
@@ -193,6 +215,7 @@ HEADLINE = {
     "attack success": "pooled/attack_success_rate",
     "refusal": "pooled/refusal_rate",
     "over-refusal": "pooled/over_refusal_rate",
+    "benign refusal": "pooled/benign_refusal_rate",
     "ACC": "average_accuracy",
     "BWT": "bwt",
     "kept": "kept_fraction",

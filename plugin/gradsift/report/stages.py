@@ -12,7 +12,8 @@ one), for each arm and seed:
 Refusal prompts: a generated refusal task (`gradsift_refusal_*`, not `_mc`) judges each answer refused, complied
 (an on-topic attempt: `attack_success_rate`) or neither; `refusal_rate` counts refused or neither. The pooled rates
 (`pooled/attack_success_rate`, `pooled/refusal_rate`) average over every prompt of every generated refusal task of
-a stage; `pooled/over_refusal_rate = 1 − compliance_rate_safe` over the safe prompts of the over-refusal tasks.
+a stage; `pooled/over_refusal_rate = 1 − compliance_rate_safe` over the safe prompts of the over-refusal tasks;
+`pooled/benign_refusal_rate` is `refused_rate` over the ordinary requests of the benign-refusal tasks.
 
 A stage's numbers are keyed `task/metric` (`task_metric` splits one), the pooled rates `pooled/...`, then
 `kept_fraction` and `drift/<name>`.
@@ -36,6 +37,7 @@ from gradsift.report.stats import finite
 # The judge's rates as stage.json stores them; older runs lack some (shown "–").
 REFUSAL_METRICS = ("refused_rate", "complied_rate", "neither_rate", "refusal_rate", "attack_success_rate")
 OVERREFUSAL_METRICS = ("compliance_rate_safe", "refusal_rate_unsafe")
+BENIGN_REFUSAL_METRICS = ("refused_rate", "complied_rate", "neither_rate")
 # Arm-level numbers (one per arm and seed, from the accuracy matrix), next to the per-stage ones.
 FORGETTING_KEYS = ("average_accuracy", "bwt", "fm", "max_drop")
 
@@ -50,11 +52,17 @@ def is_overrefusal_task(task: str) -> bool:
     return judged_task_kind(task) == "overrefusal"
 
 
+def is_benign_refusal_task(task: str) -> bool:
+    """A benign-refusal task (ordinary requests the model should answer)."""
+    return judged_task_kind(task) == "benign_refusal"
+
+
 # Pooled key -> (which tasks, their per-prompt metric, whether the pooled rate is 1 − that metric).
 POOLED: dict[str, tuple[Callable[[str], bool], str, bool]] = {
     "pooled/attack_success_rate": (is_refusal_task, "attack_success_rate", False),
     "pooled/refusal_rate": (is_refusal_task, "refusal_rate", False),
     "pooled/over_refusal_rate": (is_overrefusal_task, "compliance_rate_safe", True),
+    "pooled/benign_refusal_rate": (is_benign_refusal_task, "refused_rate", False),
 }
 
 
@@ -73,7 +81,8 @@ def collect(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 def stage_metrics(record: dict[str, Any]) -> dict[str, float | None]:
-    """The numbers of one stage: refusal and over-refusal rates (per task and pooled), accuracies, kept, drift."""
+    """The numbers of one stage: refusal, over-refusal and benign-refusal rates (per task and pooled), accuracies,
+    kept, drift."""
     out: dict[str, float | None] = {}
     evals = record.get("eval", {})
     for task, metrics in evals.items():
@@ -81,6 +90,8 @@ def stage_metrics(record: dict[str, Any]) -> dict[str, float | None]:
             out.update({f"{task}/{m}": metrics[m] for m in REFUSAL_METRICS if m in metrics})
         elif is_overrefusal_task(task):
             out.update({f"{task}/{m}": metrics.get(m) for m in OVERREFUSAL_METRICS})
+        elif is_benign_refusal_task(task):
+            out.update({f"{task}/{m}": metrics[m] for m in BENIGN_REFUSAL_METRICS if m in metrics})
         elif "acc" in metrics:
             out[f"{task}/acc"] = metrics["acc"]
     docs = doc_values(record)

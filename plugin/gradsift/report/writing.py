@@ -74,8 +74,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def headline_table(report: dict[str, Any]) -> str:
-    """The headline: one row per arm, the final stage's numbers, the paired differences to the arm's random
-    reference (named in a column) and to `full`."""
+    """The headline: the aligned model's row first (the align stage, the start of every arm), then one row per arm:
+    the final stage's numbers, the paired differences to the arm's random reference (named in a column) and to
+    `full`."""
     data = report["headline"]["arms"]
     with_random = any(row["references"]["vs_random"] for row in data.values())
     with_full = any(row["references"]["vs_full"] for row in data.values())
@@ -86,6 +87,12 @@ def headline_table(report: dict[str, Any]) -> str:
     if with_full:
         header += [f"Δ {names[key]} vs full" for key in HEADLINE_FULL_DIFFERENCES]
     rows = []
+    aligned = report["headline"].get("aligned")
+    if aligned:  # the starting point: every arm's erosion is read against it
+        rows.append(
+            ["aligned model (start)", aligned["stage"], *[_fmt_interval(aligned[k]) for k in HEADLINE.values()]]
+        )
+        rows[0] += ["–"] * (len(header) - len(rows[0]))
     for name, row in data.items():
         cells = [name, row["stage"], *[_fmt_interval(row[key]) for key in HEADLINE.values()]]
         if with_random:
@@ -139,15 +146,19 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
     refusal_tasks = _refusal_tasks(report)
     n_resamples = report["statistics"]["over_prompts"]["n_resamples"]
     pooled = ", ".join(f"`{short_key(t)}`" for t in refusal_tasks) or "none ran"
+    start = ""
+    if report["headline"].get("aligned"):
+        start = "The first row is the aligned model every arm starts from (ACC: its accuracy before any task stage). "
     parts += [f"## Headline (final stage, {len(report['seeds'])} seeds)", "", headline_table(report), ""]
     parts += [
-        "Mean [95 % Student-t interval over seeds]; n/a: one seed, –: not measured. Attack success (complied) and "
-        f"refusal pool every prompt of every generated refusal task of the stage ({pooled}); over-refusal is "
-        "1 − compliance on the safe prompts of the over-refusal tasks. ACC and BWT: domain accuracy (see "
-        "Forgetting); kept: fraction of the last stage's rows trained on; KL to aligned: drift per token. "
-        "Δ vs random ref.: arm − the random arm trained under the same `steps` setting (kept rows only, or as many "
-        "optimizer steps as full), named in the random ref. column, else `random`; random arms get none. Δ vs full: "
-        "arm − full. Both paired by seed; † marks a difference whose interval excludes 0.",
+        f"Mean [95 % Student-t interval over seeds]; n/a: one seed, –: not measured. {start}Attack success "
+        f"(complied) and refusal pool every prompt of every generated refusal task of the stage ({pooled}); "
+        "over-refusal is 1 − compliance on the safe prompts of the over-refusal tasks; benign refusal is the share "
+        "of ordinary requests refused (the benign-refusal tasks). ACC and BWT: domain accuracy (see Forgetting); "
+        "kept: fraction of the last stage's rows trained on; KL to aligned: drift per token. Δ vs random ref.: arm "
+        "− the random arm trained under the same `steps` setting (kept rows only, or as many optimizer steps as "
+        "full), named in the random ref. column, else `random`; random arms get none. Δ vs full: arm − full. Both "
+        "paired by seed; † marks a difference whose interval excludes 0.",
         "",
     ]
     for task in refusal_tasks:
