@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Every test run of an align stage trains it: a shared cache of aligned models would let one test's model stand in for
+# another's (tests/test_continual_runner.py tests the cache in a folder of its own).
+os.environ["GRADSIFT_ALIGN_CACHE"] = "off"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

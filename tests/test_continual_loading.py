@@ -87,7 +87,7 @@ def test_data_paths_start_from_the_recipe_folder_and_shipped_recipes_find_their_
     monkeypatch.chdir(tmp_path.parent)
     load_recipe(path)
     shipped = load_recipe(REPO / "recipes" / "demo-smollm2.yaml", check_tasks=False)
-    assert shipped.align.data.path == "recipes/data/align.jsonl"
+    assert shipped.align.data[0].path == "recipes/data/align.jsonl"
 
 
 def test_every_row_of_a_data_file_is_checked_not_just_the_first(tmp_path):
@@ -186,3 +186,17 @@ def test_an_override_error_names_its_full_yaml_path(tmp_path):
     message = " ".join(str(error.value).split())
     assert "arms.mine.selection.keep_fraction: Input should be less than or equal to 1 (got 2)" in message
     assert "stages.0.train.learning_rate: Input should be greater than 0 (got -1)" in message
+
+
+def test_no_stage_may_train_on_the_held_out_split_of_a_packaged_source(tmp_path):
+    held_out = {"path": "embedded:alpaca-gpt4-demo", "split": "test", "size": 8}
+    data = recipe(align={"data": [{"path": "embedded:alpaca-gpt4-demo", "split": "align", "size": 8}, held_out]})
+    data["stages"][0]["data"] = held_out
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    message = str(error.value)
+    assert "align.data.1: `embedded:alpaca-gpt4-demo` split `test` is held out for evaluation" in message
+    assert "stages.0.data: `embedded:alpaca-gpt4-demo` split `test` is held out" in message
+    assert "split `align`" not in message
+    data = recipe(align={"data": {"path": "embedded:alpaca-gpt4-demo", "split": "align", "size": 8}})
+    assert [spec.split for spec in load_recipe(write(tmp_path, data)).align.data] == ["align"]  # one mapping: a list

@@ -106,9 +106,36 @@ def stage_outputs(run_dir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("recipe")
-    recipe = load_recipe(write(root, tiny_recipe(tiny_model_dir)))
+    data = tiny_recipe(tiny_model_dir)
+    final = ["gradsift_refusal_mc", "gradsift_benign_refusal_offline"]
+    data["evals"]["final"] = {"tasks": final, "limit": 4, "max_gen_toks": 8}
+    recipe = load_recipe(write(root, data))
     run_recipe(recipe, root / "run", progress=False)
     return recipe, root / "run"
+
+
+def test_the_align_stage_runs_the_final_evals_and_heads_the_report(uninterrupted):
+    from gradsift.report import markdown
+
+    _, run = uninterrupted
+    records = {(arm, index): record for _, arm, index, record in iter_stage_files(run)}
+    align, first, last = records[(None, 0)], records[("full", 1)], records[("full", 2)]
+    assert align["eval"].keys() == last["eval"].keys()
+    assert (
+        "gradsift_benign_refusal_offline" in align["eval"] and "gradsift_benign_refusal_offline" not in first["eval"]
+    )
+    refused = align["eval_per_doc"]["gradsift_benign_refusal_offline"]["refused_rate"]
+    assert len(refused) == 4
+    report = build_report(run)
+    aligned = report["headline"]["aligned"]
+    assert aligned["stage"] == "00-align"
+    assert aligned["pooled/benign_refusal_rate"]["mean"] == pytest.approx(sum(refused) / 4)
+    domain = [align["eval"][task]["acc"] for task in ("gradsift_domain_sentiment", "gradsift_domain_yes_no")]
+    assert aligned["average_accuracy"]["mean"] == pytest.approx(sum(domain) / 2)
+    assert aligned["kept_fraction"] is None and aligned["drift/aligned"] is None
+    table = markdown(report).split("## Headline")[1].splitlines()
+    assert table[2].startswith("| arm | final stage | attack success | refusal | over-refusal | benign refusal |")
+    assert table[4].startswith("| aligned model (start) | 00-align |")
 
 
 def test_a_killed_run_resumes_to_the_same_outputs_and_report(tmp_path, tiny_model_dir, uninterrupted):
@@ -170,6 +197,32 @@ def test_the_report_recomputes_every_number_from_the_stage_outputs(uninterrupted
     markdown = (run / "report.md").read_text()
     assert "| gradsift | 02-yes_no |" in markdown and "BWT" in markdown
     assert not math.isnan(report["arms"]["full"]["mean"]["average_accuracy"]["mean"])
+
+
+def test_an_aligned_model_is_reused_by_a_later_run_that_would_train_it_alike(tmp_path, tiny_model_dir, monkeypatch):
+    from gradsift.continual import runner
+
+    monkeypatch.setenv("GRADSIFT_ALIGN_CACHE", str(tmp_path / "cache"))
+    data = tiny_recipe(tiny_model_dir, arms=["full"])
+    run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "first", progress=False, stop_after=1)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    trained = runner._train_align
+    monkeypatch.setattr(runner, "_train_align", lambda *args: pytest.fail("the align stage was trained again"))
+    run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "second", progress=False, stop_after=1)
+    runs = ("first", "second")
+    weights = [(tmp_path / run / "seed-0/00-align/model/model.safetensors").read_bytes() for run in runs]
+    assert weights[0] == weights[1]
+    records = [json.loads((tmp_path / run / "seed-0/00-align/stage.json").read_text()) for run in runs]
+    assert records[0]["train"] == records[1]["train"] and records[0]["cache"]["key"] == records[1]["cache"]["key"]
+    assert [record["cache"]["reused"] for record in records] == [False, True]
+    assert records[0]["eval"] == records[1]["eval"]  # evaluated again, alike
+    # Another learning rate makes another model: trained, and kept beside the first.
+    monkeypatch.setattr(runner, "_train_align", trained)
+    data["train"]["learning_rate"] = 2.0e-3
+    run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "third", progress=False, stop_after=1)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    third = (tmp_path / "third/seed-0/00-align/model/model.safetensors").read_bytes()
+    assert third != weights[0]
 
 
 def test_random_arm_matches_the_gradsift_arms_size(tmp_path, tiny_model_dir):

@@ -321,21 +321,21 @@ def prepare_full_scope(model: Any) -> None:
             module.requires_grad_(True)
 
 
-def model_fingerprint(spec: str | None, adapter: str | None = None) -> dict[str, str]:
+def model_fingerprint(spec: str | None, adapter: str | None = None, full_weights: bool = False) -> dict[str, str]:
     """Identify a model (and adapter) from its files, without loading weights.
 
     Local folders hash config.json and, per weight file, its size and its first and last MiB (weights of a 7B model
-    are too large to hash on every run). Hub ids use the commit `from_pretrained` loads (`hub_commit`). The embedded
-    model uses its package version.
+    are too large to hash on every run), or every byte with `full_weights`. Hub ids use the commit `from_pretrained`
+    loads (`hub_commit`). The embedded model uses its package version.
     """
-    result = {"model": spec or "", "model_fingerprint": _model_files_fingerprint(spec)}
+    result = {"model": spec or "", "model_fingerprint": _model_files_fingerprint(spec, full_weights)}
     if adapter:
         result["adapter"] = adapter
         result["adapter_fingerprint"] = _folder_fingerprint(Path(adapter), full=True)
     return result
 
 
-def _model_files_fingerprint(spec: str | None) -> str:
+def _model_files_fingerprint(spec: str | None, full_weights: bool = False) -> str:
     if not spec:
         return ""
     if spec.startswith(EMBEDDED_PREFIX):
@@ -348,7 +348,7 @@ def _model_files_fingerprint(spec: str | None) -> str:
         return hashlib.sha256(f"{spec}@{distribution}=={version}".encode()).hexdigest()[:16]
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _folder_fingerprint(path, full=False)
+        return _folder_fingerprint(path, full=full_weights)
     return hashlib.sha256(f"hub:{spec}@{hub_commit(spec)}".encode()).hexdigest()[:16]
 
 

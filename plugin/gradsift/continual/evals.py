@@ -27,7 +27,7 @@ def evaluate(
     """Run the stage's evals on the model (`eval_model`: the adapter merged into a fresh copy).
 
     Returns {task: {metric: value}} and, for the report's per-prompt bootstrap, {task: {metric: [value per doc]}}
-    (with the `doc_id` list) of the generated refusal and over-refusal tasks.
+    (with the `doc_id` list) of the generated refusal, over-refusal and benign-refusal tasks.
     """
     from gradsift.evaluation import judged_task_kind, run_lm_eval
 
@@ -180,7 +180,8 @@ def _reference_logprobs(recipe: Recipe, spec: str, batch: dict[str, Any]) -> Any
 
 
 def rejudge_run(run_dir: Path) -> int:
-    """Judge the logged answers of every finished stage's refusal and over-refusal tasks again; return the count.
+    """Judge the logged answers of every finished stage's refusal, over-refusal and benign-refusal tasks again; return
+    the count.
 
     Each stage keeps lm-eval's samples (prompt and answer per document) under `eval/`. The judge's metrics of those
     tasks, and their per-document values, are recomputed from them with the judge as it is now and written back to
@@ -199,6 +200,7 @@ def rejudge_run(run_dir: Path) -> int:
 
 def _rejudge(run_dir: Path) -> int:
     from gradsift.evaluation import (
+        benign_refusal_metrics,
         judged_task_kind,
         newest_samples,
         overrefusal_metrics,
@@ -213,7 +215,12 @@ def _rejudge(run_dir: Path) -> int:
         record = json.loads(marker.read_text(encoding="utf-8"))
         judged = False
         for task, path in newest_samples(RunLayout.eval_dir(stage_dir)).items():
-            judge = {"refusal": refusal_metrics, "overrefusal": overrefusal_metrics}.get(judged_task_kind(task))
+            judges = {
+                "refusal": refusal_metrics,
+                "overrefusal": overrefusal_metrics,
+                "benign_refusal": benign_refusal_metrics,
+            }
+            judge = judges.get(judged_task_kind(task))
             if judge is None:
                 continue
             samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsift import __version__
-from gradsift.continual import backends
+from gradsift.continual import align_cache, backends
 from gradsift.continual.arms import (
     full_arm_steps,
     full_steps_by,
@@ -130,24 +130,73 @@ def run_recipe(
 
 
 def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
-    from datasets import Dataset
-    from trl import SFTTrainer
-
     assert recipe.align is not None
     tokenizer = backends.tokenizer(recipe)
     train = recipe.train_for(recipe.align)
-    records = stage_records(recipe, recipe.align.data, step.seed)
+    records = [row for spec in recipe.align.data for row in stage_records(recipe, spec, step.seed)]
+    aligned = step.layout.aligned_model(step.seed)
+    cached = recipe.align.cache and align_cache.cache_root() is not None
+    key = align_cache.align_key(_align_identity(recipe, train, records, step.seed)) if cached else None
+    training = align_cache.fetch(key, aligned) if key else None
+    record: dict[str, Any] = {"stage": "align", "index": 0, "seed": step.seed, "rows": len(records)}
+    if key:  # `train` then holds the record of the run that trained it, its `seconds` included
+        record["cache"] = {"key": key, "reused": training is not None}
+    if training is None:
+        training = _train_align(recipe, step, train, records, tokenizer, aligned, progress)
+        if key:
+            align_cache.store(key, aligned, training)
+    record["train"] = training
+    _finish_stage(recipe, step, tokenizer, record, adapter=None)
+
+
+def _align_identity(recipe: Recipe, train: Any, records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Everything that makes a seed's aligned model (`align_cache.align_key`)."""
+    import platform
+
+    import torch
+
+    from gradsift.models import model_fingerprint
+
+    where = backends.device(recipe)
+    if where.startswith("cuda"):
+        hardware = {"gpu": torch.cuda.get_device_name(where), "cuda": torch.version.cuda}
+    else:
+        hardware = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+    loading = recipe.scoring_config().model_dump(include={"dtype", "quantization", "trust_remote_code"})
+    return {
+        "model": model_fingerprint(recipe.model, full_weights=True),
+        "hardware": {**hardware, "machine": platform.machine()},
+        "rows": records,
+        "train": backends.train_values(train, None, where),
+        "lora": recipe.lora.model_dump(),
+        "seed": seed,
+        "device": where,
+        "loading": loading,
+    }
+
+
+def _train_align(
+    recipe: Recipe,
+    step: Step,
+    train: Any,
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    aligned: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the align stage's LoRA on `records`, merge it into the weights and save them (and the tokenizer) to
+    `aligned`; return the training record."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
     model = backends.fresh_lora(recipe, backends.load_base(recipe, recipe.model), step.seed)
     args = backends.sft_args(recipe, train, None, step.folder, step.seed, progress)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
     training = backends.train(trainer, step.folder)
     merged = model.merge_and_unload()
-    aligned = step.layout.aligned_model(step.seed)
     merged.save_pretrained(aligned, safe_serialization=True)
     tokenizer.save_pretrained(aligned)
-    del merged, model, trainer
-    record = {"stage": "align", "index": 0, "seed": step.seed, "rows": len(records), "train": training}
-    _finish_stage(recipe, step, tokenizer, record, adapter=None)
+    return training
 
 
 def _stage_model(recipe: Recipe, step: Step) -> Any:
@@ -279,9 +328,14 @@ def _stage_rows(
 
 
 def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapter: str | None) -> None:
-    """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished)."""
+    """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished).
+
+    The align stage and the last task stage run `evals.final` (else `evals.after_each_stage`); the others run
+    `evals.after_each_stage`."""
     base = backends.base_model_spec(recipe, step)
-    final = step.index == len(recipe.stages)
+    # The align stage is every arm's starting point, so it gets the final stage's evals: each report row of the final
+    # stage has the aligned model's number to be read against.
+    final = step.arm is None or step.index == len(recipe.stages)
     needed = bool(recipe.eval_tasks(final)[1]) or measures_drift(recipe)
     model = eval_model(recipe, base, adapter) if needed else None  # one load for the drift and the evals
     record["drift"] = drift(recipe, model, tokenizer, step)  # in the loading dtype: `evaluate` may cast the model

@@ -27,6 +27,7 @@ from gradsift.anchors import reads_anchor
 from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
 from gradsift.continual.rows import resolve_path
 from gradsift.errors import UserError
+from gradsift.packaged import HELD_OUT_SPLITS, is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl")
@@ -76,13 +77,13 @@ class TrainSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """A stage's rows: a synthetic task of `gradsift.synthetic`, or a file / hub dataset."""
+    """A stage's rows: a synthetic task of `gradsift.synthetic`, or a file, packaged source or hub dataset."""
 
     synthetic: str | None = None
     path: str | None = Field(
         None,
         description="A .jsonl/.json/.parquet file or saved dataset folder (relative: to the recipe's folder, else "
-        "the current one), or a hub dataset id.",
+        "the current one), a packaged source (`embedded:alpaca-gpt4-demo`, with `split`), or a hub dataset id.",
     )
     size: int | None = Field(None, ge=1, description="Rows to take (the first `size` after a seeded shuffle).")
     split: str = "train"
@@ -125,8 +126,24 @@ class StageSpec(_Strict):
 
 
 class AlignSpec(_Strict):
-    data: DataSpec
+    """The align stage: trained once per seed on its sources' rows, merged into the weights, shared by every arm."""
+
+    data: list[DataSpec] = Field(
+        min_length=1,
+        description="One source, or a list of sources whose rows are trained together (each shuffled by the seed and "
+        "cut to its own `size`), e.g. harmful requests with refusals beside ordinary instructions with answers.",
+    )
     train: dict[str, Any] = Field(default_factory=dict)
+    cache: bool = Field(
+        True,
+        description="Reuse an aligned model an earlier run trained alike (same base model, rows, settings, seed, "
+        "device and library versions; `gradsift.continual.align_cache`), and keep this one for later runs.",
+    )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
 
 class ArmSpec(_Strict):
@@ -185,7 +202,11 @@ class EvalSpec(EvalConfig):
 
 class EvalsSpec(_Strict):
     after_each_stage: EvalSpec = Field(default_factory=EvalSpec)
-    final: EvalSpec | None = Field(None, description="After the last stage, instead of `after_each_stage`.")
+    final: EvalSpec | None = Field(
+        None,
+        description="After the last stage and of the aligned model (every arm's start), instead of "
+        "`after_each_stage`.",
+    )
 
 
 def arm_dict(value: Any) -> Any:
@@ -384,7 +405,20 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
             f"axolotl: {', '.join(owned)}: the runner sets these for each stage (inside its folder, from the "
             "previous stage); remove them"
         )
-    return problems
+    return problems + _held_out_problems(recipe)
+
+
+def _held_out_problems(recipe: Recipe) -> list[str]:
+    """A packaged source's `test` split is what the benign-refusal eval asks: no stage may train on it."""
+    align = recipe.align.data if recipe.align else []
+    sources = [("align.data" if len(align) == 1 else f"align.data.{i}", spec) for i, spec in enumerate(align)]
+    sources += [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
+    return [
+        f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift_benign_refusal_offline asks it); "
+        "train on `align` or `train`"
+        for where, spec in sources
+        if spec.path is not None and is_packaged(spec.path) and spec.split in HELD_OUT_SPLITS
+    ]
 
 
 def _online_window_problems(recipe: Recipe) -> list[str]:
