@@ -19,6 +19,7 @@ from gradsift.cli import main
 from gradsift.continual import RecipeError, iter_stage_files, load_recipe
 from gradsift.continual.arms import full_arm_steps
 from gradsift.continual.layout import SHARED_DIR
+from gradsift.continual.rows import stage_records
 from gradsift.continual.runner import run_recipe
 from gradsift.store import TABLE
 
@@ -76,8 +77,12 @@ def _words(text: str) -> set[str]:
 
 
 def test_held_out_harmful_prompts_never_overlap_the_align_rows():
-    align = [json.loads(line) for line in (REPO / "recipes/data/align.jsonl").read_text().splitlines()]
-    trained = [row["messages"][0]["content"] for row in align]
+    trained = []
+    for name in ("demo-smollm2.yaml", "testbed-smollm2.yaml"):
+        recipe = load_recipe(REPO / "recipes" / name, check_tasks=False)
+        trained += [
+            row["prompt"][0]["content"] for spec in recipe.align.data for row in stage_records(recipe, spec, 0)
+        ]
     held_out = [doc["prompt"] for doc in task_utils.strongreject_offline()["test"]]
     held_out += [doc["prompt"] for doc in task_utils.harmbench_offline()["test"]]
     assert len(held_out) >= 96
@@ -88,6 +93,22 @@ def test_held_out_harmful_prompts_never_overlap_the_align_rows():
         # No near-duplicate either: a rephrased copy shares most of its words.
         closest = max(len(words & other) / len(words | other) for other in trained_words)
         assert closest < 0.6, prompt
+
+
+def test_held_out_ordinary_requests_never_overlap_the_shipped_recipes_align_rows():
+    held_out = [doc["prompt"] for doc in task_utils.benign_refusal_offline()["test"]]
+    assert len(held_out) == 100
+    trained = []
+    for name in ("demo-smollm2.yaml", "testbed-smollm2.yaml"):
+        recipe = load_recipe(REPO / "recipes" / name, check_tasks=False)
+        for spec in recipe.align.data:
+            trained += [row["prompt"][0]["content"] for row in stage_records(recipe, spec, seed=0)]
+    assert any(row.startswith("Help me spread a rumour") for row in trained)  # the harmful half is in the list too
+    trained_words = [_words(prompt) for prompt in trained]
+    for prompt in held_out:
+        assert prompt.strip().lower() not in {p.strip().lower() for p in trained}
+        words = _words(prompt)
+        assert max(len(words & other) / len(words | other) for other in trained_words) < 0.6, prompt
 
 
 def test_the_testbed_recipe_evaluates_at_least_96_held_out_harmful_prompts():
