@@ -108,7 +108,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("recipe")
     data = tiny_recipe(tiny_model_dir)
     final = ["gradsift_refusal_mc", "gradsift_benign_refusal_offline"]
-    data["evals"]["final"] = {"tasks": final, "limit": 4, "max_gen_toks": 8}
+    data["evals"]["final"] = {"tasks": final, "limit": 4, "max_gen_toks": 8, "domain_limit": 4}
     recipe = load_recipe(write(root, data))
     run_recipe(recipe, root / "run", progress=False)
     return recipe, root / "run"
