@@ -209,17 +209,13 @@ def _rejudge(run_dir: Path) -> int:
         sample_answer,
     )
 
+    judges = {"refusal": refusal_metrics, "overrefusal": overrefusal_metrics, "benign_refusal": benign_refusal_metrics}
     rewritten = 0
     for _, _, _, stage_dir in RunLayout(run_dir).finished_stages():
         marker = RunLayout.stage_file(stage_dir)
         record = json.loads(marker.read_text(encoding="utf-8"))
         judged = False
         for task, path in newest_samples(RunLayout.eval_dir(stage_dir)).items():
-            judges = {
-                "refusal": refusal_metrics,
-                "overrefusal": overrefusal_metrics,
-                "benign_refusal": benign_refusal_metrics,
-            }
             judge = judges.get(judged_task_kind(task))
             if judge is None:
                 continue

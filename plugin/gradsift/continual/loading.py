@@ -18,6 +18,7 @@ from gradsift.continual.schema import (
     RecipeError,
     arm_dict,
     cross_field_problems,
+    data_specs,
     error_lines,
 )
 from gradsift.errors import UserError
@@ -116,12 +117,6 @@ def _stand_ins(raw: dict[str, Any], error: ValidationError) -> tuple[dict[str, A
     return out, frozenset(invalid), frozenset(failed)
 
 
-def _data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
-    sources = recipe.align.data if recipe.align else []
-    specs = [("align.data" if len(sources) == 1 else f"align.data.{i}", spec) for i, spec in enumerate(sources)]
-    return specs + [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
-
-
 def _check_data(recipe: Recipe, base: Path) -> list[str]:
     from gradsift.data import load_source
     from gradsift.synthetic import pool
@@ -133,7 +128,7 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
             resolve_path(anchor, base)
         except UserError as error:
             problems.append(f"scoring.anchor_data: {error}")
-    for where, spec in _data_specs(recipe):
+    for where, spec in data_specs(recipe):
         if spec.synthetic is not None:
             available = len(pool(spec.synthetic, "train"))
             if spec.size is not None and spec.size > available:

@@ -408,15 +408,19 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
     return problems + _held_out_problems(recipe)
 
 
+def data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
+    """Every data source the recipe trains on, with its YAML path: the align stage's, then each valid stage's."""
+    align = recipe.align.data if recipe.align else []
+    specs = [("align.data" if len(align) == 1 else f"align.data.{i}", spec) for i, spec in enumerate(align)]
+    return specs + [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
+
+
 def _held_out_problems(recipe: Recipe) -> list[str]:
     """A packaged source's `test` split is what the benign-refusal eval asks: no stage may train on it."""
-    align = recipe.align.data if recipe.align else []
-    sources = [("align.data" if len(align) == 1 else f"align.data.{i}", spec) for i, spec in enumerate(align)]
-    sources += [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
     return [
         f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift_benign_refusal_offline asks it); "
         "train on `align` or `train`"
-        for where, spec in sources
+        for where, spec in data_specs(recipe)
         if spec.path is not None and is_packaged(spec.path) and spec.split in HELD_OUT_SPLITS
     ]
 
