@@ -190,13 +190,16 @@ def test_an_override_error_names_its_full_yaml_path(tmp_path):
 
 def test_no_stage_may_train_on_the_held_out_split_of_a_packaged_source(tmp_path):
     held_out = {"path": "embedded:alpaca-gpt4-demo", "split": "test", "size": 8}
+    harmful = {"path": "embedded:harmbench-refusals", "split": "test"}
     data = recipe(align={"data": [{"path": "embedded:alpaca-gpt4-demo", "split": "align", "size": 8}, held_out]})
     data["stages"][0]["data"] = held_out
+    data["stages"].append({"name": "harmful", "data": harmful})
     with pytest.raises(RecipeError) as error:
         load_recipe(write(tmp_path, data))
     message = str(error.value)
     assert "align.data.1: `embedded:alpaca-gpt4-demo` split `test` is held out for evaluation" in message
     assert "stages.0.data: `embedded:alpaca-gpt4-demo` split `test` is held out" in message
+    assert "stages.1.data: `embedded:harmbench-refusals` split `test` is held out" in message
     assert "split `align`" not in message
     data = recipe(align={"data": {"path": "embedded:alpaca-gpt4-demo", "split": "align", "size": 8}})
     assert [spec.split for spec in load_recipe(write(tmp_path, data)).align.data] == ["align"]  # one mapping: a list

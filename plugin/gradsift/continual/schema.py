@@ -416,10 +416,10 @@ def data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
 
 
 def _held_out_problems(recipe: Recipe) -> list[str]:
-    """A packaged source's `test` split is what the benign-refusal eval asks: no stage may train on it."""
+    """A packaged source's `test` split is what the refusal evals ask: no stage may train on it."""
     return [
-        f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift_benign_refusal_offline asks it); "
-        "train on `align` or `train`"
+        f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift's refusal evals ask it); "
+        "train on another split (`align`, `dev`; the Alpaca source also `train`)"
         for where, spec in data_specs(recipe)
         if spec.path is not None and is_packaged(spec.path) and spec.split in HELD_OUT_SPLITS
     ]
