@@ -21,6 +21,7 @@ from gradsift.continual.arms import full_arm_steps
 from gradsift.continual.layout import SHARED_DIR
 from gradsift.continual.rows import stage_records
 from gradsift.continual.runner import run_recipe
+from gradsift.harmful_sets import split_requests
 from gradsift.store import TABLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,3 +283,22 @@ def test_rejudge_refuses_a_folder_that_gradsift_run_did_not_write(tmp_path, caps
     assert main(["report", str(tmp_path / "mine"), "--rejudge", "--no-plots"]) == 2
     assert "is not a folder written by `gradsift run`" in capsys.readouterr().err
     assert (stage / "stage.json").read_text() == '{"eval": {}}'
+
+
+def test_the_shipped_align_stage_trains_336_refusals_beside_918_ordinary_answers():
+    # The README's account of the align stage, recounted from the recipes' sources.
+    harmful_requests = {
+        json.loads(line)["messages"][0]["content"]
+        for line in (REPO / "recipes" / "data" / "align.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "harmful"
+    }
+    for source in ("strongreject", "harmbench"):
+        harmful_requests |= {row["prompt"] for row in split_requests(source, "align")}
+    for name in ("demo-smollm2.yaml", "testbed-smollm2.yaml"):
+        recipe = load_recipe(REPO / "recipes" / name, check_tasks=False)
+        requests = [
+            row["prompt"][0]["content"] for spec in recipe.align.data for row in stage_records(recipe, spec, 0)
+        ]
+        refusals = [request for request in requests if request in harmful_requests]
+        assert (len(refusals), len(requests) - len(refusals)) == (336, 918), name
+        assert len(set(refusals)) == 336 and recipe.align.train["epochs"] == 1
