@@ -188,6 +188,18 @@ def test_an_override_error_names_its_full_yaml_path(tmp_path):
     assert "stages.0.train.learning_rate: Input should be greater than 0 (got -1)" in message
 
 
+def test_a_recipe_that_trains_on_benchmark_refusals_may_not_evaluate_with_the_hub_tasks_that_ask_them(tmp_path):
+    align = {"data": [{"path": "embedded:harmbench-refusals", "split": "align", "size": 8}]}
+    evals = {"after_each_stage": {"tasks": ["gradsift_refusal_harmbench_offline"]}}
+    load_recipe(write(tmp_path, recipe(align=align, evals=evals)))  # the offline task asks only the test split
+    evals["final"] = {"tasks": ["gradsift_refusal_advbench", "gradsift_refusal_harmbench_offline"]}
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, recipe(align=align, evals=evals)))
+    message = str(error.value)
+    assert "evals.final.tasks: `gradsift_refusal_advbench` asks benchmark requests that align.data" in message
+    assert "harmbench_offline` asks" not in message
+
+
 def test_no_stage_may_train_on_the_held_out_split_of_a_packaged_source(tmp_path):
     held_out = {"path": "embedded:alpaca-gpt4-demo", "split": "test", "size": 8}
     harmful = {"path": "embedded:harmbench-refusals", "split": "test"}

@@ -541,7 +541,9 @@ def test_task_files_carry_a_version_and_resolve_data_from_their_own_folder(tmp_p
     for name in OFFLINE_TASKS + HUB_TASKS + GROUPS:  # includes resolved, as lm-eval reads them
         config = load_yaml_config(manager.task_index[name]["yaml_path"], mode="simple")
         version = config["metadata"]["version"]
-        if name in JUDGED_TASKS:
+        if name in ("gradsift_refusal_strongreject_offline", "gradsift_refusal_harmbench_offline"):
+            assert version == 3.0, name  # 3.0: the 100 requests of the benchmark's `test` split, not all of them
+        elif name in JUDGED_TASKS:
             assert version == 2.0, name
         else:
             assert version >= 1.0, name
@@ -567,7 +569,11 @@ def test_eval_prompts_are_disjoint_from_the_recipes_training_prompts():
             for message in json.loads(line).get("messages", []):
                 if message["role"] == "user":
                     training.add(norm(message["content"]))
-    assert len(held_out) >= 120 and len(training) >= 200
+    from gradsift.harmful_sets import BENCHMARKS, split_requests
+
+    for name in BENCHMARKS:  # the benchmark requests the shipped align stage trains on (and their dev split)
+        training |= {norm(row["prompt"]) for split in ("align", "dev") for row in split_requests(name, split)}
+    assert len(held_out) >= 120 and len(training) >= 450
     assert held_out.isdisjoint(training)
 
 

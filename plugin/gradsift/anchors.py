@@ -2,7 +2,9 @@
 
 A gradient step of size η on row i changes the anchor set's loss by about −η·⟨g_i, ḡ_A⟩: a negative `anchor_dot`
 means training on row i makes the anchor answers (refusals) less likely. An anchor set is any dataset in a supported
-format, or `embedded:refusals`: the harmful-request → refusal rows of the align set gradsift ships.
+format, or `embedded:refusals`: the 96 harmful-request → refusal rows of `recipes/data/align.jsonl` (the shipped
+recipes' align stage also trains `embedded:strongreject-refusals` and `embedded:harmbench-refusals`, which are data
+sources, not anchor sets).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from gradsift.errors import UserError
 from gradsift.tokenization import TokenizedRow, tokenize_records
 
 EMBEDDED_REFUSALS = "embedded:refusals"
-EMBEDDED = {EMBEDDED_REFUSALS: "the shipped align set's harmful requests, each with its refusal"}
+EMBEDDED = {EMBEDDED_REFUSALS: "recipes/data/align.jsonl's 96 harmful requests, each with its refusal"}
 
 
 def uses_anchor(config: Any) -> bool:

