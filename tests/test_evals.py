@@ -531,7 +531,10 @@ def test_every_task_is_listed_and_every_offline_task_yields_documents():
         docs = list(task.test_docs())
         assert len(docs) >= 1, name
         assert task.doc_to_text(docs[0]).strip(), name
-        assert task.config.metadata["version"] == (2.0 if name in JUDGED_TASKS else 1.0), name
+        version = (
+            3.0 if name in ("gradsift_refusal_strongreject_offline", "gradsift_refusal_harmbench_offline") else 2.0
+        )
+        assert task.config.metadata["version"] == (version if name in JUDGED_TASKS else 1.0), name
 
 
 def test_task_files_carry_a_version_and_resolve_data_from_their_own_folder(tmp_path):

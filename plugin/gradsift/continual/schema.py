@@ -27,9 +27,8 @@ from gradsift.anchors import reads_anchor
 from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
 from gradsift.continual.rows import resolve_path
 from gradsift.errors import UserError
-from gradsift.harmful_sets import HUB_TASKS_ASKING_REFUSAL_ROWS, REFUSAL_SOURCES
+from gradsift.harmful_sets import hub_task_problems
 from gradsift.packaged import HELD_OUT_SPLITS, is_packaged
-from gradsift.packaged import PREFIX as PACKAGED_PREFIX
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl")
@@ -428,24 +427,9 @@ def _held_out_problems(recipe: Recipe) -> list[str]:
 
 
 def _hub_task_problems(recipe: Recipe) -> list[str]:
-    """The hub refusal tasks ask every request of their benchmark, the refusal sources' rows among them."""
-    trained = [
-        f"{where} (`{spec.path}`)"
-        for where, spec in data_specs(recipe)
-        if spec.path is not None and spec.path.removeprefix(PACKAGED_PREFIX) in REFUSAL_SOURCES
-    ]
-    if not trained:
-        return []
-    problems = []
-    for when in ("after_each_stage", "final"):
-        spec = getattr(recipe.evals, when)
-        for task in sorted(set(spec.tasks if spec else []) & set(HUB_TASKS_ASKING_REFUSAL_ROWS)):
-            problems.append(
-                f"evals.{when}.tasks: `{task}` asks benchmark requests that {', '.join(trained)} trains on; "
-                "evaluate with the offline tasks (`gradsift_refusal_strongreject_offline`, "
-                "`gradsift_refusal_harmbench_offline`), which ask only their held-out `test` split"
-            )
-    return problems
+    """No hub refusal task may ask what a refusal source trains (`gradsift.harmful_sets.hub_task_problems`)."""
+    tasks = {f"evals.{when}.tasks": spec.tasks for when, spec in recipe.evals if spec is not None}
+    return hub_task_problems([(where, spec.path) for where, spec in data_specs(recipe) if spec.path], tasks)
 
 
 def _online_window_problems(recipe: Recipe) -> list[str]:
