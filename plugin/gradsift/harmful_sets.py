@@ -218,8 +218,10 @@ def hub_task_problems(trained: list[tuple[str, str]], tasks: dict[str, list[str]
 
     `trained`: (YAML path, data path) of every source a recipe trains on; `tasks`: YAML path -> the tasks it runs.
     """
+    from gradsift.packaged import PREFIX  # here, not at the top: `gradsift.packaged` imports this module
+
     refusal_sources = [
-        f"{where} (`{path}`)" for where, path in trained if path.removeprefix("embedded:") in REFUSAL_SOURCES
+        f"{where} (`{path}`)" for where, path in trained if path.removeprefix(PREFIX) in REFUSAL_SOURCES
     ]
     if not refusal_sources:
         return []
