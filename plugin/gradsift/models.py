@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,18 +252,29 @@ def load_base_model(config: ModelConfig, vocab_size: int | None = None) -> Any:
     return model
 
 
-def load_for_eval(config: ModelConfig, merge: bool = False) -> Any:
+def load_for_eval(config: ModelConfig, merge: bool = False, adapters: Sequence[str] | None = None) -> Any:
     """The model to evaluate: `config.model`, with `config.adapter` applied (frozen) when given.
 
-    `merge` folds the adapter into the weights (faster generation), except on a 4-bit model, which cannot hold it.
+    `adapters`, instead of `config.adapter`, applies several adapters whose updates add up (an `olora` arm's stages).
+    `merge` folds the adapters into the weights (faster generation), except on a 4-bit model, which cannot hold them:
+    there they stay active side by side.
     """
     model = load_base_model(config)
-    if config.adapter:
+    paths = list(adapters) if adapters is not None else [config.adapter] if config.adapter else []
+    if paths:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, config.adapter, is_trainable=False)
-        if merge and not getattr(model.get_base_model(), "is_loaded_in_4bit", False):
-            model = model.merge_and_unload()
+        if merge and not getattr(model, "is_loaded_in_4bit", False):
+            for path in paths:
+                model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+        else:
+            model = PeftModel.from_pretrained(model, paths[0], is_trainable=False)
+            names = [model.active_adapter]
+            for index, path in enumerate(paths[1:], start=2):
+                model.load_adapter(path, adapter_name=f"stage-{index}", is_trainable=False)
+                names.append(f"stage-{index}")
+            if len(names) > 1:
+                model.base_model.set_adapter(names, inference_mode=True)
     model.requires_grad_(False)
     model.config.use_cache = True
     return model.eval()

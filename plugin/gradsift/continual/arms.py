@@ -1,5 +1,5 @@
 """What an arm does beyond the core rule: the `random` arm's matched subset, the step-matched arms' step count,
-where select arms cache their scores, and the `kl` arm's trainer."""
+where select arms cache their scores, the `kl` arm's trainer, and the `ewc` and `olora` arms' anchors and adapters."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gradsift.continual.layout import RunLayout, Step
+from gradsift.continual.layout import EWC_FILE, RunLayout, Step
+from gradsift.continual.penalties import Anchor, anchor_here, load_anchors, save_anchors
+from gradsift.continual.rows import stage_records
 from gradsift.continual.schema import Recipe, TrainSpec
+from gradsift.errors import UserError
+
+# An `olora` arm's stage k > 1 starts its new LoRA from seed + OLORA_SEED_STRIDE·(k − 1); stage 1 from the seed, as
+# every arm's stage 1 does.
+OLORA_SEED_STRIDE = 1000
 
 
 def random_subset(recipe: Recipe, arm: str, rows: int, matched: int | None) -> Any:
@@ -104,3 +111,72 @@ def kl_trainer_class() -> type:
             return (loss, outputs) if return_outputs else loss
 
     return KLSFTTrainer
+
+
+def stage_folder(recipe: Recipe, step: Step, index: int) -> Path:
+    """The folder of the arm's stage `index` (1-based) at the step's seed."""
+    assert step.arm is not None
+    return step.layout.stage_dir(step.seed, step.arm, index, recipe.stages[index - 1].name)
+
+
+def _finished_file(recipe: Recipe, step: Step, index: int, path: Path, what: str) -> Path:
+    """`path`, which the arm's finished stage `index` wrote; `UserError` naming how to recover if it is gone."""
+    if not path.is_file():
+        folder = stage_folder(recipe, step, index)
+        raise UserError(
+            f"{str(path)!r} is missing: it is {what} stage {index} of arm {step.arm!r} (seed {step.seed}) left, which "
+            f"{step.stage!r} needs. Restore it, or remove {str(RunLayout.stage_file(folder))!r} so that stage runs "
+            "again."
+        )
+    return path
+
+
+def olora_adapters(recipe: Recipe, step: Step) -> list[Path]:
+    """The adapters an `olora` arm's earlier stages trained, in order (each stage trains one of its own)."""
+    return [
+        _finished_file(
+            recipe, step, i, RunLayout.adapter(stage_folder(recipe, step, i)) / "adapter_config.json", "the adapter"
+        ).parent
+        for i in range(1, step.index)
+    ]
+
+
+def olora_seed(step: Step) -> int:
+    """The seed of an `olora` stage's new LoRA: the arm's stage 1 starts as every arm's does."""
+    return step.seed + OLORA_SEED_STRIDE * (step.index - 1)
+
+
+def _fisher_rows(records: list[dict[str, Any]], rows: int, seed: int) -> list[dict[str, Any]]:
+    """A seeded sample of `rows` records (all of them when there are fewer)."""
+    import random
+
+    return random.Random(seed).sample(records, min(rows, len(records)))
+
+
+def ewc_anchors(recipe: Recipe, step: Step, model: Any, tokenizer: Any) -> list[Anchor]:
+    """The anchors an `ewc` arm's stage trains against, written to its folder (`EWC_FILE`) before it trains.
+
+    Stage 1 anchors at the model it starts from (the aligned weights and the seed's fresh LoRA), its Fisher on a
+    sample of the align stage's rows. A later stage reuses the previous stage's anchors from its folder and, with
+    `ewc_every_stage`, adds one at the previous stage's end (the model it starts from), its Fisher on that stage's
+    rows.
+    """
+    assert step.arm is not None
+    spec = recipe.arm(step.arm)
+    anchors: list[Anchor] = []
+    if step.index == 1 and recipe.align is not None:
+        records = [row for data in recipe.align.data for row in stage_records(recipe, data, step.seed)]
+        length = recipe.train_for(recipe.align).max_length
+        anchors.append(
+            anchor_here(model, "00-align", _fisher_rows(records, spec.fisher_rows, step.seed), tokenizer, length)
+        )
+    elif step.index > 1:
+        previous = stage_folder(recipe, step, step.index - 1)
+        anchors = load_anchors(_finished_file(recipe, step, step.index - 1, previous / EWC_FILE, "the EWC anchors"))
+        if spec.ewc_every_stage:
+            stage = recipe.stages[step.index - 2]
+            records = _fisher_rows(stage_records(recipe, stage.data, step.seed), spec.fisher_rows, step.seed)
+            length = recipe.train_for(stage).max_length
+            anchors.append(anchor_here(model, previous.name, records, tokenizer, length))
+    save_anchors(anchors, step.folder / EWC_FILE)
+    return anchors

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,12 @@ def _task_manager() -> Any:
     return task_manager()
 
 
-def eval_model(recipe: Recipe, base: str, adapter: str | None) -> Any:
+def eval_model(recipe: Recipe, base: str, adapters: Sequence[str]) -> Any:
+    """`base` with the stage's adapters applied: one, an `olora` arm's every stage so far, or none (align)."""
     from gradsift.models import load_for_eval
 
-    return load_for_eval(recipe.scoring_config().model_copy(update={"model": base, "adapter": adapter}), merge=True)
+    config = recipe.scoring_config().model_copy(update={"model": base, "adapter": None})
+    return load_for_eval(config, merge=True, adapters=adapters)
 
 
 def drift(recipe: Recipe, model: Any, tokenizer: Any, step: Step) -> dict[str, float | None]:
@@ -168,7 +171,7 @@ def _reference_logprobs(recipe: Recipe, spec: str, batch: dict[str, Any]) -> Any
     if key in _REFERENCES:
         _REFERENCES.move_to_end(key)
         return _REFERENCES[key]
-    reference = eval_model(recipe, spec, None)
+    reference = eval_model(recipe, spec, [])
     with torch.no_grad():
         logp = response_logprobs(reference, batch)
     del reference

@@ -5,7 +5,8 @@ inside what gradsift wrote.
     <out>/seed-<s>/00-align/                       model/ (merged), stage.json, eval/, shared-scores/
     <out>/seed-<s>/_shared/shared-scores/          stage 1's scores shared by the arms, when there is no align stage
     <out>/seed-<s>/<arm>/<NN>-<stage>/             adapter/, scores/, dropped.jsonl, selection.json, eval/,
-                                                   online.jsonl, stage.json (written last: the stage is finished)
+                                                   online.jsonl, ewc.safetensors (an `ewc` arm's anchors),
+                                                   stage.json (written last: the stage is finished)
 
 Every stage folder carries `.gradsift-stage` from its start. A killed run resumes at the first stage without
 `stage.json`, emptying that stage's folder first; gradsift empties only a folder it can tell is its own (the marker,
@@ -42,6 +43,8 @@ SHARED_SCORES = "shared-scores"
 STAGE_MARK = ".gradsift-stage"
 # A stage's copy of the online mode's per-step record.
 STAGE_ONLINE_LOG = "online.jsonl"
+# An `ewc` arm's stage: the anchors (θ*, Fisher) its penalty held (`gradsift.continual.penalties`).
+EWC_FILE = "ewc.safetensors"
 # Everything a stage writes at its top level. An unfinished stage folder of a run older than STAGE_MARK is emptied
 # only if it holds nothing else (and `atomic_path`'s temporary files).
 STAGE_NAMES = frozenset(
@@ -55,6 +58,7 @@ STAGE_NAMES = frozenset(
         DROPPED_FILE,
         SELECTION_FILE,
         STAGE_ONLINE_LOG,
+        EWC_FILE,
         "trainer",
         "train.jsonl",
         "axolotl.yaml",

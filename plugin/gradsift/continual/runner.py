@@ -18,16 +18,20 @@ from typing import Any
 from gradsift import __version__
 from gradsift.continual import align_cache, backends
 from gradsift.continual.arms import (
+    ewc_anchors,
     full_arm_steps,
     full_steps_by,
     kept_by,
     kept_range,
     kl_trainer_class,
+    olora_adapters,
+    olora_seed,
     random_subset,
     scores_cache,
 )
 from gradsift.continual.evals import drift, eval_model, evaluate, forget_references
 from gradsift.continual.layout import RunLayout, Step, check_run_folder, clean_stage
+from gradsift.continual.penalties import NEW_ADAPTER, penalty_trainer_class
 from gradsift.continual.rows import measures_drift, stage_records
 from gradsift.continual.schema import Recipe, RecipeError, gradsift_config_for
 from gradsift.errors import UserError
@@ -73,6 +77,10 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
             selection = recipe.selection_for(step.arm)
             floor = f", anchor cos ≥ {selection.min_anchor_cos:g}" if selection.min_anchor_cos is not None else ""
             detail = {"select": f"select {selection.rule}{floor} ({mode})", "random": "random subset"}
+            detail["ewc"] = f"EWC λ {spec.ewc_lambda:g}" + (
+                ", anchors after each stage" if spec.ewc_every_stage else ""
+            )
+            detail["olora"] = f"O-LoRA λ1 {spec.olora_lambda1:g} λ2 {spec.olora_lambda2:g}"
             matched = (spec.steps or recipe.steps) == "full" and spec.kind in detail
             matched = ", as many steps as full" if matched else ""
             what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
@@ -146,7 +154,7 @@ def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
         if key:
             align_cache.store(key, aligned, training)
     record["train"] = training
-    _finish_stage(recipe, step, tokenizer, record, adapter=None)
+    _finish_stage(recipe, step, tokenizer, record, adapters=[])
 
 
 def _align_identity(recipe: Recipe, train: Any, records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
@@ -200,10 +208,16 @@ def _train_align(
 
 
 def _stage_model(recipe: Recipe, step: Step) -> Any:
-    """The base (aligned) model with the arm's adapter as the previous stage left it, trainable."""
+    """The base (aligned) model with the arm's adapter as the previous stage left it, trainable; for an `olora` arm,
+    a new trainable LoRA beside its earlier stages' adapters, frozen."""
     from peft import PeftModel
 
+    from gradsift.continual.penalties import olora_model
+
+    assert step.arm is not None
     base = backends.load_base(recipe, backends.base_model_spec(recipe, step))
+    if recipe.arm(step.arm).kind == "olora":
+        return olora_model(backends.fresh_lora(recipe, base, olora_seed(step)), olora_adapters(recipe, step))
     if step.index == 1:
         return backends.fresh_lora(recipe, base, step.seed)
     return PeftModel.from_pretrained(base, str(previous_adapter(recipe, step)), is_trainable=True)
@@ -266,14 +280,46 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
             trainer = kl_trainer_class()(
                 model=model, args=args, train_dataset=dataset, processing_class=tokenizer, kl_coef=spec.kl_coef
             )
+        elif spec.kind in ("ewc", "olora"):
+            penalty = _penalty(recipe, step, model, tokenizer)
+            trainer = penalty_trainer_class()(
+                model=model, args=args, train_dataset=dataset, processing_class=tokenizer, penalty=penalty
+            )
         else:
             trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        start_penalty = _penalty_value(trainer, model)
         record["train"] = backends.train(trainer, step.folder)
-        model.save_pretrained(adapter)
+        if start_penalty is not None:  # the penalty term at the first and the last step's weights
+            record["train"]["penalty"] = {"start": start_penalty, "end": _penalty_value(trainer, model)}
+        model.save_pretrained(adapter, selected_adapters=[NEW_ADAPTER])
         del trainer, model
     if online:
         _count_online(record, RunLayout.online_log(step.folder))
-    _finish_stage(recipe, step, tokenizer, record, adapter=str(adapter))
+    adapters = olora_adapters(recipe, step) if spec.kind == "olora" else []
+    _finish_stage(recipe, step, tokenizer, record, adapters=[str(path) for path in [*adapters, adapter]])
+
+
+def _penalty(recipe: Recipe, step: Step, model: Any, tokenizer: Any) -> Any:
+    """The term an `ewc` or `olora` arm's stage adds to the loss, as a function of the model."""
+    from gradsift.continual.penalties import ewc_penalty, olora_penalty
+
+    assert step.arm is not None
+    spec = recipe.arm(step.arm)
+    if spec.kind == "ewc":
+        anchors = ewc_anchors(recipe, step, model, tokenizer)
+        return lambda m: ewc_penalty(m, anchors, spec.ewc_lambda)
+    return lambda m: olora_penalty(m, spec.olora_lambda1, spec.olora_lambda2)
+
+
+def _penalty_value(trainer: Any, model: Any) -> float | None:
+    """The value of a penalty trainer's term at the model's weights (None for other trainers)."""
+    import torch
+
+    penalty = getattr(trainer, "penalty", None)
+    if penalty is None:
+        return None
+    with torch.no_grad():
+        return float(penalty(model))
 
 
 def _stage_rows(
@@ -290,7 +336,7 @@ def _stage_rows(
     progress: bool,
 ) -> Any:
     """The rows the stage trains on: the offline selection's kept rows (scores, dropped.jsonl and selection.json
-    written, the summary in `record`), a random arm's subset, or all rows (full, clip, kl and online arms)."""
+    written, the summary in `record`), a random arm's subset, or all rows (online arms and the other kinds)."""
     import numpy as np
     from datasets import Dataset
 
@@ -327,8 +373,8 @@ def _stage_rows(
     return Dataset.from_list(records)
 
 
-def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapter: str | None) -> None:
-    """Evaluate the stage's model (base + `adapter`), measure drift, and write stage.json (the stage is finished).
+def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapters: list[str]) -> None:
+    """Evaluate the stage's model (base + `adapters`), measure drift, and write stage.json (the stage is finished).
 
     The align stage and the last task stage run `evals.final` (else `evals.after_each_stage`); the others run
     `evals.after_each_stage`."""
@@ -337,7 +383,7 @@ def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, 
     # stage has the aligned model's number to be read against.
     final = step.arm is None or step.index == len(recipe.stages)
     needed = bool(recipe.eval_tasks(final)[1]) or measures_drift(recipe)
-    model = eval_model(recipe, base, adapter) if needed else None  # one load for the drift and the evals
+    model = eval_model(recipe, base, adapters) if needed else None  # one load for the drift and the evals
     record["drift"] = drift(recipe, model, tokenizer, step)  # in the loading dtype: `evaluate` may cast the model
     record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, final=final)
     del model

@@ -31,7 +31,10 @@ from gradsift.harmful_sets import hub_task_problems
 from gradsift.packaged import HELD_OUT_SPLITS, is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
-BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl")
+BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl", "ewc", "olora")
+NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora")  # built-in arms named as their kind (`Recipe.arm`)
+LOSS_KINDS = ("kl", "ewc", "olora")  # kinds that add to TRL's loss, so they need `trainer: trl`
+EWC_LAMBDA = 1000.0
 # Keys of a stage's axolotl config that place its files in the stage folder or chain the stages: never from `axolotl:`.
 AXOLOTL_OWNED = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "lora_model_dir")
 # Names that become one path segment: the recipe's (`runs/<name>`), a stage's (`<NN>-<name>`) and an arm's.
@@ -150,11 +153,16 @@ class AlignSpec(_Strict):
 class ArmSpec(_Strict):
     """One way of training the stages. Built-in names need no spec; a named spec defines a new arm."""
 
-    kind: Literal["full", "select", "random", "clip", "kl"] = "select"
+    kind: Literal["full", "select", "random", "clip", "kl", "ewc", "olora"] = "select"
     selection: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `selection:`.")
     mode: Literal["offline", "online"] | None = None
     max_grad_norm: float = Field(0.5, gt=0, description="`clip`: gradient clipping norm (the paper: 0.5).")
     kl_coef: float = Field(0.1, gt=0, description="`kl`: weight of KL(model ‖ aligned model) per response token.")
+    ewc_lambda: float = Field(EWC_LAMBDA, gt=0, description="`ewc`: λ of the penalty λ/2 · Σ F (θ − θ*)².")
+    fisher_rows: int = Field(128, ge=1, description="`ewc`: rows (a seeded sample) the Fisher is estimated on.")
+    ewc_every_stage: bool = Field(False, description="`ewc`: also anchor at the end of each task stage.")
+    olora_lambda1: float = Field(0.5, ge=0, description="`olora`: weight of Σ ‖A_prev A_newᵀ‖² (O-LoRA's 0.5).")
+    olora_lambda2: float = Field(0.0, ge=0, description="`olora`: weight of ‖A_new‖² (O-LoRA's 0).")
     steps: Literal["kept", "full"] | None = Field(
         None,
         description="`select` / `random` arms: `kept` trains the stage's epochs over the kept rows (the paper's "
@@ -269,16 +277,10 @@ class Recipe(_Strict):
         if name not in BUILTIN_ARMS:
             return spec
         fraction = {"keep_fraction": self.selection.keep_fraction}
-        builtin = {
-            "full": ArmSpec(kind="full"),
-            "random": ArmSpec(kind="random", selection={"rule": "random", **fraction}),
-            "gradsift": ArmSpec(kind="select"),
-            "high": ArmSpec(kind="select", selection={"rule": "high", **fraction}),
-            "low": ArmSpec(kind="select", selection={"rule": "low", **fraction}),
-            "anchor": ArmSpec(kind="select", selection={"rule": "anchor", **fraction}),
-            "clip": ArmSpec(kind="clip"),
-            "kl": ArmSpec(kind="kl"),
-        }[name]
+        ruled = {"random": "random", "high": "select", "low": "select", "anchor": "select"}  # rule: kind
+        rules = {rule: ArmSpec(kind=kind, selection={"rule": rule, **fraction}) for rule, kind in ruled.items()}
+        named = {kind: ArmSpec(kind=kind) for kind in NAMED_KINDS if kind not in rules}
+        builtin = {**named, **rules, "gradsift": ArmSpec(kind="select")}[name]
         update = {field: getattr(spec, field) for field in spec.model_fields_set}
         if "selection" in update:
             update["selection"] = {**builtin.selection, **spec.selection}
@@ -396,10 +398,15 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
             f"{each.generation_dtype or 'null'} (`generation_dtype`; null: the loading dtype): the per-stage rates "
             "must come from answers generated alike; set them alike"
         )
-    if recipe.trainer == "axolotl":
-        kl = [name for name in recipe.arms if recipe.arm(name).kind == "kl"]
-        if kl:
-            problems.append(f"arms: {', '.join(kl)}: the `kl` arm needs `trainer: trl`")
+    for name in recipe.arms:
+        kind = recipe.arm(name).kind
+        if recipe.trainer == "axolotl" and kind in LOSS_KINDS:
+            problems.append(f"arms.{name}: the `{kind}` arm kind adds to TRL's loss, so it needs `trainer: trl`")
+        if kind == "ewc" and recipe.align is None and not recipe.arm(name).ewc_every_stage:
+            problems.append(
+                f"arms.{name}: an `ewc` arm's first Fisher is estimated on the align stage's rows; add an `align:` "
+                "stage, or set `ewc_every_stage: true` to anchor at the end of each task stage only"
+            )
     owned = sorted(set(recipe.axolotl) & set(AXOLOTL_OWNED))
     if owned:
         problems.append(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsift.continual.layout import RunLayout
-from gradsift.continual.schema import BUILTIN_ARMS, ArmSpec
+from gradsift.continual.schema import BUILTIN_ARMS, NAMED_KINDS, ArmSpec
 from gradsift.report.stages import (
     FORGETTING_KEYS,
     accuracy_matrix,
@@ -44,8 +44,8 @@ from gradsift.report.stats import (
 
 # The kind of a built-in arm name, as `Recipe.arm` fills it in (the rest are `select`); recipe.json dumps the spec as
 # written, with ArmSpec's default `kind: select` even for `random: {}` or `random: {steps: full}`.
-BUILTIN_KINDS = {"full": "full", "random": "random", "clip": "clip", "kl": "kl"}
-# Kinds whose number of optimizer steps the `steps` setting decides (full, clip and kl train on every row).
+BUILTIN_KINDS = {kind: kind for kind in NAMED_KINDS}
+# Kinds whose number of optimizer steps the `steps` setting decides (the other kinds train on every row).
 STEPPED_KINDS = ("select", "random")
 
 
@@ -145,9 +145,9 @@ def _aggregate(
 
 
 def arm_setup(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, str | None]:
-    """Return how an arm trained: {"kind": full/select/random/clip/kl, "steps": "kept" | "full" | None}.
+    """Return how an arm trained: {"kind": an `ArmSpec.kind`, "steps": "kept" | "full" | None}.
 
-    `steps` is None where the setting does not apply (full, clip, kl and online arms train on every row). Read from
+    `steps` is None where the setting does not apply (online arms and the other kinds train on every row). Read from
     the dumped recipe (recipe.json's `recipe`) when it lists the arm, as the runner decides it; otherwise from the
     arm's stage.json files: `arm_kind` (else the built-in meaning of the name) and `full` where one has `max_steps`.
     """
