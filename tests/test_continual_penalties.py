@@ -4,6 +4,7 @@ O-LoRA's summed adapters, and a two-stage recipe with both arms that resumes aft
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -281,10 +282,17 @@ def outputs(run: Path) -> dict:
     return out
 
 
-def test_a_recipe_with_ewc_and_olora_arms_runs_resumes_after_a_kill_and_reports(tmp_path, tiny_model_dir):
-    recipe = load_recipe(write(tmp_path, penalty_recipe(tiny_model_dir)))
-    reference = tmp_path / "reference"
-    run_recipe(recipe, reference, progress=False)
+@pytest.fixture(scope="module")
+def penalty_run(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("penalties")
+    path = write(root, penalty_recipe(tiny_model_dir))
+    run_recipe(load_recipe(path), root / "reference", progress=False)
+    return path, root / "reference"
+
+
+def test_a_recipe_with_ewc_and_olora_arms_runs_resumes_after_a_kill_and_reports(tmp_path, penalty_run):
+    path, reference = penalty_run
+    recipe = load_recipe(path)
     killed = tmp_path / "killed"
     run_recipe(recipe, killed, progress=False, stop_after=4)  # align, full's two stages, ewc's first: then killed
     assert len(list(iter_stage_files(killed))) == 4
@@ -322,11 +330,37 @@ def test_a_recipe_with_ewc_and_olora_arms_runs_resumes_after_a_kill_and_reports(
     assert json.dumps(report["headline"]["arms"]["ewc"])  # a headline row like the others
 
 
+def test_the_ewc_scale_bench_measures_the_penalty_at_the_full_arms_adapters(penalty_run):
+    import subprocess
+    import sys
+
+    path, run = penalty_run
+    env = {**os.environ, "PYTHONPATH": str(REPO / "plugin")}
+    result = subprocess.run(
+        [sys.executable, "bench/ewc_scale.py", str(path), str(run)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith("stage="))
+    assert list(lines) == ["stage=01-sentiment", "stage=02-yes_no"]
+    # The same anchor the `ewc` arm saved (the same 6 rows and model), at `full`'s stage-1 adapter, by hand.
+    anchor = load_anchors(run / "seed-0/ewc/01-sentiment/ewc.safetensors")[0]
+    adapter = load_file(str(run / "seed-0/full/01-sentiment/adapter/adapter_model.safetensors"))
+    expected = 0.5 * sum(
+        float(
+            (fisher.double() * (adapter[key.replace(".default", "")].double() - anchor.theta[key].double()) ** 2).sum()
+        )
+        for key, fisher in anchor.fisher.items()
+    )
+    measured = float(lines["stage=01-sentiment"].split()[0].removeprefix("penalty_at_lambda1="))
+    assert expected > 0 and measured == pytest.approx(expected, rel=2e-3)
+
+
 def test_a_recipe_with_full_ewc_and_olora_arms_dry_runs(tmp_path, capsys):
     data = penalty_recipe("never-loaded") | {"arms": ["full", "ewc", "olora"]}
     assert main(["run", str(write(tmp_path, data)), "--dry-run", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "ewc: sentiment [8 rows, EWC λ 1000]" in out and "olora: yes_no [8 rows, O-LoRA λ1 0.5 λ2 0]" in out
+    assert "ewc: sentiment [8 rows, EWC λ 100000]" in out and "olora: yes_no [8 rows, O-LoRA λ1 0.5 λ2 0]" in out
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,7 @@ def olora_seed(step: Step) -> int:
     return step.seed + OLORA_SEED_STRIDE * (step.index - 1)
 
 
-def _fisher_rows(records: list[dict[str, Any]], rows: int, seed: int) -> list[dict[str, Any]]:
+def fisher_sample(records: list[dict[str, Any]], rows: int, seed: int) -> list[dict[str, Any]]:
     """A seeded sample of `rows` records (all of them when there are fewer)."""
     import random
 
@@ -168,14 +168,14 @@ def ewc_anchors(recipe: Recipe, step: Step, model: Any, tokenizer: Any) -> list[
         records = [row for data in recipe.align.data for row in stage_records(recipe, data, step.seed)]
         length = recipe.train_for(recipe.align).max_length
         anchors.append(
-            anchor_here(model, "00-align", _fisher_rows(records, spec.fisher_rows, step.seed), tokenizer, length)
+            anchor_here(model, "00-align", fisher_sample(records, spec.fisher_rows, step.seed), tokenizer, length)
         )
     elif step.index > 1:
         previous = stage_folder(recipe, step, step.index - 1)
         anchors = load_anchors(_finished_file(recipe, step, step.index - 1, previous / EWC_FILE, "the EWC anchors"))
         if spec.ewc_every_stage:
             stage = recipe.stages[step.index - 2]
-            records = _fisher_rows(stage_records(recipe, stage.data, step.seed), spec.fisher_rows, step.seed)
+            records = fisher_sample(stage_records(recipe, stage.data, step.seed), spec.fisher_rows, step.seed)
             length = recipe.train_for(stage).max_length
             anchors.append(anchor_here(model, previous.name, records, tokenizer, length))
     save_anchors(anchors, step.folder / EWC_FILE)

@@ -34,7 +34,7 @@ from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl", "ewc", "olora")
 NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora")  # built-in arms named as their kind (`Recipe.arm`)
 LOSS_KINDS = ("kl", "ewc", "olora")  # kinds that add to TRL's loss, so they need `trainer: trl`
-EWC_LAMBDA = 1000.0
+EWC_LAMBDA = 1.0e5  # the penalty at plain fine-tuning's end near the task loss, on the testbed (README)
 # Keys of a stage's axolotl config that place its files in the stage folder or chain the stages: never from `axolotl:`.
 AXOLOTL_OWNED = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "lora_model_dir")
 # Names that become one path segment: the recipe's (`runs/<name>`), a stage's (`<NN>-<name>`) and an arm's.
