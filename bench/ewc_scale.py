@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from gradsift.continual.arms import fisher_sample
     from gradsift.continual.layout import RunLayout
     from gradsift.continual.penalties import anchor_here, ewc_penalty
-    from gradsift.continual.rows import stage_records
+    from gradsift.continual.rows import align_records
     from gradsift.continual.schema import ArmSpec
 
     recipe = load_recipe(args.recipe)
@@ -44,13 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.fisher_rows or (recipe.arm("ewc") if "ewc" in recipe.arms else ArmSpec(kind="ewc")).fisher_rows
     layout = RunLayout(args.run)
     model = backends.fresh_lora(recipe, backends.load_base(recipe, str(layout.aligned_model(args.seed))), args.seed)
-    records = [row for data in recipe.align.data for row in stage_records(recipe, data, args.seed)]
+    records = align_records(recipe, args.seed)
     start = time.perf_counter()
     sample = fisher_sample(records, rows, args.seed)
     anchor = anchor_here(
         model, "00-align", sample, backends.tokenizer(recipe), recipe.train_for(recipe.align).max_length
     )
-    print(f"fisher_rows={len(sample)} fisher_seconds={time.perf_counter() - start:.1f}")
+    print(f"fisher_rows={anchor.rows} fisher_seconds={time.perf_counter() - start:.1f}")
+    for part in ("lora_A", "lora_B"):
+        values = torch.cat([value.flatten() for key, value in anchor.fisher.items() if part in key])
+        print(f"fisher_{part}_mean={float(values.mean()):.3g} fisher_{part}_max={float(values.max()):.3g}")
     for index, stage in enumerate(recipe.stages, start=1):
         folder = layout.stage_dir(args.seed, args.arm, index, stage.name)
         set_peft_model_state_dict(model, load_file(str(RunLayout.adapter(folder) / "adapter_model.safetensors")))

@@ -3,7 +3,6 @@ O-LoRA's summed adapters, and a two-stage recipe with both arms that resumes aft
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -137,7 +136,8 @@ def test_the_fisher_is_the_mean_squared_gradient_of_each_rows_response_loss(toke
 
     model = lora_model(tokenizer)
     records = mixed_records[:5]
-    fisher = fisher_diagonal(model, records, tokenizer, max_length=64)
+    fisher, counted = fisher_diagonal(model, records, tokenizer, max_length=64)
+    assert counted == 5
     # The obvious computation: each row alone, the loss from the model's own labels, torch's gradient.
     rows = tokenize_records(records, tokenizer, DataConfig(max_length=64), progress=False)
     params = trainable(model)
@@ -277,7 +277,7 @@ def outputs(run: Path) -> dict:
         record["train"].pop("seconds", None)
         folder = next(p for p in (run / f"seed-{seed}" / (arm or "")).glob(f"{index:02d}-*") if p.is_dir())
         files = ["model/model.safetensors"] if arm is None else ["adapter/adapter_model.safetensors"]
-        files += ["ewc.safetensors"] if arm == "ewc" else []
+        files += ["ewc.safetensors"] + (["ewc-end.safetensors"] if index == 1 else []) if arm == "ewc" else []
         out[(seed, arm, index)] = (record, [(folder / name).read_bytes() for name in files])
     return out
 
@@ -290,13 +290,35 @@ def penalty_run(tmp_path_factory, tiny_model_dir):
     return path, root / "reference"
 
 
-def test_a_recipe_with_ewc_and_olora_arms_runs_resumes_after_a_kill_and_reports(tmp_path, penalty_run):
+def test_a_recipe_with_ewc_and_olora_arms_runs_resumes_after_a_kill_and_reports(tmp_path, penalty_run, monkeypatch):
+    from gradsift.continual import penalties, runner
+
     path, reference = penalty_run
     recipe = load_recipe(path)
     killed = tmp_path / "killed"
     run_recipe(recipe, killed, progress=False, stop_after=4)  # align, full's two stages, ewc's first: then killed
     assert len(list(iter_stage_files(killed))) == 4
+    # The resumed run estimates no Fisher (ewc's stage 1 saved both its anchors) and evaluates olora's stage 2 as the
+    # aligned model plus both its stages' adapters.
+    estimated, evaluated = [], []
+    fisher, eval_model = penalties.fisher_diagonal, runner.eval_model
+
+    def counted_fisher(*args, **kwargs):
+        estimated.append(1)
+        return fisher(*args, **kwargs)
+
+    def recorded_eval(recipe, base, adapters):
+        evaluated.append(list(adapters))
+        return eval_model(recipe, base, adapters)
+
+    monkeypatch.setattr(penalties, "fisher_diagonal", counted_fisher)
+    monkeypatch.setattr(runner, "eval_model", recorded_eval)
     run_recipe(recipe, killed, progress=False)
+    assert estimated == []
+    assert evaluated[-1] == [
+        str(killed / "seed-0/olora/01-sentiment/adapter"),
+        str(killed / "seed-0/olora/02-yes_no/adapter"),
+    ]
     ours, theirs = outputs(killed), outputs(reference)
     assert ours.keys() == theirs.keys() and len(ours) == 7
     for key in ours:
@@ -327,7 +349,13 @@ def test_a_recipe_with_ewc_and_olora_arms_runs_resumes_after_a_kill_and_reports(
         "ewc": "ewc",
         "olora": "olora",
     }
-    assert json.dumps(report["headline"]["arms"]["ewc"])  # a headline row like the others
+    full = report["headline"]["arms"]["full"]
+    filled = [key for key in report["headline"]["columns"] if full[key] is not None]
+    assert filled
+    for arm in ("ewc", "olora"):  # a headline row like the others, filled where `full`'s is
+        row = report["headline"]["arms"][arm]
+        assert row["stage"] == "02-yes_no" and row.keys() == full.keys()
+        assert all(row[key] is not None for key in filled), arm
 
 
 def test_the_ewc_scale_bench_measures_the_penalty_at_the_full_arms_adapters(penalty_run):
@@ -376,7 +404,7 @@ def test_a_bad_penalty_option_is_one_line_naming_its_key(tmp_path, capsys, arms,
     data = penalty_recipe("never-loaded") | {"arms": arms}
     assert main(["run", str(write(tmp_path, data)), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) <= 2
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_ewc_and_olora_need_trl_and_ewc_needs_an_anchor(tmp_path):

@@ -123,6 +123,7 @@ def test_the_testbed_recipe_evaluates_at_least_96_held_out_harmful_prompts():
     kinds = {name: (recipe.arm(name).kind, recipe.arm(name).steps or recipe.steps) for name in recipe.arms}
     assert {"full", "random", "gradsift", "high", "low", "drop_top", "gradsift_strata"} <= set(kinds)
     assert recipe.selection_for("gradsift_strata").length_strata
+    assert (kinds["ewc"][0], kinds["olora"][0]) == ("ewc", "olora")  # the paper's continual-learning baselines
 
 
 def tiny(model_dir, **extra):

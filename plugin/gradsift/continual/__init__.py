@@ -5,7 +5,9 @@ loading.py   `load_recipe`: every problem of a file, each with its YAML path, be
 rows.py      a stage's rows (data paths, templates, shuffling) and the drift prompts
 layout.py    `RunLayout`: every path of a run folder; what a resumed run may empty
 backends.py  the recipe's train settings as TRL's `SFTConfig` and as an axolotl config, side by side
-arms.py      the random arm's matched subset, step matching, shared stage-1 scores, the `kl` trainer
+arms.py      the random arm's matched subset, step matching, shared stage-1 scores, the `kl` trainer, the `ewc`
+             arm's anchors and the `olora` arm's adapters
+penalties.py the `ewc` and `olora` loss terms, the Fisher, and the trainer that adds them
 evals.py     lm-eval and drift after each stage; `--rejudge`
 runner.py    the plan and the run
 """

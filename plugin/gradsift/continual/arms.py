@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gradsift.continual.layout import EWC_FILE, RunLayout, Step
+from gradsift.continual.layout import EWC_END_FILE, EWC_FILE, RunLayout, Step
 from gradsift.continual.penalties import Anchor, anchor_here, load_anchors, save_anchors
-from gradsift.continual.rows import stage_records
+from gradsift.continual.rows import align_records, stage_records
 from gradsift.continual.schema import Recipe, TrainSpec
 from gradsift.errors import UserError
 
@@ -119,9 +119,9 @@ def stage_folder(recipe: Recipe, step: Step, index: int) -> Path:
     return step.layout.stage_dir(step.seed, step.arm, index, recipe.stages[index - 1].name)
 
 
-def _finished_file(recipe: Recipe, step: Step, index: int, path: Path, what: str) -> Path:
-    """`path`, which the arm's finished stage `index` wrote; `UserError` naming how to recover if it is gone."""
-    if not path.is_file():
+def _finished(recipe: Recipe, step: Step, index: int, path: Path, what: str, present: bool) -> Path:
+    """`path`, which the arm's finished stage `index` wrote, if `present`; else `UserError` saying how to recover."""
+    if not present:
         folder = stage_folder(recipe, step, index)
         raise UserError(
             f"{str(path)!r} is missing: it is {what} stage {index} of arm {step.arm!r} (seed {step.seed}) left, which "
@@ -131,14 +131,15 @@ def _finished_file(recipe: Recipe, step: Step, index: int, path: Path, what: str
     return path
 
 
+def finished_adapter(recipe: Recipe, step: Step, index: int) -> Path:
+    """The adapter the arm's stage `index` wrote (`UserError` if it is gone)."""
+    adapter = RunLayout.adapter(stage_folder(recipe, step, index))
+    return _finished(recipe, step, index, adapter, "the adapter", (adapter / "adapter_config.json").is_file())
+
+
 def olora_adapters(recipe: Recipe, step: Step) -> list[Path]:
     """The adapters an `olora` arm's earlier stages trained, in order (each stage trains one of its own)."""
-    return [
-        _finished_file(
-            recipe, step, i, RunLayout.adapter(stage_folder(recipe, step, i)) / "adapter_config.json", "the adapter"
-        ).parent
-        for i in range(1, step.index)
-    ]
+    return [finished_adapter(recipe, step, index) for index in range(1, step.index)]
 
 
 def olora_seed(step: Step) -> int:
@@ -153,30 +154,44 @@ def fisher_sample(records: list[dict[str, Any]], rows: int, seed: int) -> list[d
     return random.Random(seed).sample(records, min(rows, len(records)))
 
 
-def ewc_anchors(recipe: Recipe, step: Step, model: Any, tokenizer: Any) -> list[Anchor]:
+def _load(recipe: Recipe, step: Step, index: int, name: str) -> list[Anchor]:
+    path = stage_folder(recipe, step, index) / name
+    return load_anchors(_finished(recipe, step, index, path, "the EWC anchors", path.is_file()))
+
+
+def ewc_anchors(recipe: Recipe, step: Step, model: Any, tokenizer: Any, progress: bool) -> list[Anchor]:
     """The anchors an `ewc` arm's stage trains against, written to its folder (`EWC_FILE`) before it trains.
 
-    Stage 1 anchors at the model it starts from (the aligned weights and the seed's fresh LoRA), its Fisher on a
-    sample of the align stage's rows. A later stage reuses the previous stage's anchors from its folder and, with
-    `ewc_every_stage`, adds one at the previous stage's end (the model it starts from), its Fisher on that stage's
-    rows.
+    Stage 1 anchors at the model it starts from (the aligned weights and the seed's fresh LoRA), its Fisher estimated
+    now on a sample of the align stage's rows. A later stage reads the previous stage's anchors, and the one that
+    stage estimated at its end (`EWC_END_FILE`, with `ewc_every_stage`), from its folder: no finished stage's Fisher
+    is estimated again.
     """
     assert step.arm is not None
     spec = recipe.arm(step.arm)
     anchors: list[Anchor] = []
     if step.index == 1 and recipe.align is not None:
-        records = [row for data in recipe.align.data for row in stage_records(recipe, data, step.seed)]
+        records = fisher_sample(align_records(recipe, step.seed), spec.fisher_rows, step.seed)
         length = recipe.train_for(recipe.align).max_length
-        anchors.append(
-            anchor_here(model, "00-align", fisher_sample(records, spec.fisher_rows, step.seed), tokenizer, length)
-        )
+        anchors.append(anchor_here(model, "00-align", records, tokenizer, length, progress))
     elif step.index > 1:
-        previous = stage_folder(recipe, step, step.index - 1)
-        anchors = load_anchors(_finished_file(recipe, step, step.index - 1, previous / EWC_FILE, "the EWC anchors"))
+        anchors = _load(recipe, step, step.index - 1, EWC_FILE)
         if spec.ewc_every_stage:
-            stage = recipe.stages[step.index - 2]
-            records = fisher_sample(stage_records(recipe, stage.data, step.seed), spec.fisher_rows, step.seed)
-            length = recipe.train_for(stage).max_length
-            anchors.append(anchor_here(model, previous.name, records, tokenizer, length))
+            anchors += _load(recipe, step, step.index - 1, EWC_END_FILE)
     save_anchors(anchors, step.folder / EWC_FILE)
     return anchors
+
+
+def ewc_end_anchor(recipe: Recipe, step: Step, model: Any, tokenizer: Any, progress: bool) -> None:
+    """With `ewc_every_stage`, before a stage but the last finishes: the anchor at its trained weights, its Fisher on
+    a sample of its rows, written to its folder (`EWC_END_FILE`) for the next stage."""
+    assert step.arm is not None
+    spec = recipe.arm(step.arm)
+    if not spec.ewc_every_stage or step.index == len(recipe.stages):
+        return
+    stage = recipe.stages[step.index - 1]
+    records = fisher_sample(stage_records(recipe, stage.data, step.seed), spec.fisher_rows, step.seed)
+    length = recipe.train_for(stage).max_length
+    save_anchors(
+        [anchor_here(model, step.folder.name, records, tokenizer, length, progress)], step.folder / EWC_END_FILE
+    )

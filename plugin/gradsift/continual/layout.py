@@ -5,7 +5,7 @@ inside what gradsift wrote.
     <out>/seed-<s>/00-align/                       model/ (merged), stage.json, eval/, shared-scores/
     <out>/seed-<s>/_shared/shared-scores/          stage 1's scores shared by the arms, when there is no align stage
     <out>/seed-<s>/<arm>/<NN>-<stage>/             adapter/, scores/, dropped.jsonl, selection.json, eval/,
-                                                   online.jsonl, ewc.safetensors (an `ewc` arm's anchors),
+                                                   online.jsonl, ewc.safetensors, ewc-end.safetensors (`ewc`),
                                                    stage.json (written last: the stage is finished)
 
 Every stage folder carries `.gradsift-stage` from its start. A killed run resumes at the first stage without
@@ -43,8 +43,10 @@ SHARED_SCORES = "shared-scores"
 STAGE_MARK = ".gradsift-stage"
 # A stage's copy of the online mode's per-step record.
 STAGE_ONLINE_LOG = "online.jsonl"
-# An `ewc` arm's stage: the anchors (θ*, Fisher) its penalty held (`gradsift.continual.penalties`).
+# An `ewc` arm's stage: the anchors (θ*, Fisher) its penalty held (`gradsift.continual.penalties`), and with
+# `ewc_every_stage` the one estimated at its end, for the next stage.
 EWC_FILE = "ewc.safetensors"
+EWC_END_FILE = "ewc-end.safetensors"
 # Everything a stage writes at its top level. An unfinished stage folder of a run older than STAGE_MARK is emptied
 # only if it holds nothing else (and `atomic_path`'s temporary files).
 STAGE_NAMES = frozenset(
@@ -59,6 +61,7 @@ STAGE_NAMES = frozenset(
         SELECTION_FILE,
         STAGE_ONLINE_LOG,
         EWC_FILE,
+        EWC_END_FILE,
         "trainer",
         "train.jsonl",
         "axolotl.yaml",

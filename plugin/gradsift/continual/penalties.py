@@ -18,6 +18,7 @@ trains a new LoRA while the earlier stages' LoRAs stay frozen and active; the lo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 from gradsift.errors import UserError
 from gradsift.fileio import atomic_path
+
+logger = logging.getLogger(__name__)
 
 NEW_ADAPTER = "default"  # the name of the adapter an `olora` stage trains (peft saves it at the folder's top level)
 
@@ -36,14 +39,22 @@ class Anchor:
     name: str
     theta: dict[str, Any]
     fisher: dict[str, Any]
-    rows: int
+    rows: int  # the rows the Fisher was estimated on
+
+    def to(self, device: Any) -> Anchor:
+        """The anchor with its tensors on `device` (once, not at every step)."""
+        move = lambda tensors: {key: value.to(device) for key, value in tensors.items()}  # noqa: E731
+        return Anchor(self.name, move(self.theta), move(self.fisher), self.rows)
 
 
-def fisher_diagonal(model: Any, records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> dict[str, Any]:
+def fisher_diagonal(
+    model: Any, records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, progress: bool = False
+) -> tuple[dict[str, Any], int]:
     """The empirical diagonal Fisher of `model`'s trainable parameters: mean over `records` of each row's squared
-    gradient of its mean response-token loss (one backward per row, in eval mode). Rows without a response token
-    within `max_length` are left out; `UserError` if none is left."""
+    gradient of its mean response-token loss (one backward per row, in eval mode), and the rows it is the mean of.
+    Rows without a response token within `max_length` are left out; `UserError` if none is left."""
     import torch
+    from tqdm.auto import tqdm
 
     from gradsift.config import DataConfig
     from gradsift.scoring import per_sample_loss
@@ -57,7 +68,7 @@ def fisher_diagonal(model: Any, records: Sequence[dict[str, Any]], tokenizer: An
     model.eval()
     counted = 0
     try:
-        for row in rows:
+        for row in tqdm(rows, desc="EWC Fisher", unit="row", disable=not progress):
             batch = collate([row], tokenizer.pad_token_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, count = per_sample_loss(logits, batch["labels"])
@@ -73,15 +84,19 @@ def fisher_diagonal(model: Any, records: Sequence[dict[str, Any]], tokenizer: An
     if not counted:
         raise UserError(
             f"The EWC Fisher set ({len(rows)} rows) has no row with a response token within {max_length} tokens; "
-            "raise `train.max_length` or give the stage rows with answers."
+            "raise that stage's `max_length` (`train:`, or the stage's or align stage's own `train:`)."
         )
-    return {name: value / counted for name, value in fisher.items()}
+    logger.info("EWC Fisher: %d rows of %d had a response token", counted, len(rows))
+    return {name: value / counted for name, value in fisher.items()}, counted
 
 
-def anchor_here(model: Any, name: str, records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> Anchor:
+def anchor_here(
+    model: Any, name: str, records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, progress: bool = False
+) -> Anchor:
     """An anchor at `model`'s current trainable parameters, its Fisher on `records`."""
     theta = {key: param.detach().float().clone() for key, param in model.named_parameters() if param.requires_grad}
-    return Anchor(name, theta, fisher_diagonal(model, records, tokenizer, max_length), len(records))
+    fisher, rows = fisher_diagonal(model, records, tokenizer, max_length, progress)
+    return Anchor(name, theta, fisher, rows)
 
 
 def save_anchors(anchors: Sequence[Anchor], path: Path) -> None:
@@ -117,7 +132,7 @@ def load_anchors(path: Path) -> list[Anchor]:
 
 
 def ewc_penalty(model: Any, anchors: Sequence[Anchor], lam: float) -> Any:
-    """`λ/2 · Σ_k Σ_p F_k,p (θ_p − θ*_k,p)²` at `model`'s parameters (0 without anchors)."""
+    """`λ/2 · Σ_k Σ_p F_k,p (θ_p − θ*_k,p)²` at `model`'s parameters (0 without anchors; anchors on its device)."""
     import torch
 
     params = dict(model.named_parameters())
@@ -128,9 +143,21 @@ def ewc_penalty(model: Any, anchors: Sequence[Anchor], lam: float) -> Any:
             if key not in params:
                 raise ValueError(f"EWC anchor {anchor.name!r} holds {key!r}, which the model does not have")
             param = params[key]
-            theta = anchor.theta[key].to(device)
-            total = total + (fisher.to(device) * (param.float() - theta) ** 2).sum()
+            total = total + (fisher * (param.float() - anchor.theta[key]) ** 2).sum()
     return lam / 2 * total
+
+
+def ewc_term(anchors: Sequence[Anchor], lam: float) -> Callable[[Any], Any]:
+    """`ewc_penalty` as a function of the model, the anchors moved to the model's device once."""
+    placed: dict[Any, list[Anchor]] = {}
+
+    def term(model: Any) -> Any:
+        device = next(model.parameters()).device
+        if device not in placed:
+            placed[device] = [anchor.to(device) for anchor in anchors]
+        return ewc_penalty(model, placed[device], lam)
+
+    return term
 
 
 def olora_penalty(model: Any, lambda1: float, lambda2: float) -> Any:

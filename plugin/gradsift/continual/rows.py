@@ -57,6 +57,12 @@ def stage_records(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, A
     return [as_prompt_completion(row) for row in source_rows(recipe, spec, seed)]
 
 
+def align_records(recipe: Recipe, seed: int) -> list[dict[str, Any]]:
+    """The align stage's rows at `seed`: each source's `stage_records`, in the recipe's order."""
+    assert recipe.align is not None
+    return [row for spec in recipe.align.data for row in stage_records(recipe, spec, seed)]
+
+
 def measures_drift(recipe: Recipe) -> bool:
     """Whether stages measure the KL drift: `drift_prompts` > 0 and an align set to take them from."""
     return recipe.drift_prompts > 0 and recipe.align is not None

@@ -19,6 +19,8 @@ from gradsift import __version__
 from gradsift.continual import align_cache, backends
 from gradsift.continual.arms import (
     ewc_anchors,
+    ewc_end_anchor,
+    finished_adapter,
     full_arm_steps,
     full_steps_by,
     kept_by,
@@ -32,9 +34,8 @@ from gradsift.continual.arms import (
 from gradsift.continual.evals import drift, eval_model, evaluate, forget_references
 from gradsift.continual.layout import RunLayout, Step, check_run_folder, clean_stage
 from gradsift.continual.penalties import NEW_ADAPTER, penalty_trainer_class
-from gradsift.continual.rows import measures_drift, stage_records
-from gradsift.continual.schema import Recipe, RecipeError, gradsift_config_for
-from gradsift.errors import UserError
+from gradsift.continual.rows import align_records, measures_drift, stage_records
+from gradsift.continual.schema import PENALTY_KINDS, Recipe, RecipeError, gradsift_config_for
 from gradsift.fileio import write_json
 from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 
@@ -81,7 +82,7 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
                 ", anchors after each stage" if spec.ewc_every_stage else ""
             )
             detail["olora"] = f"O-LoRA λ1 {spec.olora_lambda1:g} λ2 {spec.olora_lambda2:g}"
-            matched = (spec.steps or recipe.steps) == "full" and spec.kind in detail
+            matched = (spec.steps or recipe.steps) == "full" and spec.kind in ("select", "random")
             matched = ", as many steps as full" if matched else ""
             what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
         status = "done" if step.done() else "to run"
@@ -141,7 +142,7 @@ def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
     assert recipe.align is not None
     tokenizer = backends.tokenizer(recipe)
     train = recipe.train_for(recipe.align)
-    records = [row for spec in recipe.align.data for row in stage_records(recipe, spec, step.seed)]
+    records = align_records(recipe, step.seed)
     aligned = step.layout.aligned_model(step.seed)
     cached = recipe.align.cache and align_cache.cache_root() is not None
     key = align_cache.align_key(_align_identity(recipe, train, records, step.seed)) if cached else None
@@ -225,16 +226,7 @@ def _stage_model(recipe: Recipe, step: Step) -> Any:
 
 def previous_adapter(recipe: Recipe, step: Step) -> Path:
     """The adapter the arm's previous stage wrote, which this stage trains further (`UserError` if it is gone)."""
-    index = step.index - 1
-    folder = step.layout.stage_dir(step.seed, step.arm, index, recipe.stages[index - 1].name)
-    adapter = RunLayout.adapter(folder)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(
-            f"{str(adapter)!r} is missing: it is the adapter stage {index} of arm {step.arm!r} (seed {step.seed}) "
-            f"left, which {step.stage!r} trains further. Restore it, or remove {str(RunLayout.stage_file(folder))!r} "
-            "so that stage runs again."
-        )
-    return adapter
+    return finished_adapter(recipe, step, step.index - 1)
 
 
 def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) -> None:
@@ -280,8 +272,8 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
             trainer = kl_trainer_class()(
                 model=model, args=args, train_dataset=dataset, processing_class=tokenizer, kl_coef=spec.kl_coef
             )
-        elif spec.kind in ("ewc", "olora"):
-            penalty = _penalty(recipe, step, model, tokenizer)
+        elif spec.kind in PENALTY_KINDS:
+            penalty = _penalty(recipe, step, model, tokenizer, progress)
             trainer = penalty_trainer_class()(
                 model=model, args=args, train_dataset=dataset, processing_class=tokenizer, penalty=penalty
             )
@@ -291,6 +283,8 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         record["train"] = backends.train(trainer, step.folder)
         if start_penalty is not None:  # the penalty term at the first and the last step's weights
             record["train"]["penalty"] = {"start": start_penalty, "end": _penalty_value(trainer, model)}
+        if spec.kind == "ewc":
+            ewc_end_anchor(recipe, step, model, tokenizer, progress)
         model.save_pretrained(adapter, selected_adapters=[NEW_ADAPTER])
         del trainer, model
     if online:
@@ -299,15 +293,14 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     _finish_stage(recipe, step, tokenizer, record, adapters=[str(path) for path in [*adapters, adapter]])
 
 
-def _penalty(recipe: Recipe, step: Step, model: Any, tokenizer: Any) -> Any:
+def _penalty(recipe: Recipe, step: Step, model: Any, tokenizer: Any, progress: bool) -> Any:
     """The term an `ewc` or `olora` arm's stage adds to the loss, as a function of the model."""
-    from gradsift.continual.penalties import ewc_penalty, olora_penalty
+    from gradsift.continual.penalties import ewc_term, olora_penalty
 
     assert step.arm is not None
     spec = recipe.arm(step.arm)
     if spec.kind == "ewc":
-        anchors = ewc_anchors(recipe, step, model, tokenizer)
-        return lambda m: ewc_penalty(m, anchors, spec.ewc_lambda)
+        return ewc_term(ewc_anchors(recipe, step, model, tokenizer, progress), spec.ewc_lambda)
     return lambda m: olora_penalty(m, spec.olora_lambda1, spec.olora_lambda2)
 
 

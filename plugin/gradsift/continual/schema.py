@@ -31,9 +31,10 @@ from gradsift.harmful_sets import hub_task_problems
 from gradsift.packaged import HELD_OUT_SPLITS, is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
-BUILTIN_ARMS = ("full", "random", "gradsift", "high", "low", "anchor", "clip", "kl", "ewc", "olora")
 NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora")  # built-in arms named as their kind (`Recipe.arm`)
-LOSS_KINDS = ("kl", "ewc", "olora")  # kinds that add to TRL's loss, so they need `trainer: trl`
+BUILTIN_ARMS = (*NAMED_KINDS, "gradsift", "high", "low", "anchor")
+PENALTY_KINDS = ("ewc", "olora")  # kinds whose loss adds a term on the weights (`gradsift.continual.penalties`)
+LOSS_KINDS = ("kl", *PENALTY_KINDS)  # kinds that add to TRL's loss, so they need `trainer: trl`
 EWC_LAMBDA = 1.0e5  # the penalty at plain fine-tuning's end near the task loss, on the testbed (README)
 # Keys of a stage's axolotl config that place its files in the stage folder or chain the stages: never from `axolotl:`.
 AXOLOTL_OWNED = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "lora_model_dir")
@@ -332,8 +333,8 @@ def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -
     ]
     if steps:
         problems.append(
-            f"arms: {', '.join(steps)}: `steps` applies to offline `select` and `random` arms (a `full`, `clip` "
-            "or `kl` arm trains on all rows; an online arm selects inside each step); remove it"
+            f"arms: {', '.join(steps)}: `steps` applies to offline `select` and `random` arms (the other kinds "
+            "train on all rows; an online arm selects inside each step); remove it"
         )
     unknown = [name for name, spec in recipe.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
     if unknown:
