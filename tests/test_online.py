@@ -224,6 +224,17 @@ def test_a_window_that_keeps_no_row_fails_at_start(tmp_path, tokenizer, mixed_re
         )
 
 
+@pytest.mark.parametrize("rule", ["moderate", "random", "high", "low", "anchor"])
+def test_every_fraction_rule_whose_window_keeps_no_row_fails_the_start_up_check(rule):
+    from gradsift.online import check_online_config
+
+    scoring = ScoringConfig(anchor_data="embedded:refusals") if rule == "anchor" else ScoringConfig()
+    config = GradSiftConfig(mode="online", scoring=scoring, selection=SelectionConfig(rule=rule, keep_fraction=0.2))
+    with pytest.raises(ValueError, match="`selection.keep_fraction` 0.2 keeps no row of a selection window of 4 rows"):
+        check_online_config(config, micro_batch_size=2, gradient_accumulation_steps=2)
+    assert check_online_config(config, micro_batch_size=5, gradient_accumulation_steps=1) == 5  # 0.2 × 5 keeps 1
+
+
 def test_steps_without_response_tokens_are_skipped_and_counted(tmp_path, tokenizer, caplog):
     rows = [{"input_ids": [4, 10 + i, 11, 12, 5], "labels": [-100] * 5} for i in range(8)]
     # TRL drops fully masked rows while preparing a dataset; hand it the rows as they are.

@@ -52,14 +52,12 @@ from gradsift.hooks import GradNormHooks
 from gradsift.model_mode import scoring_mode
 from gradsift.online_window import Window, all_reduce_sum, gather_window
 from gradsift.scoring import anchor_gradient, anchor_scores, score_batch
-from gradsift.selection import select_rows
+from gradsift.selection import FRACTION_RULES, fraction_count, select_rows
 from gradsift.table import STATUS_OK, row_status
 from gradsift.tokenization import TokenizedRow, row_digest
 
 logger = logging.getLogger(__name__)
 
-# Rule parameters that decide how many rows a selection keeps, for the start-up check.
-FRACTION_RULES = ("moderate", "random", "high", "low")
 # accelerate's kinds of plain data parallelism (every rank holds the whole model), where `reuse` all-reduces the
 # kept rows' gradients itself; FSDP, DeepSpeed and the like keep `recompute`.
 DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_XPU",
@@ -75,7 +73,7 @@ def check_online_config(
     none of them."""
     steps = gradient_accumulation_steps if config.online.window == "step" else 1
     rows = micro_batch_size * steps * world_size
-    if config.selection.rule in FRACTION_RULES and math.floor(round(config.selection.keep_fraction * rows, 6)) < 1:
+    if config.selection.rule in FRACTION_RULES and fraction_count(config.selection.keep_fraction, rows) < 1:
         ranks = f" × {world_size} processes" if world_size > 1 else ""
         raise UserError(
             f"`selection.keep_fraction` {config.selection.keep_fraction} keeps no row of a selection window of {rows} "

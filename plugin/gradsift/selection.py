@@ -9,6 +9,7 @@ dropped first by `drop_top` (which ranks rows by descending norm, then index). `
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -122,9 +123,10 @@ def moderate_keep(
     return reasons == "", reasons
 
 
-def _fraction_count(fraction: float, n: int) -> int:
-    # Round away float noise before the floor: 0.29 * 100 is 28.999999999999996, and 29% of 100 rows means 29.
-    return int(np.floor(round(fraction * n, 6)))
+def fraction_count(fraction: float, n: int) -> int:
+    """The rows `fraction` of `n` keeps: the floor of the product, float noise rounded away first (0.29 × 100 is
+    28.999999999999996, and 29% of 100 rows means 29)."""
+    return math.floor(round(fraction * n, 6))
 
 
 def _keep_first(order: np.ndarray, k: int, reason: str) -> np.ndarray:
@@ -150,7 +152,7 @@ def _moderate(losses, norms, index, k, config, rng) -> np.ndarray:
 
 
 def _drop_top(losses, norms, index, k, config, rng) -> np.ndarray:
-    top = np.argsort(-norms, kind="stable")[: _fraction_count(config.drop_fraction, len(norms))]
+    top = np.argsort(-norms, kind="stable")[: fraction_count(config.drop_fraction, len(norms))]
     return _mark(len(norms), (top, "grad_norm_top_fraction"))
 
 
@@ -292,7 +294,7 @@ def _groups(ok: np.ndarray, lengths: np.ndarray | None, config: SelectionConfig)
 
 def _group_ks(sizes: np.ndarray, config: SelectionConfig, keep_count: int | None) -> list[int]:
     if keep_count is None:
-        return [_fraction_count(config.keep_fraction, int(size)) for size in sizes]
+        return [fraction_count(config.keep_fraction, int(size)) for size in sizes]
     # Split keep_count over the groups by largest remainder, in integers so that the total is exact.
     base, remainder = np.divmod(keep_count * sizes, max(int(sizes.sum()), 1))
     base[np.argsort(-remainder, kind="stable")[: keep_count - int(base.sum())]] += 1
