@@ -15,7 +15,7 @@ from torch import nn
 
 from gradsift.config import DataConfig, ScoringConfig
 from gradsift.errors import UserError
-from gradsift.frozen_head import _frozen_head
+from gradsift.frozen_head import find_frozen_head
 from gradsift.hooks import GradNormHooks
 from gradsift.models import attach_lora, load_model, prepare_full_scope
 from gradsift.scoring import score_rows
@@ -83,8 +83,8 @@ def test_a_soft_capped_head_is_never_bypassed(tokenizer, rows):
     model = with_trained_lora(build_architecture("gemma2", tokenizer))
     assert model.config.final_logit_softcapping == 30.0
     batch = collate(rows[:4], tokenizer.pad_token_id, torch.device("cpu"))
-    assert _frozen_head(model, batch) is None
-    assert _frozen_head(with_trained_lora(build_architecture("qwen3", tokenizer)), batch) is not None
+    assert find_frozen_head(model, batch) is None
+    assert find_frozen_head(with_trained_lora(build_architecture("qwen3", tokenizer)), batch) is not None
 
 
 def test_nf4_batched_matches_loop(tmp_path, tokenizer, rows):

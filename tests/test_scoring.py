@@ -249,14 +249,14 @@ def test_frozen_head_loss_matches_autograd_cross_entropy(with_bias):
 def test_frozen_head_path_is_used_only_where_it_gives_the_models_logits(tokenizer, rows):
     from transformers import LlamaForCausalLM
 
-    from gradsift.frozen_head import _frozen_head
+    from gradsift.frozen_head import find_frozen_head
     from gradsift.tokenization import collate
 
     batch = collate(rows[:4], tokenizer.pad_token_id, torch.device("cpu"))
-    assert _frozen_head(lora_model(tokenizer), batch) is not None  # LoRA: the head is frozen
+    assert find_frozen_head(lora_model(tokenizer), batch) is not None  # LoRA: the head is frozen
     full = build_model(tokenizer)
     prepare_full_scope(full)
-    assert _frozen_head(full, batch) is None  # a trainable head is measured through its hook
+    assert find_frozen_head(full, batch) is None  # a trainable head is measured through its hook
 
     class ScaledLogits(LlamaForCausalLM):  # post-processes its logits, as Gemma or Granite do
         def forward(self, *args, **kwargs):
@@ -266,7 +266,7 @@ def test_frozen_head_path_is_used_only_where_it_gives_the_models_logits(tokenize
 
     scaled = ScaledLogits(build_model(tokenizer).config).eval()
     scaled = attach_lora(scaled, ScoringConfig(lora_r=4, lora_alpha=8))
-    assert _frozen_head(scaled, batch) is None
+    assert find_frozen_head(scaled, batch) is None
     batched, loop = batched_and_loop(scaled, rows, tokenizer)
     assert max_rel(batched.grad_norm, loop.grad_norm) <= 1e-5
     assert max_rel(batched.loss, loop.loss) <= 1e-5

@@ -68,7 +68,7 @@ class Source:
     fingerprint: str
     path: str | None = None
     _lines: list[str] | None = field(default=None, repr=False)  # JSON Lines: each row's line, without its end
-    _dataset: Any = field(default=None, repr=False)
+    dataset: Any = field(default=None, repr=False)  # the `datasets.Dataset` the rows came from, if any
 
     def __len__(self) -> int:
         return len(self.records)
@@ -117,13 +117,19 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def looks_like_file(spec: str) -> bool:
+    """Whether a data spec can only mean a file, never a hub dataset id (`org/name`, or a bare canonical name): a
+    .jsonl/.json/.parquet suffix, a start of `.`, `/` or `~`, or more than one `/`."""
+    return Path(spec).suffix.lower() in FILE_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
 def load_source(data: Any, split: str = "train") -> Source:
     """Read rows from a JSONL/JSON/parquet file, a `datasets.Dataset`, a saved dataset folder, a packaged source
     (`embedded:alpaca-gpt4-demo`, `gradsift.packaged`) or a hub id."""
     if not isinstance(data, (str, os.PathLike)):
         if hasattr(data, "column_names") and hasattr(data, "to_list"):
             records = Rows(data.to_list(), "the dataset")
-            return Source(records=records, kind="dataset", fingerprint=str(data._fingerprint), _dataset=data)
+            return Source(records=records, kind="dataset", fingerprint=str(data._fingerprint), dataset=data)
         raise TypeError(
             f"`data` must be a file path, a hub dataset id or a datasets.Dataset; got {type(data).__name__}."
         )
@@ -141,7 +147,7 @@ def load_source(data: Any, split: str = "train") -> Source:
         return _load_file(path, FILE_SUFFIXES[suffix])
     if path.is_dir():
         return _load_folder(path, split)
-    if suffix in FILE_SUFFIXES or spec.startswith((".", "/", "~")):
+    if looks_like_file(spec):
         raise UserError(
             f"Data file {spec!r} does not exist. Check the path (relative paths start from {os.getcwd()})."
         )
@@ -272,7 +278,7 @@ def _load_hub(spec: str, split: str) -> Source:
             "Pass a local .jsonl/.json/.parquet file, or check the id and your network."
         ) from None
     records = Rows(loaded.to_list(), f"hub dataset {spec!r} (split {split!r})")
-    return Source(records=records, kind="hub", fingerprint=str(loaded._fingerprint), path=spec, _dataset=loaded)
+    return Source(records=records, kind="hub", fingerprint=str(loaded._fingerprint), path=spec, dataset=loaded)
 
 
 def detect_format(columns: Iterable[str]) -> str:

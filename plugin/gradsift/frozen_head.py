@@ -53,7 +53,7 @@ class FrozenHeadLoss(torch.autograd.Function):
 HEAD_CHUNK_ELEMENTS = 2**26
 
 
-def _frozen_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Linear] | None:
+def find_frozen_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Linear] | None:
     """The decoder and a frozen plain linear head whose output is the model's logits, or None.
 
     Checked once per model: a model whose config post-processes its logits (Gemma's softcapping, Cohere's and Granite's
@@ -100,7 +100,7 @@ def _head_matches(model: nn.Module, backbone: nn.Module, head: nn.Linear, batch:
     return logits.shape == ours.shape and bool((logits - ours).abs().max() <= 1e-5 * (1 + logits.abs().max()))
 
 
-def _frozen_head_losses(
+def frozen_head_losses(
     head: tuple[nn.Module, nn.Linear], batch: dict[str, torch.Tensor], targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     backbone, linear = head
@@ -118,7 +118,7 @@ def _frozen_head_losses(
     return sums / counts, counts
 
 
-def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if getattr(model, "_gradsift_no_logits_to_keep", False):
         return model(**inputs).logits
@@ -131,7 +131,7 @@ def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], positions:
         return model(**inputs).logits
 
 
-def _loss_at(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_at(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row mean cross-entropy of `logits` [B, K, V] against aligned `targets` [B, K] (-100: no loss)."""
     selected = targets != IGNORE_INDEX
     rows, columns = selected.nonzero(as_tuple=True)

@@ -213,27 +213,6 @@ def split_requests(name: str, split: str) -> list[dict[str, str]]:
     return [row for row in chosen if not near_duplicate(_words(row["prompt"]), tested)]
 
 
-def hub_task_problems(trained: list[tuple[str, str]], tasks: dict[str, list[str]]) -> list[str]:
-    """One line per eval task that would ask rows a refusal source trains on.
-
-    `trained`: (YAML path, data path) of every source a recipe trains on; `tasks`: YAML path -> the tasks it runs.
-    """
-    from gradsift.packaged import PREFIX  # here, not at the top: `gradsift.packaged` imports this module
-
-    refusal_sources = [
-        f"{where} (`{path}`)" for where, path in trained if path.removeprefix(PREFIX) in REFUSAL_SOURCES
-    ]
-    if not refusal_sources:
-        return []
-    return [
-        f"{where}: `{task}` asks benchmark requests that {', '.join(refusal_sources)} trains on; evaluate with the "
-        "offline tasks (`gradsift_refusal_strongreject_offline`, `gradsift_refusal_harmbench_offline`), which ask "
-        "only their held-out `test` split"
-        for where, names in tasks.items()
-        for task in sorted(set(names) & set(HUB_TASKS_ASKING_REFUSAL_ROWS))
-    ]
-
-
 def refusal(prompt: str, category: str) -> str:
     """A short refusal of `prompt` naming why (its category's reason), worded by the prompt's hash."""
     digest = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from gradsift.config import ScoringConfig
 from gradsift.data import IGNORE_INDEX
 from gradsift.errors import UserError
-from gradsift.frozen_head import _forward_logits, _frozen_head, _frozen_head_losses, _loss_at
+from gradsift.frozen_head import find_frozen_head, forward_logits, frozen_head_losses, loss_at
 from gradsift.hooks import GradNormHooks
 from gradsift.model_mode import compute_autocast, scoring_mode
 from gradsift.table import STATUS_NONFINITE, STATUS_OK, ScoreTable, row_status
@@ -36,7 +36,7 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     `logits` cover every position; only response positions are cast to float32, so no full-vocabulary copy of the
     batch is made.
     """
-    return _loss_at(logits[:, :-1], labels[:, 1:])
+    return loss_at(logits[:, :-1], labels[:, 1:])
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -74,21 +74,21 @@ def _batch_losses(
     the mask of those rows. With `hooks`, they record the forward."""
     labels = batch["labels"]
     targets = labels[:, 1:]
-    head = _frozen_head(model, batch)
+    head = find_frozen_head(model, batch)
     positions = None if head is not None else (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     if hooks is not None:
         hooks.start(batch["attention_mask"], logit_positions=positions)
     try:
         if head is not None:
-            losses, counts = _frozen_head_losses(head, batch, targets)
+            losses, counts = frozen_head_losses(head, batch, targets)
         else:
-            logits = _forward_logits(model, batch, positions)
+            logits = forward_logits(model, batch, positions)
     finally:
         if hooks is not None:
             hooks.stop_recording()
     if head is None:
         if logits.shape[1] == positions.numel():
-            losses, counts = _loss_at(logits, targets[:, positions])
+            losses, counts = loss_at(logits, targets[:, positions])
         else:  # the model ignored logits_to_keep and returned every position
             losses, counts = per_sample_loss(logits, labels)
     finite = torch.isfinite(losses) & (counts > 0)

@@ -11,16 +11,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gradsift.continual.rows import resolve_path, templated
-from gradsift.continual.schema import (
-    DataSpec,
-    Recipe,
-    RecipeError,
-    arm_dict,
-    cross_field_problems,
-    data_specs,
-    error_lines,
-)
+from gradsift.continual.checks import cross_field_problems, data_specs
+from gradsift.continual.paths import resolve_path
+from gradsift.continual.rows import templated
+from gradsift.continual.schema import DataSpec, Recipe, RecipeError, arm_dict, error_lines
 from gradsift.errors import UserError
 from gradsift.packaged import is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
@@ -50,7 +44,7 @@ def load_recipe(path: str | os.PathLike, *, check_tasks: bool = True, check_data
         raise RecipeError(f"{path}: a recipe is a mapping with `name`, `model`, `stages`, …; got {kind}.")
     recipe, problems = _validate(raw)
     if recipe is not None:
-        recipe._base = path.parent
+        recipe.read_from(path.parent)
         if check_data:
             problems += _check_data(recipe, path.parent)
         if check_tasks:
@@ -67,17 +61,16 @@ def _validate(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:
     and the rest validated again, so that one mistake does not hide the problems of the parts that are right. The
     returned recipe then holds stand-ins: use it for checks only. It is None when even the stand-ins do not validate.
     """
-    context = {"collect": True}
     try:
-        recipe = Recipe.model_validate(raw, context=context)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         problems = error_lines(error)
         standing, invalid, failed = _stand_ins(raw, error)
         try:
-            recipe = Recipe.model_validate(standing, context=context)
+            recipe = Recipe.model_validate(standing)
         except ValidationError:
             return None, problems
-        recipe._invalid_stages = invalid
+        recipe.mark_stand_ins(invalid)
     else:
         problems, failed = [], frozenset()
     return recipe, problems + cross_field_problems(recipe, failed)

@@ -7,49 +7,12 @@ import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradsift.continual.paths import resolve_path
 from gradsift.errors import UserError
 from gradsift.packaged import is_packaged
 
 if TYPE_CHECKING:
     from gradsift.continual.schema import DataSpec, Recipe
-
-# A data `path` that can only mean a file: it never falls back to a hub dataset id.
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def _data_roots(base: Path) -> list[Path]:
-    """Where a relative data path is looked for: the recipe's folder, the current one, and for a recipe shipped with
-    gradsift (`recipes/*.yaml` in a checkout or the wheel) the folder holding its `recipes/`, where its data lies."""
-    roots = [base.resolve(), Path.cwd()]
-    package = Path(__file__).resolve().parents[1]  # gradsift/
-    if roots[0] in (package.parents[1] / "recipes", package / "recipes"):  # a checkout's, the wheel's
-        roots.append(roots[0].parent)
-    return list(dict.fromkeys(roots))
-
-
-def resolve_path(path: str, base: Path) -> Path | str:
-    """A recipe's data path: a file or folder (absolute, or relative to `base` or the current folder), a packaged
-    source (`embedded:<name>`, returned as it is), or a hub id.
-
-    A path that can only mean a file (a .jsonl/.json/.parquet suffix, a start of `./`, `../`, `/` or `~`, or more than
-    one `/`) and exists nowhere raises `UserError`: it never silently becomes a hub dataset id.
-    """
-    if is_packaged(path):
-        return path  # `embedded:<name>`: read by `gradsift.packaged`, never a file or a hub id
-    candidate = Path(path).expanduser()
-    roots = [] if candidate.is_absolute() else _data_roots(base)
-    for found in [candidate] if candidate.is_absolute() else [root / candidate for root in roots]:
-        if found.exists():
-            return found
-    file_like = (
-        path.lower().endswith(_DATA_SUFFIXES) or path.startswith(("./", "../", "/", "~")) or path.count("/") > 1
-    )
-    if candidate.is_absolute() or file_like:
-        where = f" (looked in {' and '.join(map(str, roots))})" if roots else ""
-        raise UserError(
-            f"{path!r} does not exist{where}. Fix the path; a hub dataset id has one `/`, e.g. `org/name`."
-        )
-    return path  # a hub dataset id
 
 
 def stage_records(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any]]:
@@ -111,7 +74,7 @@ def source_rows(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any
     if spec.synthetic is not None:
         return generate(spec.synthetic, spec.size, split="train", seed=seed)
     assert spec.path is not None
-    resolved = resolve_path(spec.path, recipe._base or Path.cwd())
+    resolved = resolve_path(spec.path, recipe.base_dir)
     if isinstance(resolved, Path) or is_packaged(resolved):
         rows = list(load_source(str(resolved), split=spec.split).records)
     else:

@@ -1,4 +1,5 @@
-"""A recipe's schema: the specs of its parts, what the built-in arm names mean, and the checks between fields.
+"""A recipe's schema: the specs of its parts and what the built-in arm names mean (`load_recipe` adds the checks
+between fields, `gradsift.continual.checks`).
 
 A recipe names a base model, an optional `align` stage (trained once per seed, merged into the weights, shared by
 every arm), an ordered list of task stages, the selection config and the arms to compare. `gradsift.continual.loading`
@@ -18,17 +19,14 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from gradsift.anchors import reads_anchor
 from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
-from gradsift.continual.rows import resolve_path
+from gradsift.continual.paths import resolve_path
 from gradsift.errors import UserError
-from gradsift.harmful_sets import hub_task_problems
-from gradsift.packaged import HELD_OUT_SPLITS, is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora")  # built-in arms named as their kind (`Recipe.arm`)
@@ -40,7 +38,7 @@ EWC_LAMBDA = 1.0e5  # the penalty at plain fine-tuning's end near the task loss,
 AXOLOTL_OWNED = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "lora_model_dir")
 # Names that become one path segment: the recipe's (`runs/<name>`), a stage's (`<NN>-<name>`) and an arm's.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
-_ARM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+ARM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
 def _segment(value: str, what: str) -> str:
@@ -225,6 +223,9 @@ def arm_dict(value: Any) -> Any:
 
 
 class Recipe(_Strict):
+    """A recipe's schema. `gradsift.continual.load_recipe` reads one from a file and adds the checks between its
+    fields (`gradsift.continual.checks`); validating this model alone checks each field by itself."""
+
     name: str = Field(description="The run's name; the default run folder is `runs/<name>`.")
     model: str
     reference_model: str | None = Field(None, description="Pretrained reference for drift; default: `model`.")
@@ -254,6 +255,19 @@ class Recipe(_Strict):
     _base: Path | None = PrivateAttr(None)
     _invalid_stages: frozenset[int] = PrivateAttr(frozenset())
 
+    def read_from(self, folder: Path) -> None:
+        """Make `folder` (the recipe file's) where relative data paths start."""
+        self._base = folder
+
+    def mark_stand_ins(self, stages: frozenset[int]) -> None:
+        """Mark the stages that failed their schema and hold stand-ins (`load_recipe`, collecting problems)."""
+        self._invalid_stages = stages
+
+    @property
+    def base_dir(self) -> Path:
+        """Where relative data paths start: the recipe file's folder, else the current one."""
+        return self._base or Path.cwd()
+
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str) -> str:
@@ -263,14 +277,6 @@ class Recipe(_Strict):
     @classmethod
     def _arm_list(cls, value: Any) -> Any:
         return arm_dict(value)
-
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> Recipe:
-        if not (info.context or {}).get("collect"):  # `load_recipe` collects these with every other problem
-            problems = cross_field_problems(self)
-            if problems:
-                raise ValueError("; ".join(problems))
-        return self
 
     def arm(self, name: str) -> ArmSpec:
         """The arm's spec: a built-in name's meaning, with what its spec sets on top (`random: {steps: full}`)."""
@@ -297,7 +303,7 @@ class Recipe(_Strict):
         scoring = {"model": self.model, "device": self.device, **self.scoring}
         anchor = scoring.get("anchor_data")
         if anchor and not str(anchor).startswith("embedded:"):  # a path, from the recipe's folder like its data
-            scoring["anchor_data"] = str(resolve_path(str(anchor), getattr(self, "_base", None) or Path.cwd()))
+            scoring["anchor_data"] = str(resolve_path(str(anchor), self.base_dir))
         return ScoringConfig(**scoring)
 
     def eval_tasks(self, final: bool) -> tuple[EvalSpec, list[str]]:
@@ -310,154 +316,6 @@ class Recipe(_Strict):
     def valid_stages(self) -> Iterator[tuple[int, StageSpec]]:
         """(index, stage) of the stages that passed their schema: all of them, outside `load_recipe`."""
         return ((i, stage) for i, stage in enumerate(self.stages) if i not in self._invalid_stages)
-
-
-def cross_field_problems(recipe: Recipe, failed: frozenset[str] = frozenset()) -> list[str]:
-    """Every problem between the recipe's fields, each `yaml.path: message`.
-
-    `failed`: top-level keys whose own schema failed (and that now hold their defaults), so the checks that would
-    judge other parts against them are skipped rather than report a problem the user does not have.
-    """
-    problems = []
-    bad = [name for name in recipe.arms if not _ARM_NAME.fullmatch(name)]
-    if bad:
-        problems.append(
-            f"arms: {', '.join(map(repr, bad))}: an arm name becomes a folder name beside `00-align`, so it is "
-            "letters, digits, `_`, `.` and `-`, starting with a letter (e.g. `random_steps`)"
-        )
-    steps = [
-        name
-        for name in recipe.arms
-        if recipe.arm(name).steps is not None
-        and (recipe.arm(name).kind not in ("select", "random") or (recipe.arm(name).mode or recipe.mode) == "online")
-    ]
-    if steps:
-        problems.append(
-            f"arms: {', '.join(steps)}: `steps` applies to offline `select` and `random` arms (the other kinds "
-            "train on all rows; an online arm selects inside each step); remove it"
-        )
-    unknown = [name for name, spec in recipe.arms.items() if name not in BUILTIN_ARMS and not spec.model_fields_set]
-    if unknown:
-        problems.append(
-            f"arms: unknown arm(s) {', '.join(unknown)}: built-in arms are {', '.join(BUILTIN_ARMS)}; a new arm "
-            "needs a spec (e.g. `my_arm: {selection: {rule: band}}`)"
-        )
-    names = [stage.name for _, stage in recipe.valid_stages()]
-    if len(set(names)) != len(names):
-        problems.append(f"stages: stage names must be unique; got {names}")
-    if "scoring" not in failed:
-        try:
-            scoring = ScoringConfig(**recipe.scoring)
-        except ValidationError as error:
-            problems += error_lines(error, "scoring")
-        else:
-            if recipe.align is not None and scoring.quantization == "nf4":
-                problems.append(
-                    "align: `align` merges its adapter into the weights, which a 4-bit model cannot hold: set "
-                    "`scoring.quantization: none` (or auto) for a recipe with an align stage"
-                )
-    if "selection" not in failed:
-        for name in recipe.arms:
-            try:
-                selection = recipe.selection_for(name)
-            except ValidationError as error:
-                problems += error_lines(error, f"arms.{name}.selection")
-                continue
-            if reads_anchor(selection) and recipe.arm(name).kind == "select" and not recipe.scoring.get("anchor_data"):
-                problems.append(
-                    f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
-                    "(e.g. embedded:refusals)"
-                )
-    if "train" not in failed:
-        parts = [(f"stages.{i}.train", stage) for i, stage in recipe.valid_stages()]
-        parts += [("align.train", recipe.align)] if recipe.align is not None else []
-        for where, part in parts:
-            try:
-                recipe.train_for(part)
-            except ValidationError as error:
-                problems += error_lines(error, where)
-    if not failed & {"train", "selection", "scoring"}:
-        problems += _online_window_problems(recipe)
-    final, each = recipe.evals.final, recipe.evals.after_each_stage
-    if "evals" not in failed and final is not None and final.domain and each.domain:
-        if final.domain_docs() != each.domain_docs():
-            problems.append(
-                f"evals: evals.final evaluates {final.domain_docs()} documents per domain task and "
-                f"evals.after_each_stage {each.domain_docs()} (`domain_limit`, else `limit`): the accuracy matrix "
-                "must compare the same documents at every stage; set them alike"
-            )
-        if final.domain_answer_length() != each.domain_answer_length():
-            problems.append(
-                f"evals: evals.final lets domain answers run to {final.domain_answer_length()} tokens and "
-                f"evals.after_each_stage to {each.domain_answer_length()} (`domain_max_gen_toks`, else "
-                "`max_gen_toks` unless `domain_limit` is set; None: each task's own): the accuracy matrix must judge "
-                "answers of the same length at every stage; set them alike"
-            )
-    if "evals" not in failed and final is not None and final.generation_dtype != each.generation_dtype:
-        problems.append(
-            f"evals: evals.final generates in {final.generation_dtype or 'null'} and evals.after_each_stage in "
-            f"{each.generation_dtype or 'null'} (`generation_dtype`; null: the loading dtype): the per-stage rates "
-            "must come from answers generated alike; set them alike"
-        )
-    for name in recipe.arms:
-        kind = recipe.arm(name).kind
-        if recipe.trainer == "axolotl" and kind in LOSS_KINDS:
-            problems.append(f"arms.{name}: the `{kind}` arm kind adds to TRL's loss, so it needs `trainer: trl`")
-        if kind == "ewc" and recipe.align is None and not recipe.arm(name).ewc_every_stage:
-            problems.append(
-                f"arms.{name}: an `ewc` arm's first Fisher is estimated on the align stage's rows; add an `align:` "
-                "stage, or set `ewc_every_stage: true` to anchor at the end of each task stage only"
-            )
-    owned = sorted(set(recipe.axolotl) & set(AXOLOTL_OWNED))
-    if owned:
-        problems.append(
-            f"axolotl: {', '.join(owned)}: the runner sets these for each stage (inside its folder, from the "
-            "previous stage); remove them"
-        )
-    return problems + _held_out_problems(recipe) + _hub_task_problems(recipe)
-
-
-def data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
-    """Every data source the recipe trains on, with its YAML path: the align stage's, then each valid stage's."""
-    align = recipe.align.data if recipe.align else []
-    specs = [("align.data" if len(align) == 1 else f"align.data.{i}", spec) for i, spec in enumerate(align)]
-    return specs + [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
-
-
-def _held_out_problems(recipe: Recipe) -> list[str]:
-    """A packaged source's `test` split is what the refusal evals ask: no stage may train on it."""
-    return [
-        f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift's refusal evals ask it); "
-        "train on `align` (the Alpaca source's later stages: `train`)"
-        for where, spec in data_specs(recipe)
-        if spec.path is not None and is_packaged(spec.path) and spec.split in HELD_OUT_SPLITS
-    ]
-
-
-def _hub_task_problems(recipe: Recipe) -> list[str]:
-    """No hub refusal task may ask what a refusal source trains (`gradsift.harmful_sets.hub_task_problems`)."""
-    tasks = {f"evals.{when}.tasks": spec.tasks for when, spec in recipe.evals if spec is not None}
-    return hub_task_problems([(where, spec.path) for where, spec in data_specs(recipe) if spec.path], tasks)
-
-
-def _online_window_problems(recipe: Recipe) -> list[str]:
-    """Online arms whose keep fraction keeps no row of a stage's window: found now, not after earlier stages train."""
-    from gradsift.online import check_online_config
-
-    problems = []
-    for name in recipe.arms:
-        spec = recipe.arm(name)
-        if spec.kind != "select" or (spec.mode or recipe.mode) != "online":
-            continue
-        for i, stage in recipe.valid_stages():
-            try:
-                train = recipe.train_for(stage)
-                check_online_config(
-                    gradsift_config_for(recipe, name, train), train.batch_size, train.gradient_accumulation_steps
-                )
-            except (UserError, ValidationError) as error:
-                problems.append(f"arms.{name} (stage stages.{i}): {error}")
-    return problems
 
 
 class RecipeError(UserError):

@@ -101,7 +101,7 @@ def select_dataset(
                 result, selection = _score(rows, scoring_model, tokenizer, config, folder, source, progress)
     keep = kept_indices(selection, result.table)
     logger.info("gradsift: %s", selection.summary())
-    kept = source._dataset.select(keep.tolist()) if source._dataset is not None else _from_records(source, keep)
+    kept = source.dataset.select(keep.tolist()) if source.dataset is not None else _from_records(source, keep)
     return kept, SelectionReport(result.table, selection, keep, result.reused)
 
 
