@@ -450,14 +450,18 @@ def test_stage_files_from_an_older_judge_still_report_with_dashes(tmp_path):
     assert gradsift["pooled/attack_success_rate"]["mean"] is None
 
 
-def test_with_one_seed_the_interval_is_na_and_the_prompt_bootstrap_remains(tmp_path):
+def test_with_one_seed_the_report_prints_the_values_says_so_once_and_keeps_the_prompt_bootstrap(tmp_path):
     run = write_synthetic_run(tmp_path / "run", seeds=(0,))
     write_report(run)
     report = json.loads((run / "report.json").read_text())
     cell = report["headline"]["arms"]["gradsift"]["pooled/attack_success_rate"]
     assert cell["ci"] is None and cell["bootstrap"]["ci"] is not None
-    assert "| gradsift | 02-yes_no | " in (run / "report.md").read_text()
-    assert "[n/a]" in (run / "report.md").read_text()
+    text = (run / "report.md").read_text()
+    headline = text.split("## Headline")[1].split("\n## ")[0]
+    row = next(line for line in headline.splitlines() if line.startswith("| gradsift | 02-yes_no | "))
+    assert f"| {cell['mean']:.3f} |" in row  # the value alone
+    assert "[n/a]" not in headline and "n/a" not in text
+    assert text.count("one seed: no interval over seeds") == 1
 
 
 def test_report_json_is_strict_json_when_a_stage_holds_a_non_finite_number(tmp_path):

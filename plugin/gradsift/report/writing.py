@@ -55,13 +55,15 @@ def _num(value: float, signed: bool = False) -> str:
 
 
 def _fmt_interval(cell: dict[str, Any] | None, signed: bool = False) -> str:
-    """`mean [low, high]`; "n/a" for a missing interval (one seed), "–" for a missing number; † on a signed
-    difference whose interval excludes 0."""
+    """`mean [low, high]`; the mean alone without an interval (one seed: the report says so once), "n/a" for a
+    non-finite bound, "–" for a missing number; † on a signed difference whose interval excludes 0."""
     if not cell or cell.get("mean") is None:
         return "–"
     mean = _num(cell["mean"], signed)
     ci = cell.get("ci")
-    if not ci or None in ci:  # report.json holds a non-finite bound as null
+    if not ci:
+        return mean
+    if None in ci:  # report.json holds a non-finite bound as null
         return f"{mean} [n/a]"
     mark = " †" if signed and (ci[0] > 0 or ci[1] < 0) else ""
     return f"{mean} [{_num(ci[0])}, {_num(ci[1])}]{mark}"
@@ -149,9 +151,13 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
     start = ""
     if report["headline"].get("aligned"):
         start = "The first row is the aligned model every arm starts from (ACC: its accuracy before any task stage). "
-    parts += [f"## Headline (final stage, {len(report['seeds'])} seeds)", "", headline_table(report), ""]
+    seeds = len(report["seeds"])
+    intervals = "[95 % Student-t interval over seeds]; n/a: a non-finite bound"
+    if seeds == 1:
+        intervals = "(one seed: no interval over seeds; the per-prompt bootstrap below remains)"
+    parts += [f"## Headline (final stage, {seeds} seed{'s' if seeds != 1 else ''})", "", headline_table(report), ""]
     parts += [
-        f"Mean [95 % Student-t interval over seeds]; n/a: one seed, –: not measured. {start}Attack success "
+        f"Mean {intervals}; –: not measured. {start}Attack success "
         f"(complied) and refusal pool every prompt of every generated refusal task of the stage ({pooled}); "
         "over-refusal is 1 − compliance on the safe prompts of the over-refusal tasks; benign refusal is the share "
         "of ordinary requests refused (the benign-refusal tasks). ACC and BWT: domain accuracy (see Forgetting); "
