@@ -421,3 +421,14 @@ def test_an_output_file_of_another_suffix_is_refused(tmp_path):
     source = load_source(write_lines(tmp_path / "data.jsonl", GOOD))
     with pytest.raises(UserError, match=r"must end in \.jsonl, \.json or \.parquet; got '\.csv'"):
         source.write_subset([0], tmp_path / "kept.csv")
+
+
+def test_every_format_is_checked_and_tokenized_by_the_one_list_of_formats():
+    import typing
+
+    from gradsift.config import FORMAT_COLUMNS, DataConfig
+    from gradsift.data import ROW_CHECKS
+    from gradsift.tokenization import TOKENIZERS
+
+    assert ROW_CHECKS.keys() == TOKENIZERS.keys() == FORMAT_COLUMNS.keys()
+    assert typing.get_args(DataConfig.model_fields["format"].annotation) == ("auto", *FORMAT_COLUMNS)

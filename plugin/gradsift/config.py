@@ -15,8 +15,15 @@ from pydantic_core import PydanticCustomError
 
 from gradsift.errors import UserError
 
-SELECTION_RULES = ("moderate", "drop_top", "band", "threshold", "random", "high", "low", "anchor")
-DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "tokenized")
+# Every data format, with the columns its rows need: the one list of formats. `DataConfig.format` takes these names or
+# `auto`; `gradsift.data` checks a row of each (`ROW_CHECKS`), `gradsift.tokenization` tokenizes it (`TOKENIZERS`).
+FORMAT_COLUMNS = {
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "tokenized": ("input_ids", "labels"),
+}
+DataFormat = Literal[("auto", *FORMAT_COLUMNS)]  # type: ignore[valid-type]  # the same Literal, from the one list
 
 
 # `scoring.max_tokens_per_batch: auto` per device type: the fastest budget of a sweep with the embedded model on the
@@ -36,7 +43,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """How rows are read and tokenized, so that the scored tokens are the tokens training sees."""
 
-    format: Literal["auto", "prompt_completion", "messages", "alpaca", "tokenized"] = Field(
+    format: DataFormat = Field(
         "auto",
         description="Row format. `auto` detects it from the columns: `prompt`+`completion`, `messages`, "
         "`instruction`+`output` (alpaca), or `input_ids`+`labels` (pre-tokenized).",

@@ -22,18 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradsift.config import FORMAT_COLUMNS
 from gradsift.errors import UserError
 from gradsift.fileio import atomic_path, dumps
 from gradsift.packaged import is_packaged, packaged_rows
 
 IGNORE_INDEX = -100
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-FORMAT_COLUMNS = {
-    "prompt_completion": ("prompt", "completion"),
-    "messages": ("messages",),
-    "alpaca": ("instruction", "output"),
-    "tokenized": ("input_ids", "labels"),
-}
 # A bad-rows error shows this many rows, then counts the rest.
 MAX_REPORTED_ROWS = 5
 
@@ -343,7 +338,7 @@ def _row_problem(record: Any, data_format: str) -> str | None:
     missing = [column for column in FORMAT_COLUMNS[data_format] if column not in record]
     if missing:
         return f"no {', '.join(f'`{c}`' for c in missing)} column (it has {sorted(record)})"
-    return _ROW_CHECKS[data_format](record)
+    return ROW_CHECKS[data_format](record)
 
 
 def _check_prompt_completion(record: dict) -> str | None:
@@ -406,7 +401,8 @@ def _chat_problem(messages: Any, key: str) -> str | None:
     return None
 
 
-_ROW_CHECKS = {
+# A row's check per format (`gradsift.config.FORMAT_COLUMNS` names them), after its columns are found present.
+ROW_CHECKS = {
     "prompt_completion": _check_prompt_completion,
     "messages": _check_messages,
     "alpaca": _check_alpaca,

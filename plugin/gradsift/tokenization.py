@@ -71,7 +71,7 @@ def tokenize_records(
     fmt = check_rows(records, config.format)
     rows = []
     for record in tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000):
-        input_ids, labels = _TOKENIZERS[fmt](record, tokenizer, config)
+        input_ids, labels = TOKENIZERS[fmt](record, tokenizer, config)
         truncated = len(input_ids) > config.max_length
         rows.append(TokenizedRow(input_ids[: config.max_length], labels[: config.max_length], truncated))
     assign_sample_ids(rows)
@@ -145,7 +145,8 @@ def _chat_ids(tokenizer: Any, messages: list, add_generation_prompt: bool = Fals
     return list(encoded["input_ids"])
 
 
-_TOKENIZERS = {
+# A row's tokenizer per format (`gradsift.config.FORMAT_COLUMNS` names them): (input_ids, labels).
+TOKENIZERS = {
     "prompt_completion": _prompt_completion,
     "messages": _messages,
     "alpaca": _alpaca,
