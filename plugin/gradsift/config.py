@@ -36,11 +36,13 @@ DEFAULT_TOKEN_BUDGET = 4096
 ONLINE_LOG = "gradsift_online.jsonl"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every gradsift config and recipe model: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """How rows are read and tokenized, so that the scored tokens are the tokens training sees."""
 
     format: DataFormat = Field(
@@ -66,7 +68,7 @@ class DataConfig(_Strict):
     )
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """A model to load, and how: scoring, `gradsift eval` and `gradsift judge` share these settings."""
 
     model: str | None = Field(
@@ -168,7 +170,7 @@ class ScoringConfig(ModelConfig):
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class SelectionConfig(_Strict):
+class SelectionConfig(StrictModel):
     """Which rows to keep, given their losses and gradient norms. See the rule table in the README."""
 
     rule: Literal["moderate", "drop_top", "band", "threshold", "random", "high", "low", "anchor"] = Field(
@@ -241,7 +243,7 @@ class SelectionConfig(_Strict):
         return self
 
 
-class OnlineConfig(_Strict):
+class OnlineConfig(StrictModel):
     """The paper's online mode (Algorithm 1): select inside every training step with the current model."""
 
     window: Literal["step", "micro_batch"] = Field(
@@ -274,7 +276,7 @@ class OnlineConfig(_Strict):
     )
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """What lm-eval runs: `gradsift eval`, and a recipe's `evals.*` (which add the stages' domain tasks)."""
 
     tasks: list[str] = Field(
@@ -298,7 +300,7 @@ class EvalConfig(_Strict):
     )
 
 
-class GradSiftConfig(_Strict):
+class GradSiftConfig(StrictModel):
     """Everything gradsift needs: how to read the data, how to score it, and which rows to keep."""
 
     mode: Literal["offline", "online"] = Field(
@@ -312,7 +314,7 @@ class GradSiftConfig(_Strict):
     online: OnlineConfig = Field(default_factory=OnlineConfig)
 
 
-SECTIONS: dict[str, type[_Strict]] = {
+SECTIONS: dict[str, type[StrictModel]] = {
     "data": DataConfig,
     "scoring": ScoringConfig,
     "selection": SelectionConfig,

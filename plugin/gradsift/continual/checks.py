@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from gradsift.anchors import reads_anchor
-from gradsift.config import ScoringConfig
 from gradsift.continual.schema import (
     ARM_NAME,
     AXOLOTL_OWNED,
@@ -75,12 +74,8 @@ def stage_names(recipe: Recipe) -> list[str]:
     return [f"stages: stage names must be unique; got {names}"] if len(set(names)) != len(names) else []
 
 
-def scoring_options(recipe: Recipe) -> list[str]:
-    try:
-        scoring = ScoringConfig(**recipe.scoring)
-    except ValidationError as error:
-        return error_lines(error, "scoring")
-    if recipe.align is not None and scoring.quantization == "nf4":
+def align_quantization(recipe: Recipe) -> list[str]:
+    if recipe.align is not None and recipe.scoring.quantization == "nf4":
         return [
             "align: `align` merges its adapter into the weights, which a 4-bit model cannot hold: set "
             "`scoring.quantization: none` (or auto) for a recipe with an align stage"
@@ -96,7 +91,7 @@ def arm_selections(recipe: Recipe) -> list[str]:
         except ValidationError as error:
             problems += error_lines(error, f"arms.{name}.selection")
             continue
-        if reads_anchor(selection) and recipe.arm(name).kind == "select" and not recipe.scoring.get("anchor_data"):
+        if reads_anchor(selection) and recipe.arm(name).kind == "select" and not recipe.scoring.anchor_data:
             problems.append(
                 f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
                 "(e.g. embedded:refusals)"
@@ -218,7 +213,7 @@ CHECKS = (
     Check(steps_settings),
     Check(unknown_arms),
     Check(stage_names),
-    Check(scoring_options, frozenset({"scoring"})),
+    Check(align_quantization, frozenset({"scoring"})),
     Check(arm_selections, frozenset({"selection"})),
     Check(train_settings, frozenset({"train"})),
     Check(online_windows, frozenset({"train", "selection", "scoring"})),

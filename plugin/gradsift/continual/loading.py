@@ -115,8 +115,8 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
     from gradsift.synthetic import pool
 
     problems = []
-    anchor = recipe.scoring.get("anchor_data")
-    if isinstance(anchor, str) and not anchor.startswith("embedded:"):
+    anchor = recipe.scoring.anchor_data
+    if anchor and not is_packaged(anchor):
         try:
             resolve_path(anchor, base)
         except UserError as error:

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -24,9 +22,18 @@ from pydantic import (
 )
 
 from gradsift.anchors import reads_anchor
-from gradsift.config import ONLINE_LOG, DataConfig, EvalConfig, GradSiftConfig, ScoringConfig, SelectionConfig
+from gradsift.config import (
+    ONLINE_LOG,
+    DataConfig,
+    EvalConfig,
+    GradSiftConfig,
+    ScoringConfig,
+    SelectionConfig,
+    StrictModel,
+)
 from gradsift.continual.paths import resolve_path
 from gradsift.errors import UserError
+from gradsift.packaged import is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
 NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora")  # built-in arms named as their kind (`Recipe.arm`)
@@ -50,11 +57,7 @@ def _segment(value: str, what: str) -> str:
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class LoraSpec(_Strict):
+class LoraSpec(StrictModel):
     """The one LoRA adapter every task stage trains further."""
 
     r: int = Field(16, ge=1)
@@ -63,7 +66,7 @@ class LoraSpec(_Strict):
     target_modules: list[str] | str = "all-linear"
 
 
-class TrainSpec(_Strict):
+class TrainSpec(StrictModel):
     """Training hyperparameters (TRL `SFTConfig` names); a stage's `train:` overrides the recipe's."""
 
     epochs: float = Field(1.0, gt=0)
@@ -79,7 +82,7 @@ class TrainSpec(_Strict):
     gradient_checkpointing: bool = False
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     """A stage's rows: a synthetic task of `gradsift.synthetic`, or a file, packaged source or hub dataset."""
 
     synthetic: str | None = None
@@ -109,7 +112,7 @@ class DataSpec(_Strict):
         return self
 
 
-class StageSpec(_Strict):
+class StageSpec(StrictModel):
     name: str
     data: DataSpec
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `train:`.")
@@ -128,7 +131,7 @@ class StageSpec(_Strict):
         return f"gradsift_domain_{self.data.synthetic}" if self.data.synthetic else None
 
 
-class AlignSpec(_Strict):
+class AlignSpec(StrictModel):
     """The align stage: trained once per seed on its sources' rows, merged into the weights, shared by every arm."""
 
     data: list[DataSpec] = Field(
@@ -149,7 +152,7 @@ class AlignSpec(_Strict):
         return [value] if isinstance(value, dict) else value
 
 
-class ArmSpec(_Strict):
+class ArmSpec(StrictModel):
     """One way of training the stages. Built-in names need no spec; a named spec defines a new arm."""
 
     kind: Literal["full", "select", "random", "clip", "kl", "ewc", "olora"] = "select"
@@ -208,7 +211,7 @@ class EvalSpec(EvalConfig):
         return self.domain_max_gen_toks if self.domain_apart() else self.max_gen_toks
 
 
-class EvalsSpec(_Strict):
+class EvalsSpec(StrictModel):
     after_each_stage: EvalSpec = Field(default_factory=EvalSpec)
     final: EvalSpec | None = Field(
         None,
@@ -222,7 +225,7 @@ def arm_dict(value: Any) -> Any:
     return {name: {} for name in value} if isinstance(value, list) else value
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """A recipe's schema. `gradsift.continual.load_recipe` reads one from a file and adds the checks between its
     fields (`gradsift.continual.checks`); validating this model alone checks each field by itself."""
 
@@ -235,7 +238,10 @@ class Recipe(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     align: AlignSpec | None = None
     stages: list[StageSpec] = Field(min_length=1)
-    scoring: dict[str, Any] = Field(default_factory=dict, description="gradsift `scoring:` options.")
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig, description="gradsift `scoring:` options; `model` and `device` default to the "
+        "recipe's.",
+    )  # fmt: skip
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     mode: Literal["offline", "online"] = "offline"
     steps: Literal["kept", "full"] = Field("kept", description="Default `steps` of the `select` and `random` arms.")
@@ -300,10 +306,10 @@ class Recipe(_Strict):
         return TrainSpec(**{**self.train.model_dump(), **stage.train})
 
     def scoring_config(self) -> ScoringConfig:
-        scoring = {"model": self.model, "device": self.device, **self.scoring}
-        anchor = scoring.get("anchor_data")
-        if anchor and not str(anchor).startswith("embedded:"):  # a path, from the recipe's folder like its data
-            scoring["anchor_data"] = str(resolve_path(str(anchor), self.base_dir))
+        scoring = {"model": self.model, "device": self.device, **self.scoring.model_dump(exclude_unset=True)}
+        anchor = self.scoring.anchor_data
+        if anchor and not is_packaged(anchor):  # a path, from the recipe's folder like its data
+            scoring["anchor_data"] = str(resolve_path(anchor, self.base_dir))
         return ScoringConfig(**scoring)
 
     def eval_tasks(self, final: bool) -> tuple[EvalSpec, list[str]]:
