@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "gradsift"
@@ -69,3 +70,27 @@ def test_the_package_has_no_import_cycle():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_the_online_step_reads_as_algorithm_1_with_trainer_internals_in_one_adapter():
+    import ast
+
+    online = ["online.py", "online_step.py", "online_trainer.py", "online_window.py"]
+    long = {
+        f"{name}:{node.name}": node.end_lineno - node.lineno + 1
+        for name in online
+        for node in ast.walk(ast.parse((PACKAGE / name).read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    }
+    assert long == {}
+    # Trainer internals read as attributes, and the marks as string literals: only in the adapter.
+    adapter_only = re.compile(
+        r"\.(_get_num_items_in_batch|_total_train_tokens|_metrics)\b|[\"']_gradsift_(skip|reused)"
+    )
+    found = {
+        (str(path.relative_to(PACKAGE)), match.group(0))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "online_trainer.py"
+        for match in adapter_only.finditer(path.read_text(encoding="utf-8"))
+    }
+    assert found == set()
