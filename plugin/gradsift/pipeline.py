@@ -9,7 +9,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,8 @@ def score_cached(
     with contextlib.ExitStack() as lock:
         # Rank 0 holds the folder's lock from its first write to its last; the other ranks write only shards.
         team.on_main(lambda: _lock_and_prepare(store, lock))
-        return _score_unfinished(rows, config, store, model, pad_token_id, progress, describe, team, started, anchor)
+        run = ShardRun(rows, config, store, team, started)
+        return _score_unfinished(run, model, pad_token_id, progress, describe, anchor)
 
 
 def _lock_and_prepare(store: ScoreStore, lock: contextlib.ExitStack) -> None:
@@ -192,74 +193,103 @@ def _lock_and_prepare(store: ScoreStore, lock: contextlib.ExitStack) -> None:
     store.prepare()
 
 
+@dataclass
+class ShardRun:
+    """One scoring of `rows` into `store`'s folder, as every rank follows it: the shards (consecutive slices of the
+    rows sorted by length, longest first, so a resumed run scores exactly the shards a full run would), the shards an
+    earlier run finished, and the unfinished ones each rank scores. `finished` and `merged` are rank 0's."""
+
+    rows: Sequence[TokenizedRow]
+    config: ScoringConfig
+    store: ScoreStore
+    team: Team
+    started: float
+    shards: list[list[int]] = field(init=False)
+    done: list[int] = field(default_factory=list)
+    owned: list[list[int]] = field(default_factory=list)
+    finished: dict[int, ScoreTable] = field(default_factory=dict)
+    merged: ScoreTable | None = None
+
+    def __post_init__(self) -> None:
+        order = sorted(range(len(self.rows)), key=lambda i: (-len(self.rows[i].input_ids), i))
+        size = self.config.shard_size
+        self.shards = [order[k : k + size] for k in range(0, len(order), size)]
+
+    @property
+    def todo(self) -> list[int]:
+        return sorted(set(range(len(self.shards))) - set(self.done))
+
+    def rows_in(self, numbers: Sequence[int]) -> int:
+        return sum(len(self.shards[k]) for k in numbers)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
 def _score_unfinished(
-    rows: Sequence[TokenizedRow],
-    config: ScoringConfig,
-    store: ScoreStore,
-    model: Any,
-    pad_token_id: int,
-    progress: bool,
-    describe: dict[str, Any] | None,
-    team: Team,
-    started: float,
-    anchor: Sequence[TokenizedRow] | None,
+    run: ShardRun, model: Any, pad_token_id: int, progress: bool, describe: dict[str, Any] | None, anchor: Any
 ) -> ScoreResult:
     """Score what is left, under the folder's lock: the shards are written to the folder (or its `.rescore/`)."""
-    folder = store.folder
+    store, team = run.store, run.team
     # `prepare` may have completed a rescore of this identity that was killed while being swapped in.
     if team.on_main(lambda: store.cached() is not None):
-        return ScoreResult(_read_merged(store), reused=True, rows_scored=0, seconds=time.perf_counter() - started)
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
-    shards = [order[k : k + config.shard_size] for k in range(0, len(order), config.shard_size)]
-    finished: dict[int, ScoreTable] = {}
-
-    def begin() -> tuple[str, list[int]]:
-        extra = {"num_rows": len(rows), "shard_size": config.shard_size, "num_shards": len(shards)}
-        finished.update(store.begin({**extra, "scoring": config.model_dump(), **(describe or {})}))
-        return store.work_name, sorted(finished)
-
+        return ScoreResult(_read_merged(store), reused=True, rows_scored=0, seconds=run.seconds())
     # Rank 0's view of the finished shards, taken before any rank writes a new one.
-    work, done = team.on_main(begin)
+    work, run.done = team.on_main(lambda: _begin(run, describe))
     store.use(work)
-    if work and team.is_main:
-        logger.info(
-            "%s holds finished scores of other options; they stay until this run completes (it works in %s).",
-            folder,
-            store.work,
-        )
-    if done and team.is_main:
-        logger.info("Resuming: %d of %d shards already scored in %s.", len(done), len(shards), store.work)
-    todo = sorted(set(range(len(shards))) - set(done))
-    owned = assign_shards({k: sum(len(rows[i].input_ids) for i in shards[k]) for k in todo}, team.world_size)
-    mine = owned[team.rank]
-    bar = _progress_bar(team, [len(shards[k]) for k in mine], sum(len(shards[k]) for k in done), progress)
+    _log_start(run, work)
+    tokens = {k: sum(len(run.rows[i].input_ids) for i in run.shards[k]) for k in run.todo}
+    run.owned = assign_shards(tokens, team.world_size)
+    mine = run.owned[team.rank]
+    bar = _progress_bar(team, [len(run.shards[k]) for k in mine], run.rows_in(run.done), progress)
     tables = team.on_every_rank(
-        lambda: _score_shards(rows, shards, mine, config, store, model, pad_token_id, bar, anchor)
+        lambda: _score_shards(run.rows, run.shards, mine, run.config, store, model, pad_token_id, bar, anchor)
     )
     bar.close()
     if team.world_size > 1:  # one line per rank, so the launcher's log shows the split
         logger.info("rank %d of %d scored %d shards (%d rows) in %.1f s", team.rank, team.world_size, len(mine),
-                    sum(len(shards[k]) for k in mine), time.perf_counter() - started)  # fmt: skip
-    merged: list[ScoreTable] = []
+                    run.rows_in(mine), run.seconds())  # fmt: skip
+    team.on_main(lambda: _merge(run, tables))
+    table = run.merged if run.merged is not None else _read_merged(store)
+    return ScoreResult(table, reused=False, rows_scored=run.rows_in(run.todo), seconds=run.seconds())
 
-    def merge() -> None:
-        for rank, numbers in enumerate(owned):
-            tables.update({k: _read_shard(store, k, rank) for k in numbers if k not in tables})
-        tables.update(finished)
-        table = ScoreTable.concat([tables[k] for k in range(len(shards))]) if shards else ScoreTable.empty([], [])
-        summary = {
-            "counts": dict(Counter(table.status.tolist())),
-            "seconds": round(time.perf_counter() - started, 3),
-            "world_size": team.world_size,
-            "shards": _shard_records(shards, owned, done),
-        }
-        store.finish(table, summary)
-        merged.append(table)
 
-    team.on_main(merge)
-    table = merged[0] if merged else _read_merged(store)
-    scored = sum(len(shards[k]) for k in todo)
-    return ScoreResult(table, reused=False, rows_scored=scored, seconds=time.perf_counter() - started)
+def _begin(run: ShardRun, describe: dict[str, Any] | None) -> tuple[str, list[int]]:
+    """Rank 0: start (or resume) the run in the store; keep its finished shards; return the work folder's name and
+    their numbers for every rank."""
+    extra = {"num_rows": len(run.rows), "shard_size": run.config.shard_size, "num_shards": len(run.shards)}
+    run.finished = run.store.begin({**extra, "scoring": run.config.model_dump(), **(describe or {})})
+    return run.store.work_name, sorted(run.finished)
+
+
+def _log_start(run: ShardRun, work: str) -> None:
+    if not run.team.is_main:
+        return
+    if work:
+        logger.info(
+            "%s holds finished scores of other options; they stay until this run completes (it works in %s).",
+            run.store.folder,
+            run.store.work,
+        )
+    if run.done:
+        logger.info("Resuming: %d of %d shards already scored in %s.", len(run.done), len(run.shards), run.store.work)
+
+
+def _merge(run: ShardRun, tables: dict[int, ScoreTable]) -> None:
+    """Rank 0: every shard (its own, the other ranks' from the folder, the earlier run's) into the finished table."""
+    for rank, numbers in enumerate(run.owned):
+        tables.update({k: _read_shard(run.store, k, rank) for k in numbers if k not in tables})
+    tables.update(run.finished)
+    shards = run.shards
+    table = ScoreTable.concat([tables[k] for k in range(len(shards))]) if shards else ScoreTable.empty([], [])
+    summary = {
+        "counts": dict(Counter(table.status.tolist())),
+        "seconds": round(run.seconds(), 3),
+        "world_size": run.team.world_size,
+        "shards": _shard_records(shards, run.owned, run.done),
+    }
+    run.store.finish(table, summary)
+    run.merged = table
 
 
 def _shard_records(shards: list[list[int]], owned: list[list[int]], done: list[int]) -> list[dict[str, Any]]:
