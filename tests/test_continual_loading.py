@@ -215,3 +215,20 @@ def test_no_stage_may_train_on_the_held_out_split_of_a_packaged_source(tmp_path)
     assert "split `align`" not in message
     data = recipe(align={"data": {"path": "embedded:alpaca-gpt4-demo", "split": "align", "size": 8}})
     assert [spec.split for spec in load_recipe(write(tmp_path, data)).align.data] == ["align"]  # one mapping: a list
+
+
+def test_a_bad_scoring_key_is_the_one_problem_reported_not_a_missing_anchor_set_too(tmp_path):
+    data = recipe(scoring={"anchor_data": "embedded:refusals", "lora_rank": 8}, arms=["full", "anchor"])
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    assert "scoring.lora_rank: not a recipe key" in str(error.value)
+    assert "anchor" not in str(error.value).replace("anchor_data", "")
+
+
+def test_a_recipe_built_in_code_gets_the_checks_between_fields_before_it_runs(tmp_path):
+    from gradsift.continual.runner import plan
+    from gradsift.continual.schema import Recipe
+
+    built = Recipe.model_validate(recipe(arms=["full", "anchor"]))  # the anchor rule, without `scoring.anchor_data`
+    with pytest.raises(RecipeError, match="arms.anchor: the anchor rule and `min_anchor_cos` need anchor scores"):
+        plan(built, tmp_path / "run")

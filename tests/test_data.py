@@ -220,6 +220,19 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
         load_source(tmp_path / "nope.jsonl")
 
 
+@pytest.mark.parametrize("spec", ["data/rows/more.jsonl.gz", "corpora/team/set", ".hidden"])
+def test_a_missing_path_that_cannot_be_a_hub_id_is_a_file_error_for_the_cli_and_recipes_alike(spec, tmp_path):
+    from gradsift.continual.paths import resolve_path
+    from gradsift.data import looks_like_file
+
+    assert looks_like_file(spec)
+    with pytest.raises(UserError, match="does not exist"):
+        load_source(spec)
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_path(spec, tmp_path)
+    assert not looks_like_file("org/name") and not looks_like_file("gsm8k")
+
+
 def test_unreachable_hub_dataset_is_a_clear_error():
     with pytest.raises(UserError, match="Could not load dataset 'nobody/no-such-dataset'"):
         load_source("nobody/no-such-dataset")

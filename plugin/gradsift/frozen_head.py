@@ -103,6 +103,8 @@ def _head_matches(model: nn.Module, backbone: nn.Module, head: nn.Linear, batch:
 def frozen_head_losses(
     head: tuple[nn.Module, nn.Linear], batch: dict[str, torch.Tensor], targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean response-token losses and counts through `FrozenHeadLoss`, from the decoder's hidden states at the
+    response tokens only (`head`: `find_frozen_head`'s answer)."""
     backbone, linear = head
     hidden = backbone(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -119,6 +121,7 @@ def frozen_head_losses(
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """The model's logits at `positions` (`logits_to_keep`), or at every position for a model that ignores it."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if getattr(model, "_gradsift_no_logits_to_keep", False):
         return model(**inputs).logits

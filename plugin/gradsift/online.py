@@ -130,7 +130,9 @@ class OnlineSelectionMixin:
             logger.info("gradsift: each step's update reuses the scoring pass's per-sample gradients")
         elif update == "auto":
             logger.info("gradsift: each step recomputes the kept rows' gradients, because %s", reason)
-        pad_token_id = getattr(getattr(self, "processing_class", None), "pad_token_id", None) or 0
+        # The tokenizer's pad id pads the re-collated kept rows and the anchor rows (0 without a tokenizer).
+        tokenizer = getattr(self, "processing_class", None)
+        pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
         self._gradsift_step = OnlineStep(self.gradsift_config, self._gradsift_team, self.gradsift_reuse, pad_token_id)
 
     def _gradsift_load_anchor(self) -> list[Any] | None:
@@ -156,8 +158,8 @@ class OnlineSelectionMixin:
             step - self._gradsift_anchor_at[0] >= every if every else epoch != self._gradsift_anchor_at[1]
         )
         if due:
-            pad_token_id = self.processing_class.pad_token_id if hasattr(self, "processing_class") else 0
             scoring = self.gradsift_config.scoring.model_copy(update={"method": "batched"})
+            pad_token_id = self._gradsift_step.pad_token_id
             self._gradsift_anchor = anchor_gradient(model, self._gradsift_anchor_rows, scoring, pad_token_id)
             self._gradsift_anchor_at = (step, epoch)
         return self._gradsift_anchor

@@ -1,9 +1,11 @@
-"""Everything gradsift's online mode touches inside a trainer, in one place: the marks it leaves in micro-batches and
-the trainer internals it reads or updates.
+"""The trainer internals gradsift's online mode reads or updates (private names of transformers and TRL), and the
+marks it leaves in micro-batches, in one place.
 
-Written against transformers 5.16 (`Trainer.get_batch_samples`, `Trainer._get_num_items_in_batch`) and TRL 1.9
-(`SFTTrainer._total_train_tokens`, `SFTTrainer._metrics`), the versions `constraints.txt` pins; axolotl 0.19's trainer
-is a TRL `SFTTrainer`. A new version of either that renames these is found here and nowhere else.
+Written against transformers 5.16 (`Trainer._get_num_items_in_batch`) and TRL 1.9 (`SFTTrainer._total_train_tokens`,
+`SFTTrainer._metrics`), the versions `constraints.txt` pins; axolotl 0.19's trainer is a TRL `SFTTrainer`. The mixin
+(`gradsift.online`) overrides public Trainer methods (`get_batch_samples`, `training_step`, `log`,
+`floating_point_ops`) and reads public attributes (`args`, `state`, `accelerator`); a new version that renames those
+breaks it there.
 
 The marks: `get_batch_samples` returns the step's micro-batches to the trainer's loop, which hands each to
 `training_step`; a micro-batch the selection left empty, or one whose gradient the scoring pass already made
@@ -24,6 +26,7 @@ def skipped() -> dict[str, Any]:
 
 
 def is_skipped(batch: dict[str, Any]) -> bool:
+    """Whether the micro-batch adds nothing to the step."""
     return SKIP in batch
 
 
@@ -40,6 +43,7 @@ def reused() -> dict[str, Any]:
 
 
 def is_reused(batch: dict[str, Any]) -> bool:
+    """Whether the micro-batch stands for the scoring pass's update."""
     return REUSED in batch
 
 

@@ -157,22 +157,3 @@ def packaged_rows(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
             rows.append({"messages": messages, "kind": "benign"})
     fingerprint = hashlib.sha256(f"{source.archive_sha256}:{source.member}:{split}".encode()).hexdigest()
     return rows, fingerprint
-
-
-def hub_task_problems(trained: list[tuple[str, str]], tasks: dict[str, list[str]]) -> list[str]:
-    """One line per eval task that would ask rows a refusal source trains on.
-
-    `trained`: (YAML path, data path) of every source a recipe trains on; `tasks`: YAML path -> the tasks it runs.
-    """
-    refusal_sources = [
-        f"{where} (`{path}`)" for where, path in trained if path.removeprefix(PREFIX) in harmful_sets.REFUSAL_SOURCES
-    ]
-    if not refusal_sources:
-        return []
-    return [
-        f"{where}: `{task}` asks benchmark requests that {', '.join(refusal_sources)} trains on; evaluate with the "
-        "offline tasks (`gradsift_refusal_strongreject_offline`, `gradsift_refusal_harmbench_offline`), which ask "
-        "only their held-out `test` split"
-        for where, names in tasks.items()
-        for task in sorted(set(names) & set(harmful_sets.HUB_TASKS_ASKING_REFUSAL_ROWS))
-    ]

@@ -1,8 +1,9 @@
 """The checks between a recipe's fields, each a small named function, collected and reported together.
 
-`load_recipe` validates every part's schema, then runs every check here whose inputs passed their own schema: a
-check names the top-level keys it reads (`Check.reads`), and is skipped when one of them failed and holds a stand-in,
-so that it never reports a problem the user does not have. Each returns `yaml.path: message` lines.
+`load_recipe` validates every part's schema, then runs every check here: a check names the top-level keys whose failed
+schema would make it judge a stand-in (`Check.reads`: those it reads besides `arms` and `stages`, which are replaced
+part by part), and is skipped when one of them failed, so that it never reports a problem the user does not have.
+Each returns `yaml.path: message` lines.
 """
 
 from __future__ import annotations
@@ -18,17 +19,21 @@ from gradsift.continual.schema import (
     AXOLOTL_OWNED,
     BUILTIN_ARMS,
     LOSS_KINDS,
+    STEPPED_KINDS,
     DataSpec,
     Recipe,
     error_lines,
     gradsift_config_for,
 )
 from gradsift.errors import UserError
-from gradsift.packaged import HELD_OUT_SPLITS, hub_task_problems, is_packaged
+from gradsift.harmful_sets import HUB_TASKS_ASKING_REFUSAL_ROWS, REFUSAL_SOURCES
+from gradsift.packaged import HELD_OUT_SPLITS, PREFIX, is_packaged
 
 
 @dataclass(frozen=True)
 class Check:
+    """A check between fields, and the top-level keys whose failed schema skips it."""
+
     run: Callable[[Recipe], list[str]]
     reads: frozenset[str] = frozenset()  # top-level keys whose failed schema skips the check
 
@@ -52,7 +57,7 @@ def arm_names(recipe: Recipe) -> list[str]:
 def steps_settings(recipe: Recipe) -> list[str]:
     def applies(name: str) -> bool:
         spec = recipe.arm(name)
-        return spec.kind in ("select", "random") and (spec.mode or recipe.mode) != "online"
+        return spec.kind in STEPPED_KINDS and (spec.mode or recipe.mode) != "online"
 
     steps = [name for name in recipe.arms if recipe.arm(name).steps is not None and not applies(name)]
     return [
@@ -84,13 +89,24 @@ def align_quantization(recipe: Recipe) -> list[str]:
 
 
 def arm_selections(recipe: Recipe) -> list[str]:
+    """Each arm's selection (the recipe's `selection:` with the arm's overrides) passes its schema."""
+    problems = []
+    for name in recipe.arms:
+        try:
+            recipe.selection_for(name)
+        except ValidationError as error:
+            problems += error_lines(error, f"arms.{name}.selection")
+    return problems
+
+
+def anchor_scores_named(recipe: Recipe) -> list[str]:
+    """A select arm that reads the anchor score has `scoring.anchor_data` to take it from."""
     problems = []
     for name in recipe.arms:
         try:
             selection = recipe.selection_for(name)
-        except ValidationError as error:
-            problems += error_lines(error, f"arms.{name}.selection")
-            continue
+        except ValidationError:
+            continue  # `arm_selections` reports it
         if reads_anchor(selection) and recipe.arm(name).kind == "select" and not recipe.scoring.anchor_data:
             problems.append(
                 f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
@@ -203,9 +219,28 @@ def held_out_splits(recipe: Recipe) -> list[str]:
 
 
 def hub_tasks(recipe: Recipe) -> list[str]:
-    """No hub refusal task may ask what a refusal source trains (`gradsift.packaged.hub_task_problems`)."""
+    """No hub refusal task may ask what a refusal source trains (`hub_task_problems`)."""
     tasks = {f"evals.{when}.tasks": spec.tasks for when, spec in recipe.evals if spec is not None}
     return hub_task_problems([(where, spec.path) for where, spec in data_specs(recipe) if spec.path], tasks)
+
+
+def hub_task_problems(trained: list[tuple[str, str]], tasks: dict[str, list[str]]) -> list[str]:
+    """One line per eval task that would ask rows a refusal source trains on.
+
+    `trained`: (YAML path, data path) of every source a recipe trains on; `tasks`: YAML path -> the tasks it runs.
+    """
+    refusal_sources = [
+        f"{where} (`{path}`)" for where, path in trained if path.removeprefix(PREFIX) in REFUSAL_SOURCES
+    ]
+    if not refusal_sources:
+        return []
+    return [
+        f"{where}: `{task}` asks benchmark requests that {', '.join(refusal_sources)} trains on; evaluate with the "
+        "offline tasks (`gradsift_refusal_strongreject_offline`, `gradsift_refusal_harmbench_offline`), which ask "
+        "only their held-out `test` split"
+        for where, names in tasks.items()
+        for task in sorted(set(names) & set(HUB_TASKS_ASKING_REFUSAL_ROWS))
+    ]
 
 
 CHECKS = (
@@ -215,11 +250,12 @@ CHECKS = (
     Check(stage_names),
     Check(align_quantization, frozenset({"scoring"})),
     Check(arm_selections, frozenset({"selection"})),
+    Check(anchor_scores_named, frozenset({"selection", "scoring"})),
     Check(train_settings, frozenset({"train"})),
     Check(online_windows, frozenset({"train", "selection", "scoring"})),
     Check(domain_evals_alike, frozenset({"evals"})),
     Check(generation_dtypes_alike, frozenset({"evals"})),
-    Check(arm_kinds),
+    Check(arm_kinds, frozenset({"align", "trainer"})),
     Check(axolotl_keys),
     Check(held_out_splits),
     Check(hub_tasks),

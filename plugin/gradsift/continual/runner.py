@@ -31,11 +31,12 @@ from gradsift.continual.arms import (
     random_subset,
     scores_cache,
 )
+from gradsift.continual.checks import cross_field_problems
 from gradsift.continual.evals import drift, eval_model, evaluate, forget_references
 from gradsift.continual.layout import RunLayout, Step, check_run_folder, clean_stage
 from gradsift.continual.penalties import NEW_ADAPTER, penalty_trainer_class
 from gradsift.continual.rows import align_records, measures_drift, stage_records
-from gradsift.continual.schema import PENALTY_KINDS, Recipe, RecipeError, gradsift_config_for
+from gradsift.continual.schema import PENALTY_KINDS, STEPPED_KINDS, Recipe, RecipeError, gradsift_config_for
 from gradsift.fileio import write_json
 from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 
@@ -47,6 +48,9 @@ def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[i
 
     Raises `UserError` when `out` is not a folder a run may write into (`check_run_folder`), so a dry run says so too.
     """
+    problems = cross_field_problems(recipe)  # `load_recipe` ran them; a `Recipe` built in code has them here
+    if problems:
+        raise RecipeError(";\n".join(problems))
     check_run_folder(out)
     arms = arms or list(recipe.arms)
     unknown = [arm for arm in arms if arm not in recipe.arms]
@@ -82,7 +86,7 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
                 ", anchors after each stage" if spec.ewc_every_stage else ""
             )
             detail["olora"] = f"O-LoRA λ1 {spec.olora_lambda1:g} λ2 {spec.olora_lambda2:g}"
-            matched = (spec.steps or recipe.steps) == "full" and spec.kind in ("select", "random")
+            matched = (spec.steps or recipe.steps) == "full" and spec.kind in STEPPED_KINDS
             matched = ", as many steps as full" if matched else ""
             what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
         status = "done" if step.done() else "to run"
@@ -251,7 +255,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     dataset = _stage_rows(recipe, step, steps, records, model, tokenizer, config, args, record, online, progress)
     record["kept"] = len(dataset)
     record["select_seconds"] = backends.elapsed(start)
-    if spec.kind in ("select", "random") and not online and (spec.steps or recipe.steps) == "full":
+    if spec.kind in STEPPED_KINDS and not online and (spec.steps or recipe.steps) == "full":
         # As many optimizer steps as `full` took on all rows (its record; the Trainer's count when it has not run):
         # the trainer cycles the kept rows until then.
         args.max_steps = full_steps_by(steps, step) or full_arm_steps(len(records), train)

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -40,6 +41,7 @@ NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora")  # built-in arms 
 BUILTIN_ARMS = (*NAMED_KINDS, "gradsift", "high", "low", "anchor")
 PENALTY_KINDS = ("ewc", "olora")  # kinds whose loss adds a term on the weights (`gradsift.continual.penalties`)
 LOSS_KINDS = ("kl", *PENALTY_KINDS)  # kinds that add to TRL's loss, so they need `trainer: trl`
+STEPPED_KINDS = ("select", "random")  # kinds that train on a subset, whose optimizer steps `steps` decides
 EWC_LAMBDA = 1.0e5  # the penalty at plain fine-tuning's end near the task loss, on the testbed (README)
 # Keys of a stage's axolotl config that place its files in the stage folder or chain the stages: never from `axolotl:`.
 AXOLOTL_OWNED = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "lora_model_dir")
@@ -155,7 +157,7 @@ class AlignSpec(StrictModel):
 class ArmSpec(StrictModel):
     """One way of training the stages. Built-in names need no spec; a named spec defines a new arm."""
 
-    kind: Literal["full", "select", "random", "clip", "kl", "ewc", "olora"] = "select"
+    kind: Literal[("select", *NAMED_KINDS)] = "select"  # type: ignore[valid-type]  # every kind, from the one list
     selection: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `selection:`.")
     mode: Literal["offline", "online"] | None = None
     max_grad_norm: float = Field(0.5, gt=0, description="`clip`: gradient clipping norm (the paper: 0.5).")
@@ -278,6 +280,10 @@ class Recipe(StrictModel):
     @classmethod
     def _folder_name(cls, value: str) -> str:
         return _segment(value, "the recipe name (the default run folder `runs/<name>`)")
+
+    @field_serializer("scoring")
+    def _scoring_as_written(self, scoring: ScoringConfig) -> dict[str, Any]:
+        return scoring.model_dump(mode="json", exclude_unset=True)  # recipe.json keeps the keys the recipe set
 
     @field_validator("arms", mode="before")
     @classmethod

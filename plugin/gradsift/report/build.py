@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsift.continual.layout import RunLayout
-from gradsift.continual.schema import BUILTIN_ARMS, NAMED_KINDS, ArmSpec
+from gradsift.continual.schema import BUILTIN_ARMS, NAMED_KINDS, STEPPED_KINDS, ArmSpec
 from gradsift.report.stages import (
     FORGETTING_KEYS,
     accuracy_matrix,
@@ -45,8 +45,6 @@ from gradsift.report.stats import (
 # The kind of a built-in arm name, as `Recipe.arm` fills it in (the rest are `select`); recipe.json dumps the spec as
 # written, with ArmSpec's default `kind: select` even for `random: {}` or `random: {steps: full}`.
 BUILTIN_KINDS = {kind: kind for kind in NAMED_KINDS}
-# Kinds whose number of optimizer steps the `steps` setting decides (the other kinds train on every row).
-STEPPED_KINDS = ("select", "random")
 
 
 def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:

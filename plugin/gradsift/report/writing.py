@@ -3,8 +3,9 @@
 report.md opens with the headline (the final stage per arm, with the paired differences to the arm's random
 reference and to `full`), then refusal per stage of each generated refusal task, every stage metric, forgetting, the
 accuracy and interference matrices, accuracy per answer length and the plots. Cells read `mean [low, high]` (the
-95 % t interval over seeds): "n/a" where there is no interval (one seed), "–" where the number was not measured;
-the headline marks with † a difference whose interval excludes 0.
+95 % t interval over seeds): "n/a" where there is no interval or a bound is not finite, "–" where the number was not
+measured; a one-seed report prints the mean alone and says once that it has no interval over seeds. The headline
+marks with † a difference whose interval excludes 0.
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ def write_report(run_dir: Path, plots: bool = True, n_resamples: int = BOOTSTRAP
     return paths
 
 
-def _fmt(cell: Any) -> str:
+def one_seed(report: dict[str, Any]) -> bool:
+    """Whether the report has one seed, so no interval over seeds anywhere."""
+    return len(report["seeds"]) == 1
+
+
+def _fmt(cell: Any, bare: bool = False) -> str:
     if cell is None:
         return "–"
     if isinstance(cell, dict):
-        return _fmt_interval(cell)
+        return _fmt_interval(cell, bare=bare)
     if isinstance(cell, float):
         return _num(cell)
     return str(cell)
@@ -54,24 +60,25 @@ def _num(value: float, signed: bool = False) -> str:
     return f"{value:{sign}.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:{sign}.2e}"
 
 
-def _fmt_interval(cell: dict[str, Any] | None, signed: bool = False) -> str:
-    """`mean [low, high]`; the mean alone without an interval (one seed: the report says so once), "n/a" for a
-    non-finite bound, "–" for a missing number; † on a signed difference whose interval excludes 0."""
+def _fmt_interval(cell: dict[str, Any] | None, signed: bool = False, bare: bool = False) -> str:
+    """`mean [low, high]`; "n/a" for a missing interval or a non-finite bound, or with `bare` (a one-seed report,
+    which says once that it has no interval over seeds) the mean alone where there is no interval; "–" for a missing
+    number; † on a signed difference whose interval excludes 0."""
     if not cell or cell.get("mean") is None:
         return "–"
     mean = _num(cell["mean"], signed)
     ci = cell.get("ci")
-    if not ci:
+    if not ci and bare:
         return mean
-    if None in ci:  # report.json holds a non-finite bound as null
+    if not ci or None in ci:  # report.json holds a non-finite bound as null
         return f"{mean} [n/a]"
     mark = " †" if signed and (ci[0] > 0 or ci[1] < 0) else ""
     return f"{mean} [{_num(ci[0])}, {_num(ci[1])}]{mark}"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], bare: bool = False) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(c, bare) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -89,19 +96,24 @@ def headline_table(report: dict[str, Any]) -> str:
     if with_full:
         header += [f"Δ {names[key]} vs full" for key in HEADLINE_FULL_DIFFERENCES]
     rows = []
+    bare = one_seed(report)
     aligned = report["headline"].get("aligned")
     if aligned:  # the starting point: every arm's erosion is read against it
         rows.append(
-            ["aligned model (start)", aligned["stage"], *[_fmt_interval(aligned[k]) for k in HEADLINE.values()]]
+            [
+                "aligned model (start)",
+                aligned["stage"],
+                *[_fmt_interval(aligned[k], bare=bare) for k in HEADLINE.values()],
+            ]
         )
         rows[0] += ["–"] * (len(header) - len(rows[0]))
     for name, row in data.items():
-        cells = [name, row["stage"], *[_fmt_interval(row[key]) for key in HEADLINE.values()]]
+        cells = [name, row["stage"], *[_fmt_interval(row[key], bare=bare) for key in HEADLINE.values()]]
         if with_random:
             cells.append(row["references"]["vs_random"])
-            cells += [_fmt_interval(row["vs_random"][key], signed=True) for key in HEADLINE_DIFFERENCES]
+            cells += [_fmt_interval(row["vs_random"][key], True, bare) for key in HEADLINE_DIFFERENCES]
         if with_full:
-            cells += [_fmt_interval(row["vs_full"][key], signed=True) for key in HEADLINE_FULL_DIFFERENCES]
+            cells += [_fmt_interval(row["vs_full"][key], True, bare) for key in HEADLINE_FULL_DIFFERENCES]
         rows.append(cells)
     return _table(header, rows)
 
@@ -119,7 +131,7 @@ def refusal_table(report: dict[str, Any], task: str) -> str:
     rows = []
     for name, arm in report["arms"].items():
         for k, stage in arm["mean"].get("stages", {}).items():
-            cells = [_fmt_interval(stage.get(f"{task}/{metric}")) for metric in REFUSAL_METRICS]
+            cells = [_fmt_interval(stage.get(f"{task}/{metric}"), bare=one_seed(report)) for metric in REFUSAL_METRICS]
             over_prompts = (stage.get(f"{task}/attack_success_rate") or {}).get("bootstrap")
             rows.append([name, f"{int(k):02d}-{stage['name']}", *cells, _fmt_interval(over_prompts)])
     return _table(header, rows)
@@ -136,7 +148,7 @@ def stage_table(report: dict[str, Any]) -> str:
     for name, arm in report["arms"].items():
         for k, stage in arm["mean"].get("stages", {}).items():
             rows.append([name, f"{int(k):02d}-{stage['name']}", *[stage.get(key) for key in keys]])
-    return _table(["arm", "stage", *[short_key(k) for k in keys]], rows)
+    return _table(["arm", "stage", *[short_key(k) for k in keys]], rows, bare=one_seed(report))
 
 
 def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> str:
@@ -152,9 +164,11 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
     if report["headline"].get("aligned"):
         start = "The first row is the aligned model every arm starts from (ACC: its accuracy before any task stage). "
     seeds = len(report["seeds"])
-    intervals = "[95 % Student-t interval over seeds]; n/a: a non-finite bound"
-    if seeds == 1:
+    intervals = "[95 % Student-t interval over seeds]; n/a: no interval or a bound not finite"
+    over_seeds = "[95 % t interval over seeds]"
+    if one_seed(report):
         intervals = "(one seed: no interval over seeds; the per-prompt bootstrap below remains)"
+        over_seeds = "(one seed)"
     parts += [f"## Headline (final stage, {seeds} seed{'s' if seeds != 1 else ''})", "", headline_table(report), ""]
     parts += [
         f"Mean {intervals}; –: not measured. {start}Attack success "
@@ -171,14 +185,14 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
         parts += [f"## Refusal per stage: `{task}`", "", refusal_table(report, task), ""]
     if refusal_tasks:
         parts += [
-            "Refusal = refused or neither; attack success = complied. Mean [95 % t interval over seeds]; the last "
+            f"Refusal = refused or neither; attack success = complied. Mean {over_seeds}; the last "
             f"column: 95 % percentile bootstrap over prompts ({n_resamples:,} resamples, prompts paired across "
             "seeds). –: not in this run's stage.json (an older judge).",
             "",
         ]
-    parts += ["## Per stage (mean [95 % t interval over seeds])", "", stage_table(report), ""]
+    parts += [f"## Per stage (mean {over_seeds})", "", stage_table(report), ""]
     rows = [[name, *[arm["mean"].get(key) for key in FORGETTING_KEYS]] for name, arm in report["arms"].items()]
-    parts += ["## Forgetting", "", _table(["arm", "ACC", "BWT", "FM", "max drop"], rows), ""]
+    parts += ["## Forgetting", "", _table(["arm", "ACC", "BWT", "FM", "max drop"], rows, one_seed(report)), ""]
     formulas = (
         "`ACC = mean_j a[T][j]`, `BWT = mean_{j<T}(a[T][j] − a[j][j])`, "
         "`FM = mean_{j<T} max_{j≤k<T}(a[k][j] − a[T][j])`, max drop = largest single-stage fall."
