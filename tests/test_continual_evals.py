@@ -114,13 +114,13 @@ def test_answers_are_generated_in_the_generation_dtype_after_the_drift_is_measur
     loaded = load_recipe(write(tmp_path, two_stage_evals(each, each)))
     step = next(s for s in runner.plan(loaded, tmp_path / "run") if s.arm == "full" and s.index == 2)
     step.folder.mkdir(parents=True)
-    runner._finish_stage(loaded, step, tokenizer, {}, adapter=None)
+    runner._finish_stage(loaded, step, tokenizer, {}, adapters=[])
     assert seen == [("drift", torch.float32), ("generate", torch.bfloat16)]
     assert json.loads((step.folder / "stage.json").read_text())["drift"] == {}
     # Unset: the answers come from the model as loaded.
     seen.clear()
     loaded = load_recipe(write(tmp_path, two_stage_evals({"limit": 2})))
-    runner._finish_stage(loaded, step, tokenizer, {}, adapter=None)
+    runner._finish_stage(loaded, step, tokenizer, {}, adapters=[])
     assert seen == [("drift", torch.float32), ("generate", torch.float32)]
 
 
