@@ -25,6 +25,7 @@ from gradsift.continual.penalties import (
 )
 from gradsift.continual.runner import run_recipe
 from gradsift.report import build_report
+from test_continual_runner import tiny_recipe
 
 from conftest import build_model, lora_model, sft_config
 from conftest import write_recipe as write
@@ -252,21 +253,10 @@ def test_the_olora_model_after_stage_k_is_the_base_plus_the_sum_of_its_k_adapter
 
 
 def penalty_recipe(model_dir) -> dict:
-    return {
-        "name": "tiny",
-        "model": str(model_dir),
-        "device": "cpu",
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"epochs": 1, "batch_size": 4, "learning_rate": 1.0e-3, "max_length": 96, "bf16": False},
-        "align": {"data": {"path": str(REPO / "recipes/data/align.jsonl"), "size": 8}},
-        "stages": [
-            {"name": "sentiment", "data": {"synthetic": "sentiment", "size": 8}},
-            {"name": "yes_no", "data": {"synthetic": "yes_no", "size": 8}},
-        ],
-        "arms": {"full": {}, "ewc": {"ewc_every_stage": True, "fisher_rows": 6}, "olora": {}},
-        "evals": {"after_each_stage": {"tasks": ["gradsift_refusal_mc"], "limit": 4}},
-        "drift_prompts": 2,
-    }
+    """The runner tests' tiny two-stage recipe, with `full`, `ewc` (anchored after each stage) and `olora` arms."""
+    data = tiny_recipe(model_dir, drift_prompts=2)
+    data["arms"] = {"full": {}, "ewc": {"ewc_every_stage": True, "fisher_rows": 6}, "olora": {}}
+    return data
 
 
 def outputs(run: Path) -> dict:
