@@ -34,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from gradsift.config import GradSiftConfig, ScoringConfig, SelectionConfig  # noqa: E402
+from gradsift.hardware import describe_device, native_bf16  # noqa: E402
 from gradsift.integrations.trl import GradSiftSFTTrainer  # noqa: E402
 from gradsift.models import attach_lora  # noqa: E402
 
@@ -79,20 +80,7 @@ def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int, u
     global batch, split among the data-parallel ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            per_device_train_batch_size=batch_size // world,
-            ddp_backend="gloo" if world > 1 else None,
-            max_steps=steps,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            gradient_checkpointing=False,
-            max_length=256,
-            logging_steps=steps,
-            disable_tqdm=True,
-            seed=0,
-        )
+        args = sft_config(out, batch_size // world, steps, world)
         common = dict(model=build(shape, tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
         if arm == "online":
             config = GradSiftConfig(
@@ -106,6 +94,26 @@ def run(arm: str, shape: str, tokenizer, dataset, batch_size: int, steps: int, u
         start = time.perf_counter()
         trainer.train()
         return time.perf_counter() - start, getattr(trainer, "gradsift_reuse", None)
+
+
+def sft_config(out: str, per_device_batch: int, steps: int, world: int = 1) -> SFTConfig:
+    """Both arms' training settings: on the CPU, bfloat16 autocast (TRL's default) only where the CPU computes
+    bfloat16 natively (`gradsift.hardware.native_bf16`), else float32."""
+    return SFTConfig(
+        output_dir=out,
+        per_device_train_batch_size=per_device_batch,
+        ddp_backend="gloo" if world > 1 else None,
+        max_steps=steps,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=native_bf16("cpu"),
+        gradient_checkpointing=False,
+        max_length=256,
+        logging_steps=steps,
+        disable_tqdm=True,
+        seed=0,
+    )
 
 
 def relaunch(nproc: int) -> int:
@@ -160,9 +168,11 @@ def main() -> None:
     if not main_rank:
         return
     plain, online = min(times["plain"]), min(times["online"])
+    precision = "bf16 autocast" if native_bf16("cpu") else "float32"
     print(
-        f"shape={args.shape} update={args.update} (reuse chosen: {reused}) processes={world} "
-        f"torch_threads={torch.get_num_threads()} best plain {plain:.2f} s, online {online:.2f} s"
+        f"{describe_device('cpu')['name']}, torch {torch.__version__}, {precision}: shape={args.shape} "
+        f"update={args.update} (reuse chosen: {reused}) processes={world} torch_threads={torch.get_num_threads()} "
+        f"best plain {plain:.2f} s, online {online:.2f} s"
     )
     print(f"{'online_ddp_vs_plain_ddp' if world > 1 else 'online_vs_plain'}={online / plain:.3f}")
 

@@ -80,3 +80,45 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
     config = tmp_path / "gradsift.yaml"
     config.write_text("selection:\n  rule: [moderate\n")
     user_error(capsys, ["select", str(tmp_path), "--out", "x.jsonl", "--config", str(config)], str(config))
+
+
+STRICT_TEMPLATE = (  # as Llama 2's and Mistral's templates refuse a conversation
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_row_the_chat_template_refuses_is_one_line_naming_it(tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "strict-model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    tokenizer.save_pretrained(model)
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    good = {"messages": [turn("user", "Is the sky blue?"), turn("assistant", "Yes.")]}
+    bad = {"messages": [turn("user", "Is the sky blue?"), turn("user", "Answer!"), turn("assistant", "Yes.")]}
+    data = write_lines(tmp_path / "chats.jsonl", json.dumps(good), json.dumps(bad))
+    refused = "line 2: the tokenizer's chat template refuses the row"
+    err = user_error(capsys, score_args(model, data, tmp_path / "scores"), str(data), refused,
+                     "Conversation roles must alternate", "['user', 'user', 'assistant']")  # fmt: skip
+    assert "Traceback" not in err and not (tmp_path / "scores" / "scores.json").exists()
+
+
+def test_a_chat_template_refusal_raised_inside_trl_or_lm_eval_is_one_line(monkeypatch, capsys):
+    from jinja2.exceptions import TemplateError
+
+    import gradsift.cli
+
+    def rendering(args):  # as TRL's or lm-eval's rendering of a conversation raises it, out of gradsift's reach
+        raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(gradsift.cli, "run_eval", rendering)
+    user_error(capsys, ["eval", "--model", "m", "--tasks", "t"], "gradsift eval: error: the tokenizer's chat template",
+               "Conversation roles must alternate")  # fmt: skip

@@ -715,6 +715,53 @@ def test_judged_attack_success_rate_counts_the_guards_verdicts(lm_eval_run, tiny
     assert task["judged_attack_success_rate"] == pytest.approx(2 / 7) and task["unparsed"] == 1
 
 
+def test_judge_replaces_only_outputs_it_can_prove_it_wrote_and_holds_the_folder_lock(
+    lm_eval_run, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    import gradsift.evaluation.guard as evaluation
+    import gradsift.models
+
+    out = tmp_path / "results"
+    shutil.copytree(lm_eval_run[0], out)
+    for name in ("judge_results.json", "judged_gradsift_refusal_strongreject_offline.jsonl"):
+        (out / name).unlink(missing_ok=True)  # what the judge tests above wrote
+    monkeypatch.setattr(evaluation, "generate_greedy", lambda model, tok, prompts, *a, **k: ["safe"] * len(prompts))
+    judged = out / "judged_gradsift_refusal_strongreject_offline.jsonl"
+    judged.write_text("the user's own notes\n")
+    loaded = []
+    real_load = gradsift.models.load_for_eval
+    monkeypatch.setattr(gradsift.models, "load_for_eval", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+
+    def judge_exit() -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["judge", str(out), "--judge", str(tiny_model_dir), "-q"])
+        return code, capsys.readouterr().err.strip()
+
+    code, err = judge_exit()
+    assert code == 2 and len(err.splitlines()) == 1 and str(judged) in err and "cannot show it wrote it" in err
+    assert judged.read_text() == "the user's own notes\n" and not loaded  # refused before the judge loaded
+    judged.unlink()
+    assert judge_exit()[0] == 0 and judge_exit()[0] == 0  # the second run replaces what the first wrote
+    record = json.loads((out / "judge_results.json").read_text())
+    assert set(record["written"]) == {judged.name} and "pending" not in record
+    judged.write_text(judged.read_text() + "{}\n")  # edited: the user's now
+    code, err = judge_exit()
+    assert code == 2 and str(judged) in err
+    holder = "import sys, time\nfrom gradsift.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+    holder += "    print('held', flush=True)\n    time.sleep(120)\n"
+    judged.unlink()
+    first = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        code, err = judge_exit()
+        assert code == 2 and "being written by another gradsift process" in err and not judged.exists()
+    finally:
+        first.kill()
+        first.wait()
+
+
 @pytest.mark.slow
 def test_gradsift_eval_on_the_embedded_model_writes_results_lm_eval_reads(tmp_path, capsys):
     from lm_eval.utils import make_table

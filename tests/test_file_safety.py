@@ -244,6 +244,38 @@ def test_select_replaces_its_own_outputs_but_not_edited_ones(scored, tmp_path, c
     assert out.read_bytes() == edited
 
 
+@pytest.mark.parametrize("moved", [0, 1])
+def test_select_killed_while_moving_its_outputs_leaves_files_it_can_prove_and_replace(
+    scored, tmp_path, capsys, monkeypatch, moved
+):
+    """Each output's sha256 is recorded before it moves into place: killed after `moved` of the two moves, every
+    output in place is provably gradsift's and the next `select` replaces it."""
+    import gradsift.fileio
+
+    out = tmp_path / "sel" / "kept.jsonl"
+    assert main(["select", str(scored), "--keep-fraction", "0.5", "--out", str(out)]) == 0
+    real, calls = os.replace, []
+
+    def killed(source, target):
+        if ".new." in Path(source).name and ".new." not in Path(target).name:  # a staged output moving into place
+            if len(calls) == moved:
+                raise KeyboardInterrupt  # the process dies here
+            calls.append(target)
+        real(source, target)
+
+    monkeypatch.setattr(gradsift.fileio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["select", str(scored), "--keep-fraction", "0.25", "--out", str(out)])
+    monkeypatch.setattr(gradsift.fileio.os, "replace", real)
+    record = json.loads((out.parent / "selection.json").read_text())
+    assert record["num_kept"] == 12  # the finished run's record, with the new files' sha256 pending
+    assert set(record["pending"]) == {"kept.jsonl", "dropped.jsonl"}
+    assert len(out.read_text().splitlines()) == (6 if moved else 12)
+    assert main(["select", str(scored), "--keep-fraction", "0.25", "--out", str(out)]) == 0
+    record = json.loads((out.parent / "selection.json").read_text())
+    assert len(out.read_text().splitlines()) == 6 and record["num_kept"] == 6 and "pending" not in record
+
+
 def test_select_outputs_are_strict_json_after_non_finite_rows(scored, tmp_path, capsys):
     import numpy as np
 

@@ -294,6 +294,24 @@ def test_a_real_runs_built_in_arms_are_compared_with_random_and_full(tiny_run):
     assert "vs_random" not in report["headline"]["arms"]["random"]["pooled/attack_success_rate"]
 
 
+def test_the_report_names_the_machine_and_torch_every_stage_ran_on(tiny_run, synthetic_run):
+    import torch
+
+    from gradsift.hardware import describe_device
+
+    run, report = tiny_run
+    stages = len(SEEDS) * (1 + len(ARMS) * 2)
+    machine = {"name": describe_device("cpu")["name"], "torch": torch.__version__, "stages": stages}
+    assert report["hardware"] == {"machines": [machine], "unrecorded_stages": 0}
+    title, _, models, _, measured = (run / "report.md").read_text().splitlines()[:5]
+    assert title.startswith("# Report: ") and models.startswith("Model ")
+    assert measured.startswith(f"Measured on {machine['name']}, torch {torch.__version__} ({stages} stages).")
+    assert "vary from one CPU or GPU to another" in measured
+    run, report = synthetic_run  # stage files without `hardware`, as a run before gradsift recorded it
+    assert report["hardware"] == {"machines": [], "unrecorded_stages": stages}
+    assert f"The machine is not recorded ({stages} stages written before" in (run / "report.md").read_text()
+
+
 def write_recipe_json(run: Path, arms: dict[str, dict]) -> None:
     """recipe.json as the runner writes it: the recipe dumped, every arm's spec with ArmSpec's defaults filled in."""
     specs = {name: ArmSpec(**spec).model_dump(mode="json") for name, spec in arms.items()}

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from gradsift.config import DataConfig
-from gradsift.data import Source, file_fingerprint, load_source
+from gradsift.data import Source, load_source
 from gradsift.errors import UserError
+from gradsift.fileio import file_fingerprint
 from gradsift.tokenization import TokenizedRow, tokenize_records
 
 EMBEDDED_REFUSALS = "embedded:refusals"

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from jinja2.exceptions import TemplateError
 
 from gradsift import __version__
 from gradsift.cli_flags import add_common, add_schema_flags, config_from_args, section_values
 from gradsift.config import EvalConfig, GradSiftConfig, ModelConfig
 from gradsift.distributed import Team
-from gradsift.errors import UserError
+from gradsift.errors import UserError, chat_template_refusal
 from gradsift.selection import length_bin_summary
 from gradsift.table import QUANTILES, anchor_correlations, column_quantiles
 
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _disable_library_progress_bars()
     try:
         return args.handler(args)
-    except UserError as error:
+    except (UserError, TemplateError) as error:  # TemplateError: a chat template's `raise_exception`
+        error = error if isinstance(error, UserError) else chat_template_refusal(error)
         print(f"gradsift {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
@@ -163,6 +165,8 @@ def _add_eval_commands(commands: Any) -> None:
     run.add_argument("--arms", help="comma-separated arms to run (default: all of the recipe's)")
     run.add_argument("--seeds", help="comma-separated seeds (default: the recipe's)")
     run.add_argument("--out", type=Path, help="run folder (default runs/<recipe name>)")
+    rerun = "train STAGE (a stage's name, or align) and the later ones again (--arms, --seeds); the old folders move "
+    run.add_argument("--rerun-from", metavar="STAGE", help=rerun + "to <out>/replaced/<time>/, never deleted")
     run.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit; loads nothing")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -256,6 +260,7 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
 def run_select(args: argparse.Namespace) -> int:
     """`gradsift select`."""
     from gradsift.data import load_source
+    from gradsift.fileio import staged_path
     from gradsift.locking import folder_lock
     from gradsift.selection import apply_selection, kept_indices
     from gradsift.store import MANIFEST, TABLE, load_finished_scores, selection_paths, write_dropped, write_selection
@@ -282,10 +287,11 @@ def run_select(args: argparse.Namespace) -> int:
     selection_paths(out, inputs)  # fail before the lock creates --out's folder
     with folder_lock(out.parent):
         paths = selection_paths(out, inputs)
-        source.write_subset(kept_indices(selection, table).tolist(), out)
-        write_dropped(paths["dropped"], table, selection, lambda i: {"row": source.records[i]})
+        staged = {paths[name]: staged_path(paths[name]) for name in ("kept", "dropped")}
+        source.write_subset(kept_indices(selection, table).tolist(), staged[out])
+        write_dropped(staged[paths["dropped"]], table, selection, lambda i: {"row": source.records[i]})
         where = {"scores": str(args.scores), "data": data_path, "out": str(out)}
-        write_selection(paths["selection"], table, selection, config.selection, where, outputs=paths)
+        write_selection(paths["selection"], table, selection, config.selection, where, staged=staged)
     dropped_path = paths["dropped"]
     print(f"{selection.summary()} -> {out} (dropped rows: {dropped_path})")
     return 0
@@ -448,7 +454,7 @@ def run_run(args: argparse.Namespace) -> int:
     print(describe_plan(recipe, steps))
     if args.dry_run:
         return 0
-    run_recipe(recipe, out, arms=arms, seeds=seeds, progress=not args.quiet)
+    run_recipe(recipe, out, arms=arms, seeds=seeds, progress=not args.quiet, rerun_from=args.rerun_from)
     if not args.no_report:
         from gradsift.report import headline_table, write_report
 

@@ -12,7 +12,6 @@ into tokens and labels.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 from gradsift.config import FORMAT_COLUMNS
 from gradsift.errors import UserError
-from gradsift.fileio import atomic_path, dumps
+from gradsift.fileio import atomic_path, dumps, file_fingerprint
 from gradsift.packaged import is_packaged, packaged_rows
 
 IGNORE_INDEX = -100
@@ -101,15 +100,6 @@ class Source:
                 else:
                     table = pa.Table.from_pylist([self.records[i] for i in indices])
                 pq.write_table(table, tmp)
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """Return the sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def looks_like_file(spec: str) -> bool:

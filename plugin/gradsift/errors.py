@@ -10,3 +10,13 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A mistake in what the user asked for: one line naming the file/row/key, the value received and the fix."""
+
+
+def chat_template_refusal(error: Exception) -> UserError:
+    """A chat template's `raise_exception` (jinja2's `TemplateError`) met where gradsift cannot name the row (inside
+    TRL's or lm-eval's rendering), as the user's mistake it is."""
+    said = " ".join(str(error).split())
+    return UserError(
+        f"the tokenizer's chat template refuses a conversation: {said!r}. Fix the rows to the template's rules (e.g. "
+        "user and assistant turns alternating), or use a model whose template accepts them."
+    )

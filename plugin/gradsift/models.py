@@ -56,6 +56,10 @@ def resolve_dtype(config: ModelConfig, device: str) -> Any:
 
     if config.dtype == "auto":
         return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if config.dtype == "bfloat16":  # the user's choice stands; on a device without native bfloat16 it costs
+        from gradsift.hardware import warn_slow_bf16
+
+        warn_slow_bf16(True, device, f"{config.label('dtype')} bfloat16", autocast=False)
     return getattr(torch, config.dtype)
 
 

@@ -50,6 +50,7 @@ from gradsift.config import GradSiftConfig
 from gradsift.distributed import Team
 from gradsift.errors import UserError
 from gradsift.fileio import dumps
+from gradsift.hardware import warn_slow_bf16
 from gradsift.hooks import GradNormHooks
 from gradsift.online_step import OnlineStep, Outcome, Update
 from gradsift.online_trainer import count_tokens, is_reused, is_skipped, num_items_in_batch
@@ -105,6 +106,9 @@ class OnlineSelectionMixin:
             self.gradsift_config = gradsift_config
         if self.gradsift_config is None:
             self.gradsift_config = GradSiftConfig(mode="online")
+        warn_slow_bf16(
+            getattr(self.args, "bf16", False), self.args.device, "The trainer's `bf16=True` (TRL's default)"
+        )
         if getattr(self.args, "padding_free", False) or getattr(self.args, "packing", False):
             raise UserError("gradsift's online mode scores padded rows: set `packing=False` and `padding_free=False`.")
         window_rows = check_online_config(

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradsift import __version__
-from gradsift.data import FILE_SUFFIXES, file_fingerprint
+from gradsift.data import FILE_SUFFIXES
 from gradsift.errors import UserError
-from gradsift.fileio import atomic_path, dumps, write_json
+from gradsift.fileio import atomic_path, dumps, file_fingerprint, publish, recorded, write_json
 from gradsift.locking import LOCK_NAME
 from gradsift.selection import REASONS
 from gradsift.table import ScoreTable
@@ -322,11 +322,12 @@ def write_selection(
     selection: Selection,
     config: SelectionConfig,
     extra: dict[str, Any] | None = None,
-    outputs: dict[str, Path] | None = None,
+    staged: dict[Path, Path] | None = None,
 ) -> None:
     """`selection.json`: the rule's settings, the counts, every reason that occurred with its meaning, the summary
-    line, `extra` (where the scores and data came from), and with `outputs` (from `selection_paths`) each written
-    file's sha256, which later lets gradsift replace those files. Its one writer."""
+    line, `extra` (where the scores and data came from). With `staged` ({output: its staged file}, `gradsift select`)
+    the staged outputs are moved into place, each file's sha256 recorded before it moves (`fileio.publish`), which
+    later lets gradsift replace them. Its one writer."""
     counts = selection.counts()
     record = {
         "gradsift_version": __version__,
@@ -338,7 +339,10 @@ def write_selection(
         "summary": selection.summary(),
         **(extra or {}),
     }
-    write_json(selection_record(outputs, record) if outputs is not None else record, path)
+    if staged is None:
+        write_json(record, path)
+    else:
+        publish(path, _selection_record(path), record, staged)
 
 
 SELECTION_FILE = "selection.json"
@@ -389,19 +393,6 @@ def selection_paths(out: Path, inputs: list[Path]) -> dict[str, Path]:
     return paths
 
 
-def selection_record(paths: dict[str, Path], data: dict[str, Any]) -> dict[str, Any]:
-    """`data` plus what proves the outputs are gradsift's: the version and each written file's sha256."""
-    previous = _selection_record(paths["selection"]) or {}
-    written = {
-        name: digest
-        for name, digest in (previous.get("written") or {}).items()
-        if (paths["selection"].parent / name).is_file()
-        and file_fingerprint(paths["selection"].parent / name) == digest
-    }
-    written.update({paths[k].name: file_fingerprint(paths[k]) for k in ("kept", "dropped")})
-    return {"gradsift_version": __version__, **data, "written": written}
-
-
 def _selection_record(path: Path) -> dict[str, Any] | None:
     """The `selection.json` at `path` if gradsift wrote it; None if absent; `UserError` if it is someone else's."""
     if not path.exists():
@@ -422,9 +413,8 @@ def _selection_record(path: Path) -> dict[str, Any] | None:
 def _written_by_us(path: Path, record: dict[str, Any] | None) -> bool:
     if record is None or not path.is_file():
         return False
-    digest = (record.get("written") or {}).get(path.name)
-    if digest is not None:
-        return file_fingerprint(path) == digest
+    if recorded(path, record):
+        return True
     if path.name == DROPPED_FILE and "written" not in record:  # before sha256s were recorded: its line count
         with open(path, "rb") as handle:
             return sum(1 for line in handle if line.strip()) == record["num_rows"] - record["num_kept"]

@@ -20,10 +20,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 
 from gradsift.config import DataConfig
-from gradsift.data import IGNORE_INDEX, check_rows, require_rows
+from gradsift.data import IGNORE_INDEX, Rows, check_rows, require_rows
 from gradsift.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,35 @@ def tokenize_records(
     require_rows(records)
     fmt = check_rows(records, config.format)
     rows = []
-    for record in tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000):
-        input_ids, labels = TOKENIZERS[fmt](record, tokenizer, config)
+    for i, record in enumerate(tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000)):
+        try:
+            input_ids, labels = TOKENIZERS[fmt](record, tokenizer, config)
+        except TemplateError as error:  # the chat template's own `raise_exception`: the row breaks its rules
+            raise UserError(_template_refused(records, i, error)) from None
         truncated = len(input_ids) > config.max_length
         rows.append(TokenizedRow(input_ids[: config.max_length], labels[: config.max_length], truncated))
     assign_sample_ids(rows)
     return rows
+
+
+def _template_refused(records: Sequence[Any], i: int, error: Exception) -> str:
+    """One line: where the row is, what the tokenizer's chat template said of it, and the fix."""
+    place = f"In {records.origin}, " if isinstance(records, Rows) and records.origin else ""
+    where = records.locate(i) if isinstance(records, Rows) else f"row {i} (counting from 0)"
+    said = " ".join(str(error).split())
+    roles = [m.get("role") for m in _row_messages(records[i])]
+    return (
+        f"{place}{where}: the tokenizer's chat template refuses the row: {said!r} (its roles: {roles}). Fix the row "
+        "to the template's rules (e.g. user and assistant turns alternating, one system turn first), or remove it."
+    )
+
+
+def _row_messages(record: dict) -> list[dict]:
+    """The chat messages of a row, whichever chat format it is in."""
+    if isinstance(record.get("messages"), list):
+        return [m for m in record["messages"] if isinstance(m, dict)]
+    turns = [record.get("prompt"), record.get("completion")]
+    return [m for turn in turns if isinstance(turn, list) for m in turn if isinstance(m, dict)]
 
 
 def _prompt_completion(record: dict, tokenizer: Any, config: DataConfig) -> tuple[list[int], list[int]]:

@@ -66,15 +66,13 @@ def fresh_lora(recipe: Recipe, model: Any, seed: int) -> Any:
 
 
 def bf16(train: TrainSpec, device: str) -> bool:
-    """`train.bf16`, else bf16 where the hardware has it fast (CUDA bf16, CPU AMX)."""
-    import torch
+    """`train.bf16` where the device computes bfloat16 natively (else float32, logged once), and for null bf16 where
+    it is the default choice (`gradsift.hardware.fast_bf16`: CUDA bf16, CPU AMX)."""
+    from gradsift import hardware
 
     if train.bf16 is not None:
-        return train.bf16
-    if device.startswith("cuda"):
-        return bool(torch.cuda.is_bf16_supported())
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
+        return hardware.bf16_allowed(train.bf16, device, "train.bf16")
+    return hardware.fast_bf16(device)
 
 
 def train_values(train: TrainSpec, spec: ArmSpec | None, device: str) -> dict[str, Any]:

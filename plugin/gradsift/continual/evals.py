@@ -18,14 +18,16 @@ from gradsift.continual.layout import RunLayout, Step, run_metadata
 from gradsift.continual.rows import drift_records, measures_drift
 from gradsift.continual.schema import Recipe, RecipeError
 from gradsift.fileio import write_json
+from gradsift.hardware import generation_dtype
 
 logger = logging.getLogger(__name__)
 
 
 def evaluate(
-    recipe: Recipe, model: Any, tokenizer: Any, step: Step, final: bool
+    recipe: Recipe, model: Any, tokenizer: Any, step: Step, final: bool, into: Path | None = None
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, list]]]:
-    """Run the stage's evals on the model (`eval_model`: the adapter merged into a fresh copy).
+    """Run the stage's evals on the model (`eval_model`: the adapter merged into a fresh copy); lm-eval's results
+    and samples go to `into` (default: the stage's `eval/`).
 
     Returns {task: {metric: value}} and, for the report's per-prompt bootstrap, {task: {metric: [value per doc]}}
     (with the `doc_id` list) of the generated refusal, over-refusal and benign-refusal tasks.
@@ -35,7 +37,7 @@ def evaluate(
     spec, tasks = recipe.eval_tasks(final)
     if not tasks:
         return {}, {}
-    model = generation_model(model, spec.generation_dtype)
+    model = generation_model(model, generation_dtype(spec.generation_dtype, device(recipe)))
     runs = [(tasks, spec.limit, spec.max_gen_toks)]
     if spec.domain_apart():  # the domain tasks in a run of their own, with their own limit and answer length
         domain = [stage.domain_task() for stage in recipe.stages]
@@ -48,7 +50,7 @@ def evaluate(
             model,
             tokenizer,
             names,
-            RunLayout.eval_dir(step.folder),
+            into or RunLayout.eval_dir(step.folder),
             limit=limit,
             batch_size=spec.batch_size,
             max_gen_toks=max_gen_toks,

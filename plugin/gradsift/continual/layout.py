@@ -7,6 +7,8 @@ inside what gradsift wrote.
     <out>/seed-<s>/<arm>/<NN>-<stage>/             adapter/, scores/, dropped.jsonl, selection.json, eval/,
                                                    online.jsonl, ewc.safetensors, ewc-end.safetensors (`ewc`),
                                                    stage.json (written last: the stage is finished)
+    <out>/replaced/<UTC time>/seed-<s>/...         stages `--rerun-from` moved aside, and the eval/ folders of
+                                                   stages evaluated again, in their places in the layout
 
 Every stage folder carries `.gradsift-stage` from its start. A killed run resumes at the first stage without
 `stage.json`, emptying that stage's folder first; gradsift empties only a folder it can tell is its own (the marker,
@@ -39,6 +41,10 @@ ALIGN_DIR = "00-align"
 # Per seed, what several arms share (stage 1's scores) when there is no align folder to keep it in; not an arm.
 SHARED_DIR = "_shared"
 SHARED_SCORES = "shared-scores"
+# Where `--rerun-from` moves the stages it retrains, and a re-evaluated stage its old eval/: never deleted.
+REPLACED_DIR = "replaced"
+# A stage evaluated again writes its new eval/ here first, renamed into place when complete.
+EVAL_NEW = "eval.new"
 # Written when a stage starts: the stage folder is gradsift's, so a resumed run may empty it.
 STAGE_MARK = ".gradsift-stage"
 # A stage's copy of the online mode's per-step record.
@@ -57,6 +63,7 @@ STAGE_NAMES = frozenset(
         "scores",
         SHARED_SCORES,
         "eval",
+        EVAL_NEW,
         DROPPED_FILE,
         SELECTION_FILE,
         STAGE_ONLINE_LOG,

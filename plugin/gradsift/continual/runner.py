@@ -33,11 +33,21 @@ from gradsift.continual.arms import (
 )
 from gradsift.continual.checks import cross_field_problems
 from gradsift.continual.evals import drift, eval_model, evaluate, forget_references
-from gradsift.continual.layout import RunLayout, Step, check_run_folder, clean_stage
+from gradsift.continual.fingerprint import (
+    EVALUATED_BY,
+    MADE_BY,
+    Fingerprints,
+    check_finished,
+    finished_status,
+    move_aside,
+    stage_names,
+)
+from gradsift.continual.layout import EVAL_NEW, REPLACED_DIR, RunLayout, Step, check_run_folder, clean_stage
 from gradsift.continual.penalties import NEW_ADAPTER, penalty_trainer_class
 from gradsift.continual.rows import align_records, measures_drift, stage_records
 from gradsift.continual.schema import PENALTY_KINDS, STEPPED_KINDS, Recipe, RecipeError, gradsift_config_for
 from gradsift.fileio import write_json
+from gradsift.hardware import describe_device, generation_dtype
 from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 
 logger = logging.getLogger(__name__)
@@ -71,6 +81,7 @@ def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[i
 
 def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
     arms = ", ".join(recipe.arms)
+    prints = Fingerprints(recipe)
     lines = [f"recipe {recipe.name}: model {recipe.model}, {len(recipe.stages)} stage(s), arms {arms}"]
     for step in steps:
         what = "align (shared by all arms)" if step.arm is None else f"{step.arm}: {step.stage}"
@@ -89,8 +100,8 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
             matched = (spec.steps or recipe.steps) == "full" and spec.kind in STEPPED_KINDS
             matched = ", as many steps as full" if matched else ""
             what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
-        status = "done" if step.done() else "to run"
-        lines.append(f"  seed {step.seed}  {what:<60s} {status:7s} {step.folder}")
+        status = finished_status(step, prints)[0]
+        lines.append(f"  seed {step.seed}  {what:<60s} {status:11s} {step.folder}")
     return "\n".join(lines)
 
 
@@ -102,18 +113,28 @@ def run_recipe(
     seeds: list[int] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    rerun_from: str | None = None,
 ) -> list[Step]:
     """Run every unfinished stage of the plan in order. `stop_after` ends after that many stages (for tests).
 
     `out` must be new, empty or a run folder (`check_run_folder`); it is locked for the whole run, so a second
-    `gradsift run` on it fails with `UserError` instead of writing the same stages.
+    `gradsift run` on it fails with `UserError` instead of writing the same stages. A finished stage made by other
+    settings than the recipe's stops the run (`fingerprint.check_finished`) unless `rerun_from` names it or an
+    earlier stage: those stages are moved aside and trained again. A finished stage whose evals changed is evaluated
+    again.
     """
     from gradsift.locking import folder_lock
 
     steps = plan(recipe, out, arms, seeds)
+    if rerun_from is not None and rerun_from not in stage_names(recipe):
+        raise RecipeError(f"--rerun-from {rerun_from!r}: the recipe's stages are {', '.join(stage_names(recipe))}.")
     forget_references()
     with folder_lock(out):
         check_run_folder(out)  # again, now that no other run can write it
+        if rerun_from is not None:
+            for old, new in move_aside(recipe, steps, rerun_from):
+                logger.info("gradsift run: --rerun-from %s: moved %s to %s", rerun_from, old, new)
+        finished = check_finished(recipe, steps)
         meta = {
             "gradsift_version": __version__,
             "name": recipe.name,
@@ -126,6 +147,10 @@ def run_recipe(
         write_json(meta, RunLayout(out).recipe_file)
         ran = 0
         for step in steps:
+            if step in finished.reevaluate:
+                logger.info("gradsift run: %s is finished; its evals changed, so it is evaluated again", step.folder)
+                _reevaluate(recipe, step)
+                continue
             if step.done():
                 logger.info("gradsift run: %s already finished, skipped", step.folder)
                 continue
@@ -166,19 +191,13 @@ def _align_identity(recipe: Recipe, train: Any, records: list[dict[str, Any]], s
     """Everything that makes a seed's aligned model (`align_cache.align_key`)."""
     import platform
 
-    import torch
-
     from gradsift.models import model_fingerprint
 
     where = backends.device(recipe)
-    if where.startswith("cuda"):
-        hardware = {"gpu": torch.cuda.get_device_name(where), "cuda": torch.version.cuda}
-    else:
-        hardware = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
     loading = recipe.scoring_config().model_dump(include={"dtype", "quantization", "trust_remote_code"})
     return {
         "model": model_fingerprint(recipe.model, full_weights=True),
-        "hardware": {**hardware, "machine": platform.machine()},
+        "hardware": {**describe_device(where), "machine": platform.machine()},
         "rows": records,
         "train": backends.train_values(train, None, where),
         "lora": recipe.lora.model_dump(),
@@ -371,20 +390,65 @@ def _stage_rows(
 
 
 def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapters: list[str]) -> None:
-    """Evaluate the stage's model (base + `adapters`), measure drift, and write stage.json (the stage is finished).
+    """Evaluate the stage's model (base + `adapters`), measure drift, and write stage.json (the stage is finished),
+    with what made the stage and what evaluated it (`gradsift.continual.fingerprint`)."""
+    prints = Fingerprints(recipe)
+    record[MADE_BY] = prints.made_by(step)
+    _measure(recipe, step, tokenizer, record, adapters)
+    record[EVALUATED_BY] = prints.evaluated_by(step)
+    write_json(record, RunLayout.stage_file(step.folder))
 
-    The align stage and the last task stage run `evals.final` (else `evals.after_each_stage`); the others run
-    `evals.after_each_stage`."""
+
+def _reevaluate(recipe: Recipe, step: Step) -> None:
+    """Evaluate a finished stage again with the recipe's evals, its model untouched: the new eval/ is written beside
+    the old one and renamed into place when complete; the old one is moved under `<out>/replaced/`."""
+    stage_file = RunLayout.stage_file(step.folder)
+    record = json.loads(stage_file.read_text(encoding="utf-8"))
+    adapters = []
+    if step.arm is not None:
+        olora = recipe.arm(step.arm).kind == "olora"
+        adapters = [str(p) for p in [*(olora_adapters(recipe, step) if olora else []), RunLayout.adapter(step.folder)]]
+    fresh = step.folder / EVAL_NEW
+    shutil.rmtree(fresh, ignore_errors=True)  # what an interrupted re-evaluation left
+    _measure(recipe, step, backends.tokenizer(recipe), record, adapters, into=fresh)
+    record[EVALUATED_BY] = Fingerprints(recipe).evaluated_by(step)
+    old = RunLayout.eval_dir(step.folder)
+    if old.exists():
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = step.layout.root / REPLACED_DIR / stamp / old.relative_to(step.layout.root)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        old.rename(aside)
+    if fresh.exists():
+        fresh.rename(old)
+    write_json(record, stage_file)
+
+
+def _measure(
+    recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapters: list[str], into: Path | None = None
+) -> None:
+    """Set the stage's drift, evals, machine and precision in `record`. The align stage and the last task stage run
+    `evals.final` (else `evals.after_each_stage`); the others run `evals.after_each_stage`."""
     base = backends.base_model_spec(recipe, step)
     # The align stage is every arm's starting point, so it gets the final stage's evals: each report row of the final
     # stage has the aligned model's number to be read against.
     final = step.arm is None or step.index == len(recipe.stages)
     needed = bool(recipe.eval_tasks(final)[1]) or measures_drift(recipe)
     model = eval_model(recipe, base, adapters) if needed else None  # one load for the drift and the evals
+    where = backends.device(recipe)
+    spec = recipe.eval_tasks(final)[0]
+    record["hardware"] = describe_device(where)
+    record["precision"] = {
+        "bf16": backends.bf16(recipe.train_for(_stage_of(recipe, step)), where),
+        "generation_dtype": generation_dtype(spec.generation_dtype, where),
+    }
     record["drift"] = drift(recipe, model, tokenizer, step)  # in the loading dtype: `evaluate` may cast the model
-    record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, final=final)
+    record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, final=final, into=into)
     del model
-    write_json(record, RunLayout.stage_file(step.folder))
+
+
+def _stage_of(recipe: Recipe, step: Step) -> Any:
+    """The recipe's spec of the step's stage: the align spec or the task stage."""
+    return recipe.align if step.arm is None else recipe.stages[step.index - 1]
 
 
 def _count_online(record: dict[str, Any], path: Path) -> None:

@@ -3,6 +3,7 @@ which runs one over lm-eval's logged samples of the refusal tasks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -121,22 +122,91 @@ def judge_results(
     keyword and judged attack success rates, the rule judge's refused/complied/neither shares, unparsed outputs)
     into `results_dir`. Returns the summary.
     """
-    from tqdm.auto import tqdm
-
-    from gradsift.fileio import atomic_path, dumps, write_json
-    from gradsift.models import load_for_eval, load_tokenizer
+    from gradsift.locking import folder_lock
 
     judge_format = judge_format or guess_judge_format(judge)
     parser = PARSERS.get(judge_format)
     if parser is None:
         raise UserError(f"Unknown judge format {judge_format!r}; use one of {', '.join(JUDGE_FORMATS)}.")
     samples = {task: read_samples(path) for task, path in find_samples(results_dir).items()}
-    config = JudgeModelConfig(
-        model=judge, device=device, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code
-    )
-    tokenizer = load_tokenizer(judge, trust_remote_code=trust_remote_code, what=config.label("model"))
+    with folder_lock(results_dir):
+        previous = _judge_record(results_dir)
+        for task in samples:  # before the judge loads: what would be replaced must be provably gradsift's
+            path = results_dir / f"judged_{task}.jsonl"
+            if path.exists() and not _judged_by_us(path, task, previous):
+                raise UserError(
+                    f"{str(path)!r} exists and gradsift cannot show it wrote it (its sha256 is not recorded in "
+                    f"{str(results_dir / JUDGE_RECORD)!r}); `gradsift judge` would replace it. Move it away first."
+                )
+        config = JudgeModelConfig(
+            model=judge, device=device, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code
+        )
+        return _judge(
+            results_dir, samples, config, judge_format, parser, previous, batch_size, max_new_tokens, progress
+        )
+
+
+JUDGE_RECORD = "judge_results.json"
+
+
+def _judge_record(results_dir: Path) -> dict[str, Any] | None:
+    """judge_results.json if gradsift wrote it (marked, or with the keys an older gradsift wrote), None if absent;
+    `UserError` if it is someone else's file."""
+    path = results_dir / JUDGE_RECORD
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and ("gradsift_version" in data or {"judge", "format", "tasks"} <= set(data)):
+        return data
+    raise UserError(f"{str(path)!r} exists and is not a {JUDGE_RECORD} gradsift wrote. Move it away first.")
+
+
+def _judged_by_us(path: Path, task: str, record: dict[str, Any] | None) -> bool:
+    """Whether gradsift wrote `judged_<task>.jsonl` as it is: its sha256 recorded, or (an older gradsift recorded
+    none) a judged line for each of the task's recorded samples."""
+    from gradsift.fileio import recorded
+
+    if record is None:
+        return False
+    if recorded(path, record):
+        return True
+    if "written" in record or task not in record.get("tasks", {}):
+        return False
+    try:
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return False
+    judged = all(isinstance(line, dict) and "judge_output" in line for line in lines)
+    return judged and len(lines) == record["tasks"][task].get("num_samples")
+
+
+def _judge(
+    results_dir: Path,
+    samples: dict[str, list[dict[str, Any]]],
+    config: JudgeModelConfig,
+    judge_format: str,
+    parser: Any,
+    previous: dict[str, Any] | None,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Judge every sample, write each task's judged file staged, then move them into place with their sha256
+    recorded in judge_results.json (`fileio.publish`); return the summary."""
+    from tqdm.auto import tqdm
+
+    from gradsift import __version__
+    from gradsift.fileio import dumps, publish, staged_path
+    from gradsift.models import load_for_eval, load_tokenizer
+
+    judge = config.model
+    tokenizer = load_tokenizer(judge, trust_remote_code=config.trust_remote_code, what=config.label("model"))
     model = load_for_eval(config)
     summary: dict[str, Any] = {"judge": judge, "format": judge_format, "tasks": {}}
+    staged: dict[Path, Path] = {}
     total = sum(len(records) for records in samples.values())
     bar = tqdm(total=total, desc=f"judging ({judge_format})", unit="answer", disable=not progress)
     for task, records in samples.items():
@@ -148,8 +218,9 @@ def judge_results(
             judged = {"judge_output": output, "judged_harmful": verdict.harmful, "judged_refusal": verdict.refusal}
             lines.append(dumps({**record, **judged}, ensure_ascii=False))
             record["judged_harmful"] = verdict.harmful
-        with atomic_path(results_dir / f"judged_{task}.jsonl") as tmp:
-            Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        final = results_dir / f"judged_{task}.jsonl"
+        staged[final] = staged_path(final)
+        staged[final].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         parsed = [r["judged_harmful"] for r in records if r["judged_harmful"] is not None]
         keyword = [float(r["keyword_attack_success"]) for r in records if r["keyword_attack_success"] is not None]
         n = max(len(records), 1)
@@ -169,7 +240,7 @@ def judge_results(
                 judge_format,
             )
     bar.close()
-    write_json(summary, results_dir / "judge_results.json")
+    publish(results_dir / JUDGE_RECORD, previous, {"gradsift_version": __version__, **summary}, staged)
     return summary
 
 

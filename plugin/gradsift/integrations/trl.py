@@ -19,6 +19,7 @@ from trl import SFTTrainer
 
 from gradsift.config import DataConfig, GradSiftConfig
 from gradsift.data import load_source
+from gradsift.hardware import warn_slow_bf16
 from gradsift.models import scoring_view
 from gradsift.online import OnlineSelectionMixin
 from gradsift.pipeline import ScoreResult, score_and_select
@@ -89,6 +90,10 @@ def select_dataset(
         progress: show a progress bar.
     """
     config = config or GradSiftConfig()
+    if sft_config is not None:
+        warn_slow_bf16(
+            getattr(sft_config, "bf16", False), sft_config.device, "The SFTConfig's `bf16=True` (TRL's default)"
+        )
     config = config.model_copy(update={"data": data_config_for(config.data, sft_config)})
     source = load_source(dataset, split=config.data.split)
     rows = tokenize_records(source.records, tokenizer, config.data, progress=progress)

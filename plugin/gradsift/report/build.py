@@ -30,6 +30,7 @@ from gradsift.report.stages import (
     collect,
     doc_values,
     forgetting,
+    hardware_of,
     length_bin_accuracy,
     stage_metrics,
 )
@@ -85,6 +86,7 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
         "run_dir": str(run_dir),
         "recipe": recipe_meta,
         "seeds": sorted(seeds),
+        "hardware": hardware_of(seeds),
         "statistics": {
             "confidence": CONFIDENCE,
             "over_seeds": "Student t: mean ± t.ppf(0.975, n−1)·s/√n, s with ddof=1; None below two seeds",

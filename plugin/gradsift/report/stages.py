@@ -80,6 +80,25 @@ def collect(run_dir: Path) -> dict[int, dict[str, Any]]:
     return dict(sorted(seeds.items()))
 
 
+def hardware_of(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """What the stages ran on (`stage.json`'s `hardware`): each distinct machine and torch with its stage count, in
+    first-seen order, and how many stages do not say (written before gradsift recorded it)."""
+    machines: dict[tuple[str, str], int] = {}
+    unrecorded = 0
+    for entry in seeds.values():
+        records = [entry["align"]] if entry["align"] else []
+        records += [record for stages in entry["arms"].values() for record in stages.values()]
+        for record in records:
+            described = record.get("hardware")
+            if not isinstance(described, dict):
+                unrecorded += 1
+                continue
+            key = (str(described.get("name")), str(described.get("torch")))
+            machines[key] = machines.get(key, 0) + 1
+    found = [{"name": name, "torch": torch, "stages": n} for (name, torch), n in machines.items()]
+    return {"machines": found, "unrecorded_stages": unrecorded}
+
+
 def stage_metrics(record: dict[str, Any]) -> dict[str, float | None]:
     """The numbers of one stage: refusal, over-refusal and benign-refusal rates (per task and pooled), accuracies,
     kept, drift."""

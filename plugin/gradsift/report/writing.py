@@ -151,12 +151,25 @@ def stage_table(report: dict[str, Any]) -> str:
     return _table(["arm", "stage", *[short_key(k) for k in keys]], rows, bare=one_seed(report))
 
 
+def machines_line(hardware: dict[str, Any]) -> str:
+    """Where the numbers were measured: every machine the stages ran on (results vary from one CPU to another)."""
+    machines = [f"{m['name']}, torch {m['torch']} ({m['stages']} stage{'s' if m['stages'] != 1 else ''})" for m in
+                hardware["machines"]]  # fmt: skip
+    n = hardware["unrecorded_stages"]
+    unrecorded = f"{n} stage{'s' if n != 1 else ''} written before gradsift recorded the machine"
+    where = "Measured on " + "; ".join(machines) + (f" (and {unrecorded})" if n else "") if machines else ""
+    where = where or f"The machine is not recorded ({unrecorded})"
+    return where + ". Results vary from one CPU or GPU to another: other kernels take other numerical paths."
+
+
 def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> str:
     """report.md: the headline first, then refusal per stage, every stage metric, forgetting, matrices, plots."""
     recipe = report.get("recipe", {})
     parts = [f"# Report: {recipe.get('name', Path(report['run_dir']).name)}", ""]
     if recipe:
         parts += [f"Model `{recipe.get('model')}`, seeds {report['seeds']}, arms {', '.join(report['arms'])}.", ""]
+    if "hardware" in report:
+        parts += [machines_line(report["hardware"]), ""]
     refusal_tasks = _refusal_tasks(report)
     n_resamples = report["statistics"]["over_prompts"]["n_resamples"]
     pooled = ", ".join(f"`{short_key(t)}`" for t in refusal_tasks) or "none ran"

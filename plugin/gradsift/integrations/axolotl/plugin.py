@@ -44,6 +44,7 @@ class GradSiftPlugin(BasePlugin):
         if cfg.get("gradsift") is None:
             return None
         _cpu_device_map(cfg)
+        _warn_bf16(cfg)
         config = resolve_config(cfg, self.raw_block)
         if config.mode == "online":  # the trainer selects inside each step; the dataset stays whole
             return None
@@ -217,6 +218,16 @@ def _plain(value: Any) -> Any:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _warn_bf16(cfg: Any) -> None:
+    """One warning when the config trains under bfloat16 on a CPU without it natively (`gradsift.hardware`)."""
+    import torch
+
+    from gradsift.hardware import warn_slow_bf16
+
+    device = "cuda" if torch.cuda.is_available() and cfg.get("device") != "cpu" else "cpu"
+    warn_slow_bf16(cfg.get("bf16") is True, device, "axolotl's `bf16: true`")
 
 
 def _cpu_device_map(cfg: Any) -> None:

@@ -1,0 +1,134 @@
+"""A run folder belongs to one recipe: a finished stage records what made it, and a resumed run that would make it
+otherwise stops, retrains with `--rerun-from`, or (evals only) evaluates again."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+
+from gradsift.cli import main
+from gradsift.continual import iter_stage_files, load_recipe
+from gradsift.continual.fingerprint import MADE_BY, Fingerprints, changed_keys, finished_status
+from gradsift.continual.runner import plan, run_recipe
+from test_continual_runner import tiny_recipe, write
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir):
+    """A finished run (align + `full` × 2 stages) and the recipe data that made it."""
+    root = tmp_path_factory.mktemp("fingerprint")
+    data = tiny_recipe(tiny_model_dir, arms=["full"])
+    run_recipe(load_recipe(write(root, data)), root / "run", progress=False)
+    return data, root / "run"
+
+
+def snapshot(run):
+    """Every file under `run` with its bytes' size and modification time."""
+    return {p.relative_to(run): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+
+def copied(finished, tmp_path):
+    data, run = finished
+    shutil.copytree(run, tmp_path / "run")
+    return copy.deepcopy(data), tmp_path / "run"
+
+
+def rerun(tmp_path, data, run, *flags):
+    return main(
+        ["run", str(write(tmp_path, data, name="changed.yaml")), "--out", str(run), "--no-report", "-q", *flags]
+    )
+
+
+def test_a_changed_learning_rate_stops_with_one_line_naming_the_stage_and_the_key(finished, tmp_path, capsys):
+    data, run = copied(finished, tmp_path)
+    before = snapshot(run)
+    data["stages"][1]["train"] = {"learning_rate": 2.0e-3}
+    capsys.readouterr()
+    assert rerun(tmp_path, data, run) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "seed-0/full/02-yes_no" in err and "train.learning_rate 0.001 → 0.002" in err
+    assert "--rerun-from yes_no" in err and "--out" in err
+    assert snapshot(run) == before  # nothing deleted, nothing written
+
+
+def test_an_added_arm_runs_only_the_new_arm(finished, tmp_path):
+    data, run = copied(finished, tmp_path)
+    before = snapshot(run)
+    data["arms"] = ["full", "random"]
+    assert rerun(tmp_path, data, run) == 0
+    after = snapshot(run)
+    assert {path: after[path] for path in before if path.name != "recipe.json"} == {
+        path: stat for path, stat in before.items() if path.name != "recipe.json"
+    }
+    done = {(arm, index) for _, arm, index, _ in iter_stage_files(run)}
+    assert done == {(None, 0), ("full", 1), ("full", 2), ("random", 1), ("random", 2)}
+
+
+def test_rerun_from_moves_the_stage_aside_and_retrains_it_and_the_ones_after_it(finished, tmp_path):
+    data, run = copied(finished, tmp_path)
+    first = (run / "seed-0/full/01-sentiment/stage.json").read_bytes()
+    old = json.loads((run / "seed-0/full/02-yes_no/stage.json").read_text())
+    data["stages"][1]["train"] = {"learning_rate": 2.0e-3}
+    assert rerun(tmp_path, data, run, "--rerun-from", "yes_no") == 0
+    (aside,) = (run / "replaced").glob("*/seed-0/full/02-yes_no")
+    assert json.loads((aside / "stage.json").read_text()) == old  # kept, whole
+    assert (aside / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "seed-0/full/01-sentiment/stage.json").read_bytes() == first  # before it: untouched
+    new = json.loads((run / "seed-0/full/02-yes_no/stage.json").read_text())
+    assert new[MADE_BY]["train.learning_rate"] == 2.0e-3 and old[MADE_BY]["train.learning_rate"] == 1.0e-3
+    assert new["train"]["losses"] != old["train"]["losses"]
+    # Rerun from the align stage: every stage of the seed moves aside and is trained again.
+    assert rerun(tmp_path, data, run, "--rerun-from", "align") == 0
+    assert len(list((run / "replaced").glob("*/seed-0/00-align/stage.json"))) == 1
+    assert len(list((run / "replaced").glob("*/seed-0/full/01-sentiment/stage.json"))) == 1
+    assert {(arm, index) for _, arm, index, _ in iter_stage_files(run)} == {(None, 0), ("full", 1), ("full", 2)}
+
+
+def test_changed_evals_evaluate_again_without_training(finished, tmp_path):
+    data, run = copied(finished, tmp_path)
+    old = {(arm, index): record for _, arm, index, record in iter_stage_files(run)}
+    adapter = run / "seed-0/full/02-yes_no/adapter/adapter_model.safetensors"
+    trained = (adapter.stat().st_mtime_ns, adapter.read_bytes())
+    data["evals"]["after_each_stage"]["limit"] = 3
+    assert rerun(tmp_path, data, run) == 0
+    new = {(arm, index): record for _, arm, index, record in iter_stage_files(run)}
+    for key, record in new.items():
+        assert record[MADE_BY] == old[key][MADE_BY] and record["train"] == old[key]["train"]
+        assert record["evaluated_by"]["evals.limit"] == 3 and old[key]["evaluated_by"]["evals.limit"] == 4
+    for stage in run.glob("seed-0/**/eval"):  # lm-eval's logged samples: 3 documents where there were 4
+        (samples,) = stage.rglob("samples_gradsift_refusal_mc_*.jsonl")
+        assert len(samples.read_text().splitlines()) == 3
+    assert (adapter.stat().st_mtime_ns, adapter.read_bytes()) == trained
+    assert len(list((run / "replaced").glob("*/seed-0/full/02-yes_no/eval"))) == 1  # the old eval/, kept
+    assert not list(run.glob("seed-0/**/eval.new"))
+
+
+def test_a_stage_made_before_fingerprints_is_kept_and_a_key_it_lacks_is_not_compared(finished, tmp_path):
+    data, run = copied(finished, tmp_path)
+    stage = run / "seed-0/full/02-yes_no/stage.json"
+    record = json.loads(stage.read_text())
+    record[MADE_BY].pop("train.learning_rate")  # as a gradsift that did not record this key wrote it
+    stage.write_text(json.dumps(record))
+    data["stages"][1]["train"] = {"learning_rate": 2.0e-3}
+    recipe = load_recipe(write(tmp_path, data, name="changed.yaml"))
+    step = plan(recipe, run)[2]
+    assert finished_status(step, Fingerprints(recipe))[0] == "done"
+    record.pop(MADE_BY)
+    stage.write_text(json.dumps(record))
+    assert finished_status(step, Fingerprints(recipe))[0] == "done"
+    assert changed_keys({"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 2], "c": 3}) == []
+    assert changed_keys({"a": 1, "b": [1, 2]}, {"a": 2, "b": [1, 2]}) == ["a"]
+
+
+def test_rerun_from_an_unknown_stage_is_one_line(finished, tmp_path, capsys):
+    data, run = copied(finished, tmp_path)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert rerun(tmp_path, data, run, "--rerun-from", "yesno") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'yesno'" in err and "align, sentiment, yes_no" in err
+    assert snapshot(run) == before

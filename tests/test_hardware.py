@@ -1,0 +1,121 @@
+"""bfloat16 only where the CPU computes it natively: the one decision (`gradsift.hardware`) and who follows it."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradsift import hardware
+from gradsift.config import ModelConfig
+from gradsift.continual import backends, load_recipe
+from gradsift.models import resolve_dtype
+from test_continual_runner import tiny_recipe, write
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Set what the CPU reports: `cpu(avx512_bf16=..., amx=...)`; no instruction-set cap in the environment."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hardware, "_logged", set())
+
+    def report(avx512_bf16: bool, amx: bool = False) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+    return report
+
+
+def test_native_bf16_is_amx_or_avx512_bf16_and_a_onednn_cap_below_them_takes_it_away(cpu, monkeypatch):
+    cpu(avx512_bf16=False)
+    assert not hardware.native_bf16("cpu")
+    cpu(avx512_bf16=True)
+    assert hardware.native_bf16("cpu") and not hardware.fast_bf16("cpu")
+    cpu(avx512_bf16=True, amx=True)
+    assert hardware.native_bf16(torch.device("cpu")) and hardware.fast_bf16("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # how an AVX2 machine is tried on a bigger one
+    assert not hardware.native_bf16("cpu") and not hardware.fast_bf16("cpu")
+    assert "capped by ONEDNN_MAX_CPU_ISA=AVX2" in hardware.describe_device("cpu")["name"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert hardware.native_bf16("cpu")
+
+
+@pytest.fixture
+def stage_recipe(tmp_path, tiny_model_dir):
+    """A recipe whose stage trains with `bf16: true` and generates its answers in bfloat16, as one written on an AMX
+    machine asks."""
+    data = tiny_recipe(tiny_model_dir)
+    data["train"]["bf16"] = True
+    data["evals"]["after_each_stage"]["generation_dtype"] = "bfloat16"
+    return load_recipe(write(tmp_path, data))
+
+
+def chosen(recipe, tmp_path) -> tuple[bool, str | None, bool]:
+    """(the runner's training bf16, its generation dtype, the online bench's bf16) as they would run now."""
+    spec = recipe.arm("full")
+    args = backends.sft_args(recipe, recipe.train_for(recipe.stages[0]), spec, tmp_path, 0, progress=False)
+    generation = hardware.generation_dtype(recipe.evals.after_each_stage.generation_dtype, "cpu")
+    bench = load_bench("online_bench").sft_config(str(tmp_path / "bench"), per_device_batch=4, steps=1)
+    return args.bf16, generation, bench.bf16
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_native_bf16_the_runner_and_the_bench_choose_float32_and_say_so_once(
+    cpu, stage_recipe, tmp_path, caplog
+):
+    cpu(avx512_bf16=False)
+    with caplog.at_level(logging.INFO, logger="gradsift.hardware"):
+        assert chosen(stage_recipe, tmp_path) == (False, "float32", False)
+        assert chosen(stage_recipe, tmp_path) == (False, "float32", False)
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if m.startswith("train.bf16: bfloat16 asked")]) == 1
+    assert len([m for m in said if m.startswith("generation_dtype: bfloat16 asked")]) == 1
+
+
+def test_with_native_bf16_bfloat16_where_asked_and_float32_where_not(cpu, stage_recipe, tmp_path, tiny_model_dir):
+    cpu(avx512_bf16=True)
+    assert chosen(stage_recipe, tmp_path) == (True, "bfloat16", True)
+    # `train.bf16: null` is bfloat16 only where it is the default (AMX); generation_dtype null keeps the loading dtype
+    plain = load_recipe(write(tmp_path, tiny_recipe(tiny_model_dir, train={"epochs": 1, "learning_rate": 1e-3})))
+    assert plain.train.bf16 is None
+    assert backends.bf16(plain.train, "cpu") is False
+    assert hardware.generation_dtype(None, "cpu") is None
+    cpu(avx512_bf16=True, amx=True)
+    assert backends.bf16(plain.train, "cpu") is True
+
+
+def test_a_users_own_bf16_setting_stands_with_one_warning_of_its_cost(cpu, caplog):
+    cpu(avx512_bf16=False)
+    with caplog.at_level(logging.WARNING, logger="gradsift.hardware"):
+        assert hardware.warn_slow_bf16(True, "cpu", "axolotl's `bf16: true`")
+        assert hardware.warn_slow_bf16(True, "cpu", "axolotl's `bf16: true`")
+        assert resolve_dtype(ModelConfig(model="m", dtype="bfloat16"), "cpu") is torch.bfloat16  # the user's choice
+        assert not hardware.warn_slow_bf16(False, "cpu", "axolotl's `bf16: true`")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("axolotl's `bf16: true` trains under bfloat16 autocast")
+    assert "several times slower than float32" in warnings[0]
+    assert "--dtype" in warnings[1]
+    cpu(avx512_bf16=True)
+    assert not hardware.warn_slow_bf16(True, "cpu", "TRL's `bf16=True`")
+
+
+def test_the_device_description_names_the_cpu_its_instruction_sets_and_torch(cpu):
+    cpu(avx512_bf16=True)
+    described = hardware.describe_device("cpu")
+    assert described["torch"] == torch.__version__
+    assert described["native_bf16"] is True and "AVX512_BF16" in described["isa"]
+    assert described["name"] == f"{hardware.cpu_model()} ({described['isa']})"
+    assert described["threads"] == torch.get_num_threads()
