@@ -122,3 +122,18 @@ def test_a_chat_template_refusal_raised_inside_trl_or_lm_eval_is_one_line(monkey
     monkeypatch.setattr(gradsift.cli, "run_eval", rendering)
     user_error(capsys, ["eval", "--model", "m", "--tasks", "t"], "gradsift eval: error: the tokenizer's chat template",
                "Conversation roles must alternate")  # fmt: skip
+
+
+def test_a_broken_template_elsewhere_keeps_its_traceback(monkeypatch):
+    """Only a template's own `raise_exception` (TemplateError itself) is the user's; an undefined name in a template
+    (lm-eval renders gradsift's task files with StrictUndefined) is a bug and keeps its traceback."""
+    from jinja2.exceptions import UndefinedError
+
+    import gradsift.cli
+
+    def rendering(args):
+        raise UndefinedError("'doc' is undefined")
+
+    monkeypatch.setattr(gradsift.cli, "run_eval", rendering)
+    with pytest.raises(UndefinedError):
+        main(["eval", "--model", "m", "--tasks", "t"])

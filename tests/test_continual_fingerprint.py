@@ -107,21 +107,65 @@ def test_changed_evals_evaluate_again_without_training(finished, tmp_path):
     assert not list(run.glob("seed-0/**/eval.new"))
 
 
-def test_a_stage_made_before_fingerprints_is_kept_and_a_key_it_lacks_is_not_compared(finished, tmp_path):
+def test_stages_of_an_older_gradsift_are_kept_and_an_older_format_is_compared_on_shared_keys(finished, tmp_path):
     data, run = copied(finished, tmp_path)
     stage = run / "seed-0/full/02-yes_no/stage.json"
     record = json.loads(stage.read_text())
-    record[MADE_BY].pop("train.learning_rate")  # as a gradsift that did not record this key wrote it
-    stage.write_text(json.dumps(record))
-    data["stages"][1]["train"] = {"learning_rate": 2.0e-3}
-    recipe = load_recipe(write(tmp_path, data, name="changed.yaml"))
+    recipe = load_recipe(write(tmp_path, data, name="same.yaml"))
     step = plan(recipe, run)[2]
     assert finished_status(step, Fingerprints(recipe))[0] == "done"
-    record.pop(MADE_BY)
+    record[MADE_BY].pop("train.learning_rate")  # the same format without a key: a change
+    stage.write_text(json.dumps(record))
+    assert finished_status(step, Fingerprints(recipe))[:2] == ("changed", ["train.learning_rate"])
+    record[MADE_BY]["format"] = 0  # an older format that did not record the key: compared on the keys both hold
     stage.write_text(json.dumps(record))
     assert finished_status(step, Fingerprints(recipe))[0] == "done"
-    assert changed_keys({"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 2], "c": 3}) == []
+    record.pop(MADE_BY)  # a stage of a gradsift that recorded nothing: kept as it is
+    stage.write_text(json.dumps(record))
+    data["stages"][1]["train"] = {"learning_rate": 2.0e-3}
+    changed = load_recipe(write(tmp_path, data, name="changed.yaml"))
+    assert finished_status(step, Fingerprints(changed))[0] == "done"
+    assert changed_keys({"format": 1, "a": 1}, {"format": 1, "a": 1, "c": 3}) == ["c"]  # added
+    assert changed_keys({"a": 1, "b": [1, 2]}, {"a": 1, "b": [1, 2], "c": 3}) == []  # no format: shared keys
     assert changed_keys({"a": 1, "b": [1, 2]}, {"a": 2, "b": [1, 2]}) == ["a"]
+
+
+def test_an_added_align_source_a_random_arms_selection_and_an_earlier_stage_are_caught(finished, tmp_path, capsys):
+    data, run = copied(finished, tmp_path)
+    more = copy.deepcopy(data)
+    more["align"]["data"] = [more["align"]["data"], {"synthetic": "sentiment", "size": 4}]
+    capsys.readouterr()
+    assert rerun(tmp_path, more, run) == 2
+    err = capsys.readouterr().err
+    assert (
+        "seed-0/00-align" in err and 'data.1.synthetic (not set) → "sentiment"' in err and "--rerun-from align" in err
+    )
+    data["arms"] = ["full", "random"]
+    assert rerun(tmp_path, data, run) == 0
+    data["selection"]["keep_fraction"] = 0.75
+    assert rerun(tmp_path, data, run) == 2
+    err = capsys.readouterr().err
+    assert "seed-0/random/01-sentiment" in err and "selection.keep_fraction 0.5 → 0.75" in err
+    # A stage trained again upstream: the stage after it no longer matches what it was trained on from.
+    data["selection"]["keep_fraction"] = 0.5
+    first = run / "seed-0/full/01-sentiment/stage.json"
+    record = json.loads(first.read_text())
+    record[MADE_BY]["train.epochs"] = 1.0 + 1e-9  # as if trained again with other settings, recorded as such
+    first.write_text(json.dumps(record))
+    recipe = load_recipe(write(tmp_path, data, name="same.yaml"))
+    second = next(s for s in plan(recipe, run) if s.arm == "full" and s.index == 2)
+    assert finished_status(second, Fingerprints(recipe))[:2] == ("changed", ["previous"])
+
+
+def test_rerun_from_a_later_stage_while_an_earlier_one_changed_moves_nothing(finished, tmp_path, capsys):
+    data, run = copied(finished, tmp_path)
+    before = snapshot(run)
+    data["stages"][0]["train"] = {"learning_rate": 2.0e-3}
+    capsys.readouterr()
+    assert rerun(tmp_path, data, run, "--rerun-from", "yes_no") == 2
+    err = capsys.readouterr().err
+    assert "seed-0/full/01-sentiment" in err and "--rerun-from sentiment" in err
+    assert snapshot(run) == before and not (run / "replaced").exists()
 
 
 def test_rerun_from_an_unknown_stage_is_one_line(finished, tmp_path, capsys):
@@ -130,5 +174,5 @@ def test_rerun_from_an_unknown_stage_is_one_line(finished, tmp_path, capsys):
     capsys.readouterr()
     assert rerun(tmp_path, data, run, "--rerun-from", "yesno") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'yesno'" in err and "align, sentiment, yes_no" in err
+    assert len(err.splitlines()) == 1 and "'yesno'" in err and "(align, sentiment, yes_no): name one" in err
     assert snapshot(run) == before

@@ -276,6 +276,77 @@ def test_select_killed_while_moving_its_outputs_leaves_files_it_can_prove_and_re
     assert len(out.read_text().splitlines()) == 6 and record["num_kept"] == 6 and "pending" not in record
 
 
+def test_publish_keeps_every_output_provable_across_two_kills_in_a_row(tmp_path, monkeypatch):
+    """Run 2 killed after its move, run 3 killed before its move: the file run 2 left stays provable."""
+    import gradsift.fileio as fileio
+
+    record_path, out = tmp_path / "record.json", tmp_path / "out.jsonl"
+    real = os.replace
+
+    def run(content: str, moves: int | None) -> None:
+        """Publish `content` to out.jsonl; killed after `moves` staged moves (None: not killed)."""
+        calls = []
+
+        def killed(source, target):
+            if ".new." in Path(source).name and ".new." not in Path(target).name:
+                if moves is not None and len(calls) == moves:
+                    raise KeyboardInterrupt
+                calls.append(target)
+            real(source, target)
+
+        previous = json.loads(record_path.read_text()) if record_path.exists() else None
+        monkeypatch.setattr(fileio.os, "replace", killed)
+        try:
+            with fileio.staged([out]) as files:
+                files[out].write_text(content)
+                fileio.publish(record_path, previous, {"gradsift_version": "x", "run": content}, files)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(fileio.os, "replace", real)
+        assert fileio.recorded(out, json.loads(record_path.read_text())), content
+
+    run("one\n", None)
+    run("two\n", 1)  # moved, then killed before the final record
+    assert out.read_text() == "two\n"
+    run("three\n", 0)  # killed before moving: "two" is still in place and provable
+    assert out.read_text() == "two\n"
+    run("four\n", None)
+    record = json.loads(record_path.read_text())
+    assert out.read_text() == "four\n" and record["run"] == "four\n" and "pending" not in record
+    assert not [p for p in tmp_path.iterdir() if ".new." in p.name]  # no staged file left behind
+    mode = out.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # the usual mode of a new file, not mkstemp's 0600
+
+
+def test_publish_over_an_older_record_keeps_its_own_proof(tmp_path):
+    """A record without `written` (an older gradsift's) proves its files otherwise (line counts): `publish` must not
+    add a `written` that would turn that proof off before the new files are in place."""
+    import gradsift.fileio as fileio
+
+    record_path, out = tmp_path / "selection.json", tmp_path / "kept.jsonl"
+    legacy = {"selection": {}, "num_rows": 2, "num_kept": 1, "summary": "kept 1/2"}
+    record_path.write_text(json.dumps(legacy))
+    seen = []
+    real = fileio.os.replace
+
+    def peek(source, target):
+        if ".new." in Path(source).name and ".new." not in Path(target).name:
+            seen.append(json.loads(record_path.read_text()))
+        real(source, target)
+
+    fileio.os.replace = peek
+    try:
+        with fileio.staged([out]) as files:
+            files[out].write_text("{}\n")
+            fileio.publish(record_path, legacy, {"gradsift_version": "x"}, files)
+    finally:
+        fileio.os.replace = real
+    assert "written" not in seen[0] and seen[0]["num_rows"] == 2 and list(seen[0]["pending"]) == ["kept.jsonl"]
+    assert fileio.recorded(out, json.loads(record_path.read_text()))
+
+
 def test_select_outputs_are_strict_json_after_non_finite_rows(scored, tmp_path, capsys):
     import numpy as np
 

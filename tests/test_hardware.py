@@ -110,6 +110,8 @@ def test_a_users_own_bf16_setting_stands_with_one_warning_of_its_cost(cpu, caplo
     assert "--dtype" in warnings[1]
     cpu(avx512_bf16=True)
     assert not hardware.warn_slow_bf16(True, "cpu", "TRL's `bf16=True`")
+    cpu(avx512_bf16=False)
+    assert not hardware.warn_slow_bf16(True, "mps", "TRL's `bf16=True`")  # a CPU's cost, not another device's
 
 
 def test_the_device_description_names_the_cpu_its_instruction_sets_and_torch(cpu):

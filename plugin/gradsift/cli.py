@@ -49,14 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _disable_library_progress_bars()
     try:
         return args.handler(args)
-    except (UserError, TemplateError) as error:  # TemplateError: a chat template's `raise_exception`
-        error = error if isinstance(error, UserError) else chat_template_refusal(error)
-        print(f"gradsift {args.command}: error: {_one_line(error)}", file=sys.stderr)
+    except (UserError, TemplateError) as error:
+        if type(error) is TemplateError:  # exactly what a chat template's `raise_exception` raises; not a subclass
+            error = chat_template_refusal(error)
+        elif not isinstance(error, UserError):
+            raise
+        print(f"gradsift {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
-
-
-def _one_line(error: UserError) -> str:
-    return " ".join(str(error).split())
 
 
 def _disable_library_progress_bars() -> None:
@@ -260,7 +259,7 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
 def run_select(args: argparse.Namespace) -> int:
     """`gradsift select`."""
     from gradsift.data import load_source
-    from gradsift.fileio import staged_path
+    from gradsift.fileio import staged
     from gradsift.locking import folder_lock
     from gradsift.selection import apply_selection, kept_indices
     from gradsift.store import MANIFEST, TABLE, load_finished_scores, selection_paths, write_dropped, write_selection
@@ -287,11 +286,11 @@ def run_select(args: argparse.Namespace) -> int:
     selection_paths(out, inputs)  # fail before the lock creates --out's folder
     with folder_lock(out.parent):
         paths = selection_paths(out, inputs)
-        staged = {paths[name]: staged_path(paths[name]) for name in ("kept", "dropped")}
-        source.write_subset(kept_indices(selection, table).tolist(), staged[out])
-        write_dropped(staged[paths["dropped"]], table, selection, lambda i: {"row": source.records[i]})
-        where = {"scores": str(args.scores), "data": data_path, "out": str(out)}
-        write_selection(paths["selection"], table, selection, config.selection, where, staged=staged)
+        with staged([paths["kept"], paths["dropped"]]) as files:
+            source.write_subset(kept_indices(selection, table).tolist(), files[out])
+            write_dropped(files[paths["dropped"]], table, selection, lambda i: {"row": source.records[i]})
+            where = {"scores": str(args.scores), "data": data_path, "out": str(out)}
+            write_selection(paths["selection"], table, selection, config.selection, where, staged=files)
     dropped_path = paths["dropped"]
     print(f"{selection.summary()} -> {out} (dropped rows: {dropped_path})")
     return 0
@@ -451,7 +450,7 @@ def run_run(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
     seeds = _seeds(args.seeds) if args.seeds else None
     steps = plan(recipe, out, arms, seeds)
-    print(describe_plan(recipe, steps))
+    print(describe_plan(recipe, steps, rerun_from=args.rerun_from))
     if args.dry_run:
         return 0
     run_recipe(recipe, out, arms=arms, seeds=seeds, progress=not args.quiet, rerun_from=args.rerun_from)

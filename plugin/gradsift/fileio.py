@@ -29,9 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    _usual_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -59,13 +57,30 @@ def write_json(data: Any, path: str | os.PathLike) -> None:
         Path(tmp).write_text(dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def staged_path(final: str | os.PathLike) -> Path:
-    """A new, unique hidden file beside `final` with its suffix, for `publish` to move onto `final` later."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".new{final.suffix}", dir=final.parent)
-    os.close(fd)
-    return Path(name)
+@contextlib.contextmanager
+def staged(finals: Iterator[Path] | list[Path]) -> Iterator[dict[Path, Path]]:
+    """{final: a new, unique hidden file beside it with its suffix} for `publish` to move into place; on an exception
+    the staged files that did not move are removed."""
+    files = {}
+    try:
+        for final in finals:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".new{final.suffix}", dir=final.parent)
+            os.close(fd)
+            _usual_mode(Path(name))
+            files[final] = Path(name)
+        yield files
+    except BaseException:
+        for source in files.values():
+            source.unlink(missing_ok=True)
+        raise
+
+
+def _usual_mode(path: Path) -> None:
+    """mkstemp makes 0600; give the file the permissions a newly written file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def recorded(path: Path, record: dict[str, Any] | None) -> bool:
@@ -73,8 +88,10 @@ def recorded(path: Path, record: dict[str, Any] | None) -> bool:
     `pending`: the proof that gradsift wrote the file as it is now."""
     if record is None or not path.is_file():
         return False
-    digests = [(record.get(key) or {}).get(path.name) for key in ("written", "pending")]
-    digests = [digest for digest in digests if digest]
+    digests: list[str] = []
+    for key in ("written", "pending"):
+        found = (record.get(key) or {}).get(path.name)
+        digests += found if isinstance(found, list) else [found] if found else []
     return bool(digests) and file_fingerprint(path) in digests
 
 
@@ -83,19 +100,27 @@ def publish(
 ) -> None:
     """Move each staged file (`{final: staged}`) onto its final path beside `record_path`, never leaving a file
     gradsift cannot prove it wrote: the staged files' sha256 are recorded (`pending`, in the previous record kept as
-    it was) before the first move, then `record` is written with every file's sha256 under `written`. Files of the
-    previous record still in place keep their entries."""
+    it was) before the first move, then `record` is written with every file's sha256 under `written`. What the
+    previous record proves of the files still in place (`written` or `pending`) is kept, so a second kill cannot orphan
+    a file the first one left."""
     folder = record_path.parent
-    kept = {
-        name: digest
-        for name, digest in ((previous or {}).get("written") or {}).items()
-        if (folder / name).is_file() and file_fingerprint(folder / name) == digest
-    }
+    proven = {}
+    for key in ("written", "pending"):
+        for name, digest in ((previous or {}).get(key) or {}).items():
+            if (folder / name).is_file() and file_fingerprint(folder / name) == digest:
+                proven[name] = digest
     pending = {final.name: file_fingerprint(source) for final, source in staged.items()}
-    before = previous or {"gradsift_version": record.get("gradsift_version")}  # a first record: still marked ours
-    write_json({**before, "written": kept, "pending": pending}, record_path)
+    before = dict(previous or {"gradsift_version": record.get("gradsift_version"), "written": {}})  # marked ours
+    if "written" in before:
+        before.update(written=proven, pending=pending)
+    else:  # an older gradsift's record without `written` keeps its own proof (line counts): no `written` added
+        before["pending"] = {
+            name: [d for d in (proven.get(name), pending.get(name)) if d] for name in {**proven, **pending}
+        }
+    write_json(before, record_path)
     for final, source in staged.items():
         os.replace(source, final)
+    kept = {name: digest for name, digest in proven.items() if name not in pending}
     write_json({**record, "written": {**kept, **pending}}, record_path)
 
 

@@ -7,9 +7,9 @@ generation, the benches, the online mode and `gradsift eval` ask it, so a recipe
 crawl on an AVX2 one, and a user's own TRL/axolotl config that asks for bfloat16 there gets one warning
 (`warn_slow_bf16`).
 
-oneDNN's and MKL's instruction-set caps (`ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`, the way to try an
-AVX2 machine on a bigger one) count: a cap below AVX512_CORE_BF16 means no native bfloat16, since oneDNN then runs
-the matmuls without the bfloat16 instructions.
+oneDNN's instruction-set cap counts (`ONEDNN_MAX_CPU_ISA=AVX2`, with `MKL_ENABLE_INSTRUCTIONS=AVX2` the way to try
+an AVX2 machine on a bigger one): a cap below AVX512_CORE_BF16 means no native bfloat16, since oneDNN, which runs
+torch's bfloat16 matmuls on a CPU, then does without the bfloat16 instructions. The MKL cap only slows float32.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def native_bf16(device: Any = "cpu") -> bool:
     import torch
 
     kind = _device_type(device)
-    if kind == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind == "cuda":  # emulated bfloat16 (a V100, a T4) is not native
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
     if kind == "cpu":
         return cpu_native_bf16()
     return False
@@ -100,9 +100,9 @@ def generation_dtype(asked: str | None, device: Any) -> str | None:
 
 def warn_slow_bf16(bf16: bool | None, device: Any, where: str, *, autocast: bool = True) -> bool:
     """One warning when a user's own setting (`where`: the TRL or axolotl key, or gradsift's `dtype`) computes in
-    bfloat16 on a device without it natively; gradsift does not change the user's setting. Returns whether it
+    bfloat16 on a CPU without it natively; gradsift does not change the user's setting. Returns whether it
     warned."""
-    if not bf16 or native_bf16(device):
+    if not bf16 or _device_type(device) != "cpu" or native_bf16(device):
         return False
     how = "trains under bfloat16 autocast" if autocast else "computes in bfloat16"
     fix = (

@@ -74,8 +74,10 @@ def tokenize_records(
     for i, record in enumerate(tqdm(records, desc="tokenizing", disable=not progress or len(records) < 1000)):
         try:
             input_ids, labels = TOKENIZERS[fmt](record, tokenizer, config)
-        except TemplateError as error:  # the chat template's own `raise_exception`: the row breaks its rules
-            raise UserError(_template_refused(records, i, error)) from None
+        except TemplateError as error:
+            if type(error) is not TemplateError:  # a broken template (syntax, undefined name): not the row's fault
+                raise
+            raise UserError(_template_refused(records, i, error)) from None  # the template's `raise_exception`
         truncated = len(input_ids) > config.max_length
         rows.append(TokenizedRow(input_ids[: config.max_length], labels[: config.max_length], truncated))
     assign_sample_ids(rows)

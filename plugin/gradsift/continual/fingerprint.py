@@ -2,35 +2,42 @@
 
 Each finished stage's `stage.json` records two flat {recipe key: value} maps:
 
-- `made_by`: everything its model came from: the model (and its files' fingerprint), the loading settings, the LoRA,
-  the seed, the stage's training settings, its data (and the sha256 of a local data file), the arm, its selection
-  (for `select` arms), the trainer, and `previous`: the digest of the `made_by` of the stage it trained on from (the
-  align stage's for stage 1), so a change upstream reaches every stage after it.
+- `made_by`, taken when the stage starts: everything its model came from: the model (and its files' fingerprint),
+  the loading settings, the LoRA, the seed, the stage's training settings, its data (a local file by its sha256, a
+  packaged source or hub id by name), the arm, its selection (`select` and `random` arms) and scoring (`select`), the
+  trainer, and `previous`: the digest of the recorded `made_by` of the stage it trained on from (the align stage's
+  for stage 1), so a stage trained again upstream reaches every stage after it. A `random` arm matched to the
+  `gradsift` arm's size, and an arm trained for as many steps as `full`, also hold that stage's digest. Settings
+  that change only speed or memory (shard and batch sizes, gradient checkpointing, the device) are left out.
 - `evaluated_by`: what its numbers were measured with: the evals spec it ran, its tasks, the drift settings.
 
-A resumed run compares both with the recipe as it is now (`check_finished`). A `made_by` key whose value changed
-stops the run with one line naming the stage and the keys (`UserError`): keeping the old stage would mix two recipes
-in one report. Keys a newer gradsift records and an older stage lacks are not compared. A stage whose only change is
-in `evaluated_by` is evaluated again, without training. A stage written before gradsift recorded `made_by` is kept
-as it is. `--rerun-from STAGE` moves the stage and the ones after it aside (`move_aside`), never deleting them.
+A resumed run compares both with the recipe as it is now (`check_finished`): a key added, removed or changed in
+`made_by` stops the run with one line naming the stage and the keys (`UserError`), since keeping the old stage would
+mix two recipes in one report. Records of an older `FORMAT` are compared on the keys both hold. A stage whose only
+change is in `evaluated_by` is evaluated again, without training. A stage written before gradsift recorded `made_by`
+is kept as it is. `--rerun-from STAGE` moves the stage and the ones after it aside (`move_aside`), never deleting
+them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradsift.continual.layout import REPLACED_DIR, Step
+from gradsift.continual.layout import REPLACED_DIR, Step, replaced_dir
 from gradsift.continual.paths import resolve_path
-from gradsift.continual.schema import Recipe
+from gradsift.continual.schema import STEPPED_KINDS, Recipe
 from gradsift.errors import UserError
 
 MADE_BY = "made_by"
 EVALUATED_BY = "evaluated_by"
+# The layout of `made_by`: a record of the same format is compared key for key, an older one on the keys both hold.
+FORMAT = 1
+# Settings that change how fast a stage runs or how much memory it takes, not what it makes.
+SPEED_KEYS = frozenset({"max_tokens_per_batch", "max_batch_size", "gradient_checkpointing", "shard_size", "device"})
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -70,58 +77,91 @@ class Fingerprints:
 
             self._model = model_fingerprint(recipe.model)
         loading = recipe.scoring.model_dump(mode="json", include={"dtype", "quantization", "trust_remote_code"})
-        inputs: dict[str, Any] = {**self._model, "loading": loading, "lora": recipe.lora.model_dump(mode="json")}
-        inputs["seed"] = step.seed
+        inputs: dict[str, Any] = {"format": FORMAT, **self._model, "loading": loading}
+        inputs.update(lora=recipe.lora.model_dump(mode="json"), seed=step.seed)
         if step.arm is None:
             assert recipe.align is not None
-            inputs["train"] = recipe.train_for(recipe.align).model_dump(mode="json")
+            inputs["train"] = _speed_free(recipe.train_for(recipe.align).model_dump(mode="json"))
             inputs["data"] = {str(i): self._data(spec) for i, spec in enumerate(recipe.align.data)}
             return inputs
         stage = recipe.stages[step.index - 1]
         spec = recipe.arm(step.arm)
-        inputs["train"] = recipe.train_for(stage).model_dump(mode="json")
+        inputs["train"] = _speed_free(recipe.train_for(stage).model_dump(mode="json"))
         inputs["data"] = self._data(stage.data)
         inputs["arm"] = spec.model_dump(mode="json", exclude={"selection", "mode", "steps"})
         inputs["trainer"] = recipe.trainer
         if recipe.trainer == "axolotl":
             inputs["axolotl"] = recipe.axolotl
         if spec.kind in ("select", "random"):
+            inputs["selection"] = recipe.selection_for(step.arm).model_dump(mode="json")
+        if spec.kind in STEPPED_KINDS:
             inputs["steps"] = spec.steps or recipe.steps
+            if inputs["steps"] == "full" and "full" in recipe.arms and step.arm != "full":  # `full`'s step count
+                inputs["steps_of"] = self._recorded_digest(_beside(step, "full"))
+        if spec.kind == "random" and "gradsift" in recipe.arms:  # matched to the size `gradsift` kept
+            inputs["matched_to"] = self._recorded_digest(_beside(step, "gradsift"))
         if spec.kind == "select":
             inputs["mode"] = spec.mode or recipe.mode
-            inputs["selection"] = recipe.selection_for(step.arm).model_dump(mode="json")
-            scoring = recipe.scoring.model_dump(mode="json")
-            anchor = recipe.scoring.anchor_data
-            if anchor:
-                scoring["anchor_data_sha256"] = self._file(anchor)
+            scoring = _speed_free(recipe.scoring.model_dump(mode="json", exclude={"model", "adapter"}))
+            if recipe.scoring.anchor_data:
+                scoring["anchor_data"] = self._source(recipe.scoring.anchor_data)
             inputs["scoring"] = scoring
         if step.index > 1:
-            inputs["previous"] = digest(self.made_by(Step(step.seed, step.arm, step.index - 1, "", step.layout)))
+            inputs["previous"] = self._recorded_digest(Step(step.seed, step.arm, step.index - 1, "", step.layout))
         elif recipe.align is not None:
-            inputs["previous"] = digest(self.made_by(Step(step.seed, None, 0, "align", step.layout)))
+            inputs["previous"] = self._recorded_digest(Step(step.seed, None, 0, "align", step.layout))
         return inputs
+
+    def _recorded_digest(self, step: Step) -> str:
+        """The digest of a stage's `made_by` as its stage.json records it, or as it would be made now when it has
+        none (not finished, or written before gradsift recorded it)."""
+        recorded = recorded_made_by(self.recipe, step)
+        return digest(recorded if recorded is not None else self.made_by(step))
 
     def evaluated_by(self, step: Step) -> dict[str, Any]:
         recipe = self.recipe
         final = step.arm is None or step.index == len(recipe.stages)
         spec, tasks = recipe.eval_tasks(final)
-        inputs = {"evals": spec.model_dump(mode="json"), "tasks": tasks, "drift_prompts": recipe.drift_prompts}
-        inputs["reference_model"] = recipe.reference_model
+        inputs = {"format": FORMAT, "evals": spec.model_dump(mode="json"), "tasks": tasks}
+        inputs.update(drift_prompts=recipe.drift_prompts, reference_model=recipe.reference_model)
         return flatten(inputs)
 
     def _data(self, spec: Any) -> dict[str, Any]:
         values = spec.model_dump(mode="json")
         if spec.path:
-            values["sha256"] = self._file(spec.path)
+            values["path"] = self._source(spec.path)
         return values
 
-    def _file(self, path: str) -> str | None:
-        """The sha256 of a local data file (of every file, by name, of a folder); None for a packaged source or a
-        hub id."""
+    def _source(self, path: str) -> str:
+        """A data source as what it holds: a local file's sha256 (of every file, by name, of a folder), so that a
+        path spelt otherwise is the same source; a packaged source or hub id by its name."""
         if path not in self._files:
             found = resolve_path(path, self.recipe.base_dir)
-            self._files[path] = _content_sha256(found) if isinstance(found, Path) else None
+            self._files[path] = f"sha256:{_content_sha256(found)}" if isinstance(found, Path) else path
         return self._files[path]
+
+
+def _speed_free(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if key not in SPEED_KEYS}
+
+
+def _beside(step: Step, arm: str) -> Step:
+    """The same seed and stage of another arm."""
+    return Step(step.seed, arm, step.index, step.stage, step.layout)
+
+
+def recorded_made_by(recipe: Recipe, step: Step) -> dict[str, Any] | None:
+    """A finished stage's recorded `made_by`, or None (not finished, or written before gradsift recorded it)."""
+    folder = step.layout.stage_dir(step.seed, step.arm, step.index, _stage_name(recipe, step))
+    try:
+        made = json.loads((folder / "stage.json").read_text(encoding="utf-8")).get(MADE_BY)
+    except (OSError, ValueError):
+        return None
+    return made if isinstance(made, dict) else None
+
+
+def _stage_name(recipe: Recipe, step: Step) -> str:
+    return "align" if step.arm is None else recipe.stages[step.index - 1].name
 
 
 def _content_sha256(path: Path) -> str:
@@ -135,8 +175,16 @@ def _content_sha256(path: Path) -> str:
 
 
 def changed_keys(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The recorded keys whose value is not the one now (a key the record lacks is not compared)."""
-    return [key for key, value in recorded.items() if key not in now or now[key] != value]
+    """The keys whose value differs, added or removed ones included; against a record of an older `FORMAT` (or an
+    `evaluated_by`, which has none) only the keys both hold are compared."""
+    if recorded.get("format") == now.get("format") and "format" in now:
+        keys = list(dict.fromkeys([*recorded, *now]))
+    else:
+        keys = [key for key in recorded if key in now and key != "format"]
+    return [key for key in keys if recorded.get(key, _ABSENT) != now.get(key, _ABSENT)]
+
+
+_ABSENT = "(not set)"
 
 
 @dataclass(frozen=True)
@@ -146,16 +194,21 @@ class Finished:
     reevaluate: list[Step]
 
 
-def check_finished(recipe: Recipe, steps: list[Step], prints: Fingerprints | None = None) -> Finished:
-    """Compare every finished stage in `steps` with the recipe as it is now.
+def check_finished(
+    recipe: Recipe, steps: list[Step], prints: Fingerprints | None = None, rerun_from: str | None = None
+) -> Finished:
+    """Compare every finished stage in `steps` (but those `rerun_from` will train again) with the recipe as it is now.
 
     Raises `UserError` (one line: the first changed stage, its changed keys with the values before and now, the
     choices) when a finished stage was made by other settings; returns the stages to evaluate again.
     """
     prints = prints or Fingerprints(recipe)
+    first = first_index(recipe, rerun_from) if rerun_from is not None else None
     changed: list[tuple[Step, list[str], dict[str, Any]]] = []
     reevaluate = []
     for step in steps:
+        if first is not None and step.index >= first:
+            continue
         what, keys, made = finished_status(step, prints)
         if what == "changed":
             changed.append((step, keys, made))
@@ -184,24 +237,33 @@ def finished_status(step: Step, prints: Fingerprints) -> tuple[str, list[str], d
     return "done", [], made
 
 
+# Keys that hold another stage's digest: they say that stage changed, not what.
+_UPSTREAM = {
+    "previous": "the stage it trained on from was trained again since",
+    "matched_to": "the `gradsift` stage whose kept size it matches changed",
+    "steps_of": "the `full` stage whose step count it matches changed",
+}
+
+
 def _changed_message(changed: list[tuple[Step, list[str], dict[str, Any]]], prints: Fingerprints) -> str:
     step, keys, made = changed[0]
     now = prints.made_by(step)
-    shown = [key for key in keys if key != "previous"] or keys  # `previous` only says an earlier stage changed
-    parts = [f"{key} {_short(made.get(key))} → {_short(now.get(key, '(gone)'))}" for key in shown[:4]]
-    more = f" and {len(shown) - 4} more key(s)" if len(shown) > 4 else ""
+    own = [key for key in keys if key not in _UPSTREAM]
+    parts = [f"{key} {_short(made.get(key, _ABSENT))} → {_short(now.get(key, _ABSENT))}" for key in own[:4]]
+    parts += [_UPSTREAM[key] for key in keys if key in _UPSTREAM and not own]
+    more = f" and {len(own) - 4} more key(s)" if len(own) > 4 else ""
     others = f" ({len(changed) - 1} other finished stage(s) too)" if len(changed) > 1 else ""
     name = "align" if step.arm is None else step.stage
     return (
-        f"{step.folder} was trained with other settings than the recipe's now: {'; '.join(parts)}{more}{others}. "
-        "Keeping it would mix two recipes in one run: choose a new --out for the changed recipe, or retrain this "
-        f"stage and the ones after it with --rerun-from {name} (the old folders are moved aside under "
+        f"{step.folder} was made by other settings than the recipe's now: {'; '.join(parts)}{more}{others}. "
+        "Keeping it would mix two recipes in one run: choose a new --out for the changed recipe, or train this "
+        f"stage and the ones after it again with --rerun-from {name} (the old folders are moved under "
         f"{step.layout.root / REPLACED_DIR}/, not deleted), or undo the change."
     )
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
+    text = value if value is _ABSENT else json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -210,20 +272,29 @@ def stage_names(recipe: Recipe) -> list[str]:
     return (["align"] if recipe.align is not None else []) + [stage.name for stage in recipe.stages]
 
 
-def move_aside(recipe: Recipe, steps: list[Step], stage: str) -> list[tuple[Path, Path]]:
-    """`--rerun-from STAGE`: move the folders of `stage` and every later stage of the plan's arms and seeds (for
-    `align`: the seed's whole folder but what other seeds hold) under `<out>/replaced/<UTC time>/`, keeping their
-    place in the run's layout. Returns (old, new) of each folder moved; deletes nothing."""
+def first_index(recipe: Recipe, stage: str) -> int:
+    """The index of `--rerun-from STAGE` (0 for `align`); `UserError` naming the choices for another name."""
     names = stage_names(recipe)
     if stage not in names:
-        raise UserError(f"--rerun-from {stage!r}: the recipe's stages are {', '.join(names)}. Name one of them.")
-    first = 0 if stage == "align" else next(i for i, s in enumerate(recipe.stages, start=1) if s.name == stage)
-    moved = []
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        raise UserError(
+            f"--rerun-from {stage!r} is not one of the recipe's stages ({', '.join(names)}): name one of them."
+        )
+    return 0 if stage == "align" else next(i for i, s in enumerate(recipe.stages, start=1) if s.name == stage)
+
+
+def move_aside(recipe: Recipe, steps: list[Step], stage: str) -> list[tuple[Path, Path]]:
+    """`--rerun-from STAGE`: move the folders of `stage` and every later stage of the plan's arms and seeds (for
+    `align`: every stage of the plan's seeds and arms) into a new `<out>/replaced/<UTC time>-<id>/`, keeping their
+    place in the run's layout. Returns (old, new) of each folder moved; deletes nothing. An arm left out of the plan
+    keeps its stages; if they were trained on a stage moved here, the next run that includes it says so."""
+    first = first_index(recipe, stage)
+    moved: list[tuple[Path, Path]] = []
+    aside: Path | None = None
     for step in steps:
         if step.index < first or not step.folder.exists():
             continue
-        target = step.layout.root / REPLACED_DIR / stamp / step.folder.relative_to(step.layout.root)
+        aside = aside or replaced_dir(step.layout.root)
+        target = aside / step.folder.relative_to(step.layout.root)
         target.parent.mkdir(parents=True, exist_ok=True)
         step.folder.rename(target)
         moved.append((step.folder, target))

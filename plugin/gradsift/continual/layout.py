@@ -188,6 +188,15 @@ class Step:
         return RunLayout.stage_file(self.folder).is_file()
 
 
+def replaced_dir(root: Path) -> Path:
+    """A new folder `<root>/replaced/<UTC time>-<id>/` for what a run moves aside (never an existing one)."""
+    import tempfile
+
+    parent = root / REPLACED_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=parent))
+
+
 def check_run_folder(out: Path) -> None:
     """Raise `UserError` unless `out` is new, empty or a folder `gradsift run` wrote (it holds gradsift's recipe.json).
 

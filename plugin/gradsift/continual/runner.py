@@ -39,10 +39,10 @@ from gradsift.continual.fingerprint import (
     Fingerprints,
     check_finished,
     finished_status,
+    first_index,
     move_aside,
-    stage_names,
 )
-from gradsift.continual.layout import EVAL_NEW, REPLACED_DIR, RunLayout, Step, check_run_folder, clean_stage
+from gradsift.continual.layout import EVAL_NEW, RunLayout, Step, check_run_folder, clean_stage, replaced_dir
 from gradsift.continual.penalties import NEW_ADAPTER, penalty_trainer_class
 from gradsift.continual.rows import align_records, measures_drift, stage_records
 from gradsift.continual.schema import PENALTY_KINDS, STEPPED_KINDS, Recipe, RecipeError, gradsift_config_for
@@ -79,9 +79,12 @@ def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[i
     return steps
 
 
-def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
+def describe_plan(recipe: Recipe, steps: list[Step], rerun_from: str | None = None) -> str:
+    """The plan, a line per stage with its status: to run, done, changed (its recipe settings), re-evaluate (its
+    evals changed) or, from `rerun_from` on, rerun (moved aside and trained again)."""
     arms = ", ".join(recipe.arms)
     prints = Fingerprints(recipe)
+    first = first_index(recipe, rerun_from) if rerun_from is not None else None
     lines = [f"recipe {recipe.name}: model {recipe.model}, {len(recipe.stages)} stage(s), arms {arms}"]
     for step in steps:
         what = "align (shared by all arms)" if step.arm is None else f"{step.arm}: {step.stage}"
@@ -100,7 +103,8 @@ def describe_plan(recipe: Recipe, steps: list[Step]) -> str:
             matched = (spec.steps or recipe.steps) == "full" and spec.kind in STEPPED_KINDS
             matched = ", as many steps as full" if matched else ""
             what += f" [{size} rows, {detail.get(spec.kind, spec.kind)}{matched}]"
-        status = finished_status(step, prints)[0]
+        rerun = first is not None and step.index >= first and step.folder.exists()
+        status = "rerun" if rerun else finished_status(step, prints)[0]
         lines.append(f"  seed {step.seed}  {what:<60s} {status:11s} {step.folder}")
     return "\n".join(lines)
 
@@ -126,15 +130,15 @@ def run_recipe(
     from gradsift.locking import folder_lock
 
     steps = plan(recipe, out, arms, seeds)
-    if rerun_from is not None and rerun_from not in stage_names(recipe):
-        raise RecipeError(f"--rerun-from {rerun_from!r}: the recipe's stages are {', '.join(stage_names(recipe))}.")
+    if rerun_from is not None:
+        first_index(recipe, rerun_from)  # a name that is no stage fails before the lock
     forget_references()
     with folder_lock(out):
         check_run_folder(out)  # again, now that no other run can write it
+        finished = check_finished(recipe, steps, rerun_from=rerun_from)  # before anything moves
         if rerun_from is not None:
             for old, new in move_aside(recipe, steps, rerun_from):
                 logger.info("gradsift run: --rerun-from %s: moved %s to %s", rerun_from, old, new)
-        finished = check_finished(recipe, steps)
         meta = {
             "gradsift_version": __version__,
             "name": recipe.name,
@@ -177,6 +181,7 @@ def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
     key = align_cache.align_key(_align_identity(recipe, train, records, step.seed)) if cached else None
     training = align_cache.fetch(key, aligned) if key else None
     record: dict[str, Any] = {"stage": "align", "index": 0, "seed": step.seed, "rows": len(records)}
+    record.update(_made_by(recipe, step))
     if key:  # `train` then holds the record of the run that trained it, its `seconds` included
         record["cache"] = {"key": key, "reused": training is not None}
     if training is None:
@@ -262,11 +267,12 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     spec = recipe.arm(step.arm)
     train = recipe.train_for(stage)
     tokenizer = backends.tokenizer(recipe)
+    made = _made_by(recipe, step)  # before the rows are read: what the stage is made of, as it starts
     records = stage_records(recipe, stage.data, step.seed)
     model = _stage_model(recipe, step)
     args = backends.sft_args(recipe, train, spec, step.folder, step.seed, progress)
     config = gradsift_config_for(recipe, step.arm, train, step.index)
-    record: dict[str, Any] = {"stage": stage.name, "index": step.index, "seed": step.seed, "arm": step.arm}
+    record: dict[str, Any] = {"stage": stage.name, "index": step.index, "seed": step.seed, "arm": step.arm, **made}
     record["arm_kind"] = spec.kind
     record["rows"] = len(records)
     online = spec.kind == "select" and config.mode == "online"
@@ -389,13 +395,23 @@ def _stage_rows(
     return Dataset.from_list(records)
 
 
+def _made_by(recipe: Recipe, step: Step) -> dict[str, Any]:
+    """A starting stage's record entries: what makes it (`gradsift.continual.fingerprint`), the machine it trains on
+    and its training precision."""
+    where = backends.device(recipe)
+    bf16 = backends.bf16(recipe.train_for(_stage_of(recipe, step)), where)
+    return {
+        MADE_BY: Fingerprints(recipe).made_by(step),
+        "hardware": describe_device(where),
+        "precision": {"bf16": bf16},
+    }
+
+
 def _finish_stage(recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapters: list[str]) -> None:
     """Evaluate the stage's model (base + `adapters`), measure drift, and write stage.json (the stage is finished),
-    with what made the stage and what evaluated it (`gradsift.continual.fingerprint`)."""
-    prints = Fingerprints(recipe)
-    record[MADE_BY] = prints.made_by(step)
+    with what evaluated it (`gradsift.continual.fingerprint`)."""
     _measure(recipe, step, tokenizer, record, adapters)
-    record[EVALUATED_BY] = prints.evaluated_by(step)
+    record[EVALUATED_BY] = Fingerprints(recipe).evaluated_by(step)
     write_json(record, RunLayout.stage_file(step.folder))
 
 
@@ -412,11 +428,11 @@ def _reevaluate(recipe: Recipe, step: Step) -> None:
     shutil.rmtree(fresh, ignore_errors=True)  # what an interrupted re-evaluation left
     _measure(recipe, step, backends.tokenizer(recipe), record, adapters, into=fresh)
     record[EVALUATED_BY] = Fingerprints(recipe).evaluated_by(step)
+    record["evaluated_on"] = describe_device(backends.device(recipe))  # `hardware` stays the training machine
     old = RunLayout.eval_dir(step.folder)
     if old.exists():
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = step.layout.root / REPLACED_DIR / stamp / old.relative_to(step.layout.root)
-        aside.parent.mkdir(parents=True, exist_ok=True)
+        aside = replaced_dir(step.layout.root) / old.relative_to(step.layout.root)
+        aside.parent.mkdir(parents=True)
         old.rename(aside)
     if fresh.exists():
         fresh.rename(old)
@@ -426,7 +442,7 @@ def _reevaluate(recipe: Recipe, step: Step) -> None:
 def _measure(
     recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapters: list[str], into: Path | None = None
 ) -> None:
-    """Set the stage's drift, evals, machine and precision in `record`. The align stage and the last task stage run
+    """Set the stage's drift, evals and generation dtype in `record`. The align stage and the last task stage run
     `evals.final` (else `evals.after_each_stage`); the others run `evals.after_each_stage`."""
     base = backends.base_model_spec(recipe, step)
     # The align stage is every arm's starting point, so it gets the final stage's evals: each report row of the final
@@ -434,13 +450,10 @@ def _measure(
     final = step.arm is None or step.index == len(recipe.stages)
     needed = bool(recipe.eval_tasks(final)[1]) or measures_drift(recipe)
     model = eval_model(recipe, base, adapters) if needed else None  # one load for the drift and the evals
-    where = backends.device(recipe)
     spec = recipe.eval_tasks(final)[0]
-    record["hardware"] = describe_device(where)
-    record["precision"] = {
-        "bf16": backends.bf16(recipe.train_for(_stage_of(recipe, step)), where),
-        "generation_dtype": generation_dtype(spec.generation_dtype, where),
-    }
+    record.setdefault("precision", {})["generation_dtype"] = generation_dtype(
+        spec.generation_dtype, backends.device(recipe)
+    )
     record["drift"] = drift(recipe, model, tokenizer, step)  # in the loading dtype: `evaluate` may cast the model
     record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, final=final, into=into)
     del model

@@ -199,49 +199,71 @@ def _judge(
     from tqdm.auto import tqdm
 
     from gradsift import __version__
-    from gradsift.fileio import dumps, publish, staged_path
+    from gradsift.fileio import publish, staged
     from gradsift.models import load_for_eval, load_tokenizer
 
     judge = config.model
     tokenizer = load_tokenizer(judge, trust_remote_code=config.trust_remote_code, what=config.label("model"))
     model = load_for_eval(config)
     summary: dict[str, Any] = {"judge": judge, "format": judge_format, "tasks": {}}
-    staged: dict[Path, Path] = {}
     total = sum(len(records) for records in samples.values())
     bar = tqdm(total=total, desc=f"judging ({judge_format})", unit="answer", disable=not progress)
-    for task, records in samples.items():
-        prompts = [judge_prompt(judge_format, r["prompt"], r["response"]) for r in records]
-        outputs = generate_greedy(model, tokenizer, prompts, batch_size, max_new_tokens, bar=bar)
-        lines = []
-        for record, output in zip(records, outputs):
-            verdict = parser(output)
-            judged = {"judge_output": output, "judged_harmful": verdict.harmful, "judged_refusal": verdict.refusal}
-            lines.append(dumps({**record, **judged}, ensure_ascii=False))
-            record["judged_harmful"] = verdict.harmful
-        final = results_dir / f"judged_{task}.jsonl"
-        staged[final] = staged_path(final)
-        staged[final].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        parsed = [r["judged_harmful"] for r in records if r["judged_harmful"] is not None]
-        keyword = [float(r["keyword_attack_success"]) for r in records if r["keyword_attack_success"] is not None]
-        n = max(len(records), 1)
-        summary["tasks"][task] = {
-            "num_samples": len(records),
-            "keyword_attack_success_rate": sum(keyword) / len(keyword) if keyword else None,
-            "keyword_outcome_rates": {o: sum(r["keyword_outcome"] == o for r in records) / n for o in OUTCOMES},
-            "judged_attack_success_rate": sum(parsed) / len(parsed) if parsed else None,
-            "unparsed": len(records) - len(parsed),
-        }
-        if len(parsed) < len(records):
-            logger.warning(
-                "gradsift judge: %d of %d outputs on %s could not be parsed as %s verdicts; they are left out.",
-                len(records) - len(parsed),
-                len(records),
-                task,
-                judge_format,
+    with staged([results_dir / f"judged_{task}.jsonl" for task in samples]) as files:
+        for task, records in samples.items():
+            files[results_dir / f"judged_{task}.jsonl"].write_text(
+                _judged_lines(model, tokenizer, judge_format, parser, records, batch_size, max_new_tokens, bar),
+                encoding="utf-8",
             )
-    bar.close()
-    publish(results_dir / JUDGE_RECORD, previous, {"gradsift_version": __version__, **summary}, staged)
+            summary["tasks"][task] = _task_summary(task, records, judge_format)
+        bar.close()
+        publish(results_dir / JUDGE_RECORD, previous, {"gradsift_version": __version__, **summary}, files)
     return summary
+
+
+def _judged_lines(
+    model: Any,
+    tokenizer: Any,
+    judge_format: str,
+    parser: Any,
+    records: list[dict[str, Any]],
+    batch_size: int,
+    max_new_tokens: int,
+    bar: Any,
+) -> str:
+    """The judged_<task>.jsonl text: each sample with the judge's output and verdict (set on `records` too)."""
+    from gradsift.fileio import dumps
+
+    prompts = [judge_prompt(judge_format, r["prompt"], r["response"]) for r in records]
+    outputs = generate_greedy(model, tokenizer, prompts, batch_size, max_new_tokens, bar=bar)
+    lines = []
+    for record, output in zip(records, outputs):
+        verdict = parser(output)
+        judged = {"judge_output": output, "judged_harmful": verdict.harmful, "judged_refusal": verdict.refusal}
+        lines.append(dumps({**record, **judged}, ensure_ascii=False))
+        record["judged_harmful"] = verdict.harmful
+    return "".join(line + "\n" for line in lines)
+
+
+def _task_summary(task: str, records: list[dict[str, Any]], judge_format: str) -> dict[str, Any]:
+    """A task's keyword and judged attack success rates, outcome shares and unparsed count (a warning if any)."""
+    parsed = [r["judged_harmful"] for r in records if r["judged_harmful"] is not None]
+    keyword = [float(r["keyword_attack_success"]) for r in records if r["keyword_attack_success"] is not None]
+    n = max(len(records), 1)
+    if len(parsed) < len(records):
+        logger.warning(
+            "gradsift judge: %d of %d outputs on %s could not be parsed as %s verdicts; they are left out.",
+            len(records) - len(parsed),
+            len(records),
+            task,
+            judge_format,
+        )
+    return {
+        "num_samples": len(records),
+        "keyword_attack_success_rate": sum(keyword) / len(keyword) if keyword else None,
+        "keyword_outcome_rates": {o: sum(r["keyword_outcome"] == o for r in records) / n for o in OUTCOMES},
+        "judged_attack_success_rate": sum(parsed) / len(parsed) if parsed else None,
+        "unparsed": len(records) - len(parsed),
+    }
 
 
 def generate_greedy(
