@@ -276,11 +276,15 @@ def test_select_killed_while_moving_its_outputs_leaves_files_it_can_prove_and_re
     assert len(out.read_text().splitlines()) == 6 and record["num_kept"] == 6 and "pending" not in record
 
 
-def test_publish_keeps_every_output_provable_across_two_kills_in_a_row(tmp_path, monkeypatch):
-    """Run 2 killed after its move, run 3 killed before its move: the file run 2 left stays provable."""
+@pytest.mark.parametrize("older", [False, True])
+def test_publish_keeps_every_output_provable_across_two_kills_in_a_row(tmp_path, monkeypatch, older):
+    """Run 2 killed after its move, run 3 killed before its move: the file run 2 left stays provable, whether the
+    first record is gradsift's own or an older gradsift's without `written`."""
     import gradsift.fileio as fileio
 
     record_path, out = tmp_path / "record.json", tmp_path / "out.jsonl"
+    if older:
+        record_path.write_text(json.dumps({"selection": {}, "num_rows": 2, "num_kept": 1, "summary": "kept 1/2"}))
     real = os.replace
 
     def run(content: str, moves: int | None) -> None:
@@ -305,7 +309,7 @@ def test_publish_keeps_every_output_provable_across_two_kills_in_a_row(tmp_path,
         monkeypatch.setattr(fileio.os, "replace", real)
         assert fileio.recorded(out, json.loads(record_path.read_text())), content
 
-    run("one\n", None)
+    run("one\n", 1 if older else None)  # over an older record: moved, then killed
     run("two\n", 1)  # moved, then killed before the final record
     assert out.read_text() == "two\n"
     run("three\n", 0)  # killed before moving: "two" is still in place and provable

@@ -106,9 +106,10 @@ def publish(
     folder = record_path.parent
     proven = {}
     for key in ("written", "pending"):
-        for name, digest in ((previous or {}).get(key) or {}).items():
-            if (folder / name).is_file() and file_fingerprint(folder / name) == digest:
-                proven[name] = digest
+        for name, digests in ((previous or {}).get(key) or {}).items():
+            found = (folder / name).is_file() and file_fingerprint(folder / name)
+            if found and found in (digests if isinstance(digests, list) else [digests]):
+                proven[name] = found
     pending = {final.name: file_fingerprint(source) for final, source in staged.items()}
     before = dict(previous or {"gradsift_version": record.get("gradsift_version"), "written": {}})  # marked ours
     if "written" in before:

@@ -83,8 +83,8 @@ def bf16_allowed(asked: bool, device: Any, what: str) -> bool:
     """`asked`, unless it asks for bfloat16 on a device without it natively: then False, logged once per `what`."""
     if asked and not native_bf16(device):
         _log_once(
-            f"{what}: bfloat16 asked, but this {describe_device(device)['name']} has no native bfloat16 (no AMX or "
-            "AVX512_BF16): float32 instead, several times faster here"
+            f"{what}: bfloat16 asked, but this {describe_device(device)['name']} has no native bfloat16"
+            f"{' (no AMX or AVX512_BF16)' if _device_type(device) == 'cpu' else ''}: float32 instead, faster here"
         )
         return False
     return asked

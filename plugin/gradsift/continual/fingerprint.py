@@ -6,9 +6,10 @@ Each finished stage's `stage.json` records two flat {recipe key: value} maps:
   the loading settings, the LoRA, the seed, the stage's training settings, its data (a local file by its sha256, a
   packaged source or hub id by name), the arm, its selection (`select` and `random` arms) and scoring (`select`), the
   trainer, and `previous`: the digest of the recorded `made_by` of the stage it trained on from (the align stage's
-  for stage 1), so a stage trained again upstream reaches every stage after it. A `random` arm matched to the
-  `gradsift` arm's size, and an arm trained for as many steps as `full`, also hold that stage's digest. Settings
-  that change only speed or memory (shard and batch sizes, gradient checkpointing, the device) are left out.
+  for stage 1), so a stage trained again upstream reaches every stage after it. Settings that change only speed or
+  memory (shard and batch sizes, gradient checkpointing, the device) are left out. Not in it: the other arm a
+  stage's size or step count was matched to (a `random` arm to `gradsift`'s kept rows, `steps: full` to `full`'s
+  steps); retraining that arm alone leaves the matched stage as it was.
 - `evaluated_by`: what its numbers were measured with: the evals spec it ran, its tasks, the drift settings.
 
 A resumed run compares both with the recipe as it is now (`check_finished`): a key added, removed or changed in
@@ -31,6 +32,7 @@ from gradsift.continual.layout import REPLACED_DIR, Step, replaced_dir
 from gradsift.continual.paths import resolve_path
 from gradsift.continual.schema import STEPPED_KINDS, Recipe
 from gradsift.errors import UserError
+from gradsift.fileio import dumps
 
 MADE_BY = "made_by"
 EVALUATED_BY = "evaluated_by"
@@ -41,13 +43,14 @@ SPEED_KEYS = frozenset({"max_tokens_per_batch", "max_batch_size", "gradient_chec
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} → {"a.b": 1}, values as JSON reads them back (tuples become lists)."""
+    """{"a": {"b": 1}} → {"a.b": 1}, values as stage.json reads them back (tuples become lists, a non-finite float
+    None: `fileio.dumps`)."""
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
         for key, inner in value.items():
             out.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
         return out
-    return {prefix: json.loads(json.dumps(value, default=str))}
+    return {prefix: json.loads(dumps(value))}
 
 
 def digest(inputs: dict[str, Any]) -> str:
@@ -94,12 +97,9 @@ class Fingerprints:
             inputs["axolotl"] = recipe.axolotl
         if spec.kind in ("select", "random"):
             inputs["selection"] = recipe.selection_for(step.arm).model_dump(mode="json")
-        if spec.kind in STEPPED_KINDS:
+        online = spec.kind == "select" and (spec.mode or recipe.mode) == "online"
+        if spec.kind in STEPPED_KINDS and not online:  # the runner's condition for `steps: full`
             inputs["steps"] = spec.steps or recipe.steps
-            if inputs["steps"] == "full" and "full" in recipe.arms and step.arm != "full":  # `full`'s step count
-                inputs["steps_of"] = self._recorded_digest(_beside(step, "full"))
-        if spec.kind == "random" and "gradsift" in recipe.arms:  # matched to the size `gradsift` kept
-            inputs["matched_to"] = self._recorded_digest(_beside(step, "gradsift"))
         if spec.kind == "select":
             inputs["mode"] = spec.mode or recipe.mode
             scoring = _speed_free(recipe.scoring.model_dump(mode="json", exclude={"model", "adapter"}))
@@ -145,11 +145,6 @@ def _speed_free(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key not in SPEED_KEYS}
 
 
-def _beside(step: Step, arm: str) -> Step:
-    """The same seed and stage of another arm."""
-    return Step(step.seed, arm, step.index, step.stage, step.layout)
-
-
 def recorded_made_by(recipe: Recipe, step: Step) -> dict[str, Any] | None:
     """A finished stage's recorded `made_by`, or None (not finished, or written before gradsift recorded it)."""
     folder = step.layout.stage_dir(step.seed, step.arm, step.index, _stage_name(recipe, step))
@@ -175,8 +170,8 @@ def _content_sha256(path: Path) -> str:
 
 
 def changed_keys(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys whose value differs, added or removed ones included; against a record of an older `FORMAT` (or an
-    `evaluated_by`, which has none) only the keys both hold are compared."""
+    """The keys whose value differs, added or removed ones included; against a record of an older `FORMAT` (or
+    without one) only the keys both hold are compared."""
     if recorded.get("format") == now.get("format") and "format" in now:
         keys = list(dict.fromkeys([*recorded, *now]))
     else:
@@ -238,11 +233,7 @@ def finished_status(step: Step, prints: Fingerprints) -> tuple[str, list[str], d
 
 
 # Keys that hold another stage's digest: they say that stage changed, not what.
-_UPSTREAM = {
-    "previous": "the stage it trained on from was trained again since",
-    "matched_to": "the `gradsift` stage whose kept size it matches changed",
-    "steps_of": "the `full` stage whose step count it matches changed",
-}
+_UPSTREAM = {"previous": "the stage it trained on from was trained again since, or is new"}
 
 
 def _changed_message(changed: list[tuple[Step, list[str], dict[str, Any]]], prints: Fingerprints) -> str:

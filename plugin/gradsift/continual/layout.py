@@ -7,7 +7,7 @@ inside what gradsift wrote.
     <out>/seed-<s>/<arm>/<NN>-<stage>/             adapter/, scores/, dropped.jsonl, selection.json, eval/,
                                                    online.jsonl, ewc.safetensors, ewc-end.safetensors (`ewc`),
                                                    stage.json (written last: the stage is finished)
-    <out>/replaced/<UTC time>/seed-<s>/...         stages `--rerun-from` moved aside, and the eval/ folders of
+    <out>/replaced/<UTC time>-<id>/seed-<s>/...    stages `--rerun-from` moved aside, and the eval/ folders of
                                                    stages evaluated again, in their places in the layout
 
 Every stage folder carries `.gradsift-stage` from its start. A killed run resumes at the first stage without
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -194,7 +195,11 @@ def replaced_dir(root: Path) -> Path:
 
     parent = root / REPLACED_DIR
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=parent))
+    made = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    made.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the mode a new folder gets
+    return made
 
 
 def check_run_folder(out: Path) -> None:
