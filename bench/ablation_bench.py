@@ -88,6 +88,8 @@ def score(model, rows, name: str, batch_size: int) -> float:
 def main() -> None:
     import torch
 
+    from gradsift.hardware import machine_line
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
     parser.add_argument("--rows", type=int, default=64)
@@ -111,7 +113,10 @@ def main() -> None:
             print(f"rep {rep} {name:15s} {times[name][-1]:7.2f} s", flush=True)
     best = {name: min(values) for name, values in times.items()}
     base = best.get("default")
-    print(f"{args.shape}: {args.rows} rows, {args.batch_size} per batch, torch_threads={torch.get_num_threads()}")
+    print(
+        f"{machine_line()}: {args.shape}, {args.rows} rows, {args.batch_size} per batch, "
+        f"{torch.get_num_threads()} threads"
+    )
     for name in names:
         ratio = f"{best[name] / base:5.2f}x default" if base else ""
         print(f"{name:15s} {best[name]:7.2f} s  {ratio}")

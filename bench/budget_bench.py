@@ -94,6 +94,7 @@ def main() -> None:
     import torch
 
     from gradsift.config import ScoringConfig
+    from gradsift.hardware import machine_line
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="1024,2048,4096,8192", help="comma-separated token budgets")
@@ -125,7 +126,7 @@ def main() -> None:
     auto = ScoringConfig().token_budget("cpu")
     same = max(sums) - min(sums) <= 1e-4 * max(abs(value) for value in sums)
     print(
-        f"{args.rows} rows, torch_threads={torch.get_num_threads()}, same scores at every budget: {same}; "
+        f"{machine_line()}: {args.rows} rows, {torch.get_num_threads()} threads, same scores at every budget: {same}; "
         + ", ".join(f"{b}: {best[b]:.2f} s / +{min(memory[b]):.0f} MiB" for b in budgets)
     )
     line = f"fastest={fastest} auto={auto}"

@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from gradsift.config import GradSiftConfig, ScoringConfig, SelectionConfig  # noqa: E402
-from gradsift.hardware import describe_device, native_bf16  # noqa: E402
+from gradsift.hardware import machine_line, native_bf16  # noqa: E402
 from gradsift.integrations.trl import GradSiftSFTTrainer  # noqa: E402
 from gradsift.models import attach_lora  # noqa: E402
 
@@ -170,7 +170,7 @@ def main() -> None:
     plain, online = min(times["plain"]), min(times["online"])
     precision = "bf16 autocast" if native_bf16("cpu") else "float32"
     print(
-        f"{describe_device('cpu')['name']}, torch {torch.__version__}, {precision}: shape={args.shape} "
+        f"{machine_line()}, {precision}: shape={args.shape} "
         f"update={args.update} (reuse chosen: {reused}) processes={world} torch_threads={torch.get_num_threads()} "
         f"best plain {plain:.2f} s, online {online:.2f} s"
     )

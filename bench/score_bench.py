@@ -160,6 +160,8 @@ def run_one(shape: str, method: str, n: int, batch_size: int, anchor_rows: int) 
 def main() -> None:
     import torch
 
+    from gradsift.hardware import machine_line
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument(
@@ -205,7 +207,8 @@ def main() -> None:
             ratios["anchor_pass_share"] = min(anchor_pass)
         summary[shape] = ratios
         print(
-            f"{shape}: {args.samples} samples, {args.batch_size} per batch, torch_threads={torch.get_num_threads()}; "
+            f"{machine_line()}: {shape}: {args.samples} samples, {args.batch_size} per batch, "
+            f"torch_threads={torch.get_num_threads()}; "
             + ", ".join(f"{m} {best[m]:.2f} s / +{mem[m]:.0f} MiB" for m in methods)
         )
     final = summary.get("smollm2") or next(iter(summary.values()))

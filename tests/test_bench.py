@@ -76,3 +76,21 @@ def test_score_bench_times_the_anchor_score_against_the_norm():
     lines = result.stdout.strip().splitlines()
     assert re.match(r"^anchor_vs_norm=[\d.]+ anchor_pass_share=0\.\d+$", lines[-1]), lines[-1]
     assert sum(" rep 0 " in line for line in lines) == 2
+
+
+def test_online_bench_prints_its_ratio_alone_and_under_two_ranks():
+    for nproc, key in ((1, "online_vs_plain"), (2, "online_ddp_vs_plain_ddp")):
+        args = ("--shape", "tiny", "--reps", "1", "--steps", "1", "--batch-size", "8", "--nproc", str(nproc))
+        result = run_script("bench/online_bench.py", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = result.stdout.strip().splitlines()
+        assert re.fullmatch(rf"{key}=[\d.]+", lines[-1]), lines[-1]
+        assert ", torch " in lines[-2] and ("bf16 autocast" in lines[-2] or "float32" in lines[-2])
+
+
+def test_ablation_bench_prints_every_variant_against_the_default():
+    result = run_script("bench/ablation_bench.py", "--shape", "tiny", "--rows", "16", "--reps", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert ", torch " in next(line for line in lines if "16 rows, 16 per batch" in line)
+    assert lines[-1].startswith("checkpointing") and "x default" in lines[-1]

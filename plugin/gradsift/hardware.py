@@ -145,6 +145,12 @@ def describe_device(device: Any = "cpu") -> dict[str, Any]:
     return {**info, "name": name, "isa": isa, "threads": torch.get_num_threads(), "emulated": caps}
 
 
+def machine_line(device: Any = "cpu") -> str:
+    """ "AMD EPYC (AVX-512, AVX512_BF16), torch 2.13.0+cpu": the line a benchmark prints beside its figures."""
+    described = describe_device(device)
+    return f"{described['name']}, torch {described['torch']}"
+
+
 def cpu_isa() -> str:
     """The CPU's vector instruction sets as torch sees them: "AVX2", "AVX-512, AVX512_BF16", "AVX-512, AMX"."""
     import torch
