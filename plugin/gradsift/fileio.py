@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gradsift.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -29,7 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _usual_mode(tmp)
+    usual_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -67,7 +69,7 @@ def staged(finals: Iterator[Path] | list[Path]) -> Iterator[dict[Path, Path]]:
             final.parent.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".new{final.suffix}", dir=final.parent)
             os.close(fd)
-            _usual_mode(Path(name))
+            usual_mode(Path(name))
             files[final] = Path(name)
         yield files
     except BaseException:
@@ -76,11 +78,34 @@ def staged(finals: Iterator[Path] | list[Path]) -> Iterator[dict[Path, Path]]:
         raise
 
 
-def _usual_mode(path: Path) -> None:
-    """mkstemp makes 0600; give the file the permissions a newly written file gets."""
+def usual_mode(path: Path) -> None:
+    """mkstemp makes 0600 files and mkdtemp 0700 folders; give `path` the permissions a new file or folder gets."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def own_record(path: Path, legacy_keys: set[str], fix: str) -> dict[str, Any] | None:
+    """The record file at `path` if gradsift wrote it (marked with `gradsift_version`, or holding `legacy_keys` as an
+    older gradsift wrote it); None if absent; `UserError` (ending in `fix`) if it is someone else's file."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and ("gradsift_version" in data or legacy_keys <= set(data)):
+        return data
+    raise UserError(f"{str(path)!r} exists and is not a {path.name} gradsift wrote{fix}")
+
+
+def _digests(record: dict[str, Any], name: str) -> list[str]:
+    """The sha256s `record` holds for the file `name` under `written` and `pending` (a digest or a list of them)."""
+    digests: list[str] = []
+    for key in ("written", "pending"):
+        found = (record.get(key) or {}).get(name)
+        digests += found if isinstance(found, list) else [found] if found else []
+    return digests
 
 
 def recorded(path: Path, record: dict[str, Any] | None) -> bool:
@@ -88,10 +113,7 @@ def recorded(path: Path, record: dict[str, Any] | None) -> bool:
     `pending`: the proof that gradsift wrote the file as it is now."""
     if record is None or not path.is_file():
         return False
-    digests: list[str] = []
-    for key in ("written", "pending"):
-        found = (record.get(key) or {}).get(path.name)
-        digests += found if isinstance(found, list) else [found] if found else []
+    digests = _digests(record, path.name)
     return bool(digests) and file_fingerprint(path) in digests
 
 
@@ -105,11 +127,10 @@ def publish(
     a file the first one left."""
     folder = record_path.parent
     proven = {}
-    for key in ("written", "pending"):
-        for name, digests in ((previous or {}).get(key) or {}).items():
-            found = (folder / name).is_file() and file_fingerprint(folder / name)
-            if found and found in (digests if isinstance(digests, list) else [digests]):
-                proven[name] = found
+    for name in {name for key in ("written", "pending") for name in ((previous or {}).get(key) or {})}:
+        found = (folder / name).is_file() and file_fingerprint(folder / name)
+        if found and found in _digests(previous or {}, name):
+            proven[name] = found
     pending = {final.name: file_fingerprint(source) for final, source in staged.items()}
     before = dict(previous or {"gradsift_version": record.get("gradsift_version"), "written": {}})  # marked ours
     if "written" in before:

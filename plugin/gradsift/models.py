@@ -346,7 +346,7 @@ def model_fingerprint(spec: str | None, adapter: str | None = None, full_weights
     result = {"model": spec or "", "model_fingerprint": _model_files_fingerprint(spec, full_weights)}
     if adapter:
         result["adapter"] = adapter
-        result["adapter_fingerprint"] = _folder_fingerprint(Path(adapter), full=True)
+        result["adapter_fingerprint"] = folder_fingerprint(Path(adapter), full=True)
     return result
 
 
@@ -363,7 +363,7 @@ def _model_files_fingerprint(spec: str | None, full_weights: bool = False) -> st
         return hashlib.sha256(f"{spec}@{distribution}=={version}".encode()).hexdigest()[:16]
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _folder_fingerprint(path, full=full_weights)
+        return folder_fingerprint(path, full=full_weights)
     return hashlib.sha256(f"hub:{spec}@{hub_commit(spec)}".encode()).hexdigest()[:16]
 
 
@@ -396,7 +396,9 @@ def hub_commit(repo_id: str, revision: str = "main") -> str:
     return "unresolved"
 
 
-def _folder_fingerprint(path: Path, full: bool) -> str:
+def folder_fingerprint(path: Path, full: bool) -> str:
+    """A folder's files (hidden ones left out) by name, size and bytes: every byte with `full`, else the first and
+    last MiB of each weight file over 2 MiB."""
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         relative = file.relative_to(path).as_posix()

@@ -30,7 +30,7 @@ import numpy as np
 from gradsift import __version__
 from gradsift.data import FILE_SUFFIXES
 from gradsift.errors import UserError
-from gradsift.fileio import atomic_path, dumps, file_fingerprint, publish, recorded, write_json
+from gradsift.fileio import atomic_path, dumps, file_fingerprint, own_record, publish, recorded, write_json
 from gradsift.locking import LOCK_NAME
 from gradsift.selection import REASONS
 from gradsift.table import ScoreTable
@@ -395,19 +395,8 @@ def selection_paths(out: Path, inputs: list[Path]) -> dict[str, Path]:
 
 def _selection_record(path: Path) -> dict[str, Any] | None:
     """The `selection.json` at `path` if gradsift wrote it; None if absent; `UserError` if it is someone else's."""
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
-    legacy = isinstance(data, dict) and {"selection", "num_rows", "num_kept", "summary"} <= set(data)
-    if isinstance(data, dict) and ("gradsift_version" in data or legacy):
-        return data
-    raise UserError(
-        f"{str(path)!r} exists and is not a selection.json gradsift wrote; `gradsift select` writes one beside --out. "
-        "Move it away or choose another --out folder."
-    )
+    fix = "; `gradsift select` writes one beside --out. Move it away or choose another --out folder."
+    return own_record(path, {"selection", "num_rows", "num_kept", "summary"}, fix)
 
 
 def _written_by_us(path: Path, record: dict[str, Any] | None) -> bool:

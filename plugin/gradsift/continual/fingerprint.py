@@ -120,8 +120,7 @@ class Fingerprints:
 
     def evaluated_by(self, step: Step) -> dict[str, Any]:
         recipe = self.recipe
-        final = step.arm is None or step.index == len(recipe.stages)
-        spec, tasks = recipe.eval_tasks(final)
+        spec, tasks = recipe.eval_tasks(recipe.final_evals_at(step.index))
         inputs = {"format": FORMAT, "evals": spec.model_dump(mode="json"), "tasks": tasks}
         inputs.update(drift_prompts=recipe.drift_prompts, reference_model=recipe.reference_model)
         return flatten(inputs)
@@ -161,12 +160,9 @@ def _stage_name(recipe: Recipe, step: Step) -> str:
 
 def _content_sha256(path: Path) -> str:
     from gradsift.fileio import file_fingerprint
+    from gradsift.models import folder_fingerprint
 
-    if path.is_file():
-        return file_fingerprint(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    listing = [(p.relative_to(path).as_posix(), file_fingerprint(p)) for p in files]
-    return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+    return file_fingerprint(path) if path.is_file() else folder_fingerprint(path, full=True)
 
 
 def changed_keys(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:

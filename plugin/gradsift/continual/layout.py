@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 from gradsift import __version__
 from gradsift.errors import UserError
-from gradsift.fileio import write_json
+from gradsift.fileio import usual_mode, write_json
 from gradsift.store import DROPPED_FILE, SELECTION_FILE
 
 logger = logging.getLogger(__name__)
@@ -196,9 +195,7 @@ def replaced_dir(root: Path) -> Path:
     parent = root / REPLACED_DIR
     parent.mkdir(parents=True, exist_ok=True)
     made = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    made.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the mode a new folder gets
+    usual_mode(made)
     return made
 
 

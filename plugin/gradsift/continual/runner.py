@@ -318,8 +318,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
         del trainer, model
     if online:
         _count_online(record, RunLayout.online_log(step.folder))
-    adapters = olora_adapters(recipe, step) if spec.kind == "olora" else []
-    _finish_stage(recipe, step, tokenizer, record, adapters=[str(path) for path in [*adapters, adapter]])
+    _finish_stage(recipe, step, tokenizer, record, adapters=_stage_adapters(recipe, step))
 
 
 def _penalty(recipe: Recipe, step: Step, model: Any, tokenizer: Any, progress: bool) -> Any:
@@ -420,13 +419,9 @@ def _reevaluate(recipe: Recipe, step: Step) -> None:
     the old one and renamed into place when complete; the old one is moved under `<out>/replaced/`."""
     stage_file = RunLayout.stage_file(step.folder)
     record = json.loads(stage_file.read_text(encoding="utf-8"))
-    adapters = []
-    if step.arm is not None:
-        olora = recipe.arm(step.arm).kind == "olora"
-        adapters = [str(p) for p in [*(olora_adapters(recipe, step) if olora else []), RunLayout.adapter(step.folder)]]
     fresh = step.folder / EVAL_NEW
     shutil.rmtree(fresh, ignore_errors=True)  # what an interrupted re-evaluation left
-    _measure(recipe, step, backends.tokenizer(recipe), record, adapters, into=fresh)
+    _measure(recipe, step, backends.tokenizer(recipe), record, _stage_adapters(recipe, step), into=fresh)
     record[EVALUATED_BY] = Fingerprints(recipe).evaluated_by(step)
     record["evaluated_on"] = describe_device(backends.device(recipe))  # `hardware` stays the training machine
     old = RunLayout.eval_dir(step.folder)
@@ -439,18 +434,24 @@ def _reevaluate(recipe: Recipe, step: Step) -> None:
     write_json(record, stage_file)
 
 
+def _stage_adapters(recipe: Recipe, step: Step) -> list[str]:
+    """The adapters a finished stage is evaluated with: none for the align stage, the stage's own, and before it an
+    `olora` arm's earlier stages'."""
+    if step.arm is None:
+        return []
+    earlier = olora_adapters(recipe, step) if recipe.arm(step.arm).kind == "olora" else []
+    return [str(path) for path in [*earlier, RunLayout.adapter(step.folder)]]
+
+
 def _measure(
     recipe: Recipe, step: Step, tokenizer: Any, record: dict[str, Any], adapters: list[str], into: Path | None = None
 ) -> None:
-    """Set the stage's drift, evals and generation dtype in `record`. The align stage and the last task stage run
-    `evals.final` (else `evals.after_each_stage`); the others run `evals.after_each_stage`."""
+    """Set the stage's drift, evals (`Recipe.final_evals_at` says which) and generation dtype in `record`."""
     base = backends.base_model_spec(recipe, step)
-    # The align stage is every arm's starting point, so it gets the final stage's evals: each report row of the final
-    # stage has the aligned model's number to be read against.
-    final = step.arm is None or step.index == len(recipe.stages)
-    needed = bool(recipe.eval_tasks(final)[1]) or measures_drift(recipe)
+    final = recipe.final_evals_at(step.index)
+    spec, tasks = recipe.eval_tasks(final)
+    needed = bool(tasks) or measures_drift(recipe)
     model = eval_model(recipe, base, adapters) if needed else None  # one load for the drift and the evals
-    spec = recipe.eval_tasks(final)[0]
     record.setdefault("precision", {})["generation_dtype"] = generation_dtype(
         spec.generation_dtype, backends.device(recipe)
     )

@@ -318,6 +318,12 @@ class Recipe(StrictModel):
             scoring["anchor_data"] = str(resolve_path(anchor, self.base_dir))
         return ScoringConfig(**scoring)
 
+    def final_evals_at(self, index: int) -> bool:
+        """Whether stage `index` (0: the align stage) runs `evals.final`: the last task stage, and the align stage,
+        every arm's starting point, so that each report row of the final stage has the aligned model's number to be
+        read against. The others run `evals.after_each_stage`."""
+        return index == 0 or index == len(self.stages)
+
     def eval_tasks(self, final: bool) -> tuple[EvalSpec, list[str]]:
         spec = self.evals.final if final and self.evals.final is not None else self.evals.after_each_stage
         tasks = list(spec.tasks)

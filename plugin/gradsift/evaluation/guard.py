@@ -152,16 +152,9 @@ JUDGE_RECORD = "judge_results.json"
 def _judge_record(results_dir: Path) -> dict[str, Any] | None:
     """judge_results.json if gradsift wrote it (marked, or with the keys an older gradsift wrote), None if absent;
     `UserError` if it is someone else's file."""
-    path = results_dir / JUDGE_RECORD
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
-    if isinstance(data, dict) and ("gradsift_version" in data or {"judge", "format", "tasks"} <= set(data)):
-        return data
-    raise UserError(f"{str(path)!r} exists and is not a {JUDGE_RECORD} gradsift wrote. Move it away first.")
+    from gradsift.fileio import own_record
+
+    return own_record(results_dir / JUDGE_RECORD, {"judge", "format", "tasks"}, ". Move it away first.")
 
 
 def _judged_by_us(path: Path, task: str, record: dict[str, Any] | None) -> bool:
