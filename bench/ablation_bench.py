@@ -16,7 +16,8 @@ same thing here (`default` and `direct`, see below) show this machine's noise fl
   LoRA r=16 and rows of 16 tokens or more, `auto` picks `direct` for every layer, so `direct` is `default` again);
 - `checkpointing`: gradient checkpointing on (recompute activations in the backward).
 
-    python bench/ablation_bench.py                        # SmolLM2-shaped model, 64 rows, 16 per batch
+    python bench/ablation_bench.py                        # SmolLM2-shaped model, 32 rows, 16 per batch, 2 reps
+    python bench/ablation_bench.py --long                 # 64 rows, 3 reps
     python bench/ablation_bench.py --shape tiny --rows 16 # seconds
     python bench/ablation_bench.py --variants default --reps 1 --profile   # where the default's time goes
 """
@@ -30,6 +31,11 @@ import time
 
 from score_bench import SHAPES, build, samples
 
+# {option: (default, --long, type, help)}: the default finishes within 5 minutes on a 2-core AVX2 CPU.
+SIZES = {
+    "rows": (32, 64, int, "rows scored per variant"),
+    "reps": (2, 3, int, "repetitions of each variant, in rotated order"),
+}
 VARIANTS = ("default", "shuffled", "masked", "logits_to_keep", "full_logits", "direct", "ghost", "checkpointing")
 
 
@@ -89,15 +95,15 @@ def main() -> None:
     import torch
 
     from gradsift.hardware import machine_line
+    from sizes import add_sizes, fill_sizes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
-    parser.add_argument("--rows", type=int, default=64)
+    add_sizes(parser, SIZES)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--profile", action="store_true", help="also print the top operators of the default run")
-    args = parser.parse_args()
+    args = fill_sizes(parser.parse_args(), SIZES)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:

@@ -11,7 +11,8 @@ Instruct with a fresh LoRA (r 16 on every linear layer), float32 on the CPU (wha
 budget runs in a fresh process (its peak memory is its own) after an untimed warm-up batch, repetitions interleaved
 (forward order, then reversed), and the best of the repetitions counts.
 
-    python bench/budget_bench.py                                  # 1024,2048,4096,8192 on 64 rows, 2 reps
+    python bench/budget_bench.py                                  # 512,1024,2048 on 32 rows, 2 reps
+    python bench/budget_bench.py --long                           # 1024,2048,4096,8192 on 64 rows
     python bench/budget_bench.py --budgets 2048,4096 --rows 128
 
 Last line: `fastest=B auto=A auto_vs_fastest=X` (time at `auto`'s budget over the fastest budget's; 1.0 = auto is the
@@ -27,6 +28,13 @@ import queue as queue_module
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# {option: (default, --long, type, help)}: the default finishes within 5 minutes on a 2-core AVX2 CPU.
+SIZES = {
+    "budgets": ("512,1024,2048", "1024,2048,4096,8192", str, "comma-separated token budgets"),
+    "rows": (32, 64, int, "rows scored (half howto, half lists)"),
+    "reps": (2, 2, int, "repetitions of each budget, interleaved"),
+}
 
 from score_bench import peak_mib, reset_peak, rss_mib  # noqa: E402
 
@@ -95,14 +103,13 @@ def main() -> None:
 
     from gradsift.config import ScoringConfig
     from gradsift.hardware import machine_line
+    from sizes import add_sizes, fill_sizes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="1024,2048,4096,8192", help="comma-separated token budgets")
-    parser.add_argument("--rows", type=int, default=64, help="rows scored (half howto, half lists)")
+    add_sizes(parser, SIZES)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per row at most (the testbed's)")
-    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    args = parser.parse_args()
+    args = fill_sizes(parser.parse_args(), SIZES)
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:

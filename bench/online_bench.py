@@ -3,7 +3,8 @@
 Both arms train the same LoRA on the same rows for the same number of optimizer steps, interleaved repetitions in
 one process (this machine is noisy: compare ratios, not absolute times). The paper's per-sample loop costs 1.5×.
 
-    python bench/online_bench.py                    # a SmolLM2-135M-shaped random model, 16 rows per step
+    python bench/online_bench.py                    # a SmolLM2-135M-shaped random model, 2 steps of 16 rows
+    python bench/online_bench.py --long             # 3 steps
     python bench/online_bench.py --shape tiny       # seconds, for a smoke run
     python bench/online_bench.py --update recompute # the second-forward-and-backward update
     python bench/online_bench.py --nproc 2          # two DDP ranks (torchrun, gloo on CPU), the same global batch
@@ -37,6 +38,7 @@ from gradsift.config import GradSiftConfig, ScoringConfig, SelectionConfig  # no
 from gradsift.hardware import machine_line, native_bf16  # noqa: E402
 from gradsift.integrations.trl import GradSiftSFTTrainer  # noqa: E402
 from gradsift.models import attach_lora  # noqa: E402
+from sizes import add_sizes, fill_sizes  # noqa: E402
 
 from conftest import build_tokenizer  # noqa: E402
 
@@ -47,6 +49,12 @@ SHAPES = {
     "smollm2": dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
     ),
+}
+# {option: (default, --long, type, help)}: the default finishes within 5 minutes on a 2-core AVX2 CPU.
+SIZES = {
+    "batch_size": (16, 16, int, "rows per optimizer step, across all processes"),
+    "steps": (2, 3, int, "optimizer steps per run"),
+    "reps": (2, 2, int, "repetitions of each arm, interleaved"),
 }
 WORDS = "the sea grey waves fold over time keeps its own answer question capital france paris yes no eight".split()
 
@@ -137,16 +145,14 @@ def _is_nproc(args: list[str], i: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=2)
+    add_sizes(parser, SIZES)
     parser.add_argument(
         "--update", choices=["auto", "reuse", "recompute"], default="auto", help="the online arm's `online.update`"
     )
     parser.add_argument(
         "--nproc", type=int, default=1, help="data-parallel processes (torchrun, gloo); the global batch is split"
     )
-    args = parser.parse_args()
+    args = fill_sizes(parser.parse_args(), SIZES)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         raise SystemExit(relaunch(args.nproc))
     world, main_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0

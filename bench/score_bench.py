@@ -12,12 +12,14 @@ Models: a tiny Llama and a SmolLM2-135M-shaped random Llama (fp32, CPU, LoRA r=1
 of 40–120 tokens with the loss on the second half. gradsift sorts the rows of a whole scoring run by length before
 batching, so its padding shrinks as rows are added: 23% of the real tokens at 32 rows, 5.6% at 128, 2.7% at 256 and
 1–2% for a real dataset of thousands of rows. The plain step's shuffled batches pad about 45% at any count. The
-default, 128 rows, keeps the run short with padding close to a real run's.
+default, 48 rows (about 18% padding), finishes within 5 minutes on a 2-core AVX2 CPU; `--long`, 128 rows, has padding
+closer to a real run's, so its `batched_vs_*` ratios are the fairer ones.
 
 Ratios are time(other) / time(batched): above 1 means batched scoring is faster. This machine is noisy: compare
 ratios from one run, not absolute times.
 
-    python bench/score_bench.py                  # both models, 128 samples, 16 per batch (about 8 minutes)
+    python bench/score_bench.py                  # both models, 48 samples, 16 per batch
+    python bench/score_bench.py --long           # 128 samples
     python bench/score_bench.py --shapes tiny    # seconds, for a smoke run
 
 Last line (the SmolLM2-shaped model): `batched_vs_plain=X batched_vs_loop=Y mem_vs_plain=Z`.
@@ -49,6 +51,11 @@ SHAPES = {
         vocab_size=49152,
     ),
 }  # fmt: skip
+# {option: (default, --long, type, help)}: the default finishes within 5 minutes on a 2-core AVX2 CPU.
+SIZES = {
+    "samples": (48, 128, int, "rows scored (length-sorted batching pads less with more rows)"),
+    "reps": (2, 2, int, "repetitions of each method, interleaved"),
+}
 METHODS = ("loop", "batched", "plain")
 # batched scoring with gradient checkpointing (less memory, more time); batched scoring with the anchor score
 EXTRA_METHODS = ("checkpointing", "anchor")
@@ -161,14 +168,12 @@ def main() -> None:
     import torch
 
     from gradsift.hardware import machine_line
+    from sizes import add_sizes, fill_sizes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
-    parser.add_argument(
-        "--samples", type=int, default=128, help="rows scored (length-sorted batching pads less with more rows)"
-    )
+    add_sizes(parser, SIZES)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--anchor-rows", type=int, default=16, help="rows of the anchor set (method `anchor`)")
     every = ", ".join(METHODS + EXTRA_METHODS)
     parser.add_argument(
@@ -176,7 +181,7 @@ def main() -> None:
         default=",".join(METHODS),
         help=f"comma-separated, `batched` among them: {every}; each ratio is printed when both its methods ran",
     )
-    args = parser.parse_args()
+    args = fill_sizes(parser.parse_args(), SIZES)
     methods = tuple(args.methods.split(","))
     if "batched" not in methods or not set(methods) <= set(METHODS + EXTRA_METHODS):
         parser.error(f"--methods must hold batched and may add {every}; got {args.methods!r}")

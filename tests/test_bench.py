@@ -94,3 +94,23 @@ def test_ablation_bench_prints_every_variant_against_the_default():
     lines = result.stdout.strip().splitlines()
     assert ", torch " in next(line for line in lines if "16 rows, 16 per batch" in line)
     assert lines[-1].startswith("checkpointing") and "x default" in lines[-1]
+
+
+def test_a_bench_runs_its_short_sizes_by_default_and_its_long_ones_under_long():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import argparse
+
+        import budget_bench
+        from sizes import add_sizes, fill_sizes
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    parser = argparse.ArgumentParser()
+    add_sizes(parser, budget_bench.SIZES)
+    quick = fill_sizes(parser.parse_args([]), budget_bench.SIZES)
+    assert (quick.budgets, quick.rows, quick.reps) == ("512,1024,2048", 32, 2)
+    long = fill_sizes(parser.parse_args(["--long"]), budget_bench.SIZES)
+    assert (long.budgets, long.rows, long.reps) == ("1024,2048,4096,8192", 64, 2)
+    mixed = fill_sizes(parser.parse_args(["--long", "--rows", "8"]), budget_bench.SIZES)  # a size given wins
+    assert (mixed.budgets, mixed.rows) == ("1024,2048,4096,8192", 8)
+    assert str(AUTO_TOKEN_BUDGETS["cpu"]) in quick.budgets.split(",")  # the default sweep still rates `auto`
