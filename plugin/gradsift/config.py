@@ -58,7 +58,8 @@ class DataConfig(StrictModel):
     split: str = Field(
         "train",
         description="Split to read from a hub dataset id, a saved dataset folder with splits, or a packaged source "
-        "(`embedded:alpaca-gpt4-demo`: `align`, `dev`, `test` or `train`).",
+        "(`embedded:alpaca-gpt4-demo`: `align`, `dev`, `test` or `train`; `embedded:gsm8k`, `embedded:medmcqa`: "
+        "`train`, `dev` or `test`).",
     )
     completion_only_loss: bool = Field(
         True, description="prompt/completion and alpaca rows: loss on the completion only (TRL's default)."

