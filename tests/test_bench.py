@@ -97,14 +97,16 @@ def test_ablation_bench_prints_every_variant_against_the_default():
 
 
 def test_a_bench_runs_its_short_sizes_by_default_and_its_long_ones_under_long():
+    import argparse
+
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import argparse
-
         import budget_bench
         from sizes import add_sizes, fill_sizes
     finally:
         sys.path.remove(str(ROOT / "bench"))
+        sys.modules.pop("budget_bench", None)
+        sys.modules.pop("sizes", None)
     parser = argparse.ArgumentParser()
     add_sizes(parser, budget_bench.SIZES)
     quick = fill_sizes(parser.parse_args([]), budget_bench.SIZES)
