@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -282,3 +283,39 @@ def test_a_gradsift_bug_exits_1_with_its_traceback(tmp_path, error):
 def test_seeds_that_are_not_integers_are_named(tmp_path, capsys):
     user_error(capsys, ["run", str(ROOT / "recipes" / "demo-smollm2.yaml"), "--seeds", "0,a", "--dry-run"],
                "--seeds '0,a'", "--seeds 0,1,2")  # fmt: skip
+
+
+def _pairwise_auroc(inside: list[float], outside: list[float]) -> float:
+    """The slow, obvious AUROC: the share of (inside, outside) pairs the score orders inside-first, ties half."""
+    wins = sum((a > b) + 0.5 * (a == b) for a in inside for b in outside)
+    return wins / (len(inside) * len(outside))
+
+
+def test_inspect_with_a_label_column_counts_kept_rows_and_each_scores_auroc_per_label(
+    tmp_path, tiny_model_dir, mixed_records, capsys
+):
+    records = [{**row, "kind": "harmful" if i % 4 == 0 else "benign"} for i, row in enumerate(mixed_records)]
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "scores"
+    assert main(score_args(tiny_model_dir, data, out)) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json", "--label-column", "kind", "--keep-fraction", "0.25"]) == 0
+    labels = json.loads(capsys.readouterr().out)["labels"]
+    assert labels["column"] == "kind" and labels["counts"]["harmful"]["rows"] == 6
+    assert labels["counts"]["benign"]["scored"] == 18
+    assert labels["counts"]["harmful"]["kept"] + labels["counts"]["benign"]["kept"] == 6  # the rule keeps 6 of 24
+    scores = {int(r["index"]): r for r in pq.read_table(out / "scores.parquet").to_pylist()}
+    kinds = [records[i]["kind"] for i in sorted(scores)]
+    for column in ("grad_norm", "loss", "num_response_tokens"):
+        values = [scores[i][column] for i in sorted(scores)]
+        for kind in ("harmful", "benign"):
+            inside = [v for v, k in zip(values, kinds) if k == kind]
+            outside = [v for v, k in zip(values, kinds) if k != kind]
+            assert labels["auroc"][column][kind] == pytest.approx(_pairwise_auroc(inside, outside))
+    assert "anchor_cos" not in labels["auroc"]  # scored without an anchor set: no column to rate
+    assert main(["inspect", str(out), "--label-column", "kind"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"grad_norm\s+[01]\.\d{3}\s+[01]\.\d{3}", text) and "0.5 = chance" in text
+    user_error(capsys, ["inspect", str(out), "--label-column", "source"], "row 1", "has no `source`", "kind")
+    user_error(capsys, ["inspect", str(out), "--data", str(data)], "--data", "only with --label-column")

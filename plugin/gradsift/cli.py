@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("scores", type=Path, metavar="DIR", help="a folder written by `gradsift score`")
     inspect.add_argument("--bins", type=int, default=4, help="number of response-length bins (default 4)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect.add_argument(
+        "--label-column",
+        metavar="COL",
+        help="a column of the scored data holding each row's label (e.g. `kind`: harmful / benign): also print, per "
+        "label, its rows and how many the rule keeps, and each score's AUROC for telling its rows from the others",
+    )
+    inspect.add_argument(
+        "--data", help="with --label-column: the scored data, if it moved (its content must match the scored one)"
+    )
     add_common(inspect, ("selection",))
     inspect.set_defaults(handler=run_inspect)
     _add_eval_commands(commands)
@@ -256,18 +265,12 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
     return result, len(rows)
 
 
-def run_select(args: argparse.Namespace) -> int:
-    """`gradsift select`."""
+def _scored_source(data: str | None, manifest: dict[str, Any], table: Any) -> tuple[str, Any]:
+    """The scored data (`data`, else the path the scores name) and its path, checked to be what was scored."""
     from gradsift.data import load_source
-    from gradsift.fileio import staged
-    from gradsift.locking import folder_lock
-    from gradsift.selection import apply_selection, kept_indices
-    from gradsift.store import MANIFEST, TABLE, load_finished_scores, selection_paths, write_dropped, write_selection
 
-    config = config_from_args(args)
-    manifest, table = load_finished_scores(args.scores)
     fingerprints = manifest["fingerprints"]
-    data_path = args.data or fingerprints.get("data_path")
+    data_path = data or fingerprints.get("data_path")
     if not data_path:
         raise UserError("The scores do not name their data file; pass --data.")
     split = manifest.get("data", {}).get("split", "train")
@@ -279,6 +282,19 @@ def run_select(args: argparse.Namespace) -> int:
         )
     if len(source) != len(table):
         raise UserError(f"The data has {len(source):,} rows but the scores have {len(table):,}; score it again.")
+    return data_path, source
+
+
+def run_select(args: argparse.Namespace) -> int:
+    """`gradsift select`."""
+    from gradsift.fileio import staged
+    from gradsift.locking import folder_lock
+    from gradsift.selection import apply_selection, kept_indices
+    from gradsift.store import MANIFEST, TABLE, load_finished_scores, selection_paths, write_dropped, write_selection
+
+    config = config_from_args(args)
+    manifest, table = load_finished_scores(args.scores)
+    data_path, source = _scored_source(args.data, manifest, table)
     selection = apply_selection(table, config)
     inputs = [args.scores / name for name in (MANIFEST, TABLE)]
     inputs += [Path(source.path)] if source.kind in ("jsonl", "json", "parquet") else []
@@ -321,6 +337,10 @@ def run_inspect(args: argparse.Namespace) -> int:
             {column: column_quantiles(getattr(table, column)[anchored]) for column in ("anchor_dot", "anchor_cos")}
         )
         report["anchor_correlation"] = anchor_correlations(table, anchored)
+    if args.label_column:
+        report["labels"] = _label_report(args, manifest, table, selection, ok)
+    elif args.data:
+        raise UserError(f"`--data {args.data}` is read only with --label-column; add --label-column COL, or drop it.")
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -343,6 +363,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         print()
     print(f"selection ({config.selection.rule}): {selection.summary()}")
     print()
+    if "labels" in report:
+        print(_label_tables(report["labels"]))
+        print()
     print(
         _table(
             ["response tokens", "rows", "median loss", "median grad_norm", "kept"],
@@ -359,6 +382,49 @@ def run_inspect(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _label_report(args: argparse.Namespace, manifest: dict[str, Any], table: Any, selection: Any, ok: Any) -> dict:
+    """Per value of the data's `--label-column`: its rows, scored rows and rows kept, and each score's AUROC."""
+    from gradsift.table import label_aurocs
+
+    data_path, source = _scored_source(args.data, manifest, table)
+    column = args.label_column
+    missing = [int(i) for i in table.index if column not in source.records[int(i)]]
+    if missing:
+        raise UserError(
+            f"{data_path}: row {missing[0] + 1} (and {len(missing) - 1} more) has no `{column}`; its keys: "
+            f"{', '.join(sorted(source.records[missing[0]]))}. Name a column every row has with --label-column."
+        )
+    labels = np.array([str(source.records[int(i)][column]) for i in table.index], dtype=object)
+    counts = {
+        value: {
+            "rows": int((labels == value).sum()),
+            "scored": int((ok & (labels == value)).sum()),
+            "kept": int((selection.keep & (labels == value)).sum()),
+        }
+        for value in sorted(set(labels.tolist()))
+    }
+    return {"column": column, "counts": counts, "auroc": label_aurocs(table, labels, ok)}
+
+
+def _label_tables(labels: dict[str, Any]) -> str:
+    values = list(labels["counts"])
+    counts = _table(
+        [labels["column"], "rows", "scored", "kept"],
+        [[value, *(f"{labels['counts'][value][k]:,}" for k in ("rows", "scored", "kept"))] for value in values],
+    )
+    aurocs = _table(
+        ["AUROC", *values],
+        [
+            [name, *("n/a" if by[v] is None else f"{by[v]:.3f}" for v in values)]
+            for name, by in labels["auroc"].items()
+        ],
+    )
+    return (
+        f"{counts}\n\n{aurocs}\n(AUROC of each score for telling a label's rows from the others: 1 = its high "
+        "values pick them out, 0.5 = chance, 0 = its low values do)"
+    )
 
 
 def _length_bins(table: Any, selection: Any, ok: np.ndarray, bins: int) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """The score table: one row per sample with its loss, gradient norm and status, and the rule that sets the status;
-and the statistics of its columns that `gradsift inspect` shows (quantiles, anchor correlations).
+and the statistics of its columns that `gradsift inspect` shows (quantiles, anchor correlations, how well each column
+tells labelled rows apart).
 
 No torch here: `gradsift select`, `inspect` and `report` read and write score tables without importing it.
 """
@@ -20,6 +21,8 @@ STATUS_NO_RESPONSE = "no_response_tokens"
 STATUS_NONFINITE = "nonfinite"
 # The quantiles `gradsift inspect` shows of each score column.
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+# The columns whose power to tell one label's rows from the others `gradsift inspect --label-column` measures.
+LABEL_SCORE_COLUMNS = ("grad_norm", "loss", "anchor_dot", "anchor_cos", "num_response_tokens")
 
 
 @dataclass
@@ -95,4 +98,29 @@ def anchor_correlations(table: ScoreTable, rows: np.ndarray) -> dict[str, float 
             result[name] = None  # undefined on fewer than 3 rows or a constant column
         else:
             result[name] = float(spearmanr(table.anchor_cos[rows], other).statistic)
+    return result
+
+
+def label_aurocs(table: ScoreTable, labels: np.ndarray, rows: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """For each score column with a finite value among `rows`, and each label value there: the column's AUROC for
+    telling that value's rows from the other rows, i.e. the Mann–Whitney U of the two groups over the product of
+    their sizes (ties count half). 1: the column's high values pick the label out; 0.5: chance; 0: its low values
+    do. None where the label has no row or every row has it."""
+    from scipy.stats import mannwhitneyu
+
+    result: dict[str, dict[str, float | None]] = {}
+    values = sorted(set(labels[rows].tolist()))
+    for name in LABEL_SCORE_COLUMNS:
+        column = np.asarray(getattr(table, name), dtype=float)
+        usable = rows & np.isfinite(column)
+        if not usable.any():
+            continue
+        result[name] = {}
+        for value in values:
+            inside, outside = usable & (labels == value), usable & (labels != value)
+            if not inside.any() or not outside.any():
+                result[name][value] = None
+                continue
+            u = mannwhitneyu(column[inside], column[outside], alternative="two-sided").statistic
+            result[name][value] = float(u) / (int(inside.sum()) * int(outside.sum()))
     return result
