@@ -11,7 +11,7 @@ import pytest
 
 from gradsift.cli import main
 from gradsift.continual import iter_stage_files, load_recipe
-from gradsift.continual.fingerprint import MADE_BY, Fingerprints, changed_keys, finished_status
+from gradsift.continual.fingerprint import FORMAT, MADE_BY, Fingerprints, changed_keys, finished_status, schema_format
 from gradsift.continual.runner import plan, run_recipe
 from test_continual_runner import tiny_recipe, write
 
@@ -118,6 +118,13 @@ def test_stages_of_an_older_gradsift_are_kept_and_an_older_format_is_compared_on
     stage.write_text(json.dumps(record))
     assert finished_status(step, Fingerprints(recipe))[:2] == ("changed", ["train.learning_rate"])
     record[MADE_BY]["format"] = 0  # an older format that did not record the key: compared on the keys both hold
+    stage.write_text(json.dumps(record))
+    assert finished_status(step, Fingerprints(recipe))[0] == "done"
+    # A gradsift with one settings field fewer (the same layout, another field list): an upgrade that adds a setting
+    # must not stop the resumed run, nor evaluate it again.
+    assert schema_format().startswith(f"{FORMAT}:") and record["evaluated_by"]["format"] == schema_format()
+    record[MADE_BY]["format"] = record["evaluated_by"]["format"] = f"{FORMAT}:000000000000"
+    record["evaluated_by"].pop("evals.limit")
     stage.write_text(json.dumps(record))
     assert finished_status(step, Fingerprints(recipe))[0] == "done"
     record.pop(MADE_BY)  # a stage of a gradsift that recorded nothing: kept as it is

@@ -14,7 +14,8 @@ Each finished stage's `stage.json` records two flat {recipe key: value} maps:
 
 A resumed run compares both with the recipe as it is now (`check_finished`): a key added, removed or changed in
 `made_by` stops the run with one line naming the stage and the keys (`UserError`), since keeping the old stage would
-mix two recipes in one report. Records of an older `FORMAT` are compared on the keys both hold. A stage whose only
+mix two recipes in one report. Records of another format (an older layout, or a gradsift with other settings fields:
+`schema_format`) are compared on the keys both hold. A stage whose only
 change is in `evaluated_by` is evaluated again, without training. A stage written before gradsift recorded `made_by`
 is kept as it is. `--rerun-from STAGE` moves the stage and the ones after it aside (`move_aside`), never deleting
 them.
@@ -22,6 +23,7 @@ them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -36,10 +38,35 @@ from gradsift.fileio import dumps
 
 MADE_BY = "made_by"
 EVALUATED_BY = "evaluated_by"
-# The layout of `made_by`: a record of the same format is compared key for key, an older one on the keys both hold.
+# The layout of `made_by`; with the settings' field names (`schema_format`) it makes the record's `format`.
 FORMAT = 1
 # Settings that change how fast a stage runs or how much memory it takes, not what it makes.
 SPEED_KEYS = frozenset({"max_tokens_per_batch", "max_batch_size", "gradient_checkpointing", "shard_size", "device"})
+
+
+def _field_names(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    names = []
+    for name, info in model.model_fields.items():
+        names.append(prefix + name)
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            names += _field_names(info.annotation, f"{prefix}{name}.")
+    return names
+
+
+@functools.cache
+def schema_format() -> str:
+    """`made_by`'s format: `FORMAT` and a digest of every settings field name it can hold. A gradsift that adds a
+    setting (recorded at its default from then on) writes another format, so its records are compared with older ones
+    on the keys both hold, and an upgrade does not stop a resumed run (nor re-evaluate it); within one format a key
+    added or removed is a change of the recipe."""
+    from gradsift.config import ScoringConfig, SelectionConfig
+    from gradsift.continual.schema import ArmSpec, DataSpec, EvalSpec, LoraSpec, TrainSpec
+
+    models = (ScoringConfig, SelectionConfig, ArmSpec, DataSpec, LoraSpec, TrainSpec, EvalSpec)
+    names = [f"{model.__name__}.{name}" for model in models for name in _field_names(model)]
+    return f"{FORMAT}:{hashlib.sha256(' '.join(sorted(names)).encode()).hexdigest()[:12]}"
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,7 +107,7 @@ class Fingerprints:
 
             self._model = model_fingerprint(recipe.model)
         loading = recipe.scoring.model_dump(mode="json", include={"dtype", "quantization", "trust_remote_code"})
-        inputs: dict[str, Any] = {"format": FORMAT, **self._model, "loading": loading}
+        inputs: dict[str, Any] = {"format": schema_format(), **self._model, "loading": loading}
         inputs.update(lora=recipe.lora.model_dump(mode="json"), seed=step.seed)
         if step.arm is None:
             assert recipe.align is not None
@@ -121,7 +148,7 @@ class Fingerprints:
     def evaluated_by(self, step: Step) -> dict[str, Any]:
         recipe = self.recipe
         spec, tasks = recipe.eval_tasks(recipe.final_evals_at(step.index))
-        inputs = {"format": FORMAT, "evals": spec.model_dump(mode="json"), "tasks": tasks}
+        inputs = {"format": schema_format(), "evals": spec.model_dump(mode="json"), "tasks": tasks}
         inputs.update(drift_prompts=recipe.drift_prompts, reference_model=recipe.reference_model)
         return flatten(inputs)
 
@@ -166,8 +193,8 @@ def _content_sha256(path: Path) -> str:
 
 
 def changed_keys(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys whose value differs, added or removed ones included; against a record of an older `FORMAT` (or
-    without one) only the keys both hold are compared."""
+    """The keys whose value differs, added or removed ones included; against a record of another format (or without
+    one) only the keys both hold are compared."""
     if recorded.get("format") == now.get("format") and "format" in now:
         keys = list(dict.fromkeys([*recorded, *now]))
     else:
