@@ -96,7 +96,7 @@ def test_with_native_bf16_bfloat16_where_asked_and_float32_where_not(cpu, stage_
     assert backends.bf16(plain.train, "cpu") is True
 
 
-def test_a_users_own_bf16_setting_stands_with_one_warning_of_its_cost(cpu, caplog):
+def test_a_users_own_bf16_setting_stands_with_one_warning_of_its_cost(cpu, caplog, monkeypatch):
     cpu(avx512_bf16=False)
     with caplog.at_level(logging.WARNING, logger="gradsift.hardware"):
         assert hardware.warn_slow_bf16(True, "cpu", "axolotl's `bf16: true`")
@@ -104,10 +104,19 @@ def test_a_users_own_bf16_setting_stands_with_one_warning_of_its_cost(cpu, caplo
         assert resolve_dtype(ModelConfig(model="m", dtype="bfloat16"), "cpu") is torch.bfloat16  # the user's choice
         assert not hardware.warn_slow_bf16(False, "cpu", "axolotl's `bf16: true`")
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 2, warnings
+    assert len(warnings) == 1, warnings  # one warning a process, however many places see the setting
     assert warnings[0].startswith("axolotl's `bf16: true` trains under bfloat16 autocast")
     assert "several times slower than float32" in warnings[0]
-    assert "--dtype" in warnings[1]
+    caplog.clear()
+    monkeypatch.setattr(hardware, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="gradsift.hardware"):
+        monkeypatch.setenv("RANK", "1")  # another rank of a distributed run: the main process says it
+        assert resolve_dtype(ModelConfig(model="m", dtype="bfloat16"), "cpu") is torch.bfloat16
+        assert not caplog.records
+        monkeypatch.setenv("RANK", "0")
+        assert resolve_dtype(ModelConfig(model="m", dtype="bfloat16"), "cpu") is torch.bfloat16
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "computes in bfloat16" in warning and "Set it to float32 or auto" in warning
     cpu(avx512_bf16=True)
     assert not hardware.warn_slow_bf16(True, "cpu", "TRL's `bf16=True`")
     cpu(avx512_bf16=False)
@@ -121,3 +130,47 @@ def test_the_device_description_names_the_cpu_its_instruction_sets_and_torch(cpu
     assert described["native_bf16"] is True and "AVX512_BF16" in described["isa"]
     assert described["name"] == f"{hardware.cpu_model()} ({described['isa']})"
     assert described["threads"] == torch.get_num_threads()
+
+
+def test_auto_dtype_is_bfloat16_only_on_a_gpu_that_computes_it_natively(monkeypatch):
+    auto = ModelConfig(model="m")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_dtype(auto, "cuda") is torch.float32  # a T4 or V100: bfloat16 only emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_dtype(auto, "cuda") is torch.bfloat16
+    assert resolve_dtype(auto, "cpu") is torch.float32
+
+
+@pytest.mark.parametrize("where", ["online trainer", "select_dataset", "axolotl"])
+def test_each_integration_warns_once_when_the_users_config_trains_in_bf16_on_a_cpu_without_it(
+    where, cpu, caplog, tmp_path, tokenizer, mixed_records
+):
+    import datasets
+
+    from gradsift.config import GradSiftConfig, SelectionConfig
+    from gradsift.integrations.axolotl.plugin import _warn_bf16
+    from gradsift.integrations.trl import GradSiftSFTTrainer, select_dataset
+
+    from conftest import lora_model, sft_config
+
+    cpu(avx512_bf16=False)
+    rows = datasets.Dataset.from_list(mixed_records[:8])
+    config = GradSiftConfig(mode="online", selection=SelectionConfig(keep_fraction=0.5))
+    with caplog.at_level(logging.WARNING, logger="gradsift.hardware"):
+        for _ in range(2):  # built twice, said once
+            if where == "online trainer":
+                args = sft_config(tmp_path, bf16=True)
+                model = lora_model(tokenizer)
+                GradSiftSFTTrainer(
+                    model=model, args=args, train_dataset=rows, processing_class=tokenizer, gradsift_config=config
+                )
+            elif where == "select_dataset":
+                args = sft_config(tmp_path, bf16=True)
+                select_dataset(
+                    rows, lora_model(tokenizer), tokenizer, GradSiftConfig(), sft_config=args, progress=False
+                )
+            else:
+                _warn_bf16({"bf16": True, "device": "cpu"})
+    (warning,) = [r.getMessage() for r in caplog.records if "without native bfloat16" in r.getMessage()]
+    assert "bf16" in warning and "several times slower than float32" in warning

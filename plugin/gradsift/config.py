@@ -82,7 +82,9 @@ class ModelConfig(StrictModel):
         "last stage's).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype. `auto` = bfloat16 on a CUDA GPU that supports it, else float32."
+        "auto",
+        description="Compute dtype. `auto` = bfloat16 on a CUDA GPU that computes it natively (not a T4 or V100, "
+        "where it is emulated), else float32.",
     )
     quantization: Literal["auto", "nf4", "none"] = Field(
         "auto",

@@ -105,16 +105,13 @@ def warn_slow_bf16(bf16: bool | None, device: Any, where: str, *, autocast: bool
     if not bf16 or _device_type(device) != "cpu" or native_bf16(device):
         return False
     how = "trains under bfloat16 autocast" if autocast else "computes in bfloat16"
-    fix = (
-        "Set bf16 to false (TRL: `bf16=False`; axolotl: `bf16: false`)"
-        if autocast
-        else "Use float32 (`--dtype float32` or `auto`)"
-    )
+    fix = "Set bf16 to false (TRL: `bf16=False`; axolotl: `bf16: false`)" if autocast else "Set it to float32 or auto"
     _log_once(
         f"{where} {how} on a {describe_device(device)['name']} without native bfloat16 (no AMX or AVX512_BF16): "
         f"every matmul converts its operands, several times slower than float32. {fix} unless you need bfloat16's "
         "numerics.",
         level=logging.WARNING,
+        key="slow bf16",  # one warning a process, however many places see the setting
     )
     return True
 
@@ -122,10 +119,12 @@ def warn_slow_bf16(bf16: bool | None, device: Any, where: str, *, autocast: bool
 _logged: set[str] = set()
 
 
-def _log_once(message: str, level: int = logging.INFO) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.log(level, message)
+def _log_once(message: str, level: int = logging.INFO, key: str | None = None) -> None:
+    """Log `message` once a process (once per `key` when given), on the main process of a distributed run only."""
+    if os.environ.get("RANK", "0") != "0" or (key or message) in _logged:
+        return
+    _logged.add(key or message)
+    logger.log(level, message)
 
 
 def describe_device(device: Any = "cpu") -> dict[str, Any]:

@@ -54,8 +54,10 @@ def resolve_dtype(config: ModelConfig, device: str) -> Any:
     """Return the torch dtype for `dtype` on `device`."""
     import torch
 
-    if config.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if config.dtype == "auto":  # bfloat16 on a GPU that computes it natively (`hardware.native_bf16`), else float32
+        from gradsift.hardware import native_bf16
+
+        return torch.bfloat16 if device != "cpu" and native_bf16(device) else torch.float32
     if config.dtype == "bfloat16":  # the user's choice stands; on a device without native bfloat16 it costs
         from gradsift.hardware import warn_slow_bf16
 
