@@ -28,6 +28,8 @@ from gradsift.report import (
     t_interval,
     write_report,
 )
+from gradsift.report.stages import hardware_of
+from gradsift.report.writing import machines_line
 from test_continual_runner import tiny_recipe, write
 
 ARMS = ("full", "gradsift", "random")
@@ -301,12 +303,28 @@ def test_the_report_names_the_machine_and_torch_every_stage_ran_on(tiny_run, syn
 
     run, report = tiny_run
     stages = len(SEEDS) * (1 + len(ARMS) * 2)
-    machine = {"name": describe_device("cpu")["name"], "torch": torch.__version__, "stages": stages}
+    machine = {
+        "name": describe_device("cpu")["name"],
+        "torch": torch.__version__,
+        "stages": stages,
+        "evaluated": stages,
+    }
     assert report["hardware"] == {"machines": [machine], "unrecorded_stages": 0}
     title, _, models, _, measured = (run / "report.md").read_text().splitlines()[:5]
     assert title.startswith("# Report: ") and models.startswith("Model ")
     assert measured.startswith(f"Measured on {machine['name']}, torch {torch.__version__} ({stages} stages).")
     assert "vary from one CPU or GPU to another" in measured
+    # A stage evaluated again on another machine: its numbers come from there.
+    seeds = {0: {"align": {"hardware": machine}, "arms": {"a": {1: {"hardware": machine, "evaluated_on": {
+        "name": "GPU X", "torch": "9"}}}}}}  # fmt: skip
+    elsewhere = hardware_of(seeds)
+    assert [(m["name"], m["stages"], m["evaluated"]) for m in elsewhere["machines"]] == [
+        (machine["name"], 2, 1),
+        ("GPU X", 0, 1),
+    ]
+    assert "(2 stages trained, 1 evaluated); GPU X, torch 9 (0 stages trained, 1 evaluated)" in machines_line(
+        elsewhere
+    )
     run, report = synthetic_run  # stage files without `hardware`, as a run before gradsift recorded it
     assert report["hardware"] == {"machines": [], "unrecorded_stages": stages}
     assert f"The machine is not recorded ({stages} stages written before" in (run / "report.md").read_text()

@@ -81,21 +81,28 @@ def collect(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 def hardware_of(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """What the stages ran on (`stage.json`'s `hardware`): each distinct machine and torch with its stage count, in
-    first-seen order, and how many stages do not say (written before gradsift recorded it)."""
-    machines: dict[tuple[str, str], int] = {}
+    """What the stages ran on: each distinct machine and torch, in first-seen order, with the stages trained on it
+    (`stage.json`'s `hardware`) and the stages whose evals it measured (`evaluated_on` where a stage was evaluated
+    again elsewhere, else its training machine); and how many stages do not say (written before gradsift recorded
+    it)."""
+    machines: dict[tuple[str, str], dict[str, int]] = {}
     unrecorded = 0
+
+    def count(described: dict[str, Any], what: str) -> None:
+        key = (str(described.get("name")), str(described.get("torch")))
+        machines.setdefault(key, {"stages": 0, "evaluated": 0})[what] += 1
+
     for entry in seeds.values():
         records = [entry["align"]] if entry["align"] else []
         records += [record for stages in entry["arms"].values() for record in stages.values()]
         for record in records:
-            described = record.get("hardware")
-            if not isinstance(described, dict):
+            trained, evaluated = record.get("hardware"), record.get("evaluated_on")
+            if not isinstance(trained, dict):
                 unrecorded += 1
                 continue
-            key = (str(described.get("name")), str(described.get("torch")))
-            machines[key] = machines.get(key, 0) + 1
-    found = [{"name": name, "torch": torch, "stages": n} for (name, torch), n in machines.items()]
+            count(trained, "stages")
+            count(evaluated if isinstance(evaluated, dict) else trained, "evaluated")
+    found = [{"name": name, "torch": torch, **counts} for (name, torch), counts in machines.items()]
     return {"machines": found, "unrecorded_stages": unrecorded}
 
 

@@ -151,10 +151,16 @@ def stage_table(report: dict[str, Any]) -> str:
     return _table(["arm", "stage", *[short_key(k) for k in keys]], rows, bare=one_seed(report))
 
 
+def _stage_counts(machine: dict[str, Any]) -> str:
+    trained, evaluated = machine["stages"], machine.get("evaluated", machine["stages"])
+    if trained == evaluated:
+        return f"{trained} stage{'s' if trained != 1 else ''}"
+    return f"{trained} stage{'s' if trained != 1 else ''} trained, {evaluated} evaluated"
+
+
 def machines_line(hardware: dict[str, Any]) -> str:
     """Where the numbers were measured: every machine the stages ran on (results vary from one CPU to another)."""
-    machines = [f"{m['name']}, torch {m['torch']} ({m['stages']} stage{'s' if m['stages'] != 1 else ''})" for m in
-                hardware["machines"]]  # fmt: skip
+    machines = [f"{m['name']}, torch {m['torch']} ({_stage_counts(m)})" for m in hardware["machines"]]
     n = hardware["unrecorded_stages"]
     unrecorded = f"{n} stage{'s' if n != 1 else ''} written before gradsift recorded the machine"
     where = "Measured on " + "; ".join(machines) + (f" (and {unrecorded})" if n else "") if machines else ""
