@@ -153,6 +153,7 @@ def test_an_added_align_source_a_random_arms_selection_and_an_earlier_stage_are_
     assert rerun(tmp_path, data, run) == 2
     err = capsys.readouterr().err
     assert "seed-0/random/01-sentiment" in err and "selection.keep_fraction 0.5 → 0.75" in err
+    assert "--rerun-from sentiment --arms random " in err  # `full` is as it was: not trained again
     # A stage trained again upstream: the stage after it no longer matches what it was trained on from.
     data["selection"]["keep_fraction"] = 0.5
     first = run / "seed-0/full/01-sentiment/stage.json"

@@ -260,7 +260,7 @@ _UPSTREAM = {"previous": "the stage it trained on from was trained again since, 
 
 
 def _changed_message(changed: list[tuple[Step, list[str], dict[str, Any]]], prints: Fingerprints) -> str:
-    step, keys, made = changed[0]
+    step, keys, made = min(changed, key=lambda found: found[0].index)  # the earliest: --rerun-from must start there
     now = prints.made_by(step)
     own = [key for key in keys if key not in _UPSTREAM]
     parts = [f"{key} {_short(made.get(key, _ABSENT))} → {_short(now.get(key, _ABSENT))}" for key in own[:4]]
@@ -268,10 +268,13 @@ def _changed_message(changed: list[tuple[Step, list[str], dict[str, Any]]], prin
     more = f" and {len(own) - 4} more key(s)" if len(own) > 4 else ""
     others = f" ({len(changed) - 1} other finished stage(s) too)" if len(changed) > 1 else ""
     name = "align" if step.arm is None else step.stage
+    arms = sorted({found.arm for found, _, _ in changed if found.arm is not None})
+    every = list(prints.recipe.arms)
+    only = f" --arms {','.join(arms)}" if step.arm is not None and arms != sorted(every) else ""
     return (
         f"{step.folder} was made by other settings than the recipe's now: {'; '.join(parts)}{more}{others}. "
         "Keeping it would mix two recipes in one run: choose a new --out for the changed recipe, or train this "
-        f"stage and the ones after it again with --rerun-from {name} (the old folders are moved under "
+        f"stage and the ones after it again with --rerun-from {name}{only} (the old folders are moved under "
         f"{step.layout.root / REPLACED_DIR}/, not deleted), or undo the change."
     )
 
