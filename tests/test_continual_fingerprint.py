@@ -13,6 +13,7 @@ from gradsift.cli import main
 from gradsift.continual import iter_stage_files, load_recipe
 from gradsift.continual.fingerprint import FORMAT, MADE_BY, Fingerprints, changed_keys, finished_status, schema_format
 from gradsift.continual.runner import plan, run_recipe
+from gradsift.errors import UserError
 from test_continual_runner import tiny_recipe, write
 
 
@@ -184,3 +185,11 @@ def test_rerun_from_an_unknown_stage_is_one_line(finished, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'yesno'" in err and "(align, sentiment, yes_no): name one" in err
     assert snapshot(run) == before
+    data["arms"] = ["full", "random"]  # the align stage is every arm's start: retraining it for one arm is refused
+    assert rerun(tmp_path, data, run, "--rerun-from", "align", "--arms", "full") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--rerun-from align --arms full" in err and "without --arms" in err
+    assert snapshot(run) == before
+    data["stages"][1]["name"] = "align"  # a task stage may not take the align stage's name
+    with pytest.raises(UserError, match="`align` names the align stage"):
+        load_recipe(write(tmp_path, data, name="two-aligns.yaml"))

@@ -46,6 +46,7 @@ from gradsift.continual.layout import EVAL_NEW, RunLayout, Step, check_run_folde
 from gradsift.continual.penalties import NEW_ADAPTER, penalty_trainer_class
 from gradsift.continual.rows import align_records, measures_drift, stage_records
 from gradsift.continual.schema import PENALTY_KINDS, STEPPED_KINDS, Recipe, RecipeError, gradsift_config_for
+from gradsift.errors import UserError
 from gradsift.fileio import write_json
 from gradsift.hardware import describe_device, generation_dtype
 from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
@@ -132,6 +133,11 @@ def run_recipe(
     steps = plan(recipe, out, arms, seeds)
     if rerun_from is not None:
         first_index(recipe, rerun_from)  # a name that is no stage fails before the lock
+        if rerun_from == "align" and arms is not None and set(arms) != set(recipe.arms):
+            raise UserError(
+                f"--rerun-from align --arms {','.join(arms)}: every arm of a seed trains on from its align stage, so "
+                "the arms left out would keep stages trained on the old one. Run it without --arms."
+            )
     forget_references()
     with folder_lock(out):
         check_run_folder(out)  # again, now that no other run can write it

@@ -125,6 +125,8 @@ class StageSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str) -> str:
+        if value == "align":  # `--rerun-from align` names the align stage
+            raise ValueError("`align` names the align stage (`align:`); give this task stage another name")
         return _segment(value, "a stage name (in `<NN>-<name>`)")
 
     def domain_task(self) -> str | None:
