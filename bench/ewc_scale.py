@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     anchor = anchor_here(
         model, "00-align", sample, backends.tokenizer(recipe), recipe.train_for(recipe.align).max_length
     )
-    print(f"fisher_rows={anchor.rows} fisher_seconds={time.perf_counter() - start:.1f}")
+    from gradsift.hardware import machine_line
+
+    print(f"{machine_line()}: fisher_rows={anchor.rows} fisher_seconds={time.perf_counter() - start:.1f}")
     for part in ("lora_A", "lora_B"):
         values = torch.cat([value.flatten() for key, value in anchor.fisher.items() if part in key])
         print(f"fisher_{part}_mean={float(values.mean()):.3g} fisher_{part}_max={float(values.max()):.3g}")
