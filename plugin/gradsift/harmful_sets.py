@@ -191,7 +191,8 @@ def _ordered(name: str) -> tuple[dict[str, str], ...]:
     return tuple(rows)
 
 
-def _words(text: str) -> frozenset[str]:
+def words(text: str) -> frozenset[str]:
+    """The lower-case words of a text, as a set (what `near_duplicate` compares)."""
     return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
 
 
@@ -209,8 +210,22 @@ def split_requests(name: str, split: str) -> list[dict[str, str]]:
         return rows[:TEST_ROWS]
     dev_end = TEST_ROWS + _benchmark(name).dev_rows
     chosen = rows[TEST_ROWS:dev_end] if split == "dev" else rows[dev_end:]
-    tested = [_words(row["prompt"]) for other in BENCHMARKS for row in _ordered(other)[:TEST_ROWS]]
-    return [row for row in chosen if not near_duplicate(_words(row["prompt"]), tested)]
+    tested = [words(row["prompt"]) for other in BENCHMARKS for row in _ordered(other)[:TEST_ROWS]]
+    return [row for row in chosen if not near_duplicate(words(row["prompt"]), tested)]
+
+
+@functools.cache
+def asked_words() -> tuple[frozenset[str], ...]:
+    """The word sets of every request a gradsift eval asks or an align stage refuses: every request of both benchmarks
+    (all splits) and every prompt of the offline eval files (`evals/data/*.jsonl`). A training row asking one of them,
+    or most of one's words (`near_duplicate`), would blur what the evals measure."""
+    from gradsift.evaluation.harness import evals_path
+
+    found = [words(row["prompt"]) for name in BENCHMARKS for row in _ordered(name)]
+    for path in sorted((evals_path().parent / "data").glob("*.jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            found += [words(json.loads(line)["prompt"]) for line in handle if line.strip()]
+    return tuple(found)
 
 
 def refusal(prompt: str, category: str) -> str:

