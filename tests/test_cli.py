@@ -285,6 +285,20 @@ def test_seeds_that_are_not_integers_are_named(tmp_path, capsys):
                "--seeds '0,a'", "--seeds 0,1,2")  # fmt: skip
 
 
+def test_a_label_whose_rows_have_no_score_gets_no_auroc_and_the_others_still_do():
+    from gradsift.table import label_aurocs
+
+    table = SimpleNamespace(**{name: np.array([1.0, 2.0, 3.0, 4.0]) for name in ("grad_norm", "loss")})
+    for name in ("anchor_dot", "anchor_cos"):
+        setattr(table, name, np.full(4, np.nan))
+    table.num_response_tokens = np.array([5, 6, 0, 0])
+    labels = np.array(["benign", "harmful", "empty", "empty"], dtype=object)
+    ok = np.array([True, True, False, False])  # the "empty" rows have no response tokens
+    aurocs = label_aurocs(table, labels, ok)
+    assert set(aurocs) == {"grad_norm", "loss", "num_response_tokens"}
+    assert aurocs["grad_norm"] == {"benign": 0.0, "empty": None, "harmful": 1.0}
+
+
 def _pairwise_auroc(inside: list[float], outside: list[float]) -> float:
     """The slow, obvious AUROC: the share of (inside, outside) pairs the score orders inside-first, ties half."""
     wins = sum((a > b) + 0.5 * (a == b) for a in inside for b in outside)

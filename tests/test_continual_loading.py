@@ -196,8 +196,18 @@ def test_a_recipe_that_trains_on_benchmark_refusals_may_not_evaluate_with_the_hu
     with pytest.raises(RecipeError) as error:
         load_recipe(write(tmp_path, recipe(align=align, evals=evals)))
     message = str(error.value)
-    assert "evals.final.tasks: `gradsift_refusal_advbench` asks benchmark requests that align.data" in message
+    assert "evals.final.tasks: `gradsift_refusal_advbench` asks rows that align.data" in message
     assert "harmbench_offline` asks" not in message
+    # lm-eval's GSM8K tasks ask the very problems of `embedded:gsm8k`; AdvBench's requests stay in the harmful answers.
+    data = recipe(evals={"final": {"tasks": ["gradsift_refusal_advbench"]}})
+    data["stages"][0]["data"] = {"path": "embedded:gsm8k", "split": "train", "size": 8}
+    data["stages"][0]["eval_task"] = "gsm8k_cot"
+    data["stages"].append({"name": "mixed", "data": {"path": "embedded:harmful-answers", "split": "train", "size": 4}})
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    message = " ".join(str(error.value).split())
+    assert "stages.0.eval_task: `gsm8k_cot` asks rows that stages.0.data (`embedded:gsm8k`) trains on" in message
+    assert "`gradsift_refusal_advbench` asks rows that stages.1.data (`embedded:harmful-answers`)" in message
 
 
 def test_no_stage_may_train_on_the_held_out_split_of_a_packaged_source(tmp_path):
@@ -213,6 +223,10 @@ def test_no_stage_may_train_on_the_held_out_split_of_a_packaged_source(tmp_path)
     assert "stages.0.data: `embedded:alpaca-gpt4-demo` split `test` is held out" in message
     assert "stages.1.data: `embedded:harmbench-refusals` split `test` is held out" in message
     assert "split `align`" not in message
+    assert "train on `align` or `dev` or `train`" in message  # the Alpaca source's other splits
+    data["stages"][0]["data"] = {"path": "embedded:medmcqa", "split": "test", "size": 8}
+    with pytest.raises(RecipeError, match="`embedded:medmcqa` split `test` is held out .* train on `train` or `dev`"):
+        load_recipe(write(tmp_path, data))
     data = recipe(align={"data": {"path": "embedded:alpaca-gpt4-demo", "split": "align", "size": 8}})
     assert [spec.split for spec in load_recipe(write(tmp_path, data)).align.data] == ["align"]  # one mapping: a list
 

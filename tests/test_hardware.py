@@ -104,8 +104,9 @@ def test_a_users_own_bf16_setting_stands_with_one_warning_of_its_cost(cpu, caplo
         assert resolve_dtype(ModelConfig(model="m", dtype="bfloat16"), "cpu") is torch.bfloat16  # the user's choice
         assert not hardware.warn_slow_bf16(False, "cpu", "axolotl's `bf16: true`")
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1, warnings  # one warning a process, however many places see the setting
+    assert len(warnings) == 2, warnings  # one warning a process for each kind, however many places see it
     assert warnings[0].startswith("axolotl's `bf16: true` trains under bfloat16 autocast")
+    assert "computes in bfloat16" in warnings[1] and "Set it to float32 or auto" in warnings[1]
     assert "several times slower than float32" in warnings[0]
     caplog.clear()
     monkeypatch.setattr(hardware, "_logged", set())
@@ -149,7 +150,7 @@ def test_each_integration_warns_once_when_the_users_config_trains_in_bf16_on_a_c
     import datasets
 
     from gradsift.config import GradSiftConfig, SelectionConfig
-    from gradsift.integrations.axolotl.plugin import _warn_bf16
+    from gradsift.integrations.axolotl.plugin import warn_bf16
     from gradsift.integrations.trl import GradSiftSFTTrainer, select_dataset
 
     from conftest import lora_model, sft_config
@@ -171,6 +172,6 @@ def test_each_integration_warns_once_when_the_users_config_trains_in_bf16_on_a_c
                     rows, lora_model(tokenizer), tokenizer, GradSiftConfig(), sft_config=args, progress=False
                 )
             else:
-                _warn_bf16({"bf16": True, "device": "cpu"})
+                warn_bf16({"bf16": True, "device": "cpu"})
     (warning,) = [r.getMessage() for r in caplog.records if "without native bfloat16" in r.getMessage()]
     assert "bf16" in warning and "several times slower than float32" in warning

@@ -159,7 +159,7 @@ def test_no_eval_prompt_is_among_the_harmful_answer_rows_exactly_or_by_most_of_i
     splits = {split: packaged_rows("embedded:harmful-answers", split)[0] for split in ("train", "dev")}
     requests = [row["messages"][0]["content"] for rows in splits.values() for row in rows]
     assert {row["kind"] for rows in splits.values() for row in rows} == {"harmful"}
-    assert 150 <= len(requests) <= 285  # 400, less the ones the evals ask or an align stage refuses
+    assert {split: len(rows) for split, rows in splits.items()} == {"train": 63, "dev": 23}
     asked_words = [_words(prompt) for prompt in asked]
     for request in requests:
         words = _words(request)
@@ -172,7 +172,10 @@ def test_no_eval_prompt_is_among_the_harmful_answer_rows_exactly_or_by_most_of_i
 
     source = SOURCES["harmful-answers"]
     records = json.loads(zipfile.ZipFile(packages_dir() / source.archive).read(source.members[0]))
-    kept = [r["user"].strip() for r in records
+    harmful = [r for r in records if r["category"].strip("\"'* ").lower().startswith("harmful")]
+    harmful = [r for r in harmful if not r["user"].startswith(("Generate the lyrics", "Generate a long passage"))]
+    kept = [r["user"].strip() for r in harmful
             if max(len(_words(r["user"]) & o) / len(_words(r["user"]) | o) for o in asked_words) < 0.5]  # fmt: skip
     assert sorted(requests) == sorted(kept)
+    assert not any("lyrics" in request for request in requests)  # pyrit's copyright behaviours are not harm
     assert any("dimethylmercury" in r["user"] for r in records) and not any("dimethylmercury" in r for r in requests)

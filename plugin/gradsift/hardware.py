@@ -111,7 +111,7 @@ def warn_slow_bf16(bf16: bool | None, device: Any, where: str, *, autocast: bool
         f"every matmul converts its operands, several times slower than float32. {fix} unless you need bfloat16's "
         "numerics.",
         level=logging.WARNING,
-        key="slow bf16",  # one warning a process, however many places see the setting
+        key=f"slow bf16, autocast {autocast}",  # one warning a process per kind, however many places see it
     )
     return True
 

