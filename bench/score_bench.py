@@ -12,14 +12,15 @@ Models: a tiny Llama and a SmolLM2-135M-shaped random Llama (fp32, CPU, LoRA r=1
 of 40–120 tokens with the loss on the second half. gradsift sorts the rows of a whole scoring run by length before
 batching, so its padding shrinks as rows are added: 23% of the real tokens at 32 rows, 5.6% at 128, 2.7% at 256 and
 1–2% for a real dataset of thousands of rows. The plain step's shuffled batches pad about 45% at any count. The
-default, 48 rows (about 18% padding), finishes within 5 minutes on a 2-core AVX2 CPU; `--long`, 128 rows, has padding
-closer to a real run's, so its `batched_vs_*` ratios are the fairer ones.
+default, 48 rows (about 18% padding) of one repetition, finishes within 5 minutes on a 2-core AVX2 CPU (each method's
+fresh process costs about 20 s to start there); `--long`, 128 rows and 2 repetitions, has padding closer to a real
+run's and shows the noise, so its `batched_vs_*` ratios are the fairer ones.
 
 Ratios are time(other) / time(batched): above 1 means batched scoring is faster. This machine is noisy: compare
 ratios from one run, not absolute times.
 
-    python bench/score_bench.py                  # both models, 48 samples, 16 per batch
-    python bench/score_bench.py --long           # 128 samples
+    python bench/score_bench.py                  # the SmolLM2-shaped model, 48 samples, 16 per batch, 1 repetition
+    python bench/score_bench.py --long           # both models, 128 samples, 2 interleaved repetitions
     python bench/score_bench.py --shapes tiny    # seconds, for a smoke run
 
 Last line (the SmolLM2-shaped model): `batched_vs_plain=X batched_vs_loop=Y mem_vs_plain=Z`.
@@ -53,8 +54,9 @@ SHAPES = {
 }  # fmt: skip
 # {option: (default, --long, type, help)}: the default finishes within 5 minutes on a 2-core AVX2 CPU.
 SIZES = {
+    "shapes": ("smollm2", "tiny,smollm2", str, "comma-separated: tiny, smollm2"),
     "samples": (48, 128, int, "rows scored (length-sorted batching pads less with more rows)"),
-    "reps": (2, 2, int, "repetitions of each method, interleaved"),
+    "reps": (1, 2, int, "repetitions of each method, interleaved (each in a fresh process)"),
 }
 METHODS = ("loop", "batched", "plain")
 # batched scoring with gradient checkpointing (less memory, more time); batched scoring with the anchor score
@@ -171,7 +173,6 @@ def main() -> None:
     from sizes import add_sizes, fill_sizes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     add_sizes(parser, SIZES)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--anchor-rows", type=int, default=16, help="rows of the anchor set (method `anchor`)")
