@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from gradsift.cli import UserError, _length_bins, build_parser, main
+from gradsift.cli import UserError, build_parser, main
+from gradsift.cli_inspect import length_bins
 from gradsift.config import CLI_SECTIONS, SECTIONS, options_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,18 +86,18 @@ def test_select_inspect_and_report_never_import_torch(tmp_path, tiny_model_dir, 
     assert done.returncode == 0, done.stderr
 
 
-def test_inspect_length_bins_are_the_selection_length_bins():
+def test_inspect_length_bins_are_the_selectionlength_bins():
     # 6 terse rows and 4 long ones, --bins 2: the two bins `selection.length_strata: 2` uses, not one quantile bin.
     lengths = np.array([2, 40, 2, 2, 40, 2, 2, 40, 2, 40])
     table = SimpleNamespace(num_response_tokens=lengths, loss=np.ones(10), grad_norm=np.arange(10.0))
-    bins = _length_bins(table, SimpleNamespace(keep=lengths == 40), np.ones(10, dtype=bool), 2)
+    bins = length_bins(table, SimpleNamespace(keep=lengths == 40), np.ones(10, dtype=bool), 2)
     assert [(b["range"], b["rows"], b["kept"]) for b in bins] == [("2-2", 6, 0), ("40-40", 4, 4)]
 
 
 def test_inspect_with_fewer_than_one_length_bin_is_refused():
     table = SimpleNamespace(num_response_tokens=np.array([1]), loss=np.ones(1), grad_norm=np.ones(1))
     with pytest.raises(UserError, match="`--bins` must be >= 1; got 0"):
-        _length_bins(table, SimpleNamespace(keep=np.ones(1, dtype=bool)), np.ones(1, dtype=bool), 0)
+        length_bins(table, SimpleNamespace(keep=np.ones(1, dtype=bool)), np.ones(1, dtype=bool), 0)
 
 
 def test_flags_win_over_the_config_file(tmp_path):

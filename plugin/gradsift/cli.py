@@ -17,16 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from jinja2.exceptions import TemplateError
 
 from gradsift import __version__
 from gradsift.cli_flags import add_common, add_schema_flags, config_from_args, section_values
+from gradsift.cli_inspect import run_inspect, scored_source, text_table
 from gradsift.config import EvalConfig, GradSiftConfig, ModelConfig
 from gradsift.distributed import Team
 from gradsift.errors import UserError, chat_template_refusal
-from gradsift.selection import length_bin_summary
-from gradsift.table import QUANTILES, anchor_correlations, column_quantiles
 
 if TYPE_CHECKING:
     from gradsift.pipeline import ScoreResult
@@ -265,26 +263,6 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
     return result, len(rows)
 
 
-def _scored_source(data: str | None, manifest: dict[str, Any], table: Any) -> tuple[str, Any]:
-    """The scored data (`data`, else the path the scores name) and its path, checked to be what was scored."""
-    from gradsift.data import load_source
-
-    fingerprints = manifest["fingerprints"]
-    data_path = data or fingerprints.get("data_path")
-    if not data_path:
-        raise UserError("The scores do not name their data file; pass --data.")
-    split = manifest.get("data", {}).get("split", "train")
-    source = load_source(data_path, split=split)
-    if source.fingerprint != fingerprints.get("data_fingerprint"):
-        raise UserError(
-            f"The data {data_path!r} changed since it was scored (fingerprint {source.fingerprint[:12]} != "
-            f"{str(fingerprints.get('data_fingerprint'))[:12]}). Score it again with `gradsift score`."
-        )
-    if len(source) != len(table):
-        raise UserError(f"The data has {len(source):,} rows but the scores have {len(table):,}; score it again.")
-    return data_path, source
-
-
 def run_select(args: argparse.Namespace) -> int:
     """`gradsift select`."""
     from gradsift.fileio import staged
@@ -294,7 +272,7 @@ def run_select(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     manifest, table = load_finished_scores(args.scores)
-    data_path, source = _scored_source(args.data, manifest, table)
+    data_path, source = scored_source(args.data, manifest, table)
     selection = apply_selection(table, config)
     inputs = [args.scores / name for name in (MANIFEST, TABLE)]
     inputs += [Path(source.path)] if source.kind in ("jsonl", "json", "parquet") else []
@@ -310,134 +288,6 @@ def run_select(args: argparse.Namespace) -> int:
     dropped_path = paths["dropped"]
     print(f"{selection.summary()} -> {out} (dropped rows: {dropped_path})")
     return 0
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    """`gradsift inspect`."""
-    from gradsift.selection import apply_selection
-    from gradsift.store import load_finished_scores
-
-    config = config_from_args(args)
-    manifest, table = load_finished_scores(args.scores)
-    selection = apply_selection(table, config)
-    ok = table.status == "ok"
-    report: dict[str, Any] = {
-        "rows": len(table),
-        "status": {status: int((table.status == status).sum()) for status in sorted(set(table.status.tolist()))},
-        "quantiles": {
-            column: column_quantiles(getattr(table, column)[ok]) if ok.any() else {}
-            for column in ("loss", "grad_norm")
-        },
-        "selection": {"rule": config.selection.rule, "summary": selection.summary(), "dropped": selection.counts()},
-        "length_bins": _length_bins(table, selection, ok, args.bins),
-    }
-    anchored = ok & np.isfinite(table.anchor_cos)
-    if anchored.any():
-        report["quantiles"].update(
-            {column: column_quantiles(getattr(table, column)[anchored]) for column in ("anchor_dot", "anchor_cos")}
-        )
-        report["anchor_correlation"] = anchor_correlations(table, anchored)
-    if args.label_column:
-        report["labels"] = _label_report(args, manifest, table, selection, ok)
-    elif args.data:
-        raise UserError(f"`--data {args.data}` is read only with --label-column; add --label-column COL, or drop it.")
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{args.scores}: {report['rows']:,} rows; " + ", ".join(f"{n:,} {s}" for s, n in report["status"].items()))
-    print(f"model {manifest['fingerprints'].get('model')}; data {manifest['fingerprints'].get('data_path')}")
-    print()
-    print(
-        _table(
-            ["quantile", *[f"{q:g}" for q in QUANTILES]],
-            [[column, *[f"{v:.4g}" for v in values.values()]] for column, values in report["quantiles"].items()],
-        )
-    )
-    print()
-    if "anchor_correlation" in report:
-        shown = {k: "n/a" if v is None else f"{v:+.2f}" for k, v in report["anchor_correlation"].items()}
-        print(
-            f"anchor_cos rank correlation (Spearman): with grad_norm {shown['grad_norm']}, with response length "
-            f"{shown['num_response_tokens']}"
-        )
-        print()
-    print(f"selection ({config.selection.rule}): {selection.summary()}")
-    print()
-    if "labels" in report:
-        print(_label_tables(report["labels"]))
-        print()
-    print(
-        _table(
-            ["response tokens", "rows", "median loss", "median grad_norm", "kept"],
-            [
-                [
-                    b["range"],
-                    str(b["rows"]),
-                    f"{b['median_loss']:.4g}",
-                    f"{b['median_grad_norm']:.4g}",
-                    f"{b['kept']} ({b['kept_fraction']:.0%})",
-                ]
-                for b in report["length_bins"]
-            ],
-        )
-    )
-    return 0
-
-
-def _label_report(args: argparse.Namespace, manifest: dict[str, Any], table: Any, selection: Any, ok: Any) -> dict:
-    """Per value of the data's `--label-column`: its rows, scored rows and rows kept, and each score's AUROC."""
-    from gradsift.table import label_aurocs
-
-    data_path, source = _scored_source(args.data, manifest, table)
-    column = args.label_column
-    missing = [int(i) for i in table.index if column not in source.records[int(i)]]
-    if missing:
-        raise UserError(
-            f"{data_path}: row {missing[0] + 1} (and {len(missing) - 1} more) has no `{column}`; its keys: "
-            f"{', '.join(sorted(source.records[missing[0]]))}. Name a column every row has with --label-column."
-        )
-    labels = np.array([str(source.records[int(i)][column]) for i in table.index], dtype=object)
-    counts = {
-        value: {
-            "rows": int((labels == value).sum()),
-            "scored": int((ok & (labels == value)).sum()),
-            "kept": int((selection.keep & (labels == value)).sum()),
-        }
-        for value in sorted(set(labels.tolist()))
-    }
-    return {"column": column, "counts": counts, "auroc": label_aurocs(table, labels, ok)}
-
-
-def _label_tables(labels: dict[str, Any]) -> str:
-    values = list(labels["counts"])
-    counts = _table(
-        [labels["column"], "rows", "scored", "kept"],
-        [[value, *(f"{labels['counts'][value][k]:,}" for k in ("rows", "scored", "kept"))] for value in values],
-    )
-    aurocs = _table(
-        ["AUROC", *values],
-        [
-            [name, *("n/a" if by[v] is None else f"{by[v]:.3f}" for v in values)]
-            for name, by in labels["auroc"].items()
-        ],
-    )
-    return (
-        f"{counts}\n\n{aurocs}\n(AUROC of each score for telling a label's rows from the others: 1 = its high "
-        "values pick them out, 0.5 = chance, 0 = its low values do)"
-    )
-
-
-def _length_bins(table: Any, selection: Any, ok: np.ndarray, bins: int) -> list[dict[str, Any]]:
-    if bins < 1:
-        raise UserError(f"`--bins` must be >= 1; got {bins}. Pass the number of response-length bins, e.g. 4.")
-    return length_bin_summary(table, selection, ok, bins)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -497,7 +347,7 @@ def run_judge(args: argparse.Namespace) -> int:
          str(v["unparsed"])]
         for task, v in summary["tasks"].items()
     ]  # fmt: skip
-    print(_table(["task", "n", "keyword ASR", f"judged ASR ({summary['format']})", "unparsed"], rows))
+    print(text_table(["task", "n", "keyword ASR", f"judged ASR ({summary['format']})", "unparsed"], rows))
     print(f"-> {args.results / 'judge_results.json'}")
     return 0
 
