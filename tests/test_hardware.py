@@ -42,8 +42,10 @@ def test_native_bf16_is_amx_or_avx512_bf16_and_a_onednn_cap_below_them_takes_it_
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # how an AVX2 machine is tried on a bigger one
     assert not hardware.native_bf16("cpu") and not hardware.fast_bf16("cpu")
     assert "capped by ONEDNN_MAX_CPU_ISA=AVX2" in hardware.describe_device("cpu")["name"]
+    assert "AVX512_BF16" not in hardware.cpu_isa() and "AMX" not in hardware.cpu_isa()  # what the cap leaves
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
     assert hardware.native_bf16("cpu")
+    assert "AVX512_BF16" in hardware.cpu_isa() and "AMX" not in hardware.cpu_isa()
 
 
 @pytest.fixture

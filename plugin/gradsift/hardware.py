@@ -50,9 +50,14 @@ def _cpu_flag(name: str) -> bool:
     return bool(probe and probe())
 
 
+def _isa_cap() -> str:
+    """oneDNN's instruction-set cap (`ONEDNN_MAX_CPU_ISA`), upper case; "" when none is set."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+
+
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively: AMX or AVX512_BF16, and no oneDNN cap below them."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    cap = _isa_cap()
     if cap and cap not in _BF16_ISAS:
         return False
     return _cpu_flag("_is_amx_tile_supported") or _cpu_flag("_is_avx512_bf16_supported")
@@ -151,14 +156,16 @@ def machine_line(device: Any = "cpu") -> str:
 
 
 def cpu_isa() -> str:
-    """The CPU's vector instruction sets as torch sees them: "AVX2", "AVX-512, AVX512_BF16", "AVX-512, AMX"."""
+    """The CPU's vector instruction sets as torch and oneDNN use them: "AVX2", "AVX-512, AVX512_BF16", "AVX-512, AMX";
+    under a oneDNN cap (`ONEDNN_MAX_CPU_ISA`) only those the cap leaves."""
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
     parts = [{"AVX512": "AVX-512"}.get(capability, capability)]
-    if _cpu_flag("_is_avx512_bf16_supported"):
+    cap = _isa_cap()
+    if _cpu_flag("_is_avx512_bf16_supported") and (not cap or cap in _BF16_ISAS):
         parts.append("AVX512_BF16")
-    if _cpu_flag("_is_amx_tile_supported"):
+    if _cpu_flag("_is_amx_tile_supported") and (not cap or "AMX" in cap):
         parts.append("AMX")
     return ", ".join(parts)
 

@@ -90,25 +90,31 @@ def headline_table(report: dict[str, Any]) -> str:
     with_random = any(row["references"]["vs_random"] for row in data.values())
     with_full = any(row["references"]["vs_full"] for row in data.values())
     names = {key: name for name, key in HEADLINE.items()}
-    header = ["arm", "final stage", *HEADLINE]
+    aligned = report["headline"].get("aligned")
+    # A column no row measured (over-refusal where no over-refusal task ran) is left out.
+    shown = {
+        name: key
+        for name, key in HEADLINE.items()
+        if any(row.get(key) is not None for row in (*data.values(), aligned or {}))
+    }
+    header = ["arm", "final stage", *shown]
     if with_random:
         header += ["random ref.", *[f"Δ {names[key]} vs random ref." for key in HEADLINE_DIFFERENCES]]
     if with_full:
         header += [f"Δ {names[key]} vs full" for key in HEADLINE_FULL_DIFFERENCES]
     rows = []
     bare = one_seed(report)
-    aligned = report["headline"].get("aligned")
     if aligned:  # the starting point: every arm's erosion is read against it
         rows.append(
             [
                 "aligned model (start)",
                 aligned["stage"],
-                *[_fmt_interval(aligned[k], bare=bare) for k in HEADLINE.values()],
+                *[_fmt_interval(aligned[k], bare=bare) for k in shown.values()],
             ]
         )
         rows[0] += ["–"] * (len(header) - len(rows[0]))
     for name, row in data.items():
-        cells = [name, row["stage"], *[_fmt_interval(row[key], bare=bare) for key in HEADLINE.values()]]
+        cells = [name, row["stage"], *[_fmt_interval(row[key], bare=bare) for key in shown.values()]]
         if with_random:
             cells.append(row["references"]["vs_random"])
             cells += [_fmt_interval(row["vs_random"][key], True, bare) for key in HEADLINE_DIFFERENCES]
