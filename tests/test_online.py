@@ -315,3 +315,36 @@ def test_online_mode_on_a_qlora_model_with_gradient_checkpointing(tmp_path, tiny
     step = json.loads((tmp_path / "out" / "gradsift_online.jsonl").read_text().splitlines()[0])
     assert sorted(step["kept_ids"]) == sorted(loop.sample_id[expected.keep].tolist())
     assert any(not torch.equal(p, start[name]) for name, p in lora_state(model).items())
+
+
+def test_online_random_draws_afresh_each_step_and_alike_for_a_step():
+    # `random` inside each batch (the `random_online` baseline): a fixed seed would keep the same batch positions
+    # every step; the draw follows the step, and every rank (the same step) draws the same rows.
+    import numpy as np
+
+    from gradsift.online_step import OnlineStep
+    from gradsift.online_window import Window
+
+    n = 20
+    config = GradSiftConfig(mode="online", selection=SelectionConfig(rule="random", keep_fraction=0.2))
+    window = Window(
+        losses=np.linspace(1.0, 2.0, n),
+        norms=np.linspace(0.1, 3.0, n),
+        counts=np.full(n, 8),
+        tokens=np.full(n, 16),
+        status=np.array(["ok"] * n, dtype=object),
+        digests=[f"d{i}" for i in range(n)],
+        sizes=[[n]],
+    )
+    step = OnlineStep(config, team=None, reuse=False, pad_token_id=0)
+    draws = [tuple(np.flatnonzero(step.select(window, s)[0])) for s in range(6)]
+    assert all(len(kept) == 4 for kept in draws)  # ⌊0.2 · 20⌋
+    assert len(set(draws)) == 6
+    assert draws[3] == tuple(np.flatnonzero(step.select(window, 3)[0]))
+    # Each step's draw is `select_rows`' own seeded draw, nothing else.
+    for s, kept in enumerate(draws):
+        reference = select_rows(
+            window.losses, window.norms, window.status, config.selection.model_copy(update={"seed": s * 1_000_003}),
+            num_response_tokens=window.counts, min_kept=1,
+        )  # fmt: skip
+        assert tuple(np.flatnonzero(reference.keep)) == kept

@@ -72,7 +72,7 @@ class OnlineStep:
     ) -> Outcome:
         scored = self.score(model, batches, anchor, device, contexts)
         window = gather_window(self.team, local_window(batches, scored, anchor))
-        keep, reasons = self.select(window)
+        keep, reasons = self.select(window, step)
         check_agreement(self.team, keep)
         record = step_record(step, window, keep, reasons)
         if not keep.any():
@@ -105,16 +105,20 @@ class OnlineStep:
                     scored.per_sample.append(hooks.take_grads())
         return scored
 
-    def select(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """The rule on each group of the window: ⌊ρ·n_ok⌋ of its scoreable rows, at least one whenever one scores."""
+    def select(self, window: Window, step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The rule on each group of the window: ⌊ρ·n_ok⌋ of its scoreable rows, at least one whenever one scores.
+
+        `random` draws with `selection.seed` + `step` (+ the group's index), so each step draws afresh and every rank
+        draws alike."""
         keep = np.zeros(len(window.losses), dtype=bool)
         reasons = np.full(len(window.losses), "", dtype=object)
-        for group in window.groups(self.config.online.window):
+        for number, group in enumerate(window.groups(self.config.online.window)):
+            seed = self.config.selection.seed + step * 1_000_003 + number  # a prime stride: no two (step, group) alike
             selection = select_rows(
                 window.losses[group],
                 window.norms[group],
                 window.status[group],
-                self.config.selection,
+                self.config.selection.model_copy(update={"seed": seed}),
                 num_response_tokens=window.counts[group],
                 min_kept=1,
                 anchor_dot=None if window.dots is None else window.dots[group],
