@@ -136,6 +136,11 @@ def test_the_align_stage_runs_the_final_evals_and_heads_the_report(uninterrupted
     table = markdown(report).split("## Headline")[1].splitlines()
     assert table[2].startswith("| arm | final stage | attack success | refusal | over-refusal | benign refusal |")
     assert table[4].startswith("| aligned model (start) | 00-align |")
+    # A headline number no row measured (a recipe without an over-refusal task) gets no column.
+    for row in (aligned, *report["headline"]["arms"].values()):
+        row["pooled/over_refusal_rate"] = None
+    table = markdown(report).split("## Headline")[1].splitlines()
+    assert table[2].startswith("| arm | final stage | attack success | refusal | benign refusal | ACC |")
 
 
 def test_a_killed_run_resumes_to_the_same_outputs_and_report(tmp_path, tiny_model_dir, uninterrupted):
@@ -223,6 +228,70 @@ def test_an_aligned_model_is_reused_by_a_later_run_that_would_train_it_alike(tmp
     assert len(list((tmp_path / "cache").iterdir())) == 2
     third = (tmp_path / "third/seed-0/00-align/model/model.safetensors").read_bytes()
     assert third != weights[0]
+
+
+def test_a_fixed_align_seed_starts_every_run_seed_from_one_aligned_model(tmp_path, tiny_model_dir, monkeypatch):
+    from gradsift.continual import runner
+
+    monkeypatch.setenv("GRADSIFT_ALIGN_CACHE", str(tmp_path / "cache"))
+    trained = []
+    train_align = runner._train_align
+    monkeypatch.setattr(runner, "_train_align", lambda *args: trained.append(args[2]) or train_align(*args))
+    data = tiny_recipe(tiny_model_dir, arms=["full"])
+    data["seeds"] = [0, 1]
+    data["align"]["seed"] = 0
+    data["stages"] = data["stages"][:1]
+    data["evals"] = {"after_each_stage": {"tasks": [], "domain": False}}
+    run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "run", progress=False)
+    assert trained == [0]  # seed 1's aligned model is seed 0's, from the cache
+    weights = [(tmp_path / f"run/seed-{s}/00-align/model/model.safetensors").read_bytes() for s in (0, 1)]
+    assert weights[0] == weights[1]
+    records = [json.loads((tmp_path / f"run/seed-{s}/00-align/stage.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in records] == [0, 1] and "align_seed" not in records[0] and records[1]["align_seed"] == 0
+    assert records[1]["cache"]["reused"] and records[0]["cache"]["key"] == records[1]["cache"]["key"]
+    # The arms' stages still follow the run seed: another LoRA start, another model.
+    adapter = "full/01-sentiment/adapter/adapter_model.safetensors"
+    adapters = [(tmp_path / f"run/seed-{s}" / adapter).read_bytes() for s in (0, 1)]
+    assert adapters[0] != adapters[1]
+
+
+@pytest.mark.parametrize("rule", ["moderate", "high"])
+def test_an_online_arm_runs_algorithm_1_on_each_batch_of_a_recipe_stage(tmp_path, tiny_model_dir, rule):
+    # The paper's method in the runner: the step's kept ids are the core rule on loop-reference scores of the batch,
+    # taken with the model the stage starts from (the aligned weights and a fresh LoRA seeded as the run seeds it).
+    from gradsift.config import DataConfig, ScoringConfig
+    from gradsift.continual import backends
+    from gradsift.continual.layout import STAGE_ONLINE_LOG
+    from gradsift.continual.rows import stage_records
+    from gradsift.continual.schema import gradsift_config_for
+    from gradsift.integrations.trl import data_config_for
+    from gradsift.scoring import score_rows
+    from gradsift.selection import select_rows
+    from gradsift.tokenization import tokenize_records
+
+    online = {"kind": "select", "mode": "online", "selection": {"rule": rule}}
+    data = tiny_recipe(tiny_model_dir, arms={"online": online})
+    data["stages"] = data["stages"][:1]
+    data["train"]["batch_size"] = 8  # one step: the stage's 8 rows
+    data["evals"] = {"after_each_stage": {"tasks": [], "domain": False}}
+    recipe = load_recipe(write(tmp_path, data))
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    folder = tmp_path / "run/seed-0/online/01-sentiment"
+    (logged,) = [json.loads(line) for line in (folder / STAGE_ONLINE_LOG).read_text().splitlines()]
+    stage = json.loads((folder / "stage.json").read_text())
+    assert stage["train"]["steps"] == 1 and stage["kept"] == logged["kept"] == 4
+
+    train = recipe.train_for(recipe.stages[0])
+    model = backends.fresh_lora(recipe, backends.load_base(recipe, str(tmp_path / "run/seed-0/00-align/model")), 0)
+    tokenizer = backends.tokenizer(recipe)
+    args = backends.sft_args(recipe, train, recipe.arm("online"), tmp_path / "reference", 0, False)
+    records = stage_records(recipe, recipe.stages[0].data, 0)
+    rows = tokenize_records(records, tokenizer, data_config_for(DataConfig(), args))
+    loop = score_rows(model, rows, ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
+    selection = gradsift_config_for(recipe, "online", train, 1).selection
+    expected = select_rows(loop.loss, loop.grad_norm, loop.status, selection)
+    assert sorted(logged["kept_ids"]) == sorted(loop.sample_id[expected.keep].tolist())
+    assert logged["dropped"] == expected.counts()
 
 
 def test_random_arm_matches_the_gradsift_arms_size(tmp_path, tiny_model_dir):

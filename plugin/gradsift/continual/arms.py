@@ -171,7 +171,7 @@ def ewc_anchors(recipe: Recipe, step: Step, model: Any, tokenizer: Any, progress
     spec = recipe.arm(step.arm)
     anchors: list[Anchor] = []
     if step.index == 1 and recipe.align is not None:
-        records = fisher_sample(align_records(recipe, step.seed), spec.fisher_rows, step.seed)
+        records = fisher_sample(align_records(recipe, recipe.align_seed(step.seed)), spec.fisher_rows, step.seed)
         length = recipe.train_for(recipe.align).max_length
         anchors.append(anchor_here(model, "00-align", records, tokenizer, length, progress))
     elif step.index > 1:

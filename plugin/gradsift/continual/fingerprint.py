@@ -110,6 +110,7 @@ class Fingerprints:
         inputs: dict[str, Any] = {"format": schema_format(), **self._model, "loading": loading}
         inputs.update(lora=recipe.lora.model_dump(mode="json"), seed=step.seed)
         if step.arm is None:
+            inputs["seed"] = recipe.align_seed(step.seed)
             assert recipe.align is not None
             inputs["train"] = _speed_free(recipe.train_for(recipe.align).model_dump(mode="json"))
             inputs["data"] = {str(i): self._data(spec) for i, spec in enumerate(recipe.align.data)}

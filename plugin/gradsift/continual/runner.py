@@ -181,17 +181,20 @@ def _run_align(recipe: Recipe, step: Step, progress: bool) -> None:
     assert recipe.align is not None
     tokenizer = backends.tokenizer(recipe)
     train = recipe.train_for(recipe.align)
-    records = align_records(recipe, step.seed)
+    seed = recipe.align_seed(step.seed)
+    records = align_records(recipe, seed)
     aligned = step.layout.aligned_model(step.seed)
     cached = recipe.align.cache and align_cache.cache_root() is not None
-    key = align_cache.align_key(_align_identity(recipe, train, records, step.seed)) if cached else None
+    key = align_cache.align_key(_align_identity(recipe, train, records, seed)) if cached else None
     training = align_cache.fetch(key, aligned) if key else None
     record: dict[str, Any] = {"stage": "align", "index": 0, "seed": step.seed, "rows": len(records)}
+    if seed != step.seed:
+        record["align_seed"] = seed
     record.update(_made_by(recipe, step))
     if key:  # `train` then holds the record of the run that trained it, its `seconds` included
         record["cache"] = {"key": key, "reused": training is not None}
     if training is None:
-        training = _train_align(recipe, step, train, records, tokenizer, aligned, progress)
+        training = _train_align(recipe, step, seed, train, records, tokenizer, aligned, progress)
         if key:
             align_cache.store(key, aligned, training)
     record["train"] = training
@@ -221,6 +224,7 @@ def _align_identity(recipe: Recipe, train: Any, records: list[dict[str, Any]], s
 def _train_align(
     recipe: Recipe,
     step: Step,
+    seed: int,
     train: Any,
     records: list[dict[str, Any]],
     tokenizer: Any,
@@ -232,8 +236,8 @@ def _train_align(
     from datasets import Dataset
     from trl import SFTTrainer
 
-    model = backends.fresh_lora(recipe, backends.load_base(recipe, recipe.model), step.seed)
-    args = backends.sft_args(recipe, train, None, step.folder, step.seed, progress)
+    model = backends.fresh_lora(recipe, backends.load_base(recipe, recipe.model), seed)
+    args = backends.sft_args(recipe, train, None, step.folder, seed, progress)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
     training = backends.train(trainer, step.folder)
     merged = model.merge_and_unload()

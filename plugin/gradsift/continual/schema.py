@@ -136,7 +136,8 @@ class StageSpec(StrictModel):
 
 
 class AlignSpec(StrictModel):
-    """The align stage: trained once per seed on its sources' rows, merged into the weights, shared by every arm."""
+    """The align stage: trained once per seed (or once: `seed`) on its sources' rows, merged into the weights, shared
+    by every arm."""
 
     data: list[DataSpec] = Field(
         min_length=1,
@@ -144,6 +145,12 @@ class AlignSpec(StrictModel):
         "cut to its own `size`), e.g. harmful requests with refusals beside ordinary instructions with answers.",
     )
     train: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = Field(
+        None,
+        description="The seed the align stage trains with; null: each run seed's own. A fixed seed starts every run "
+        "seed from one aligned model, as the paper starts every seed from one released instruct model (trained "
+        "once, then reused from the align cache).",
+    )
     cache: bool = Field(
         True,
         description="Reuse an aligned model an earlier run trained alike (same base model, rows, settings, seed, "
@@ -319,6 +326,10 @@ class Recipe(StrictModel):
         if anchor and not is_packaged(anchor):  # a path, from the recipe's folder like its data
             scoring["anchor_data"] = str(resolve_path(anchor, self.base_dir))
         return ScoringConfig(**scoring)
+
+    def align_seed(self, seed: int) -> int:
+        """The seed run seed `seed`'s align stage trains with (`align.seed`, else `seed`)."""
+        return self.align.seed if self.align is not None and self.align.seed is not None else seed
 
     def final_evals_at(self, index: int) -> bool:
         """Whether stage `index` (0: the align stage) runs `evals.final`: the last task stage, and the align stage,
