@@ -195,3 +195,67 @@ def process_numbered_list(doc: dict[str, Any], results: list[str]) -> dict[str, 
         hits = sum(item.strip(" .!").lower() in members for item in items[:count])
         return {"acc": float(2 * hits >= count)}
     return {"acc": float(re.search(rf"(?<!\w){re.escape(doc['keyword'].lower())}", text.lower()) is not None)}
+
+
+# --- real-data domain tasks (the paper recipe): held-out reference answers scored by likelihood ------------------
+# A 135M chat model sits near 0 on GSM8K exact match, so these tasks score the held-out reference answer given its
+# question (teacher-forced, the training format): `ref_byte_prob` = exp(log p(answer | question) / UTF-8 bytes), the
+# answer's geometric-mean probability per byte, in (0, 1], higher is better and tokenizer-independent.
+
+
+def _reference_docs(spec: str) -> list[dict[str, Any]]:
+    rows, _ = packaged_rows(spec, "test")
+    return [{"question": row["messages"][0]["content"], "reply": row["messages"][1]["content"]} for row in rows]
+
+
+def domain_alpaca(**kwargs: Any) -> datasets.DatasetDict:
+    """The 100 Alpaca-GPT4 requests of `embedded:alpaca-gpt4-demo`'s `test` split with GPT-4's answers."""
+    return _as_test(_reference_docs("embedded:alpaca-gpt4-demo"))
+
+
+def domain_gsm8k(**kwargs: Any) -> datasets.DatasetDict:
+    """The 143 GSM8K problems of `embedded:gsm8k`'s `test` split with their worked answers (`... #### N`)."""
+    return _as_test(_reference_docs("embedded:gsm8k"))
+
+
+def domain_medmcqa(**kwargs: Any) -> datasets.DatasetDict:
+    """The 399 MedMCQA questions of `embedded:medmcqa`'s `test` split, options rotated so that the right one's letter
+    is A, B, C, D in turn (MedMCQA's answers are A a third of the time: a model that learned that prior alone would
+    otherwise gain accuracy). `choices` are the full answers in the training format, `A. option`."""
+    rows, _ = packaged_rows("embedded:medmcqa", "test")
+    docs = []
+    for index, row in enumerate(rows):
+        request = row["messages"][0]["content"]
+        question = request.rsplit("\n", 4)[0].rstrip("\n")  # the request: question, blank line, 4 option lines
+        target = index % 4
+        shift = (row["gold"] - target) % 4
+        options = [row["choices"][(j + shift) % 4] for j in range(4)]
+        lines = [f"{letter}. {text}" for letter, text in zip("ABCD", options)]
+        docs.append({"question": f"{question}\n\n" + "\n".join(lines), "choices": lines, "gold": target})
+    return _as_test(docs)
+
+
+def medmcqa_choices(doc: dict[str, Any]) -> list[str]:
+    return list(doc["choices"])
+
+
+def process_reference(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """`ref_byte_prob` of the reference answer (`reply`) from its log-likelihood."""
+    loglik, _ = results[0]
+    return {"ref_byte_prob": math.exp(loglik / max(1, len(doc["reply"].encode("utf-8"))))}
+
+
+def process_choice(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """Multiple choice over full answers: `acc` (the right answer most likely, by its log-likelihood per byte, as
+    lm-eval's `acc_bytes`), `gold_prob` (its share of the four answers' probability) and `ref_byte_prob` of it."""
+    logliks = [loglik for loglik, _ in results]
+    sizes = [max(1, len(choice.encode("utf-8"))) for choice in doc["choices"]]
+    per_byte = [loglik / size for loglik, size in zip(logliks, sizes)]
+    gold = int(doc["gold"])
+    top = max(logliks)
+    total = sum(math.exp(loglik - top) for loglik in logliks)
+    return {
+        "acc": float(max(range(len(per_byte)), key=per_byte.__getitem__) == gold),
+        "gold_prob": math.exp(logliks[gold] - top) / total,
+        "ref_byte_prob": math.exp(per_byte[gold]),
+    }

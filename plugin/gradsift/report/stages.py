@@ -118,8 +118,8 @@ def stage_metrics(record: dict[str, Any]) -> dict[str, float | None]:
             out.update({f"{task}/{m}": metrics.get(m) for m in OVERREFUSAL_METRICS})
         elif is_benign_refusal_task(task):
             out.update({f"{task}/{m}": metrics[m] for m in BENIGN_REFUSAL_METRICS if m in metrics})
-        elif "acc" in metrics:
-            out[f"{task}/acc"] = metrics["acc"]
+        elif (metric := accuracy_metric(metrics)) is not None:
+            out[f"{task}/{metric}"] = metrics[metric]
     docs = doc_values(record)
     for key, (wanted, metric, flip) in POOLED.items():
         tasks = [task for task in evals if wanted(task)]
@@ -172,14 +172,21 @@ def accuracy_matrix(align: dict | None, stages: dict[int, dict], tasks: list[str
 
 
 # The metric read as a domain task's accuracy, first found: lm-eval's multiple-choice and synthetic tasks report
-# `acc`, gsm8k `exact_match`, squadv2 `exact` and `f1`.
-ACCURACY_METRICS = ("acc", "exact_match", "exact", "f1")
+# `acc`, gsm8k `exact_match`, squadv2 `exact` and `f1`; gradsift's real-data likelihood tasks `ref_byte_prob` (the
+# held-out reference answer's probability per byte), read where a small model's accuracy cannot move.
+ACCURACY_METRICS = ("acc", "exact_match", "exact", "f1", "ref_byte_prob")
+
+
+def accuracy_metric(metrics: dict[str, float | None]) -> str | None:
+    """The metric of a domain task's results read as its accuracy (`ACCURACY_METRICS`), or None."""
+    return next((m for m in ACCURACY_METRICS if metrics.get(m) is not None), None)
 
 
 def _acc(evals: dict[str, dict[str, float]], task: str | None) -> float | None:
     if task is None or task not in evals:
         return None
-    return next((evals[task][m] for m in ACCURACY_METRICS if evals[task].get(m) is not None), None)
+    metric = accuracy_metric(evals[task])
+    return None if metric is None else evals[task][metric]
 
 
 def forgetting(matrix: list[list[float | None]]) -> dict[str, Any]:
