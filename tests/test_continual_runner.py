@@ -134,13 +134,20 @@ def test_the_align_stage_runs_the_final_evals_and_heads_the_report(uninterrupted
     assert aligned["average_accuracy"]["mean"] == pytest.approx(sum(domain) / 2)
     assert aligned["kept_fraction"] is None and aligned["drift/aligned"] is None
     table = markdown(report).split("## Headline")[1].splitlines()
-    assert table[2].startswith("| arm | final stage | attack success | refusal | over-refusal | benign refusal |")
+    # No generated refusal or over-refusal task ran (the likelihood probe `gradsift_refusal_mc` did): their headline
+    # columns, and the differences in them, are left out.
+    assert table[2] == "| arm | final stage | benign refusal | ACC | BWT | kept | KL to aligned |"
     assert table[4].startswith("| aligned model (start) | 00-align |")
-    # A headline number no row measured (a recipe without an over-refusal task) gets no column.
-    for row in (aligned, *report["headline"]["arms"].values()):
-        row["pooled/over_refusal_rate"] = None
+    rows = [aligned, *report["headline"]["arms"].values()]
+    for row, value in zip(rows, (0.1, 0.5, 0.6)):
+        row["pooled/attack_success_rate"] = {"mean": value, "n": 1}
+    for row in rows[1:]:
+        row["vs_full"]["pooled/attack_success_rate"] = {"mean": 0.0, "n": 1}
     table = markdown(report).split("## Headline")[1].splitlines()
-    assert table[2].startswith("| arm | final stage | attack success | refusal | benign refusal | ACC |")
+    assert table[2] == (
+        "| arm | final stage | attack success | benign refusal | ACC | BWT | kept | KL to aligned "
+        "| Δ attack success vs full |"
+    )
 
 
 def test_a_killed_run_resumes_to_the_same_outputs_and_report(tmp_path, tiny_model_dir, uninterrupted):

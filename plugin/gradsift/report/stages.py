@@ -171,10 +171,11 @@ def accuracy_matrix(align: dict | None, stages: dict[int, dict], tasks: list[str
     return matrix
 
 
-# The metric read as a domain task's accuracy, first found: lm-eval's multiple-choice and synthetic tasks report
-# `acc`, gsm8k `exact_match`, squadv2 `exact` and `f1`; gradsift's real-data likelihood tasks `ref_byte_prob` (the
-# held-out reference answer's probability per byte), read where a small model's accuracy cannot move.
-ACCURACY_METRICS = ("acc", "exact_match", "exact", "f1", "ref_byte_prob")
+# The metric read as a domain task's accuracy, first found: gradsift's real-data tasks report `ref_byte_prob` (the
+# held-out reference answer's probability per byte: it moves where a small model's accuracy sits at chance, and the
+# MedMCQA task's `acc` beside it is read as such), lm-eval's multiple-choice and synthetic tasks `acc`, gsm8k
+# `exact_match`, squadv2 `exact` and `f1`.
+ACCURACY_METRICS = ("ref_byte_prob", "acc", "exact_match", "exact", "f1")
 
 
 def accuracy_metric(metrics: dict[str, float | None]) -> str | None:

@@ -98,10 +98,12 @@ def headline_table(report: dict[str, Any]) -> str:
         if any(row.get(key) is not None for row in (*data.values(), aligned or {}))
     }
     header = ["arm", "final stage", *shown]
+    to_random = [key for key in HEADLINE_DIFFERENCES if key in shown.values()]
+    to_full = [key for key in HEADLINE_FULL_DIFFERENCES if key in shown.values()]
     if with_random:
-        header += ["random ref.", *[f"Δ {names[key]} vs random ref." for key in HEADLINE_DIFFERENCES]]
-    if with_full:
-        header += [f"Δ {names[key]} vs full" for key in HEADLINE_FULL_DIFFERENCES]
+        header += ["random ref.", *[f"Δ {names[key]} vs random ref." for key in to_random]]
+    if with_full and to_full:
+        header += [f"Δ {names[key]} vs full" for key in to_full]
     rows = []
     bare = one_seed(report)
     if aligned:  # the starting point: every arm's erosion is read against it
@@ -117,9 +119,9 @@ def headline_table(report: dict[str, Any]) -> str:
         cells = [name, row["stage"], *[_fmt_interval(row[key], bare=bare) for key in shown.values()]]
         if with_random:
             cells.append(row["references"]["vs_random"])
-            cells += [_fmt_interval(row["vs_random"][key], True, bare) for key in HEADLINE_DIFFERENCES]
-        if with_full:
-            cells += [_fmt_interval(row["vs_full"][key], True, bare) for key in HEADLINE_FULL_DIFFERENCES]
+            cells += [_fmt_interval(row["vs_random"][key], True, bare) for key in to_random]
+        if with_full and to_full:
+            cells += [_fmt_interval(row["vs_full"][key], True, bare) for key in to_full]
         rows.append(cells)
     return _table(header, rows)
 
