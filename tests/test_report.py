@@ -569,3 +569,30 @@ def test_anchor_cos_histogram_only_for_stages_scored_with_an_anchor(tmp_path):
     (tmp_path / "anchor_cos.png").unlink()
     assert _score_histograms(tmp_path, plt, "anchor_cos", "cosine") is None
     assert not (tmp_path / "anchor_cos.png").exists()
+
+
+def test_each_online_arm_is_read_against_the_online_random_arm_of_the_paper_recipe():
+    # Algorithm 1 keeps 4 rows of every batch for as many steps as `full`: its fair random baseline draws 4 random
+    # rows of every batch (`random_online`), not the offline 20 % subset, which trains a fifth of the steps.
+    from gradsift.continual import load_recipe
+    from gradsift.report.build import arm_setup, random_reference
+
+    paper = Path(__file__).resolve().parents[1] / "recipes" / "paper-smollm2.yaml"
+    recipe = load_recipe(paper).model_dump(mode="json")  # as recipe.json holds it
+    setups = {name: arm_setup(name, recipe, []) for name in recipe["arms"]}
+    assert setups["high_online"] == {"kind": "select", "steps": None, "online": True, "rule": "high"}
+    references = {name: random_reference(name, setups) for name in setups}
+    assert references == {
+        "full": "random",
+        "gradsift_online": "random_online",
+        "random_online": None,
+        "high_online": "random_online",
+        "random": None,
+        "gradsift": "random",
+        "clip": "random",
+        "kl": "random",
+        "ewc": "random",
+        "olora": "random",
+    }
+    # Without the dumped recipe, stage records tell an online arm (its rule is then unknown: no online reference).
+    assert arm_setup("x", {}, [{"arm_kind": "select", "online_rows": 60}])["online"] is True

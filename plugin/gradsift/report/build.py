@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradsift.config import SelectionConfig
 from gradsift.continual.layout import RunLayout
 from gradsift.continual.schema import BUILTIN_ARMS, NAMED_KINDS, STEPPED_KINDS, ArmSpec
 from gradsift.report.stages import (
@@ -46,6 +47,7 @@ from gradsift.report.stats import (
 # The kind of a built-in arm name, as `Recipe.arm` fills it in (the rest are `select`); recipe.json dumps the spec as
 # written, with ArmSpec's default `kind: select` even for `random: {}` or `random: {steps: full}`.
 BUILTIN_KINDS = {kind: kind for kind in NAMED_KINDS}
+DEFAULT_RULE = SelectionConfig().rule
 
 
 def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
         stage_records = [record for entry in seeds.values() for record in entry["arms"].get(arm, {}).values()]
         setup = arm_setup(arm, recipe_meta.get("recipe") or {}, stage_records)
         arms[arm] = {**setup, "seeds": per_seed, "mean": _aggregate(per_seed, docs, n_resamples)}
-    setups = {name: {"kind": arm["kind"], "steps": arm["steps"]} for name, arm in arms.items()}
+    setups = {name: {key: arm.get(key) for key in ("kind", "steps", "online", "rule")} for name, arm in arms.items()}
     for name, arm in arms.items():
         full = "full" if "full" in arms and name != "full" else None
         arm["references"] = {"vs_random": random_reference(name, setups), "vs_full": full}
@@ -91,7 +93,8 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
             "confidence": CONFIDENCE,
             "over_seeds": "Student t: mean ± t.ppf(0.975, n−1)·s/√n, s with ddof=1; None below two seeds",
             "differences": "vs_random / vs_full: arm − reference paired by seed, same t interval; vs_random's "
-            "reference is the random-kind arm with the same steps setting, else `random`",
+            "reference is, for an online arm, the online arm with the random rule, else the random-kind arm with the "
+            "same steps setting, else `random`",
             "over_prompts": {"method": "percentile", "n_resamples": n_resamples, "seed": BOOTSTRAP_SEED},
         },
         "headline": {**headline(arms), "aligned": aligned_row(seeds, tasks, n_resamples)},
@@ -144,12 +147,14 @@ def _aggregate(
     return out
 
 
-def arm_setup(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, str | None]:
-    """Return how an arm trained: {"kind": an `ArmSpec.kind`, "steps": "kept" | "full" | None}.
+def arm_setup(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Return how an arm trained: {"kind": an `ArmSpec.kind`, "steps": "kept" | "full" | None, "online": whether it
+    selected inside each batch, "rule": an online arm's selection rule (else None)}.
 
     `steps` is None where the setting does not apply (online arms and the other kinds train on every row). Read from
     the dumped recipe (recipe.json's `recipe`) when it lists the arm, as the runner decides it; otherwise from the
-    arm's stage.json files: `arm_kind` (else the built-in meaning of the name) and `full` where one has `max_steps`.
+    arm's stage.json files: `arm_kind` (else the built-in meaning of the name), `full` where one has `max_steps`,
+    online where one has `online_rows` (its rule then unknown).
     """
     spec = (recipe.get("arms") or {}).get(name)
     if spec is not None:
@@ -159,19 +164,30 @@ def arm_setup(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[st
             kind = BUILTIN_KINDS.get(name, default)
         online = kind == "select" and (spec.get("mode") or recipe.get("mode")) == "online"
         stepped = kind in STEPPED_KINDS and not online
-        return {"kind": kind, "steps": (spec.get("steps") or recipe.get("steps") or "kept") if stepped else None}
+        steps = (spec.get("steps") or recipe.get("steps") or "kept") if stepped else None
+        rule = (spec.get("selection") or {}).get("rule") or (recipe.get("selection") or {}).get("rule")
+        return {"kind": kind, "steps": steps, "online": online, "rule": (rule or DEFAULT_RULE) if online else None}
     kinds = {record["arm_kind"] for record in records if "arm_kind" in record}
     kind = kinds.pop() if len(kinds) == 1 else BUILTIN_KINDS.get(name, "select")
+    online = any("online_rows" in record for record in records)
     if any("max_steps" in record for record in records):
-        return {"kind": kind, "steps": "full"}
-    return {"kind": kind, "steps": "kept" if kind in STEPPED_KINDS else None}
+        return {"kind": kind, "steps": "full", "online": online, "rule": None}
+    return {"kind": kind, "steps": "kept" if kind in STEPPED_KINDS else None, "online": online, "rule": None}
 
 
-def random_reference(name: str, setups: Mapping[str, Mapping[str, str | None]]) -> str | None:
-    """Return the arm that `name`'s `vs_random` compares with: the random-kind arm with the same `steps` setting
-    (`random` first, then by name), else `random`; None for a random-kind arm or when there is none."""
-    if setups[name]["kind"] == "random":
+def random_reference(name: str, setups: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Return the arm that `name`'s `vs_random` compares with: for an online arm, the online arm with the `random`
+    rule (random rows of every batch, the same steps: the paper's fair baseline for an online method); otherwise the
+    random-kind arm with the same `steps` setting (`random` first, then by name); else `random`. None for a random
+    arm (of either kind) or when there is none."""
+    if setups[name]["kind"] == "random" or (setups[name].get("online") and setups[name].get("rule") == "random"):
         return None
+    if setups[name].get("online"):
+        online_random = sorted(
+            other for other, setup in setups.items() if setup.get("online") and setup.get("rule") == "random"
+        )
+        if online_random:
+            return online_random[0]
     steps = setups[name]["steps"]
     matched = sorted(
         (other != "random", other)
