@@ -237,7 +237,9 @@ def test_an_aligned_model_is_reused_by_a_later_run_that_would_train_it_alike(tmp
     assert third != weights[0]
 
 
-def test_a_fixed_align_seed_starts_every_run_seed_from_one_aligned_model(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_fixed_align_seed_starts_every_run_seed_from_one_aligned_model(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
     from gradsift.continual import runner
 
     monkeypatch.setenv("GRADSIFT_ALIGN_CACHE", str(tmp_path / "cache"))
@@ -249,6 +251,8 @@ def test_a_fixed_align_seed_starts_every_run_seed_from_one_aligned_model(tmp_pat
     data["align"]["seed"] = 0
     data["stages"] = data["stages"][:1]
     data["evals"] = {"after_each_stage": {"tasks": [], "domain": False}}
+    assert main(["run", str(write(tmp_path, data)), "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    assert "seed 1  align (seed 0's, shared by all seeds)" in capsys.readouterr().out
     run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "run", progress=False)
     assert trained == [0]  # seed 1's aligned model is seed 0's, from the cache
     weights = [(tmp_path / f"run/seed-{s}/00-align/model/model.safetensors").read_bytes() for s in (0, 1)]

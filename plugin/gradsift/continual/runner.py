@@ -88,7 +88,10 @@ def describe_plan(recipe: Recipe, steps: list[Step], rerun_from: str | None = No
     first = first_index(recipe, rerun_from) if rerun_from is not None else None
     lines = [f"recipe {recipe.name}: model {recipe.model}, {len(recipe.stages)} stage(s), arms {arms}"]
     for step in steps:
-        what = "align (shared by all arms)" if step.arm is None else f"{step.arm}: {step.stage}"
+        what = f"{step.arm}: {step.stage}"
+        if step.arm is None:
+            seed = recipe.align_seed(step.seed)
+            what = "align (shared by all arms)" if seed == step.seed else f"align (seed {seed}'s, shared by all seeds)"
         if step.arm is not None:
             spec = recipe.arm(step.arm)
             stage = recipe.stages[step.index - 1]
