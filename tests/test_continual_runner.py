@@ -355,9 +355,21 @@ def test_the_accuracy_matrix_compares_the_same_documents_at_every_stage(tmp_path
 
 
 def test_the_accuracy_matrix_reads_each_tasks_own_accuracy_metric():
-    from gradsift.report import accuracy_matrix
+    from gradsift.report import accuracy_matrix, stage_metrics
 
-    tasks = ["arc_easy", "gsm8k", "squadv2"]
-    evals = {"arc_easy": {"acc": 0.5, "acc_norm": 0.6}, "gsm8k": {"exact_match": 0.25}, "squadv2": {"f1": 0.7}}
+    tasks = ["arc_easy", "gsm8k", "squadv2", "medmcqa_real"]
+    evals = {
+        "arc_easy": {"acc": 0.5, "acc_norm": 0.6},
+        "gsm8k": {"exact_match": 0.25},
+        "squadv2": {"f1": 0.7},
+        "medmcqa_real": {"acc": 0.25, "gold_prob": 0.26, "ref_byte_prob": 0.85},  # `acc` at chance: the likelihood
+    }
     matrix = accuracy_matrix(None, {1: {"eval": evals}, 3: {"eval": {}}}, tasks)
-    assert matrix == [[None, None, None], [0.5, 0.25, 0.7], [None, None, None], [None, None, None]]
+    assert matrix == [[None] * 4, [0.5, 0.25, 0.7, 0.85], [None] * 4, [None] * 4, [None] * 4]  # rows k = 0..4
+    metrics = stage_metrics({"eval": evals})
+    assert metrics == {
+        "arc_easy/acc": 0.5,
+        "gsm8k/exact_match": 0.25,
+        "squadv2/f1": 0.7,
+        "medmcqa_real/ref_byte_prob": 0.85,
+    }

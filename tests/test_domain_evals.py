@@ -56,8 +56,9 @@ def test_each_task_asks_every_row_of_its_sources_held_out_split_and_no_other(tas
 def test_medmcqa_rotates_the_options_so_each_letter_is_right_as_often_and_keeps_the_right_answer(tasks):
     task = tasks["gradsift_domain_medmcqa_offline"]
     docs = list(task.test_docs())
-    letters = Counter("ABCD"[doc["gold"]] for doc in docs)
-    assert max(letters.values()) - min(letters.values()) <= 1  # MedMCQA itself: A on a third of its questions
+    for limit in (4, 8, 16, 32, 64, len(docs)):  # whatever `--limit` takes (MedMCQA itself: A on a third)
+        letters = Counter("ABCD"[doc["gold"]] for doc in docs[:limit])
+        assert len(letters) == 4 and max(letters.values()) - min(letters.values()) <= 1, limit
     rows, _ = packaged_rows("embedded:medmcqa", "test")
     answers = {row["messages"][0]["content"].rsplit("\n\n", 1)[0]: row["messages"][1]["content"][3:] for row in rows}
     for doc in docs:
@@ -94,7 +95,7 @@ def test_the_reference_likelihood_is_the_answer_given_the_chat_prompt(tmp_path, 
     torch.manual_seed(0)
     shape = {**tiny_shape(tokenizer), "max_position_embeddings": 4096}  # whole GSM8K answers, nothing truncated
     model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
-    names = ["gradsift_domain_gsm8k_offline", "gradsift_domain_medmcqa_offline"]
+    names = list(TASKS)
     results = run_lm_eval(model, tokenizer, names, tmp_path, limit=2, batch_size=2, manager=task_manager())
 
     def loglik(request: str, answer: str) -> float:
@@ -108,20 +109,24 @@ def test_the_reference_likelihood_is_the_answer_given_the_chat_prompt(tmp_path, 
             logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
         return sum(float(logprobs[i - 1, whole[i]]) for i in range(start, len(whole)))
 
-    tasks = task_manager_docs(names)
-    gsm8k = tasks["gradsift_domain_gsm8k_offline"][:2]
-    expected = [math.exp(loglik(d["question"], d["reply"]) / len(d["reply"].encode())) for d in gsm8k]
-    got = results["results"]["gradsift_domain_gsm8k_offline"]["ref_byte_prob,none"]
-    assert got == pytest.approx(sum(expected) / 2, rel=1e-4)
-    medmcqa = tasks["gradsift_domain_medmcqa_offline"][:2]
-    accs = []
-    for doc in medmcqa:
-        per_byte = [loglik(doc["question"], choice) / len(choice.encode()) for choice in doc["choices"]]
-        accs.append(float(per_byte.index(max(per_byte)) == doc["gold"]))
-    assert results["results"]["gradsift_domain_medmcqa_offline"]["acc,none"] == pytest.approx(sum(accs) / 2)
+    docs = task_docs(names)
+    for name in ("gradsift_domain_alpaca_offline", "gradsift_domain_gsm8k_offline"):
+        expected = [math.exp(loglik(d["question"], d["reply"]) / len(d["reply"].encode())) for d in docs[name][:2]]
+        assert results["results"][name]["ref_byte_prob,none"] == pytest.approx(sum(expected) / 2, rel=1e-4), name
+    expected = {"acc": [], "gold_prob": [], "ref_byte_prob": []}
+    for doc in docs["gradsift_domain_medmcqa_offline"][:2]:
+        logliks = [loglik(doc["question"], choice) for choice in doc["choices"]]
+        per_byte = [value / len(choice.encode()) for value, choice in zip(logliks, doc["choices"])]
+        gold = doc["gold"]
+        expected["acc"].append(float(per_byte.index(max(per_byte)) == gold))
+        expected["gold_prob"].append(math.exp(logliks[gold]) / sum(math.exp(value) for value in logliks))
+        expected["ref_byte_prob"].append(math.exp(per_byte[gold]))
+    for metric, values in expected.items():
+        got = results["results"]["gradsift_domain_medmcqa_offline"][f"{metric},none"]
+        assert got == pytest.approx(sum(values) / 2, rel=1e-4), metric
 
 
-def task_manager_docs(names: list[str]) -> dict[str, list[dict]]:
+def task_docs(names: list[str]) -> dict[str, list[dict]]:
     from lm_eval.tasks import get_task_dict
 
     from gradsift.evaluation import task_manager

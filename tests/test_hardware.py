@@ -46,6 +46,8 @@ def test_native_bf16_is_amx_or_avx512_bf16_and_a_onednn_cap_below_them_takes_it_
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
     assert hardware.native_bf16("cpu")
     assert "AVX512_BF16" in hardware.cpu_isa() and "AMX" not in hardware.cpu_isa()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")  # caps nothing
+    assert hardware.native_bf16("cpu") and hardware.cpu_isa().endswith("AVX512_BF16, AMX")
 
 
 @pytest.fixture

@@ -219,10 +219,13 @@ def domain_gsm8k(**kwargs: Any) -> datasets.DatasetDict:
 
 
 def domain_medmcqa(**kwargs: Any) -> datasets.DatasetDict:
-    """The 399 MedMCQA questions of `embedded:medmcqa`'s `test` split, options rotated so that the right one's letter
-    is A, B, C, D in turn (MedMCQA's answers are A a third of the time: a model that learned that prior alone would
-    otherwise gain accuracy). `choices` are the full answers in the training format, `A. option`."""
+    """The 399 MedMCQA questions of `embedded:medmcqa`'s `test` split, shuffled once, options rotated so that the
+    right one's letter is A, B, C, D in turn in that order (MedMCQA's answers are A a third of the time: a model that
+    learned that prior alone would otherwise gain accuracy), so that any `--limit` takes the letters alike. `choices`
+    are the full answers in the training format, `A. option`."""
     rows, _ = packaged_rows("embedded:medmcqa", "test")
+    rows = list(rows)
+    random.Random(SHUFFLE_SEED).shuffle(rows)  # shuffled before the letters are dealt: `_as_test` keeps this order
     docs = []
     for index, row in enumerate(rows):
         request = row["messages"][0]["content"]
@@ -232,7 +235,7 @@ def domain_medmcqa(**kwargs: Any) -> datasets.DatasetDict:
         options = [row["choices"][(j + shift) % 4] for j in range(4)]
         lines = [f"{letter}. {text}" for letter, text in zip("ABCD", options)]
         docs.append({"question": f"{question}\n\n" + "\n".join(lines), "choices": lines, "gold": target})
-    return _as_test(docs)
+    return _as_test(docs, shuffle=False)
 
 
 def medmcqa_choices(doc: dict[str, Any]) -> list[str]:
@@ -240,7 +243,9 @@ def medmcqa_choices(doc: dict[str, Any]) -> list[str]:
 
 
 def process_reference(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
-    """`ref_byte_prob` of the reference answer (`reply`) from its log-likelihood."""
+    """`ref_byte_prob` of the reference answer (`reply`) from its log-likelihood. lm-eval scores the newline that ends
+    the chat template's assistant header with the answer (it moves a context's trailing whitespace into the
+    continuation); a chat model puts nearly all its probability there, so the bytes counted are the answer's."""
     loglik, _ = results[0]
     return {"ref_byte_prob": math.exp(loglik / max(1, len(doc["reply"].encode("utf-8"))))}
 

@@ -51,8 +51,10 @@ def _cpu_flag(name: str) -> bool:
 
 
 def _isa_cap() -> str:
-    """oneDNN's instruction-set cap (`ONEDNN_MAX_CPU_ISA`), upper case; "" when none is set."""
-    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    """oneDNN's instruction-set cap (`ONEDNN_MAX_CPU_ISA`), upper case; "" when none is set or it caps nothing
+    (`ALL`, `DEFAULT`)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return "" if cap in ("ALL", "DEFAULT") else cap
 
 
 def cpu_native_bf16() -> bool:

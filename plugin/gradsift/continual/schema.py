@@ -149,7 +149,7 @@ class AlignSpec(StrictModel):
         None,
         description="The seed the align stage trains with; null: each run seed's own. A fixed seed starts every run "
         "seed from one aligned model, as the paper starts every seed from one released instruct model (trained "
-        "once, then reused from the align cache).",
+        "once and reused from the align cache; with the cache off each seed trains the same model again).",
     )
     cache: bool = Field(
         True,

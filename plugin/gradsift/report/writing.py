@@ -95,7 +95,7 @@ def headline_table(report: dict[str, Any]) -> str:
     shown = {
         name: key
         for name, key in HEADLINE.items()
-        if any(row.get(key) is not None for row in (*data.values(), aligned or {}))
+        if any((row.get(key) or {}).get("mean") is not None for row in (*data.values(), aligned or {}))
     }
     header = ["arm", "final stage", *shown]
     to_random = [key for key in HEADLINE_DIFFERENCES if key in shown.values()]
