@@ -280,8 +280,8 @@ def test_an_online_arm_runs_algorithm_1_on_each_batch_of_a_recipe_stage(tmp_path
     from gradsift.selection import select_rows
     from gradsift.tokenization import tokenize_records
 
-    online = {"kind": "select", "mode": "online", "selection": {"rule": rule}}
-    data = tiny_recipe(tiny_model_dir, arms={"online": online})
+    data = tiny_recipe(tiny_model_dir)
+    data["arms"] = {"online": {"kind": "select", "mode": "online", "selection": {"rule": rule}}}
     data["stages"] = data["stages"][:1]
     data["train"]["batch_size"] = 8  # one step: the stage's 8 rows
     data["evals"] = {"after_each_stage": {"tasks": [], "domain": False}}

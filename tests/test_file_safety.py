@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,36 @@ def test_a_killed_rescore_keeps_the_finished_scores_and_they_are_reused(
     assert manifest["status"] == "complete" and manifest["scoring"]["lora_r"] == 2
     assert not (out / STAGING).exists()
     assert len(list((out / SHARDS).glob("*.parquet"))) == 240
+
+
+def test_a_killed_writes_temporary_files_go_with_the_rescore_and_nothing_else_does(
+    tmp_path, tiny_model_dir, mixed_records
+):
+    # A SIGKILL in the middle of an atomic write leaves `.<file>.<8 characters>.tmp` beside the file; the rescore that
+    # completes removes those of its own files, and the folder with them, never a file it cannot name.
+    from gradsift.fileio import atomic_leftover
+
+    assert atomic_leftover(".00003.parquet.k2x9_a7q.tmp", re.compile(r"\d{5}\.parquet"))
+    assert atomic_leftover(".scores.json.zz00aa11.tmp", MANIFEST)
+    assert not atomic_leftover(".notes.txt.abcdefgh.tmp", MANIFEST) and not atomic_leftover("scores.json", MANIFEST)
+    assert not atomic_leftover(".scores.json.zz00aa1.tmp", MANIFEST)  # mkstemp writes 8 characters
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in mixed_records))
+    out = tmp_path / "scores"
+    assert main(score_args(tiny_model_dir, data, out, "--shard-size", "2")) == 0
+    (out / STAGING / SHARDS).mkdir(parents=True)
+    (out / STAGING / SHARDS / ".00003.parquet.k2x9_a7q.tmp").write_bytes(b"half a shard")
+    (out / STAGING / ".scores.json.zz00aa11.tmp").write_text("{")
+    assert main(score_args(tiny_model_dir, data, out, "--shard-size", "2", "--lora-r", "2")) == 0
+    assert not (out / STAGING).exists()
+    assert json.loads((out / MANIFEST).read_text())["scoring"]["lora_r"] == 2
+    # Files gradsift did not write stay, and so does the folder holding them.
+    (out / STAGING).mkdir()
+    (out / STAGING / "notes.txt").write_text("mine")
+    (out / STAGING / ".notes.txt.abcdefgh.tmp").write_text("mine too")
+    assert main(score_args(tiny_model_dir, data, out, "--shard-size", "2", "--lora-r", "3")) == 0
+    assert sorted(p.name for p in (out / STAGING).iterdir()) == [".notes.txt.abcdefgh.tmp", "notes.txt"]
+    assert json.loads((out / MANIFEST).read_text())["scoring"]["lora_r"] == 3
 
 
 def test_a_swap_interrupted_after_the_table_moved_is_completed_not_misread(scored, tmp_path, tiny_model_dir, data_file,

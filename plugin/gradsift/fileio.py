@@ -10,12 +10,22 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gradsift.errors import UserError
+
+
+def atomic_leftover(name: str, final: str | re.Pattern[str]) -> bool:
+    """Whether file `name` is what `atomic_path` leaves beside a file named `final` (a name or a full-match pattern)
+    when its process is killed mid-write: `.<final>.<mkstemp's 8 characters>.tmp`."""
+    match = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.tmp", name)
+    if match is None:
+        return False
+    return bool(final.fullmatch(match[1])) if isinstance(final, re.Pattern) else match[1] == final
 
 
 @contextlib.contextmanager

@@ -30,7 +30,16 @@ import numpy as np
 from gradsift import __version__
 from gradsift.data import FILE_SUFFIXES
 from gradsift.errors import UserError
-from gradsift.fileio import atomic_path, dumps, file_fingerprint, own_record, publish, recorded, write_json
+from gradsift.fileio import (
+    atomic_leftover,
+    atomic_path,
+    dumps,
+    file_fingerprint,
+    own_record,
+    publish,
+    recorded,
+    write_json,
+)
 from gradsift.locking import LOCK_NAME
 from gradsift.selection import REASONS
 from gradsift.table import ScoreTable
@@ -266,11 +275,17 @@ class ScoreStore:
         return sorted(p for p in shards.iterdir() if SHARD_FILE.fullmatch(p.name) and p.is_file())
 
     def _remove_own_files(self, folder: Path) -> None:
-        """Delete the shards, table and manifest gradsift wrote in `folder`: files it names, nothing else."""
+        """Delete the shards, table and manifest gradsift wrote in `folder`, and the temporary files a killed write of
+        one of them left (`atomic_path`'s name for it): files it names, nothing else."""
         for path in self._shard_files(folder):
             path.unlink()
         (folder / TABLE).unlink(missing_ok=True)
         (folder / MANIFEST).unlink(missing_ok=True)
+        for place, final in ((folder, TABLE), (folder, MANIFEST), (folder / SHARDS, SHARD_FILE)):
+            if place.is_dir():
+                for path in place.iterdir():
+                    if path.is_file() and atomic_leftover(path.name, final):
+                        path.unlink()
 
 
 def _remove_empty(folder: Path) -> None:
