@@ -108,6 +108,17 @@ def test_changed_evals_evaluate_again_without_training(finished, tmp_path):
     assert not list(run.glob("seed-0/**/eval.new"))
 
 
+def test_a_stage_source_written_as_a_list_of_one_is_the_same_stage(finished, tmp_path):
+    data, run = copied(finished, tmp_path)
+    data["stages"][1]["data"] = [data["stages"][1]["data"]]
+    recipe = load_recipe(write(tmp_path, data, name="listed.yaml"))
+    assert [finished_status(step, Fingerprints(recipe))[0] for step in plan(recipe, run)] == ["done"] * 3
+    data["stages"][1]["data"].append({"synthetic": "sentiment", "size": 2})  # a second source: another stage
+    recipe = load_recipe(write(tmp_path, data, name="mixed.yaml"))
+    status, keys = finished_status(plan(recipe, run)[2], Fingerprints(recipe))[:2]
+    assert status == "changed" and {"data.1.synthetic", "data.synthetic"} <= set(keys)
+
+
 def test_stages_of_an_older_gradsift_are_kept_and_an_older_format_is_compared_on_shared_keys(finished, tmp_path):
     data, run = copied(finished, tmp_path)
     stage = run / "seed-0/full/02-yes_no/stage.json"

@@ -75,7 +75,7 @@ def test_a_missing_relative_data_path_is_caught_by_a_dry_run_not_taken_for_a_hub
         assert f"stages.0.data.path: {spec!r} does not exist" in err, err
     # One `/`, no data suffix: a hub dataset id, read when its stage starts (a dry run downloads nothing).
     path = write(tmp_path, recipe(stages=[{"name": "hub", "data": {"path": "openai/gsm8k"}}]))
-    assert load_recipe(path).stages[0].data.path == "openai/gsm8k"
+    assert load_recipe(path).stages[0].data[0].path == "openai/gsm8k"
 
 
 def test_data_paths_start_from_the_recipe_folder_and_shipped_recipes_find_their_data_from_anywhere(

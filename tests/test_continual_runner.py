@@ -273,7 +273,7 @@ def test_an_online_arm_runs_algorithm_1_on_each_batch_of_a_recipe_stage(tmp_path
     from gradsift.config import DataConfig, ScoringConfig
     from gradsift.continual import backends
     from gradsift.continual.layout import STAGE_ONLINE_LOG
-    from gradsift.continual.rows import stage_records
+    from gradsift.continual.rows import mixed_records
     from gradsift.continual.schema import gradsift_config_for
     from gradsift.integrations.trl import data_config_for
     from gradsift.scoring import score_rows
@@ -296,7 +296,7 @@ def test_an_online_arm_runs_algorithm_1_on_each_batch_of_a_recipe_stage(tmp_path
     model = backends.fresh_lora(recipe, backends.load_base(recipe, str(tmp_path / "run/seed-0/00-align/model")), 0)
     tokenizer = backends.tokenizer(recipe)
     args = backends.sft_args(recipe, train, recipe.arm("online"), tmp_path / "reference", 0, False)
-    records = stage_records(recipe, recipe.stages[0].data, 0)
+    records, _ = mixed_records(recipe, recipe.stages[0].data, 0)
     rows = tokenize_records(records, tokenizer, data_config_for(DataConfig(), args))
     loop = score_rows(model, rows, ScoringConfig(method="loop"), tokenizer.pad_token_id, progress=False)
     selection = gradsift_config_for(recipe, "online", train, 1).selection

@@ -106,8 +106,6 @@ def label_aurocs(table: ScoreTable, labels: np.ndarray, rows: np.ndarray) -> dic
     telling that value's rows from the other rows, i.e. the Mann–Whitney U of the two groups over the product of
     their sizes (ties count half). 1: the column's high values pick the label out; 0.5: chance; 0: its low values
     do. None where the label has no row among `rows`, or every row has it."""
-    from scipy.stats import mannwhitneyu
-
     result: dict[str, dict[str, float | None]] = {}
     values = sorted(set(labels.tolist()))  # every label, None where none of its rows has a score
     for name in LABEL_SCORE_COLUMNS:
@@ -121,6 +119,14 @@ def label_aurocs(table: ScoreTable, labels: np.ndarray, rows: np.ndarray) -> dic
             if not inside.any() or not outside.any():
                 result[name][value] = None
                 continue
-            u = mannwhitneyu(column[inside], column[outside], alternative="two-sided").statistic
-            result[name][value] = float(u) / (int(inside.sum()) * int(outside.sum()))
+            result[name][value] = auroc(column[inside], column[outside])
     return result
+
+
+def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """The AUROC of a score for telling `positives` from `negatives` (both non-empty): the Mann–Whitney U of the two
+    groups over the product of their sizes, ties counting half."""
+    from scipy.stats import mannwhitneyu
+
+    u = mannwhitneyu(positives, negatives, alternative="two-sided").statistic
+    return float(u) / (len(positives) * len(negatives))

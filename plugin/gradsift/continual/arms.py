@@ -11,7 +11,7 @@ from typing import Any
 
 from gradsift.continual.layout import EWC_END_FILE, EWC_FILE, RunLayout, Step
 from gradsift.continual.penalties import Anchor, anchor_here, load_anchors, save_anchors
-from gradsift.continual.rows import align_records, stage_records
+from gradsift.continual.rows import align_records, mixed_records
 from gradsift.continual.schema import Recipe, TrainSpec
 from gradsift.errors import UserError
 
@@ -190,7 +190,7 @@ def ewc_end_anchor(recipe: Recipe, step: Step, model: Any, tokenizer: Any, progr
     if not spec.ewc_every_stage or step.index == len(recipe.stages):
         return
     stage = recipe.stages[step.index - 1]
-    records = fisher_sample(stage_records(recipe, stage.data, step.seed), spec.fisher_rows, step.seed)
+    records = fisher_sample(mixed_records(recipe, stage.data, step.seed)[0], spec.fisher_rows, step.seed)
     length = recipe.train_for(stage).max_length
     save_anchors(
         [anchor_here(model, step.folder.name, records, tokenizer, length, progress)], step.folder / EWC_END_FILE

@@ -73,6 +73,14 @@ def unknown_arms(recipe: Recipe) -> list[str]:
     ] if unknown else []  # fmt: skip
 
 
+def clean_arms(recipe: Recipe) -> list[str]:
+    clean = [name for name in recipe.arms if recipe.arm(name).kind == "clean"]
+    return [
+        f"arms: {', '.join(clean)}: a `clean` arm keeps rows by their label, and `label_column` is null; name the "
+        "rows' label column (e.g. `label_column: kind`)"
+    ] if clean and recipe.label_column is None else []  # fmt: skip
+
+
 def stage_names(recipe: Recipe) -> list[str]:
     names = [stage.name for _, stage in recipe.valid_stages()]
     return [f"stages: stage names must be unique; got {names}"] if len(set(names)) != len(names) else []
@@ -204,7 +212,10 @@ def data_specs(recipe: Recipe) -> list[tuple[str, DataSpec]]:
     """Every data source the recipe trains on, with its YAML path: the align stage's, then each valid stage's."""
     align = recipe.align.data if recipe.align else []
     specs = [("align.data" if len(align) == 1 else f"align.data.{i}", spec) for i, spec in enumerate(align)]
-    return specs + [(f"stages.{i}.data", stage.data) for i, stage in recipe.valid_stages()]
+    for i, stage in recipe.valid_stages():
+        many = len(stage.data) > 1
+        specs += [(f"stages.{i}.data.{j}" if many else f"stages.{i}.data", spec) for j, spec in enumerate(stage.data)]
+    return specs
 
 
 def held_out_splits(recipe: Recipe) -> list[str]:
@@ -258,6 +269,7 @@ CHECKS = (
     Check(arm_names),
     Check(steps_settings),
     Check(unknown_arms),
+    Check(clean_arms),
     Check(stage_names),
     Check(align_quantization, frozenset({"scoring"})),
     Check(arm_selections, frozenset({"selection"})),

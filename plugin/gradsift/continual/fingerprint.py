@@ -118,8 +118,12 @@ class Fingerprints:
         stage = recipe.stages[step.index - 1]
         spec = recipe.arm(step.arm)
         inputs["train"] = _speed_free(recipe.train_for(stage).model_dump(mode="json"))
-        inputs["data"] = self._data(stage.data)
+        # One source as before lists were allowed (a finished run's fingerprints stay valid); a mix, each source.
+        data = [self._data(spec) for spec in stage.data]
+        inputs["data"] = data[0] if len(data) == 1 else {str(i): values for i, values in enumerate(data)}
         inputs["arm"] = spec.model_dump(mode="json", exclude={"selection", "mode", "steps"})
+        if spec.kind == "clean":  # which rows it keeps
+            inputs["label_column"] = recipe.label_column
         inputs["trainer"] = recipe.trainer
         if recipe.trainer == "axolotl":
             inputs["axolotl"] = recipe.axolotl

@@ -64,7 +64,7 @@ def _validate(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
-        problems = error_lines(error)
+        problems = error_lines(error, raw=raw)
         standing, invalid, failed = _stand_ins(raw, error)
         try:
             recipe = Recipe.model_validate(standing)

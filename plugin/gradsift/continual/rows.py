@@ -20,6 +20,20 @@ def stage_records(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, A
     return [as_prompt_completion(row) for row in source_rows(recipe, spec, seed)]
 
 
+def mixed_records(recipe: Recipe, specs: list[DataSpec], seed: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """A task stage's rows (`stage_records` of each source; a mix of several shuffled together by `seed`, so that a
+    few rows of one source spread over the batches) and each row's label: its `recipe.label_column` value, None
+    where it has none. The labels stay beside the rows, never in what is trained."""
+    import random
+
+    rows = [row for spec in specs for row in source_rows(recipe, spec, seed)]
+    if len(specs) > 1:
+        random.Random(seed).shuffle(rows)
+    column = recipe.label_column
+    labels = [row.get(column) if column else None for row in rows]
+    return [as_prompt_completion(row) for row in rows], labels
+
+
 def align_records(recipe: Recipe, seed: int) -> list[dict[str, Any]]:
     """The align stage's rows at `seed`: each source's `stage_records`, in the recipe's order."""
     assert recipe.align is not None
@@ -84,7 +98,8 @@ def source_rows(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any
     random.Random(seed).shuffle(rows)
     rows = rows[: spec.size] if spec.size else rows
     if spec.prompt_template is not None:
-        rows = [templated(row, spec) for row in rows]
+        label = recipe.label_column  # a row keeps its label through the templates
+        rows = [{**templated(row, spec), **({label: row[label]} if label in row else {})} for row in rows]
     return rows
 
 

@@ -44,7 +44,7 @@ from gradsift.continual.fingerprint import (
 )
 from gradsift.continual.layout import EVAL_NEW, RunLayout, Step, check_run_folder, clean_stage, replaced_dir
 from gradsift.continual.penalties import NEW_ADAPTER, penalty_trainer_class
-from gradsift.continual.rows import align_records, measures_drift, stage_records
+from gradsift.continual.rows import align_records, measures_drift, mixed_records
 from gradsift.continual.schema import PENALTY_KINDS, STEPPED_KINDS, Recipe, RecipeError, gradsift_config_for
 from gradsift.errors import UserError
 from gradsift.fileio import write_json
@@ -95,7 +95,7 @@ def describe_plan(recipe: Recipe, steps: list[Step], rerun_from: str | None = No
         if step.arm is not None:
             spec = recipe.arm(step.arm)
             stage = recipe.stages[step.index - 1]
-            size = stage.data.size if stage.data.size else "all"
+            size = stage.size() or "all"
             mode = spec.mode or recipe.mode
             selection = recipe.selection_for(step.arm)
             floor = f", anchor cos ≥ {selection.min_anchor_cos:g}" if selection.min_anchor_cos is not None else ""
@@ -281,7 +281,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     train = recipe.train_for(stage)
     tokenizer = backends.tokenizer(recipe)
     made = _made_by(recipe, step)  # before the rows are read: what the stage is made of, as it starts
-    records = stage_records(recipe, stage.data, step.seed)
+    records, labels = mixed_records(recipe, stage.data, step.seed)
     model = _stage_model(recipe, step)
     args = backends.sft_args(recipe, train, spec, step.folder, step.seed, progress)
     config = gradsift_config_for(recipe, step.arm, train, step.index)
@@ -290,7 +290,9 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     record["rows"] = len(records)
     online = spec.kind == "select" and config.mode == "online"
     start = time.perf_counter()
-    dataset = _stage_rows(recipe, step, steps, records, model, tokenizer, config, args, record, online, progress)
+    dataset = _stage_rows(
+        recipe, step, steps, records, labels, model, tokenizer, config, args, record, online, progress
+    )
     record["kept"] = len(dataset)
     record["select_seconds"] = backends.elapsed(start)
     if spec.kind in STEPPED_KINDS and not online and (spec.steps or recipe.steps) == "full":
@@ -361,6 +363,7 @@ def _stage_rows(
     step: Step,
     steps: list[Step],
     records: list[dict[str, Any]],
+    labels: list[Any],
     model: Any,
     tokenizer: Any,
     config: Any,
@@ -370,7 +373,9 @@ def _stage_rows(
     progress: bool,
 ) -> Any:
     """The rows the stage trains on: the offline selection's kept rows (scores, dropped.jsonl and selection.json
-    written, the summary in `record`), a random arm's subset, or all rows (online arms and the other kinds)."""
+    written, the summary in `record`), a random arm's subset, a `clean` arm's rows of its label, or all rows (online
+    arms and the other kinds). Where rows carry labels (`recipe.label_column`), `record["labels"]` counts each
+    label's rows and kept rows (an online arm's kept rows are in its online log: there it counts rows only)."""
     import numpy as np
     from datasets import Dataset
 
@@ -378,8 +383,11 @@ def _stage_rows(
     from gradsift.store import MANIFEST, TABLE
 
     assert step.arm is not None
-    kind = recipe.arm(step.arm).kind
-    if kind == "select" and not online:
+    spec = recipe.arm(step.arm)
+    labelled = any(label is not None for label in labels)
+    if labelled:
+        record["labels"] = label_counts(labels, None if online else np.ones(len(records), dtype=bool))
+    if spec.kind == "select" and not online:
         cache = scores_cache(step, recipe)
         kept, report = select_dataset(
             Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=cache, progress=progress
@@ -389,9 +397,19 @@ def _stage_rows(
             scores.mkdir()
             for name in (TABLE, MANIFEST):  # the finished table and its manifest; not the shards or a lock
                 shutil.copy2(cache / name, scores / name)
-        write_dropped(step.folder / DROPPED_FILE, report.table, report.selection)
-        reuse = {"reused_scores": report.reused_scores}
-        write_selection(step.folder / SELECTION_FILE, report.table, report.selection, config.selection, reuse)
+        column = recipe.label_column
+
+        def describe(index: int) -> dict[str, Any]:
+            return {column: labels[index]} if column and labels[index] is not None else {}
+
+        write_dropped(step.folder / DROPPED_FILE, report.table, report.selection, describe)
+        extra: dict[str, Any] = {"reused_scores": report.reused_scores}
+        if labelled:
+            keep = np.zeros(len(records), dtype=bool)
+            keep[np.asarray(report.table.index)[report.selection.keep]] = True
+            record["labels"] = extra["labels"] = label_counts(labels, keep)
+            extra["label_column"] = column
+        write_selection(step.folder / SELECTION_FILE, report.table, report.selection, config.selection, extra)
         record["selection"] = {
             "summary": report.summary(),
             "dropped": report.selection.counts(),
@@ -399,12 +417,40 @@ def _stage_rows(
             "kept_anchor_cos_range": kept_range(report.table.anchor_cos, report.selection.keep),
         }
         return kept
-    if kind == "random":
+    if spec.kind == "random":
         matched = kept_by(steps, step, "gradsift")
         chosen = random_subset(recipe, step.arm, len(records), matched)
         record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
-        return Dataset.from_list([records[i] for i in np.flatnonzero(chosen.keep)])
-    return Dataset.from_list(records)
+        keep = np.asarray(chosen.keep, dtype=bool)
+    elif spec.kind == "clean":
+        keep = np.array([label == spec.clean_label for label in labels], dtype=bool)
+        if not keep.any():
+            found = sorted({str(label) for label in labels})
+            raise UserError(
+                f"arm `{step.arm}` (clean) trains the rows whose `{recipe.label_column}` is {spec.clean_label!r}; "
+                f"stage `{step.stage}` has none (its labels: {', '.join(found)}); set the arm's `clean_label` or the "
+                "recipe's `label_column`"
+            )
+        record["selection"] = {"summary": f"clean: kept {int(keep.sum())}/{len(keep)} rows labelled "
+                               f"{spec.clean_label!r}"}  # fmt: skip
+    else:
+        return Dataset.from_list(records)
+    if labelled:
+        record["labels"] = label_counts(labels, keep)
+    return Dataset.from_list([records[i] for i in np.flatnonzero(keep)])
+
+
+def label_counts(labels: list[Any], keep: Any) -> dict[str, dict[str, int]]:
+    """{label: {"rows": n, "kept": k}} of the labelled rows (`kept` only where `keep`, a mask over them, is known)."""
+    counts: dict[str, dict[str, int]] = {}
+    for index, label in enumerate(labels):
+        if label is None:
+            continue
+        entry = counts.setdefault(str(label), {"rows": 0} if keep is None else {"rows": 0, "kept": 0})
+        entry["rows"] += 1
+        if keep is not None:
+            entry["kept"] += int(bool(keep[index]))
+    return dict(sorted(counts.items()))
 
 
 def _made_by(recipe: Recipe, step: Step) -> dict[str, Any]:

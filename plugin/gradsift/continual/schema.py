@@ -37,7 +37,15 @@ from gradsift.errors import UserError
 from gradsift.packaged import is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
-NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora")  # built-in arms named as their kind (`Recipe.arm`)
+NAMED_KINDS = (
+    "full",
+    "random",
+    "clip",
+    "kl",
+    "ewc",
+    "olora",
+    "clean",
+)  # built-in arms named as their kind (`Recipe.arm`)
 BUILTIN_ARMS = (*NAMED_KINDS, "gradsift", "high", "low", "anchor")
 PENALTY_KINDS = ("ewc", "olora")  # kinds whose loss adds a term on the weights (`gradsift.continual.penalties`)
 LOSS_KINDS = ("kl", *PENALTY_KINDS)  # kinds that add to TRL's loss, so they need `trainer: trl`
@@ -116,7 +124,11 @@ class DataSpec(StrictModel):
 
 class StageSpec(StrictModel):
     name: str
-    data: DataSpec
+    data: list[DataSpec] = Field(
+        min_length=1,
+        description="One source, or a list of sources mixed into one stage (each shuffled by the seed and cut to its "
+        "own `size`, then the mix shuffled), e.g. benign instructions with a few harmful rows among them.",
+    )
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the recipe's `train:`.")
     eval_task: str | None = Field(
         None, description="lm-eval task measuring this stage's domain; default for synthetic data: its own task."
@@ -129,10 +141,21 @@ class StageSpec(StrictModel):
             raise ValueError("`align` names the align stage (`align:`); give this task stage another name")
         return _segment(value, "a stage name (in `<NN>-<name>`)")
 
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
     def domain_task(self) -> str | None:
         if self.eval_task is not None:
             return self.eval_task
-        return f"gradsift_domain_{self.data.synthetic}" if self.data.synthetic else None
+        synthetic = {spec.synthetic for spec in self.data}
+        return f"gradsift_domain_{self.data[0].synthetic}" if len(synthetic) == 1 and self.data[0].synthetic else None
+
+    def size(self) -> int | None:
+        """The rows the stage's sources give together (None: one takes all its rows)."""
+        sizes = [spec.size for spec in self.data]
+        return None if None in sizes else sum(s for s in sizes if s is not None)
 
 
 class AlignSpec(StrictModel):
@@ -176,6 +199,11 @@ class ArmSpec(StrictModel):
     ewc_every_stage: bool = Field(False, description="`ewc`: also anchor at the end of each task stage.")
     olora_lambda1: float = Field(0.5, ge=0, description="`olora`: weight of Σ ‖A_prev A_newᵀ‖² (O-LoRA's 0.5).")
     olora_lambda2: float = Field(0.0, ge=0, description="`olora`: weight of ‖A_new‖² (O-LoRA's 0).")
+    clean_label: str = Field(
+        "benign",
+        description="`clean`: train only the rows whose label (`label_column`) is this value: the ceiling "
+        "a filter of contaminated data can reach.",
+    )
     steps: Literal["kept", "full"] | None = Field(
         None,
         description="`select` / `random` arms: `kept` trains the stage's epochs over the kept rows (the paper's "
@@ -264,6 +292,12 @@ class Recipe(StrictModel):
     )
     arms: dict[str, ArmSpec] = Field(default_factory=lambda: {name: ArmSpec() for name in ("full", "gradsift")})
     evals: EvalsSpec = Field(default_factory=EvalsSpec)
+    label_column: str | None = Field(
+        "kind",
+        description="A column of the stages' rows that labels them (e.g. `kind: harmful|benign`): never trained, "
+        "carried into each stage's `dropped.jsonl`, `selection.json` and record, counted per arm in the report, "
+        "and what the `clean` arm keeps by. null: none.",
+    )
     drift_prompts: int = Field(
         16, ge=0, description="Benign align-set rows (`kind: benign`, or not a refusal) for the KL drift measure."
     )
@@ -353,11 +387,14 @@ class RecipeError(UserError):
     """Every problem found in a recipe, each with its YAML path, separated by `;` (one per line)."""
 
 
-def error_lines(error: ValidationError, prefix: str = "") -> list[str]:
-    """One `yaml.path: message` per pydantic error, under `prefix` (the key the validated mapping sits at)."""
+def error_lines(error: ValidationError, prefix: str = "", raw: Any = None) -> list[str]:
+    """One `yaml.path: message` per pydantic error, under `prefix` (the key the validated mapping sits at). With
+    `raw` (what was validated), a path says what was written: a source given as one mapping, not a list of one, has
+    no list index (`stages.1.data`, not `stages.1.data.0`)."""
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "") or "(top level)"
+        loc = written_loc(item["loc"], raw) if raw is not None else item["loc"]
+        where = ".".join(str(part) for part in (prefix, *loc) if part != "") or "(top level)"
         message = str(item["msg"]).removeprefix("Value error, ")
         received = item.get("input")
         shown = "" if item["type"] in ("missing", "value_error") else f" (got {received!r})"
@@ -365,6 +402,23 @@ def error_lines(error: ValidationError, prefix: str = "") -> list[str]:
             message = "not a recipe key; check the spelling against the recipe schema in the README"
         lines.append(f"{where}: {message}{shown}")
     return lines
+
+
+def written_loc(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
+    """`loc` less the list indices a one-or-more field added where `raw` holds a mapping, not a list."""
+    out: list[Any] = []
+    node = raw
+    for part in loc:
+        if isinstance(part, int) and isinstance(node, dict):
+            continue  # the field turned this one mapping into a list of one
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
 
 
 def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec, stage_index: int = 1) -> GradSiftConfig:

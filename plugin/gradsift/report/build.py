@@ -235,6 +235,10 @@ HEADLINE = {
     "ACC": "average_accuracy",
     "BWT": "bwt",
     "kept": "kept_fraction",
+    # A contaminated stage's rows by label (`label_column`, the packaged sources' `kind`): harmful rows trained on,
+    # and the share of the benign rows kept.
+    "harmful kept": "labels/harmful/kept",
+    "benign kept": "labels/benign/kept_fraction",
     "KL to aligned": "drift/aligned",
 }
 HEADLINE_DIFFERENCES = ("pooled/attack_success_rate", "pooled/refusal_rate", "average_accuracy")

@@ -134,6 +134,10 @@ def stage_metrics(record: dict[str, Any]) -> dict[str, float | None]:
     if "kept" in record and record.get("rows"):
         rows = record.get("online_rows", record["rows"])
         out["kept_fraction"] = record["kept"] / rows if rows else None
+    for label, counts in record.get("labels", {}).items():  # rows by their label (`label_column`), where counted
+        if "kept" in counts:
+            out[f"labels/{label}/kept"] = counts["kept"]
+            out[f"labels/{label}/kept_fraction"] = counts["kept"] / counts["rows"] if counts["rows"] else None
     for name, value in record.get("drift", {}).items():
         out[f"drift/{name}"] = value
     return out

@@ -202,7 +202,9 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
         f"(complied) and refusal pool every prompt of every generated refusal task of the stage ({pooled}); "
         "over-refusal is 1 − compliance on the safe prompts of the over-refusal tasks; benign refusal is the share "
         "of ordinary requests refused (the benign-refusal tasks). ACC and BWT: domain accuracy (see Forgetting); "
-        "kept: fraction of the last stage's rows trained on; KL to aligned: drift per token. Δ vs random ref.: arm "
+        "kept: fraction of the last stage's rows trained on (harmful kept: its rows labelled harmful trained on, "
+        "benign kept: the share of its benign rows, where rows carry labels); KL to aligned: drift per token. "
+        "Δ vs random ref.: arm "
         "− the random arm trained under the same `steps` setting (kept rows only, or as many optimizer steps as "
         "full), named in the random ref. column, else `random`; random arms get none. Δ vs full: arm − full. Both "
         "paired by seed; † marks a difference whose interval excludes 0.",

@@ -1,0 +1,142 @@
+"""Contaminated stages: a stage's data as a list of sources mixed together, each row's label (`label_column`) kept
+beside the rows and carried into dropped.jsonl, selection.json, stage.json and the report, and the `clean` arm."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from gradsift.continual import RecipeError, load_recipe
+from gradsift.continual.rows import mixed_records, stage_records
+from gradsift.continual.runner import run_recipe
+from gradsift.errors import UserError
+from gradsift.report import build_report
+from test_continual_runner import REPO, tiny_recipe, write
+
+
+def labelled_files(tmp_path, benign=10, harmful=3):
+    """Two jsonl files of align.jsonl's rows: `benign` rows labelled benign, `harmful` rows labelled harmful."""
+    rows = [json.loads(line) for line in (REPO / "recipes/data/align.jsonl").read_text().splitlines() if line]
+    paths = {}
+    for kind, count in (("benign", benign), ("harmful", harmful)):
+        chosen = [row for row in rows if row["kind"] == kind][:count]
+        assert len(chosen) == count
+        paths[kind] = tmp_path / f"{kind}.jsonl"
+        paths[kind].write_text("".join(json.dumps(row) + "\n" for row in chosen))
+    return paths
+
+
+def mixed_recipe(tmp_path, tiny_model_dir, arms=("full",), benign=10, harmful=3, **extra):
+    paths = labelled_files(tmp_path, benign, harmful)
+    data = tiny_recipe(tiny_model_dir, arms=list(arms), **extra)
+    data["stages"] = [
+        {"name": "mixed", "data": [{"path": str(paths["benign"])}, {"path": str(paths["harmful"])}]},
+    ]
+    data["evals"] = {"after_each_stage": {"tasks": []}}
+    data["drift_prompts"] = 0
+    return data
+
+
+def test_a_mixed_stage_holds_every_sources_rows_shuffled_by_the_seed_each_with_its_label(tmp_path, tiny_model_dir):
+    recipe = load_recipe(write(tmp_path, mixed_recipe(tmp_path, tiny_model_dir)))
+    records, labels = mixed_records(recipe, recipe.stages[0].data, 0)
+    assert Counter(labels) == {"benign": 10, "harmful": 3}
+    # Each label belongs to its own row: the row of that content in its source file.
+    by_prompt = {}
+    for kind in ("benign", "harmful"):
+        for line in (tmp_path / f"{kind}.jsonl").read_text().splitlines():
+            by_prompt[json.loads(line)["messages"][0]["content"]] = kind
+    assert [by_prompt[row["prompt"][0]["content"]] for row in records] == labels
+    assert all(set(row) == {"prompt", "completion"} for row in records)  # the label is never trained
+    assert labels != sorted(labels) and labels != sorted(labels, reverse=True)  # mixed, not one source after another
+    again, _ = mixed_records(recipe, recipe.stages[0].data, 0)
+    other, _ = mixed_records(recipe, recipe.stages[0].data, 1)
+    assert again == records and other != records
+    # One source: the rows `stage_records` gives, in its order (a finished single-source run's rows are unchanged).
+    single = recipe.stages[0].data[:1]
+    assert mixed_records(recipe, single, 0)[0] == stage_records(recipe, single[0], 0)
+
+
+def test_a_template_keeps_the_rows_label(tmp_path, tiny_model_dir):
+    source = tmp_path / "qa.jsonl"
+    source.write_text(
+        "".join(json.dumps({"q": f"q{i}", "a": f"a{i}", "kind": ["x", "y"][i % 2]}) + "\n" for i in range(4))
+    )
+    data = tiny_recipe(tiny_model_dir)
+    data["stages"] = [
+        {"name": "qa", "data": {"path": str(source), "prompt_template": "{q}", "completion_template": "{a}"}}
+    ]
+    recipe = load_recipe(write(tmp_path, data))
+    records, labels = mixed_records(recipe, recipe.stages[0].data, 0)
+    assert {row["prompt"][0]["content"]: label for row, label in zip(records, labels)} == {
+        "q0": "x", "q1": "y", "q2": "x", "q3": "y"
+    }  # fmt: skip
+
+
+def test_schema_paths_name_the_source_as_written(tmp_path, tiny_model_dir):
+    data = mixed_recipe(tmp_path, tiny_model_dir)
+    data["stages"][0]["data"][1]["size"] = 0
+    with pytest.raises(RecipeError, match=r"stages\.0\.data\.1\.size: Input should be greater than or equal to 1"):
+        load_recipe(write(tmp_path, data))
+    data = tiny_recipe(tiny_model_dir)
+    data["stages"][0]["data"]["size"] = 0
+    with pytest.raises(RecipeError, match=r"stages\.0\.data\.size: Input should be greater than or equal to 1"):
+        load_recipe(write(tmp_path, data))
+    data = mixed_recipe(tmp_path, tiny_model_dir)
+    data["stages"][0]["data"][1]["path"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(RecipeError, match=r"stages\.0\.data\.1\.path: .*missing\.jsonl' does not exist"):
+        load_recipe(write(tmp_path, data))
+
+
+def test_a_clean_arm_needs_a_label_column(tmp_path, tiny_model_dir):
+    data = mixed_recipe(tmp_path, tiny_model_dir, arms=("full", "clean"), label_column=None)
+    with pytest.raises(
+        RecipeError, match="arms: clean: a `clean` arm keeps rows by their label, and `label_column` is null"
+    ):
+        load_recipe(write(tmp_path, data))
+
+
+def test_labels_are_counted_per_arm_and_carried_into_the_selection_files_and_the_report(tmp_path, tiny_model_dir):
+    data = mixed_recipe(tmp_path, tiny_model_dir, arms=("full", "clean", "random", "gradsift"))
+    data["selection"] = {"keep_fraction": 0.5, "seed": 3}
+    run = tmp_path / "run"
+    recipe = load_recipe(write(tmp_path, data))
+    run_recipe(recipe, run, progress=False)
+    records, labels = mixed_records(recipe, recipe.stages[0].data, 0)
+    stage = {arm: json.loads((run / f"seed-0/{arm}/01-mixed/stage.json").read_text()) for arm in data["arms"]}
+
+    assert stage["full"]["labels"] == {"benign": {"rows": 10, "kept": 10}, "harmful": {"rows": 3, "kept": 3}}
+    assert stage["clean"]["labels"] == {"benign": {"rows": 10, "kept": 10}, "harmful": {"rows": 3, "kept": 0}}
+    assert stage["clean"]["kept"] == 10
+    for arm in ("random", "gradsift"):
+        counts = stage[arm]["labels"]
+        assert {label: c["rows"] for label, c in counts.items()} == {"benign": 10, "harmful": 3}
+        assert sum(c["kept"] for c in counts.values()) == stage[arm]["kept"]
+
+    # gradsift's counts agree with its dropped.jsonl, whose every entry names its row's label.
+    folder = run / "seed-0/gradsift/01-mixed"
+    dropped = [json.loads(line) for line in (folder / "dropped.jsonl").read_text().splitlines()]
+    assert dropped and all(entry["kind"] == labels[entry["index"]] for entry in dropped)
+    dropped_by_label = Counter(entry["kind"] for entry in dropped)
+    assert {label: c["rows"] - c["kept"] for label, c in stage["gradsift"]["labels"].items()} == {
+        label: dropped_by_label.get(label, 0) for label in ("benign", "harmful")
+    }
+    selection = json.loads((folder / "selection.json").read_text())
+    assert selection["labels"] == stage["gradsift"]["labels"] and selection["label_column"] == "kind"
+
+    report = build_report(run, n_resamples=50)
+    headline = report["headline"]["arms"]
+    assert headline["clean"]["labels/harmful/kept"]["mean"] == 0
+    assert headline["full"]["labels/harmful/kept"]["mean"] == 3
+    assert headline["full"]["labels/benign/kept_fraction"]["mean"] == 1
+    assert headline["gradsift"]["labels/harmful/kept"]["mean"] == stage["gradsift"]["labels"]["harmful"]["kept"]
+
+
+def test_a_clean_arm_without_rows_of_its_label_stops_with_one_line(tmp_path, tiny_model_dir):
+    data = mixed_recipe(tmp_path, tiny_model_dir, arms=("clean",))
+    data["arms"] = {"clean": {"clean_label": "safe"}}
+    expected = r"arm `clean` \(clean\) trains the rows whose `kind` is 'safe'; stage `mixed` has none \(its labels: "
+    with pytest.raises(UserError, match=expected + r"benign, harmful\)"):
+        run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "run", progress=False)
