@@ -110,7 +110,7 @@ def main() -> None:
     rows = pool("train", args.benign, args.harmful, args.seed)
     harmful = np.array([row["kind"] == "harmful" for row in rows])
     data = write_jsonl(rows, args.out / "pool.jsonl")
-    dev = pool("dev", 0, 40, args.seed)  # the contrastive anchor's requests: never in the pool (another split)
+    dev = pool("dev", 0, 20, args.seed)  # the contrastive anchor's requests: never in the pool (another split)
     answered = write_jsonl([{"messages": row["messages"]} for row in dev], args.out / "anchor_answered.jsonl")
     refused = [
         {"messages": [row["messages"][0], {"role": "assistant", "content": REFUSALS[i % len(REFUSALS)]}]}

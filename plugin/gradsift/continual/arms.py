@@ -1,10 +1,12 @@
-"""What an arm does beyond the core rule: the `random` arm's matched subset, the step-matched arms' step count,
-where select arms cache their scores, the `kl` arm's trainer, and the `ewc` and `olora` arms' anchors and adapters."""
+"""What an arm does beyond the core rule: the rows each arm trains on (`stage_rows`), the `random` arm's matched
+subset, the step-matched arms' step count, where select arms cache their scores, the `kl` arm's trainer, and the
+`ewc` and `olora` arms' anchors and adapters."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from gradsift.continual.penalties import Anchor, anchor_here, load_anchors, save
 from gradsift.continual.rows import align_records, mixed_records
 from gradsift.continual.schema import Recipe, TrainSpec
 from gradsift.errors import UserError
+from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 
 # An `olora` arm's stage k > 1 starts its new LoRA from seed + OLORA_SEED_STRIDE·(k − 1); stage 1 from the seed, as
 # every arm's stage 1 does.
@@ -195,3 +198,98 @@ def ewc_end_anchor(recipe: Recipe, step: Step, model: Any, tokenizer: Any, progr
     save_anchors(
         [anchor_here(model, step.folder.name, records, tokenizer, length, progress)], step.folder / EWC_END_FILE
     )
+
+
+def stage_rows(
+    recipe: Recipe,
+    step: Step,
+    steps: list[Step],
+    records: list[dict[str, Any]],
+    labels: list[Any],
+    model: Any,
+    tokenizer: Any,
+    config: Any,
+    args: Any,
+    record: dict[str, Any],
+    online: bool,
+    progress: bool,
+) -> Any:
+    """The rows the stage trains on: the offline selection's kept rows (scores, dropped.jsonl and selection.json
+    written, the summary in `record`), a random arm's subset, a `clean` arm's rows of its label, or all rows (online
+    arms and the other kinds). Where rows carry labels (`recipe.label_column`), `record["labels"]` counts each
+    label's rows and kept rows (an online arm's kept rows are in its online log: there it counts rows only)."""
+    import numpy as np
+    from datasets import Dataset
+
+    from gradsift.integrations.trl import select_dataset
+    from gradsift.store import MANIFEST, TABLE
+
+    assert step.arm is not None
+    spec = recipe.arm(step.arm)
+    labelled = any(label is not None for label in labels)
+    if labelled:
+        record["labels"] = label_counts(labels, None if online else np.ones(len(records), dtype=bool))
+    if spec.kind == "select" and not online:
+        cache = scores_cache(step, recipe)
+        kept, report = select_dataset(
+            Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=cache, progress=progress
+        )
+        scores = RunLayout.scores(step.folder)
+        if cache != scores:
+            scores.mkdir()
+            for name in (TABLE, MANIFEST):  # the finished table and its manifest; not the shards or a lock
+                shutil.copy2(cache / name, scores / name)
+        column = recipe.label_column
+
+        def describe(index: int) -> dict[str, Any]:
+            return {column: labels[index]} if column and labels[index] is not None else {}
+
+        write_dropped(step.folder / DROPPED_FILE, report.table, report.selection, describe)
+        extra: dict[str, Any] = {"reused_scores": report.reused_scores}
+        if labelled:
+            keep = np.zeros(len(records), dtype=bool)
+            keep[np.asarray(report.table.index)[report.selection.keep]] = True
+            record["labels"] = extra["labels"] = label_counts(labels, keep)
+            extra["label_column"] = column
+        write_selection(step.folder / SELECTION_FILE, report.table, report.selection, config.selection, extra)
+        record["selection"] = {
+            "summary": report.summary(),
+            "dropped": report.selection.counts(),
+            "kept_norm_range": kept_range(report.table.grad_norm, report.selection.keep),
+            "kept_anchor_cos_range": kept_range(report.table.anchor_cos, report.selection.keep),
+        }
+        return kept
+    if spec.kind == "random":
+        matched = kept_by(steps, step, "gradsift")
+        chosen = random_subset(recipe, step.arm, len(records), matched)
+        record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
+        keep = np.asarray(chosen.keep, dtype=bool)
+    elif spec.kind == "clean":
+        keep = np.array([label == spec.clean_label for label in labels], dtype=bool)
+        if not keep.any():
+            found = sorted({str(label) for label in labels})
+            raise UserError(
+                f"arm `{step.arm}` (clean) trains the rows whose `{recipe.label_column}` is {spec.clean_label!r}; "
+                f"stage `{step.stage}` has none (its labels: {', '.join(found)}); set the arm's `clean_label` or the "
+                "recipe's `label_column`"
+            )
+        record["selection"] = {"summary": f"clean: kept {int(keep.sum())}/{len(keep)} rows labelled "
+                               f"{spec.clean_label!r}"}  # fmt: skip
+    else:
+        return Dataset.from_list(records)
+    if labelled:
+        record["labels"] = label_counts(labels, keep)
+    return Dataset.from_list([records[i] for i in np.flatnonzero(keep)])
+
+
+def label_counts(labels: list[Any], keep: Any) -> dict[str, dict[str, int]]:
+    """{label: {"rows": n, "kept": k}} of the labelled rows (`kept` only where `keep`, a mask over them, is known)."""
+    counts: dict[str, dict[str, int]] = {}
+    for index, label in enumerate(labels):
+        if label is None:
+            continue
+        entry = counts.setdefault(str(label), {"rows": 0} if keep is None else {"rows": 0, "kept": 0})
+        entry["rows"] += 1
+        if keep is not None:
+            entry["kept"] += int(bool(keep[index]))
+    return dict(sorted(counts.items()))

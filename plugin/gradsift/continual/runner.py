@@ -23,13 +23,10 @@ from gradsift.continual.arms import (
     finished_adapter,
     full_arm_steps,
     full_steps_by,
-    kept_by,
-    kept_range,
     kl_trainer_class,
     olora_adapters,
     olora_seed,
-    random_subset,
-    scores_cache,
+    stage_rows,
 )
 from gradsift.continual.checks import cross_field_problems
 from gradsift.continual.evals import drift, eval_model, evaluate, forget_references
@@ -49,7 +46,6 @@ from gradsift.continual.schema import PENALTY_KINDS, STEPPED_KINDS, Recipe, Reci
 from gradsift.errors import UserError
 from gradsift.fileio import write_json
 from gradsift.hardware import describe_device, generation_dtype
-from gradsift.store import DROPPED_FILE, SELECTION_FILE, write_dropped, write_selection
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +286,7 @@ def _run_stage(recipe: Recipe, step: Step, steps: list[Step], progress: bool) ->
     record["rows"] = len(records)
     online = spec.kind == "select" and config.mode == "online"
     start = time.perf_counter()
-    dataset = _stage_rows(
+    dataset = stage_rows(
         recipe, step, steps, records, labels, model, tokenizer, config, args, record, online, progress
     )
     record["kept"] = len(dataset)
@@ -356,101 +352,6 @@ def _penalty_value(trainer: Any, model: Any) -> float | None:
         return None
     with torch.no_grad():
         return float(penalty(model))
-
-
-def _stage_rows(
-    recipe: Recipe,
-    step: Step,
-    steps: list[Step],
-    records: list[dict[str, Any]],
-    labels: list[Any],
-    model: Any,
-    tokenizer: Any,
-    config: Any,
-    args: Any,
-    record: dict[str, Any],
-    online: bool,
-    progress: bool,
-) -> Any:
-    """The rows the stage trains on: the offline selection's kept rows (scores, dropped.jsonl and selection.json
-    written, the summary in `record`), a random arm's subset, a `clean` arm's rows of its label, or all rows (online
-    arms and the other kinds). Where rows carry labels (`recipe.label_column`), `record["labels"]` counts each
-    label's rows and kept rows (an online arm's kept rows are in its online log: there it counts rows only)."""
-    import numpy as np
-    from datasets import Dataset
-
-    from gradsift.integrations.trl import select_dataset
-    from gradsift.store import MANIFEST, TABLE
-
-    assert step.arm is not None
-    spec = recipe.arm(step.arm)
-    labelled = any(label is not None for label in labels)
-    if labelled:
-        record["labels"] = label_counts(labels, None if online else np.ones(len(records), dtype=bool))
-    if spec.kind == "select" and not online:
-        cache = scores_cache(step, recipe)
-        kept, report = select_dataset(
-            Dataset.from_list(records), model, tokenizer, config, sft_config=args, cache_dir=cache, progress=progress
-        )
-        scores = RunLayout.scores(step.folder)
-        if cache != scores:
-            scores.mkdir()
-            for name in (TABLE, MANIFEST):  # the finished table and its manifest; not the shards or a lock
-                shutil.copy2(cache / name, scores / name)
-        column = recipe.label_column
-
-        def describe(index: int) -> dict[str, Any]:
-            return {column: labels[index]} if column and labels[index] is not None else {}
-
-        write_dropped(step.folder / DROPPED_FILE, report.table, report.selection, describe)
-        extra: dict[str, Any] = {"reused_scores": report.reused_scores}
-        if labelled:
-            keep = np.zeros(len(records), dtype=bool)
-            keep[np.asarray(report.table.index)[report.selection.keep]] = True
-            record["labels"] = extra["labels"] = label_counts(labels, keep)
-            extra["label_column"] = column
-        write_selection(step.folder / SELECTION_FILE, report.table, report.selection, config.selection, extra)
-        record["selection"] = {
-            "summary": report.summary(),
-            "dropped": report.selection.counts(),
-            "kept_norm_range": kept_range(report.table.grad_norm, report.selection.keep),
-            "kept_anchor_cos_range": kept_range(report.table.anchor_cos, report.selection.keep),
-        }
-        return kept
-    if spec.kind == "random":
-        matched = kept_by(steps, step, "gradsift")
-        chosen = random_subset(recipe, step.arm, len(records), matched)
-        record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
-        keep = np.asarray(chosen.keep, dtype=bool)
-    elif spec.kind == "clean":
-        keep = np.array([label == spec.clean_label for label in labels], dtype=bool)
-        if not keep.any():
-            found = sorted({str(label) for label in labels})
-            raise UserError(
-                f"arm `{step.arm}` (clean) trains the rows whose `{recipe.label_column}` is {spec.clean_label!r}; "
-                f"stage `{step.stage}` has none (its labels: {', '.join(found)}); set the arm's `clean_label` or the "
-                "recipe's `label_column`"
-            )
-        record["selection"] = {"summary": f"clean: kept {int(keep.sum())}/{len(keep)} rows labelled "
-                               f"{spec.clean_label!r}"}  # fmt: skip
-    else:
-        return Dataset.from_list(records)
-    if labelled:
-        record["labels"] = label_counts(labels, keep)
-    return Dataset.from_list([records[i] for i in np.flatnonzero(keep)])
-
-
-def label_counts(labels: list[Any], keep: Any) -> dict[str, dict[str, int]]:
-    """{label: {"rows": n, "kept": k}} of the labelled rows (`kept` only where `keep`, a mask over them, is known)."""
-    counts: dict[str, dict[str, int]] = {}
-    for index, label in enumerate(labels):
-        if label is None:
-            continue
-        entry = counts.setdefault(str(label), {"rows": 0} if keep is None else {"rows": 0, "kept": 0})
-        entry["rows"] += 1
-        if keep is not None:
-            entry["kept"] += int(bool(keep[index]))
-    return dict(sorted(counts.items()))
 
 
 def _made_by(recipe: Recipe, step: Step) -> dict[str, Any]:
