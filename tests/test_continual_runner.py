@@ -373,3 +373,18 @@ def test_the_accuracy_matrix_reads_each_tasks_own_accuracy_metric():
         "squadv2/f1": 0.7,
         "medmcqa_real/ref_byte_prob": 0.85,
     }
+
+
+def test_the_align_key_reads_gradsifts_source_once_a_process(monkeypatch):
+    """A run's later seeds find the aligned model its first seed cached, even when gradsift's files are edited while
+    it runs: the source digest is read once, at the first key."""
+    from pathlib import Path
+
+    from gradsift.continual import align_cache
+
+    align_cache.source_digest.cache_clear()
+    first = align_cache.align_key({"seed": 0})
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + b"# edited")
+    assert align_cache.source_digest.__wrapped__() != align_cache.source_digest()  # the files now read otherwise
+    assert align_cache.align_key({"seed": 0}) == first

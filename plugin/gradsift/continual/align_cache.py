@@ -17,6 +17,7 @@ the space.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -53,13 +54,20 @@ def align_key(identity: dict[str, Any]) -> str:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "missing"
+    identity = {**identity, "versions": versions, "gradsift_source": source_digest()}
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """The sha256 of gradsift's source files, read once a process (at a run's first align stage): every seed of a
+    run is keyed by the code the run loaded, even when the files are edited while it runs."""
     package = Path(__file__).resolve().parents[1]
     source = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         source.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    identity = {**identity, "versions": versions, "gradsift_source": source.hexdigest()}
-    text = json.dumps(identity, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return source.hexdigest()
 
 
 def fetch(key: str, model_dir: Path) -> dict[str, Any] | None:
