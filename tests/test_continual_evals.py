@@ -84,7 +84,7 @@ def test_the_domain_tasks_run_apart_with_their_own_limit_and_answer_length(tmp_p
     monkeypatch.setattr(evals, "_task_manager", lambda: None)
     loaded = load_recipe(write(tmp_path, two_stage_evals(each)))
     step = next(s for s in runner.plan(loaded, tmp_path / "run") if s.arm == "full" and s.index == 1)
-    evals.evaluate(loaded, None, None, step, final=False)
+    evals.evaluate(loaded, None, None, step)
     domain = ["gradsift_domain_sentiment", "gradsift_domain_yes_no"]
     expected = [([t for n in names for t in (domain if n == "domain" else [n])], lim, g) for names, lim, g in runs]
     assert calls == expected
@@ -157,3 +157,25 @@ def test_generation_model_casts_a_plain_model_and_leaves_a_quantized_one(tokeniz
     caplog.clear()
     quantized = Quantized(2, 2, dtype=torch.bfloat16)
     assert evals.generation_model(quantized, "bfloat16") is quantized and not caplog.records  # already that dtype
+
+
+def test_seen_domain_evals_ask_the_stages_trained_so_far_and_the_align_stage_asks_all():
+    stages = [{"name": n, "data": {"synthetic": n, "size": 8}} for n in ("sentiment", "yes_no", "capitals")]
+    evals = {
+        "after_each_stage": {"tasks": ["gradsift_refusal_mc"], "domain": "seen"},
+        "final": {"tasks": ["gradsift_refusal_strongreject_offline"], "domain": "seen"},
+    }
+    loaded = recipe_from(stages, evals)
+    domain = [f"gradsift_domain_{n}" for n in ("sentiment", "yes_no", "capitals")]
+    assert loaded.eval_tasks(0) == (loaded.evals.final, ["gradsift_refusal_strongreject_offline", *domain])
+    assert loaded.eval_tasks(1)[1] == ["gradsift_refusal_mc", domain[0]]
+    assert loaded.eval_tasks(2)[1] == ["gradsift_refusal_mc", *domain[:2]]
+    assert loaded.eval_tasks(3) == (loaded.evals.final, ["gradsift_refusal_strongreject_offline", *domain])
+    evals["after_each_stage"]["domain"] = True  # every task after every stage, as before
+    assert recipe_from(stages, evals).eval_tasks(1)[1] == ["gradsift_refusal_mc", *domain]
+
+
+def recipe_from(stages, evals):
+    from gradsift.continual.schema import Recipe
+
+    return Recipe.model_validate(recipe(stages=stages, evals=evals))

@@ -114,7 +114,7 @@ def test_held_out_ordinary_requests_never_overlap_the_shipped_recipes_align_rows
 
 def test_the_testbed_recipe_evaluates_at_least_96_held_out_harmful_prompts():
     recipe = load_recipe(REPO / "recipes" / "testbed-smollm2.yaml")
-    spec, tasks = recipe.eval_tasks(final=True)
+    spec, tasks = recipe.eval_tasks(len(recipe.stages))
     refusal = [
         t for t in tasks if t in ("gradsift_refusal_strongreject_offline", "gradsift_refusal_harmbench_offline")
     ]

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate(
-    recipe: Recipe, model: Any, tokenizer: Any, step: Step, final: bool, into: Path | None = None
+    recipe: Recipe, model: Any, tokenizer: Any, step: Step, into: Path | None = None
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, list]]]:
     """Run the stage's evals on the model (`eval_model`: the adapter merged into a fresh copy); lm-eval's results
     and samples go to `into` (default: the stage's `eval/`).
@@ -34,7 +34,7 @@ def evaluate(
     """
     from gradsift.evaluation import judged_task_kind, run_lm_eval
 
-    spec, tasks = recipe.eval_tasks(final)
+    spec, tasks = recipe.eval_tasks(step.index)
     if not tasks:
         return {}, {}
     model = generation_model(model, generation_dtype(spec.generation_dtype, device(recipe)))

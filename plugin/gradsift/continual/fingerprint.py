@@ -152,7 +152,7 @@ class Fingerprints:
 
     def evaluated_by(self, step: Step) -> dict[str, Any]:
         recipe = self.recipe
-        spec, tasks = recipe.eval_tasks(recipe.final_evals_at(step.index))
+        spec, tasks = recipe.eval_tasks(step.index)
         inputs = {"format": schema_format(), "evals": spec.model_dump(mode="json"), "tasks": tasks}
         inputs.update(drift_prompts=recipe.drift_prompts, reference_model=recipe.reference_model)
         return flatten(inputs)

@@ -408,15 +408,14 @@ def _measure(
 ) -> None:
     """Set the stage's drift, evals (`Recipe.final_evals_at` says which) and generation dtype in `record`."""
     base = backends.base_model_spec(recipe, step)
-    final = recipe.final_evals_at(step.index)
-    spec, tasks = recipe.eval_tasks(final)
+    spec, tasks = recipe.eval_tasks(step.index)
     needed = bool(tasks) or measures_drift(recipe)
     model = eval_model(recipe, base, adapters) if needed else None  # one load for the drift and the evals
     record.setdefault("precision", {})["generation_dtype"] = generation_dtype(
         spec.generation_dtype, backends.device(recipe)
     )
     record["drift"] = drift(recipe, model, tokenizer, step)  # in the loading dtype: `evaluate` may cast the model
-    record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, final=final, into=into)
+    record["eval"], record["eval_per_doc"] = evaluate(recipe, model, tokenizer, step, into=into)
     del model
 
 

@@ -216,7 +216,12 @@ class EvalSpec(EvalConfig):
     """`gradsift eval`'s settings (`EvalConfig`) for the evals after a stage, plus the stages' domain tasks."""
 
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks beside the stages' domain tasks.")
-    domain: bool = Field(True, description="Also evaluate every stage's domain task (the accuracy matrix).")
+    domain: bool | Literal["seen"] = Field(
+        True,
+        description="Also evaluate every stage's domain task (the accuracy matrix); `seen`: after a task stage only "
+        "the domain tasks of the stages trained so far (the matrix's lower triangle, all that BWT and forgetting "
+        "read; the align stage still evaluates every one, the start each task is read against).",
+    )
     limit: int | None = Field(None, ge=1, description="Documents per task (lm-eval's `--limit`); null: all.")
     domain_limit: int | None = Field(
         None, ge=1, description="Documents per domain task, when it differs from `limit` (a separate lm-eval run)."
@@ -371,11 +376,14 @@ class Recipe(StrictModel):
         read against. The others run `evals.after_each_stage`."""
         return index == 0 or index == len(self.stages)
 
-    def eval_tasks(self, final: bool) -> tuple[EvalSpec, list[str]]:
+    def eval_tasks(self, index: int) -> tuple[EvalSpec, list[str]]:
+        """The eval settings and lm-eval tasks of stage `index` (0: the align stage)."""
+        final = self.final_evals_at(index)
         spec = self.evals.final if final and self.evals.final is not None else self.evals.after_each_stage
         tasks = list(spec.tasks)
         if spec.domain:
-            tasks += [t for t in (stage.domain_task() for stage in self.stages) if t and t not in tasks]
+            stages = self.stages[:index] if spec.domain == "seen" and index > 0 else self.stages
+            tasks += [t for t in (stage.domain_task() for stage in stages) if t and t not in tasks]
         return spec, tasks
 
     def valid_stages(self) -> Iterator[tuple[int, StageSpec]]:
