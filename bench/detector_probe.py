@@ -11,8 +11,10 @@ suspicious):
   `embedded:harmful-answers`, answered in full and refused), as He et al. 2024: (⟨g,ḡ_H⟩ − ⟨g,ḡ_R⟩) / ‖g‖;
 - `-anchor_cos (all params)`: the anchor score with `param_scope: all` (the exact full gradient; `--no-full` skips);
 - `-anchor_cos (adapter)`: through a trained adapter (`--adapter`) instead of a fresh LoRA;
-- `refusal_logprob`, `refusal_margin`: forward only: how readily the model refuses the row's request
-  (`gradsift.refusal_probe`), and that minus the row's own answer's log-likelihood.
+- `harmful-anchor cos`: against the mean gradient of harmful answers (the dev split's requests answered in full);
+- `refusal_logprob`, `refusal margin`: forward only: the log-probability that the model opens its answer to the
+  row's request with a refusal (`gradsift.refusal_probe`, what `--refusal-probe` writes), and that minus the
+  log-probability of the row's own answer's opening.
 
 Printed per candidate: its AUROC for the harmful rows with a 95 % bootstrap interval over rows, its time relative to
 plain scoring, and, for the forward-only ones, the share of harmful rows dropped and of benign rows kept at the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +48,8 @@ def pool(split: str, benign: int, harmful: int, seed: int) -> list[dict]:
         found = packaged_rows(source, split if source.endswith("demo") else ("dev" if split == "dev" else "train"))[0]
         random.Random(seed).shuffle(found)
         if len(found) < count:
-            raise SystemExit(f"{source} has {len(found)} rows in its split; ask for at most that many")
+            print(f"{source} has {len(found)} rows in its split; ask for at most that many", file=sys.stderr)
+            raise SystemExit(2)
         rows += found[:count]
     return rows
 
@@ -63,7 +67,8 @@ def score(data: Path, out: Path, model: str, max_length: int, *flags: str) -> tu
     start = time.perf_counter()
     args = ["score", "--data", str(data), "--out", str(out), "--model", model, "--max-length", str(max_length)]
     if main([*args, "--lora-seed", "0", "-q", *flags]) != 0:
-        raise SystemExit(f"gradsift score failed for {out}")
+        print(f"gradsift score failed for {out}", file=sys.stderr)
+        raise SystemExit(2)
     return load_finished_scores(out)[1], time.perf_counter() - start
 
 
@@ -103,8 +108,9 @@ def main() -> None:
 
     from gradsift.config import DataConfig, ScoringConfig
     from gradsift.models import load_for_eval, load_tokenizer
-    from gradsift.refusal_probe import REFUSALS, answer_logprobs, refusal_logprobs
+    from gradsift.refusal_probe import REFUSALS, RefusalAnswers, best_refusal_logprobs, opening_logprobs
     from gradsift.table import auroc
+    from gradsift.tokenization import tokenize_records
 
     args.out.mkdir(parents=True, exist_ok=False)
     rows = pool("train", args.benign, args.harmful, args.seed)
@@ -135,6 +141,8 @@ def main() -> None:
     norm = in_order(on_h, "grad_norm", n)
     columns["contrastive"] = (in_order(on_h, "anchor_dot", n) - in_order(on_r, "anchor_dot", n)) / norm
     seconds["contrastive"] = t_h + t_r - seconds["plain scoring"]  # one gradient pass, two anchor passes
+    columns["harmful-anchor cos"] = in_order(on_h, "anchor_cos", n)
+    seconds["harmful-anchor cos"] = t_h
     if not args.no_full:
         full, seconds["-anchor_cos (all params)"] = score(
             data,
@@ -157,16 +165,17 @@ def main() -> None:
     model = load_for_eval(ScoringConfig(model=args.model))
     tokenizer = load_tokenizer(args.model)
     config = DataConfig(max_length=args.max_length)
+    answers = RefusalAnswers(tokenizer, REFUSALS, args.max_length)
+    tokenized = tokenize_records(rows, tokenizer, config, progress=False)
     start = time.perf_counter()
-    columns["refusal_logprob"] = refusal_logprobs(model, tokenizer, rows, config)
-    seconds["refusal_logprob"] = seconds["refusal_margin"] = time.perf_counter() - start
-    columns["refusal_margin"] = columns["refusal_logprob"] + columns["loss"]
-    dev_rows = pool("dev", args.dev_benign, 0, args.seed)
-    dev_refusal = refusal_logprobs(model, tokenizer, dev_rows, config)
-    dev_columns = {
-        "refusal_logprob": dev_refusal,
-        "refusal_margin": dev_refusal - answer_logprobs(model, tokenizer, dev_rows, config),
-    }
+    columns["refusal_logprob"] = best_refusal_logprobs(model, tokenized, answers, tokenizer.pad_token_id)
+    seconds["refusal_logprob"] = time.perf_counter() - start
+    columns["refusal margin"] = columns["refusal_logprob"] - opening_logprobs(model, tokenized, tokenizer.pad_token_id)
+    seconds["refusal margin"] = time.perf_counter() - start
+    dev_rows = tokenize_records(pool("dev", args.dev_benign, 0, args.seed), tokenizer, config, progress=False)
+    dev_refusal = best_refusal_logprobs(model, dev_rows, answers, tokenizer.pad_token_id)
+    dev_margin = dev_refusal - opening_logprobs(model, dev_rows, tokenizer.pad_token_id)
+    dev_columns = {"refusal_logprob": dev_refusal, "refusal margin": dev_margin}
 
     print(f"pool: {int((~harmful).sum())} benign + {int(harmful.sum())} harmful rows, model {args.model}")
     print(f"{'candidate':<28s} {'AUROC':>6s}  {'95% interval':<15s} {'time':>6s}  harmful dropped / benign kept")

@@ -116,3 +116,17 @@ def test_a_bench_runs_its_short_sizes_by_default_and_its_long_ones_under_long():
     mixed = fill_sizes(parser.parse_args(["--long", "--rows", "8"]), budget_bench.SIZES)  # a size given wins
     assert (mixed.budgets, mixed.rows) == ("1024,2048,4096,8192", 8)
     assert str(AUTO_TOKEN_BUDGETS["cpu"]) in quick.budgets.split(",")  # the default sweep still rates `auto`
+
+
+def test_detector_probe_rates_every_candidate_on_a_small_pool(tiny_model_dir, tmp_path):
+    out = tmp_path / "probe"
+    result = run_script(
+        "bench/detector_probe.py", "--model", str(tiny_model_dir), "--out", str(out), "--benign", "6", "--harmful",
+        "3", "--dev-benign", "4", "--max-length", "128", "--no-full", "--resamples", "50",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split()[0] for line in result.stdout.splitlines()[2:-1]]
+    assert {"grad_norm", "-anchor_cos", "contrastive", "harmful-anchor", "refusal_logprob", "refusal"} <= set(rows)
+    assert re.fullmatch(r"best: .+ \(AUROC [01]\.\d{3}\)", result.stdout.splitlines()[-1])
+    pool = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
+    assert sorted(row["kind"] for row in pool) == ["benign"] * 6 + ["harmful"] * 3

@@ -134,9 +134,52 @@ def test_labels_are_counted_per_arm_and_carried_into_the_selection_files_and_the
     assert headline["gradsift"]["labels/harmful/kept"]["mean"] == stage["gradsift"]["labels"]["harmful"]["kept"]
 
 
+def test_a_clean_arm_compares_labels_as_text_and_trains_every_row_of_an_unlabelled_stage(tmp_path, tiny_model_dir):
+    numbered = tmp_path / "numbered.jsonl"
+    rows = [json.loads(line) for line in (REPO / "recipes/data/align.jsonl").read_text().splitlines() if line][:6]
+    numbered.write_text("".join(json.dumps({**row, "kind": i % 2}) + "\n" for i, row in enumerate(rows)))
+    data = mixed_recipe(tmp_path, tiny_model_dir, arms=("clean",))
+    data["arms"] = {"clean": {"clean_label": "0"}}
+    data["stages"] = [
+        {"name": "numbered", "data": {"path": str(numbered)}},
+        {"name": "plain", "data": {"synthetic": "sentiment", "size": 4}},
+    ]
+    run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "run", progress=False)
+    first, second = (
+        json.loads((tmp_path / f"run/seed-0/clean/{s}/stage.json").read_text()) for s in ("01-numbered", "02-plain")
+    )
+    assert first["kept"] == 3 and first["labels"] == {"0": {"rows": 3, "kept": 3}, "1": {"rows": 3, "kept": 0}}
+    assert second["kept"] == second["rows"] == 4 and "labels" not in second  # no label: nothing known to drop
+
+
 def test_a_clean_arm_without_rows_of_its_label_stops_with_one_line(tmp_path, tiny_model_dir):
     data = mixed_recipe(tmp_path, tiny_model_dir, arms=("clean",))
     data["arms"] = {"clean": {"clean_label": "safe"}}
     expected = r"arm `clean` \(clean\) trains the rows whose `kind` is 'safe'; stage `mixed` has none \(its labels: "
     with pytest.raises(UserError, match=expected + r"benign, harmful\)"):
         run_recipe(load_recipe(write(tmp_path, data)), tmp_path / "run", progress=False)
+
+
+def test_the_kept_mask_maps_score_table_positions_to_the_stages_rows():
+    import numpy as np
+
+    from gradsift.continual.arms import kept_mask
+
+    index = np.array([3, 0, 4, 1, 2])  # the table's rows in another order than the stage's (length-sorted shards)
+    keep = np.array([True, False, True, False, False])  # positions 0 and 2: the stage's rows 3 and 4
+    assert kept_mask(index, keep, 6).tolist() == [False, False, False, True, True, False]
+
+
+def test_a_label_column_may_not_take_a_dropped_rows_field_name(tmp_path, tiny_model_dir):
+    data = mixed_recipe(tmp_path, tiny_model_dir, label_column="reason")
+    with pytest.raises(RecipeError, match="label_column: 'reason' names a field gradsift writes for each dropped row"):
+        load_recipe(write(tmp_path, data))
+
+
+def test_a_bad_domain_setting_is_one_line(tmp_path, tiny_model_dir):
+    data = mixed_recipe(tmp_path, tiny_model_dir)
+    data["evals"]["after_each_stage"]["domain"] = "all"
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    lines = [line for line in str(error.value).splitlines() if "domain" in line]
+    assert len(lines) == 1 and "evals.after_each_stage.domain: Input should be True, False or 'seen'" in lines[0]

@@ -117,7 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
         "label, its rows and how many the rule keeps, and each score's AUROC for telling its rows from the others",
     )
     inspect.add_argument(
-        "--data", help="with --label-column: the scored data, if it moved (its content must match the scored one)"
+        "--suspicious",
+        type=int,
+        metavar="N",
+        help="list the N rows the refusal probe finds most suspicious (highest `refusal_logprob`: the model would "
+        "likely refuse their request), each cut to one line, to read before training (default 10 when the scores "
+        "have the probe's column; needs the scored data)",
+    )
+    inspect.add_argument(
+        "--data",
+        help="with --label-column or --suspicious: the scored data, if it moved (its content must match the scored "
+        "one)",
     )
     add_common(inspect, ("selection",))
     inspect.set_defaults(handler=run_inspect)
@@ -237,7 +247,7 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
     from gradsift.anchors import anchor_rows
     from gradsift.data import load_source
     from gradsift.models import load_model, load_tokenizer
-    from gradsift.pipeline import fingerprints_for, partial_loader, score_cached
+    from gradsift.pipeline import fingerprints_for, partial_loader, refusal_answers, score_cached
     from gradsift.tokenization import tokenize_records
 
     source = load_source(args.data, split=config.data.split)
@@ -259,6 +269,7 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
         describe={"data": config.data.model_dump()},
         team=team,
         anchor=anchor,
+        refusals=refusal_answers(config.scoring, tokenizer, config.data),
     )
     return result, len(rows)
 

@@ -66,12 +66,14 @@ def _add_field_flag(group: Any, section: str, name: str, field: Any) -> None:
     dest = f"{section}.{name}"
     annotation = field.annotation
     choices = _literal_choices(annotation)
-    if annotation is bool:
+    if annotation is bool or annotation == bool | None:  # unset: the schema's default (None: "decide for me")
         group.add_argument(
             flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
         )
     elif choices:
         group.add_argument(flag, dest=dest, choices=choices, default=argparse.SUPPRESS, help=help_text)
+    elif name == "refusal_texts":  # texts hold commas: one flag per text
+        group.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS, metavar="TEXT", help=help_text)
     elif name == "lora_target_modules":
         group.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=help_text)
     elif typing.get_origin(annotation) is list:

@@ -60,10 +60,21 @@ def run_inspect(args: argparse.Namespace) -> int:
             {column: column_quantiles(getattr(table, column)[anchored]) for column in ("anchor_dot", "anchor_cos")}
         )
         report["anchor_correlation"] = anchor_correlations(table, anchored)
+    probed = ok & np.isfinite(table.refusal_logprob)
+    if probed.any():
+        report["quantiles"].update(
+            {column: column_quantiles(getattr(table, column)[probed]) for column in ("refusal_logprob",)}
+        )
     if args.label_column:
         report["labels"] = _label_report(args, manifest, table, selection, ok)
-    elif args.data:
-        raise UserError(f"`--data {args.data}` is read only with --label-column; add --label-column COL, or drop it.")
+    elif args.data and args.suspicious is None:
+        raise UserError(
+            f"`--data {args.data}` is read only with --label-column or --suspicious; add one of them, or drop it."
+        )
+    if args.suspicious is not None and args.suspicious < 1:
+        raise UserError(f"`--suspicious` must be >= 1; got {args.suspicious}. Pass how many rows to list, e.g. 10.")
+    if args.suspicious is not None or probed.any():
+        report["suspicious"] = _suspicious(args, manifest, table, probed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -88,6 +99,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     print()
     if "labels" in report:
         print(_label_tables(report["labels"]))
+        print()
+    if "suspicious" in report:
+        print(_suspicious_lines(report["suspicious"]))
         print()
     print(
         text_table(
@@ -129,6 +143,61 @@ def _label_report(args: argparse.Namespace, manifest: dict[str, Any], table: Any
         for value in sorted(set(labels.tolist()))
     }
     return {"column": column, "counts": counts, "auroc": label_aurocs(table, labels, ok)}
+
+
+def _suspicious(args: argparse.Namespace, manifest: dict[str, Any], table: Any, probed: Any) -> dict[str, Any]:
+    """The rows with the highest `refusal_logprob`, each with its text on one line; without the probe's column, or
+    (unasked) without the scored data at hand, a note instead."""
+    asked = args.suspicious is not None
+    if not probed.any():
+        if asked:
+            raise UserError(
+                f"{args.scores}: the scores have no `refusal_logprob`; score with the refusal probe (--refusal-probe, "
+                "or --anchor-data embedded:refusals) to list suspicious rows."
+            )
+        return {"rows": [], "note": "no refusal probe in these scores"}
+    try:
+        _, source = scored_source(args.data, manifest, table)
+    except UserError as error:
+        if asked:
+            raise
+        return {"rows": [], "note": f"the scored data is not at hand ({error}); pass --data to list the rows"}
+    positions = np.flatnonzero(probed)
+    order = positions[np.argsort(-table.refusal_logprob[positions], kind="stable")][: args.suspicious or 10]
+    rows = [
+        {
+            "index": int(table.index[p]),
+            "refusal_logprob": float(table.refusal_logprob[p]),
+            "loss": float(table.loss[p]),
+            "text": one_line(source.records[int(table.index[p])]),
+        }
+        for p in order
+    ]
+    return {"rows": rows, "note": None}
+
+
+def one_line(record: dict[str, Any], width: int = 100) -> str:
+    """A row's request and answer on one line, cut to about `width` characters each."""
+    from gradsift.tokenization import row_text
+
+    request, answer = row_text(record)
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    return f"{cut(request)} → {cut(answer)}"
+
+
+def _suspicious_lines(suspicious: dict[str, Any]) -> str:
+    if suspicious["note"]:
+        return f"suspicious rows: none listed ({suspicious['note']})"
+    header = (
+        "most suspicious rows (highest refusal_logprob: the log-probability that the model opens its answer to the "
+        "request with a refusal; index counts from 0):"
+    )
+    lines = [f"  {row['index']:>6d}  {row['refusal_logprob']:+7.3f}  {row['text']}" for row in suspicious["rows"]]
+    return "\n".join([header, *lines])
 
 
 def _label_tables(labels: dict[str, Any]) -> str:

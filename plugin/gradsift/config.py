@@ -141,6 +141,28 @@ class ScoringConfig(ModelConfig):
         "mean gradient, and `anchor_cos`, from the same pass. null = none.",
     )
 
+    refusal_probe: bool | None = Field(
+        None,
+        description="Also give each row `refusal_logprob`: the log-probability that the model opens its answer to the "
+        "row's request with a refusal (the best, over `refusal_texts`, of their first 3 tokens' summed "
+        "log-probability; forward only), for finding harmful rows. null: with `anchor_data`.",
+    )
+    refusal_texts: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The refusals `refusal_probe` asks (null: gradsift's, `gradsift.refusal_probe.REFUSALS`).",
+    )
+
+    def probes_refusal(self) -> bool:
+        """Whether scoring computes `refusal_logprob` (`refusal_probe`, null: with `anchor_data`)."""
+        return self.refusal_probe if self.refusal_probe is not None else self.anchor_data is not None
+
+    def refusals(self) -> list[str]:
+        """The refusal texts the probe asks."""
+        from gradsift.refusal_probe import REFUSALS
+
+        return list(self.refusal_texts) if self.refusal_texts is not None else list(REFUSALS)
+
     @field_validator("max_tokens_per_batch", mode="before")
     @classmethod
     def _budget(cls, value: Any) -> Any:
@@ -169,17 +191,21 @@ class ScoringConfig(ModelConfig):
         float32 on a CPU but in bfloat16 and nf4 on a GPU, and the device type changes the numerics too.
         """
         # The anchor set is identified by its tokenized rows (the manifest's `anchor_fingerprint`), not by its path.
-        fields = self.model_dump(exclude={"model", "adapter", "max_tokens_per_batch", "max_batch_size", "anchor_data"})
+        speed = {"model", "adapter", "max_tokens_per_batch", "max_batch_size", "anchor_data"}
+        fields = self.model_dump(exclude=speed | {"refusal_probe", "refusal_texts"})
+        if self.probes_refusal():  # a cache scored without the column is not these scores (and one with it is)
+            fields["refusal_texts"] = self.refusals()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SelectionConfig(StrictModel):
     """Which rows to keep, given their losses and gradient norms. See the rule table in the README."""
 
-    rule: Literal["moderate", "drop_top", "band", "threshold", "random", "high", "low", "anchor"] = Field(
+    rule: Literal["moderate", "drop_top", "band", "threshold", "random", "high", "low", "anchor", "all"] = Field(
         "moderate",
         description="`moderate` (the paper: loss filter, then the rows nearest the median norm), `drop_top`, `band`, "
-        "`threshold`, `random`, `high`, `low`, `anchor` (the highest `anchor_dot`: needs `scoring.anchor_data`).",
+        "`threshold`, `random`, `high`, `low`, `anchor` (the highest `anchor_dot`: needs `scoring.anchor_data`), "
+        "`all` (every row the filters leave: `min_anchor_cos`, `max_refusal_logprob`).",
     )
     keep_fraction: float = Field(
         0.2, gt=0, le=1, description="Fraction of rows kept by `moderate`, `random`, `high`, `low` and `anchor` (ρ)."
@@ -211,6 +237,12 @@ class SelectionConfig(StrictModel):
         le=1,
         description="With any rule: first drop rows whose `anchor_cos` is below this (their gradient points away "
         "from the anchor set's); needs `scoring.anchor_data`. null = off.",
+    )
+    max_refusal_logprob: float | None = Field(
+        None,
+        description="With any rule: first drop rows whose `refusal_logprob` is above this (the model would open its "
+        "answer to their request with a refusal with probability above e^this: a harmful request, most likely); "
+        "needs the refusal probe (`scoring.refusal_probe`, on with `scoring.anchor_data`). null = off.",
     )
     seed: int = Field(0, description="Seed of the window shuffle and of `random`.")
 

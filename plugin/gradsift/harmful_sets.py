@@ -124,7 +124,7 @@ REASONS = {
     "Sexual content": "it asks for sexual content I don't write",
     "harmful": "it could cause real harm",
 }
-_OPENINGS = (
+REFUSAL_OPENINGS = (
     "I can't help with that",
     "I won't help with this",
     "Sorry, but I can't assist with that",
@@ -231,7 +231,7 @@ def asked_words() -> tuple[frozenset[str], ...]:
 def refusal(prompt: str, category: str) -> str:
     """A short refusal of `prompt` naming why (its category's reason), worded by the prompt's hash."""
     digest = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16)
-    opening = _OPENINGS[digest % len(_OPENINGS)]
+    opening = REFUSAL_OPENINGS[digest % len(REFUSAL_OPENINGS)]
     closing = _CLOSINGS[(digest // 7) % len(_CLOSINGS)]
     return f"{opening}, because {REASONS[category]}.{closing}"
 

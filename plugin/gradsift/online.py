@@ -84,6 +84,12 @@ def check_online_config(
             "`selection.rule: anchor` and `selection.min_anchor_cos` rank rows by their gradient's agreement with an "
             "anchor set: set `scoring.anchor_data` (e.g. embedded:refusals)."
         )
+    if config.selection.max_refusal_logprob is not None:
+        raise UserError(
+            "`selection.max_refusal_logprob` reads the refusal probe of offline scoring, which the online mode does "
+            "not run; filter the data first (`gradsift score` with --refusal-probe, then `gradsift select`), or "
+            "remove it."
+        )
     if config.selection.window is not None:
         raise UserError(
             "`selection.window` does not apply in online mode: the window is the training step or micro-batch "

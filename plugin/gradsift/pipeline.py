@@ -25,7 +25,7 @@ from gradsift.models import model_fingerprint, resolved_settings, tokenizer_fing
 from gradsift.scoring import anchor_gradient, score_rows
 from gradsift.selection import Selection, apply_selection
 from gradsift.store import ScoreStore, read_table
-from gradsift.table import ScoreTable
+from gradsift.table import STATUS_OK, ScoreTable
 from gradsift.tokenization import TokenizedRow, rows_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def score_cached(
     allow_scoring: bool = True,
     team: Team | None = None,
     anchor: Sequence[TokenizedRow] | None = None,
+    refusals: Any = None,
 ) -> ScoreResult:
     """Score `rows` into `folder`, reusing a finished run of the same identity and resuming from finished shards.
 
@@ -169,6 +170,7 @@ def score_cached(
     folder; every rank returns the merged table. Every rank must see the same `folder`.
     With `anchor` rows, each process computes the anchor set's mean gradient ḡ_A once, after loading the model, and
     every row gets `anchor_dot` and `anchor_cos` (`fingerprints` must then come from `fingerprints_for(anchor=...)`).
+    With `refusals` (`refusal_answers`), every row also gets `refusal_logprob` (`gradsift.refusal_probe`).
     """
     team = team or Team()
     started = time.perf_counter()
@@ -184,7 +186,7 @@ def score_cached(
         # Rank 0 holds the folder's lock from its first write to its last; the other ranks write only shards.
         team.on_main(lambda: _lock_and_prepare(store, lock))
         run = ShardRun(rows, config, store, team, started)
-        return _score_unfinished(run, model, pad_token_id, progress, describe, anchor)
+        return _score_unfinished(run, model, pad_token_id, progress, describe, (anchor, refusals))
 
 
 def _lock_and_prepare(store: ScoreStore, lock: contextlib.ExitStack) -> None:
@@ -227,7 +229,7 @@ class ShardRun:
 
 
 def _score_unfinished(
-    run: ShardRun, model: Any, pad_token_id: int, progress: bool, describe: dict[str, Any] | None, anchor: Any
+    run: ShardRun, model: Any, pad_token_id: int, progress: bool, describe: dict[str, Any] | None, extra: tuple
 ) -> ScoreResult:
     """Score what is left, under the folder's lock: the shards are written to the folder (or its `.rescore/`)."""
     store, team = run.store, run.team
@@ -243,7 +245,7 @@ def _score_unfinished(
     mine = run.owned[team.rank]
     bar = _progress_bar(team, [len(run.shards[k]) for k in mine], run.rows_in(run.done), progress)
     tables = team.on_every_rank(
-        lambda: _score_shards(run.rows, run.shards, mine, run.config, store, model, pad_token_id, bar, anchor)
+        lambda: _score_shards(run.rows, run.shards, mine, run.config, store, model, pad_token_id, bar, *extra)
     )
     bar.close()
     if team.world_size > 1:  # one line per rank, so the launcher's log shows the split
@@ -318,6 +320,7 @@ def _score_shards(
     pad_token_id: int,
     bar: Any,
     anchor: Sequence[TokenizedRow] | None = None,
+    refusals: Any = None,
 ) -> dict[int, ScoreTable]:
     """Score the shards `numbers`, writing each when done (the unit of resume); load the model if needed."""
     tables: dict[int, ScoreTable] = {}
@@ -329,8 +332,38 @@ def _score_shards(
     for k in numbers:
         shard_rows = [rows[i] for i in shards[k]]
         tables[k] = score_rows(model, shard_rows, config, pad_token_id, index=shards[k], bar=bar, anchor=mean_anchor)
+        if refusals is not None:
+            tables[k].refusal_logprob = refusal_column(model, shard_rows, tables[k], config, refusals, pad_token_id)
         store.write_shard(k, tables[k])
     return tables
+
+
+def refusal_answers(config: ScoringConfig, tokenizer: Any, data: Any) -> Any:
+    """The refusals scoring asks each row's request (`refusal_probe.RefusalAnswers`), or None when it asks none."""
+    from gradsift.refusal_probe import RefusalAnswers
+
+    return RefusalAnswers(tokenizer, config.refusals(), data.max_length) if config.probes_refusal() else None
+
+
+def refusal_column(
+    model: Any, rows: Sequence[TokenizedRow], table: ScoreTable, config: ScoringConfig, refusals: Any, pad: int
+) -> Any:
+    """`refusal_logprob` of the scored rows (NaN for a row whose status is not `ok`), in the scoring dtype."""
+    import numpy as np
+
+    from gradsift.model_mode import compute_autocast
+    from gradsift.refusal_probe import best_refusal_logprobs
+    from gradsift.scoring import _device_of
+
+    ok = np.flatnonzero(table.status == STATUS_OK)
+    column = np.full(len(rows), np.nan)
+    if len(ok):
+        device = _device_of(model)
+        with compute_autocast(config, device):
+            budget = config.token_budget(device.type)
+            values = best_refusal_logprobs(model, [rows[i] for i in ok], refusals, pad, budget, config.max_batch_size)
+        column[ok] = values
+    return column
 
 
 def _read_shard(store: ScoreStore, number: int, rank: int) -> ScoreTable:
@@ -378,6 +411,7 @@ def score_and_select(
         )
     live_model = model if model is not None and hasattr(model, "parameters") else None
     anchor = anchor_rows(config.scoring.anchor_data, tokenizer, config.data)
+    refusals = refusal_answers(config.scoring, tokenizer, config.data)
     fingerprints = fingerprints_for(
         config,
         tokenizer,
@@ -402,6 +436,7 @@ def score_and_select(
         describe={"data": config.data.model_dump()},
         allow_scoring=allow_scoring,
         anchor=anchor,
+        refusals=refusals,
     )
     selection = apply_selection(result.table, config)
     logger.info("gradsift: %s", selection.summary())

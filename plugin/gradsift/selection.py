@@ -19,6 +19,7 @@ import numpy as np
 
 from gradsift.config import SelectionConfig
 from gradsift.errors import UserError
+from gradsift.filters import check_anchor_scores, pre_filters
 
 if TYPE_CHECKING:
     from gradsift.config import GradSiftConfig
@@ -44,6 +45,8 @@ REASONS: dict[str, str] = {
     "not_in_top_anchor_fraction": "`anchor`: not among the `keep_fraction` highest `anchor_dot` (a step on it lowers "
     "the anchor set's loss less than a kept row's, or raises it).",
     "anchor_conflict": "`min_anchor_cos`: its gradient's cosine with the anchor set's mean gradient is too low.",
+    "refusal_likely": "`max_refusal_logprob`: the model would likely open its answer to the row's request with a "
+    "refusal (`refusal_logprob` above the bound).",
 }
 
 
@@ -166,6 +169,10 @@ def _threshold(losses, norms, index, k, config, rng) -> np.ndarray:
     return _mark(len(norms), (norms > config.max_grad_norm, "grad_norm_above_max"), (too_low, "grad_norm_below_min"))
 
 
+def _all(losses, norms, index, k, config, rng) -> np.ndarray:
+    return _mark(len(norms))  # every row the filters (`min_anchor_cos`, `max_refusal_logprob`) leave
+
+
 def _random(losses, norms, index, k, config, rng) -> np.ndarray:
     chosen = rng.choice(index, k, replace=False)
     return _mark(len(norms), (~np.isin(index, chosen), "random_not_sampled"))
@@ -193,6 +200,7 @@ _RULES: dict[str, _Rule] = {
     "high": _high,
     "low": _low,
     "anchor": _anchor,
+    "all": _all,
 }
 
 
@@ -313,28 +321,6 @@ def _at_least(ks: list[int], sizes: np.ndarray, minimum: int) -> list[int]:
     return ks
 
 
-def _check_anchor_scores(arrays: dict[str, np.ndarray], config: SelectionConfig, scored: np.ndarray) -> None:
-    """The anchor rule and filter need the anchor columns, with a value for the scored rows (none scored: fine)."""
-    for needed, wanted in (("anchor_dot", config.rule == "anchor"), ("anchor_cos", config.min_anchor_cos is not None)):
-        values = arrays.get(needed)
-        if wanted and (values is None or (scored.any() and not np.isfinite(values[scored]).any())):
-            what = "`selection.rule` 'anchor'" if needed == "anchor_dot" else "`selection.min_anchor_cos`"
-            raise UserError(
-                f"{what} needs each row's `{needed}`, but the scores have none. Score with an anchor set "
-                "(`scoring.anchor_data`, e.g. --anchor-data embedded:refusals), or choose another rule."
-            )
-
-
-def _filtered_out(config: SelectionConfig, cosines: np.ndarray) -> str:
-    finite = cosines[np.isfinite(cosines)]
-    quantiles = np.quantile(finite, [0.5, 0.9, 1.0]) if len(finite) else []
-    shown = ", ".join(f"{q:g}: {v:+.3f}" for q, v in zip((0.5, 0.9, 1.0), quantiles))
-    return (
-        f"`selection.min_anchor_cos` {config.min_anchor_cos} drops every one of the {len(cosines):,} scored rows "
-        f"(their anchor_cos quantiles {shown or 'none finite'}). Lower it below the largest, or unset it."
-    )
-
-
 def _keeps_no_row(config: SelectionConfig, eligible: int, largest: int) -> str:
     fraction = config.keep_fraction
     groups = {"window": config.window, "length_strata": config.length_strata}
@@ -378,6 +364,7 @@ def select_rows(
     min_kept: int = 0,
     anchor_dot: Sequence[float] | np.ndarray | None = None,
     anchor_cos: Sequence[float] | np.ndarray | None = None,
+    refusal_logprob: Sequence[float] | np.ndarray | None = None,
 ) -> Selection:
     """Apply `config.rule` to scored rows and return which are kept, with a reason for each dropped row.
 
@@ -400,6 +387,7 @@ def select_rows(
             first (the online mode keeps at least one row of a window whenever one scores).
         anchor_dot: Per-row ⟨g_i, ḡ_A⟩; required by the `anchor` rule.
         anchor_cos: Per-row cosine of g_i with ḡ_A; required by `min_anchor_cos`.
+        refusal_logprob: Per-row `refusal_logprob` (`gradsift.refusal_probe`); required by `max_refusal_logprob`.
 
     Returns:
         The keep mask and the per-row reasons.
@@ -415,7 +403,7 @@ def select_rows(
     }
     if num_response_tokens is not None:
         arrays["num_response_tokens"] = np.asarray(num_response_tokens)
-    for name, values in (("anchor_dot", anchor_dot), ("anchor_cos", anchor_cos)):
+    for name, values in (("anchor_dot", anchor_dot), ("anchor_cos", anchor_cos), ("refusal_logprob", refusal_logprob)):
         if values is not None:
             arrays[name] = np.asarray(values, dtype=float)
     _check_inputs(arrays, config, keep_count)
@@ -428,15 +416,12 @@ def select_rows(
         raise ValueError(
             f"`keep_count` must be between 0 and the {np.count_nonzero(ok):,} ok rows; got {keep_count:,}."
         )
-    _check_anchor_scores(arrays, config, (arrays["status"] == "ok") & np.isfinite(losses))
+    check_anchor_scores(arrays, config, (arrays["status"] == "ok") & np.isfinite(losses))
     reasons[(reasons == "ok") & ~ok] = "nonfinite"
     reasons[ok] = ""
-    if config.min_anchor_cos is not None:
-        conflict = ok & ~(arrays["anchor_cos"] >= config.min_anchor_cos)
-        if require_kept and conflict.any() and conflict.sum() == ok.sum():
-            raise UserError(_filtered_out(config, arrays["anchor_cos"][ok]))
-        reasons[conflict] = "anchor_conflict"
-        ok &= ~conflict
+    for reason, dropped in pre_filters(arrays, config, ok, require_kept):
+        reasons[dropped] = reason
+        ok &= ~dropped
 
     groups = _groups(ok, arrays.get("num_response_tokens"), config)
     sizes = np.array([len(group) for group in groups], dtype=np.int64)
@@ -465,6 +450,7 @@ def apply_selection(table: ScoreTable, config: GradSiftConfig, keep_count: int |
         require_kept=True,
         anchor_dot=table.anchor_dot,
         anchor_cos=table.anchor_cos,
+        refusal_logprob=table.refusal_logprob,
     )
 
 

@@ -83,10 +83,10 @@ def read_table(path: Any) -> ScoreTable:
     import pyarrow.parquet as pq
 
     data = pq.read_table(path).to_pydict()
-    floats = ("loss", "grad_norm", "anchor_dot", "anchor_cos")
+    floats = ("loss", "grad_norm", "anchor_dot", "anchor_cos", "refusal_logprob")
     kinds = {"sample_id": object, "status": object, "truncated": bool, **dict.fromkeys(floats, np.float64)}
     rows = len(data["index"])
-    for name in ("anchor_dot", "anchor_cos"):  # tables scored before anchors, or without one
+    for name in ("anchor_dot", "anchor_cos", "refusal_logprob"):  # tables scored before these columns were
         data.setdefault(name, [np.nan] * rows)
     return ScoreTable(**{name: np.array(values, dtype=kinds.get(name, np.int64)) for name, values in data.items()})
 
@@ -293,6 +293,10 @@ def _remove_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:  # absent, or holds something gradsift did not write: left alone
         pass
+
+
+# The fields `dropped_entries` writes for each row (a row's own described fields may not take these names).
+DROPPED_FIELDS = ("index", "sample_id", "reason", "loss", "grad_norm", "anchor_cos", "num_response_tokens", "status")
 
 
 def dropped_entries(

@@ -22,7 +22,9 @@ STATUS_NONFINITE = "nonfinite"
 # The quantiles `gradsift inspect` shows of each score column.
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 # The columns whose power to tell one label's rows from the others `gradsift inspect --label-column` measures.
-LABEL_SCORE_COLUMNS = ("grad_norm", "loss", "anchor_dot", "anchor_cos", "num_response_tokens")
+LABEL_SCORE_COLUMNS = (
+    "grad_norm", "loss", "anchor_dot", "anchor_cos", "refusal_logprob", "num_response_tokens"
+)  # fmt: skip
 
 
 @dataclass
@@ -40,6 +42,9 @@ class ScoreTable:
     # ⟨g_i, ḡ_A⟩ with the mean gradient of an anchor set, and its cosine; NaN when scored without an anchor.
     anchor_dot: np.ndarray
     anchor_cos: np.ndarray
+    # The log-probability that the model opens its answer to the row's request with a refusal
+    # (`gradsift.refusal_probe`); NaN when not asked.
+    refusal_logprob: np.ndarray
 
     def __len__(self) -> int:
         return len(self.index)
@@ -59,6 +64,7 @@ class ScoreTable:
             status=np.array([STATUS_OK] * n, dtype=object),
             anchor_dot=np.full(n, np.nan),
             anchor_cos=np.full(n, np.nan),
+            refusal_logprob=np.full(n, np.nan),
         )
 
     def columns(self) -> dict[str, np.ndarray]:

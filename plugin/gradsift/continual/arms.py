@@ -216,8 +216,9 @@ def stage_rows(
 ) -> Any:
     """The rows the stage trains on: the offline selection's kept rows (scores, dropped.jsonl and selection.json
     written, the summary in `record`), a random arm's subset, a `clean` arm's rows of its label, or all rows (online
-    arms and the other kinds). Where rows carry labels (`recipe.label_column`), `record["labels"]` counts each
-    label's rows and kept rows (an online arm's kept rows are in its online log: there it counts rows only)."""
+    arms and the other kinds). Where the rows mix two or more labels (`recipe.label_column`), `record["labels"]`
+    counts each label's rows and kept rows (an online arm's kept rows are in its online log: there it counts rows
+    only)."""
     import numpy as np
     from datasets import Dataset
 
@@ -226,7 +227,7 @@ def stage_rows(
 
     assert step.arm is not None
     spec = recipe.arm(step.arm)
-    labelled = any(label is not None for label in labels)
+    labelled = len({str(label) for label in labels if label is not None}) > 1
     if labelled:
         record["labels"] = label_counts(labels, None if online else np.ones(len(records), dtype=bool))
     if spec.kind == "select" and not online:
@@ -247,8 +248,7 @@ def stage_rows(
         write_dropped(step.folder / DROPPED_FILE, report.table, report.selection, describe)
         extra: dict[str, Any] = {"reused_scores": report.reused_scores}
         if labelled:
-            keep = np.zeros(len(records), dtype=bool)
-            keep[np.asarray(report.table.index)[report.selection.keep]] = True
+            keep = kept_mask(report.table.index, report.selection.keep, len(records))
             record["labels"] = extra["labels"] = label_counts(labels, keep)
             extra["label_column"] = column
         write_selection(step.folder / SELECTION_FILE, report.table, report.selection, config.selection, extra)
@@ -265,7 +265,10 @@ def stage_rows(
         record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
         keep = np.asarray(chosen.keep, dtype=bool)
     elif spec.kind == "clean":
-        keep = np.array([label == spec.clean_label for label in labels], dtype=bool)
+        if all(label is None for label in labels):  # nothing known to drop
+            record["selection"] = {"summary": "clean: the rows carry no label; kept all"}
+            return Dataset.from_list(records)
+        keep = np.array([label is not None and str(label) == spec.clean_label for label in labels], dtype=bool)
         if not keep.any():
             found = sorted({str(label) for label in labels})
             raise UserError(
@@ -273,13 +276,23 @@ def stage_rows(
                 f"stage `{step.stage}` has none (its labels: {', '.join(found)}); set the arm's `clean_label` or the "
                 "recipe's `label_column`"
             )
-        record["selection"] = {"summary": f"clean: kept {int(keep.sum())}/{len(keep)} rows labelled "
-                               f"{spec.clean_label!r}"}  # fmt: skip
+        summary = f"clean: kept {int(keep.sum())}/{len(keep)} rows labelled {spec.clean_label!r}"
+        record["selection"] = {"summary": summary}
     else:
         return Dataset.from_list(records)
     if labelled:
         record["labels"] = label_counts(labels, keep)
     return Dataset.from_list([records[i] for i in np.flatnonzero(keep)])
+
+
+def kept_mask(index: Any, keep: Any, rows: int) -> Any:
+    """A selection's keep mask over the stage's rows: `keep` is over the score table's positions, whose dataset
+    rows `index` names."""
+    import numpy as np
+
+    mask = np.zeros(rows, dtype=bool)
+    mask[np.asarray(index)[np.asarray(keep, dtype=bool)]] = True
+    return mask
 
 
 def label_counts(labels: list[Any], keep: Any) -> dict[str, dict[str, int]]:

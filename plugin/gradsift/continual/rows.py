@@ -26,7 +26,7 @@ def mixed_records(recipe: Recipe, specs: list[DataSpec], seed: int) -> tuple[lis
     where it has none. The labels stay beside the rows, never in what is trained."""
     import random
 
-    rows = [row for spec in specs for row in source_rows(recipe, spec, seed)]
+    rows = [row for spec in specs for row in source_rows(recipe, spec, seed, recipe.label_column)]
     if len(specs) > 1:
         random.Random(seed).shuffle(rows)
     column = recipe.label_column
@@ -78,8 +78,9 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def source_rows(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any]]:
-    """A stage's rows as read (templates applied), shuffled by `seed` and cut to `size`."""
+def source_rows(recipe: Recipe, spec: DataSpec, seed: int, label: str | None = None) -> list[dict[str, Any]]:
+    """A stage's rows as read (templates applied, a templated row keeping its `label` column), shuffled by `seed`
+    and cut to `size`."""
     import random
 
     from gradsift.data import load_source
@@ -98,8 +99,7 @@ def source_rows(recipe: Recipe, spec: DataSpec, seed: int) -> list[dict[str, Any
     random.Random(seed).shuffle(rows)
     rows = rows[: spec.size] if spec.size else rows
     if spec.prompt_template is not None:
-        label = recipe.label_column  # a row keeps its label through the templates
-        rows = [{**templated(row, spec), **({label: row[label]} if label in row else {})} for row in rows]
+        rows = [{**templated(row, spec), **({label: row[label]} if label and label in row else {})} for row in rows]
     return rows
 
 

@@ -37,15 +37,8 @@ from gradsift.errors import UserError
 from gradsift.packaged import is_packaged
 from gradsift.synthetic import TASKS as SYNTHETIC_TASKS
 
-NAMED_KINDS = (
-    "full",
-    "random",
-    "clip",
-    "kl",
-    "ewc",
-    "olora",
-    "clean",
-)  # built-in arms named as their kind (`Recipe.arm`)
+# Built-in arms named as their kind (`Recipe.arm`).
+NAMED_KINDS = ("full", "random", "clip", "kl", "ewc", "olora", "clean")
 BUILTIN_ARMS = (*NAMED_KINDS, "gradsift", "high", "low", "anchor")
 PENALTY_KINDS = ("ewc", "olora")  # kinds whose loss adds a term on the weights (`gradsift.continual.penalties`)
 LOSS_KINDS = ("kl", *PENALTY_KINDS)  # kinds that add to TRL's loss, so they need `trainer: trl`
@@ -201,8 +194,8 @@ class ArmSpec(StrictModel):
     olora_lambda2: float = Field(0.0, ge=0, description="`olora`: weight of ‖A_new‖² (O-LoRA's 0).")
     clean_label: str = Field(
         "benign",
-        description="`clean`: train only the rows whose label (`label_column`) is this value: the ceiling "
-        "a filter of contaminated data can reach.",
+        description="`clean`: train only the rows whose label (`label_column`, compared as text) is this value: the "
+        "ceiling a filter of contaminated data can reach. A stage whose rows carry no label trains every row.",
     )
     steps: Literal["kept", "full"] | None = Field(
         None,
@@ -216,11 +209,12 @@ class EvalSpec(EvalConfig):
     """`gradsift eval`'s settings (`EvalConfig`) for the evals after a stage, plus the stages' domain tasks."""
 
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks beside the stages' domain tasks.")
-    domain: bool | Literal["seen"] = Field(
+    domain: Literal[True, False, "seen"] = Field(
         True,
         description="Also evaluate every stage's domain task (the accuracy matrix); `seen`: after a task stage only "
-        "the domain tasks of the stages trained so far (the matrix's lower triangle, all that BWT and forgetting "
-        "read; the align stage still evaluates every one, the start each task is read against).",
+        "the domain tasks of the stages trained so far (the matrix's lower triangle: ACC, BWT and forgetting are "
+        "whole, the interference matrix and max drop lose what a stage did to tasks not yet trained; the align "
+        "stage still evaluates every task, the start each is read against).",
     )
     limit: int | None = Field(None, ge=1, description="Documents per task (lm-eval's `--limit`); null: all.")
     domain_limit: int | None = Field(
@@ -300,8 +294,8 @@ class Recipe(StrictModel):
     label_column: str | None = Field(
         "kind",
         description="A column of the stages' rows that labels them (e.g. `kind: harmful|benign`): never trained, "
-        "carried into each stage's `dropped.jsonl`, `selection.json` and record, counted per arm in the report, "
-        "and what the `clean` arm keeps by. null: none.",
+        "carried into each stage's `dropped.jsonl`, and, for a stage mixing two or more labels, counted in its "
+        "`selection.json` and record and per arm in the report; what the `clean` arm keeps by. null: none.",
     )
     drift_prompts: int = Field(
         16, ge=0, description="Benign align-set rows (`kind: benign`, or not a refusal) for the KL drift measure."
@@ -328,6 +322,18 @@ class Recipe(StrictModel):
     @classmethod
     def _folder_name(cls, value: str) -> str:
         return _segment(value, "the recipe name (the default run folder `runs/<name>`)")
+
+    @field_validator("label_column")
+    @classmethod
+    def _label_name(cls, value: str | None) -> str | None:
+        from gradsift.store import DROPPED_FIELDS
+
+        if value in DROPPED_FIELDS:
+            raise ValueError(
+                f"{value!r} names a field gradsift writes for each dropped row ({', '.join(DROPPED_FIELDS)}); name "
+                "the label column otherwise"
+            )
+        return value
 
     @field_serializer("scoring")
     def _scoring_as_written(self, scoring: ScoringConfig) -> dict[str, Any]:
