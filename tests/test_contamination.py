@@ -181,5 +181,5 @@ def test_a_bad_domain_setting_is_one_line(tmp_path, tiny_model_dir):
     data["evals"]["after_each_stage"]["domain"] = "all"
     with pytest.raises(RecipeError) as error:
         load_recipe(write(tmp_path, data))
-    lines = [line for line in str(error.value).splitlines() if "domain" in line]
+    lines = [line for line in str(error.value).splitlines() if "after_each_stage.domain" in line]
     assert len(lines) == 1 and "evals.after_each_stage.domain: Input should be True, False or 'seen'" in lines[0]

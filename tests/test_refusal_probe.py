@@ -15,6 +15,7 @@ from gradsift.refusal_probe import (
     opening_logprobs,
     refusal_rows,
 )
+from gradsift.refusal_probe import REFUSALS as PROBE_REFUSALS
 from gradsift.scoring import score_rows
 from gradsift.tokenization import tokenize_records
 
@@ -125,7 +126,7 @@ def test_score_with_the_refusal_probe_gives_each_row_its_refusal_likelihood_and_
     # The fresh LoRA changes nothing yet: the column is the model's own refusal likelihood, asked directly.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     rows = tokenize_records(mixed_records, tokenizer, DataConfig(max_length=96), progress=False)
-    answers = RefusalAnswers(tokenizer, ScoringConfig().refusals(), 96)
+    answers = RefusalAnswers(tokenizer, PROBE_REFUSALS, 96)
     expected = best_refusal_logprobs(model, rows, answers, tokenizer.pad_token_id)
     np.testing.assert_allclose(table.refusal_logprob[np.argsort(table.index)], expected, rtol=1e-4, atol=1e-5)
     assert np.isfinite(expected).all()

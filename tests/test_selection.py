@@ -534,7 +534,7 @@ def test_reasons_documents_every_reason_string():
         "no_response_tokens", "nonfinite", "loss_outlier", "far_from_median", "grad_norm_top_fraction",
         "grad_norm_below_band", "grad_norm_above_band", "grad_norm_above_max", "grad_norm_below_min",
         "random_not_sampled", "not_in_top_fraction", "not_in_bottom_fraction", "not_in_top_anchor_fraction",
-        "anchor_conflict",
+        "anchor_conflict", "refusal_likely",
     }  # fmt: skip
 
 

@@ -157,12 +157,6 @@ class ScoringConfig(ModelConfig):
         """Whether scoring computes `refusal_logprob` (`refusal_probe`, null: with `anchor_data`)."""
         return self.refusal_probe if self.refusal_probe is not None else self.anchor_data is not None
 
-    def refusals(self) -> list[str]:
-        """The refusal texts the probe asks."""
-        from gradsift.refusal_probe import REFUSALS
-
-        return list(self.refusal_texts) if self.refusal_texts is not None else list(REFUSALS)
-
     @field_validator("max_tokens_per_batch", mode="before")
     @classmethod
     def _budget(cls, value: Any) -> Any:
@@ -194,7 +188,7 @@ class ScoringConfig(ModelConfig):
         speed = {"model", "adapter", "max_tokens_per_batch", "max_batch_size", "anchor_data"}
         fields = self.model_dump(exclude=speed | {"refusal_probe", "refusal_texts"})
         if self.probes_refusal():  # a cache scored without the column is not these scores (and one with it is)
-            fields["refusal_texts"] = self.refusals()
+            fields["refusal_texts"] = self.refusal_texts  # null: gradsift's `refusal_probe.REFUSALS`
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

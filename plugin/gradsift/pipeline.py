@@ -340,9 +340,11 @@ def _score_shards(
 
 def refusal_answers(config: ScoringConfig, tokenizer: Any, data: Any) -> Any:
     """The refusals scoring asks each row's request (`refusal_probe.RefusalAnswers`), or None when it asks none."""
-    from gradsift.refusal_probe import RefusalAnswers
+    from gradsift.refusal_probe import REFUSALS, RefusalAnswers
 
-    return RefusalAnswers(tokenizer, config.refusals(), data.max_length) if config.probes_refusal() else None
+    if not config.probes_refusal():
+        return None
+    return RefusalAnswers(tokenizer, config.refusal_texts or REFUSALS, data.max_length)
 
 
 def refusal_column(
@@ -353,12 +355,12 @@ def refusal_column(
 
     from gradsift.model_mode import compute_autocast
     from gradsift.refusal_probe import best_refusal_logprobs
-    from gradsift.scoring import _device_of
+    from gradsift.scoring import device_of
 
     ok = np.flatnonzero(table.status == STATUS_OK)
     column = np.full(len(rows), np.nan)
     if len(ok):
-        device = _device_of(model)
+        device = device_of(model)
         with compute_autocast(config, device):
             budget = config.token_budget(device.type)
             values = best_refusal_logprobs(model, [rows[i] for i in ok], refusals, pad, budget, config.max_batch_size)

@@ -135,19 +135,19 @@ def mean_logprobs(
     import torch
 
     from gradsift.model_mode import scoring_mode
-    from gradsift.scoring import _batch_losses, _device_of
+    from gradsift.scoring import batch_losses, device_of
     from gradsift.tokenization import collate, make_batches
 
     values = np.full(len(rows), np.nan)
     todo = np.flatnonzero([row.num_response_tokens > 0 for row in rows])
     if not len(todo):
         return values
-    device = _device_of(model)
+    device = device_of(model)
     lengths = [len(rows[i].input_ids) for i in todo]
     with torch.no_grad(), scoring_mode(model):
         for positions in make_batches(lengths, max_tokens_per_batch, max_batch_size):
             members = todo[positions]
-            losses, _, finite = _batch_losses(model, collate([rows[i] for i in members], pad_token_id, device))
+            losses, _, finite = batch_losses(model, collate([rows[i] for i in members], pad_token_id, device))
             values[members] = -torch.where(finite, losses.float(), float("nan")).cpu().numpy()
     return values
 

@@ -39,7 +39,7 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss_at(logits[:, :-1], labels[:, 1:])
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -53,7 +53,7 @@ def score_batch(
     full-vocabulary logits are kept, and the head costs two matmuls over response tokens, as TRL's `chunked_nll`.
     Otherwise the model is asked for logits at the union of response positions (`logits_to_keep`).
     """
-    losses, total, finite = _batch_losses(model, batch, hooks)
+    losses, total, finite = batch_losses(model, batch, hooks)
     if total.requires_grad and bool(finite.any()):
         torch.autograd.grad(total, hooks.params, allow_unused=True)
     norms = hooks.finish()
@@ -67,7 +67,7 @@ def score_batch(
     return losses.detach(), norms
 
 
-def _batch_losses(
+def batch_losses(
     model: nn.Module, batch: dict[str, torch.Tensor], hooks: GradNormHooks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward: per-row mean response-token losses, their sum over the finite rows (what the backward takes) and
@@ -110,7 +110,7 @@ def anchor_gradient(
     total = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
     todo = [row for row in rows if row.num_response_tokens > 0]
     count = 0
-    device = _device_of(model)
+    device = device_of(model)
 
     def add(grads: Sequence[torch.Tensor | None]) -> None:
         for param, grad in zip(params, grads):
@@ -135,7 +135,7 @@ def anchor_gradient(
             batches = make_batches(lengths, config.token_budget(device.type), config.max_batch_size)
             for positions in tqdm(batches, desc="anchor gradient", unit="batch", disable=not progress):
                 members = [todo[i] for i in positions]
-                _, total_loss, finite = _batch_losses(model, collate(members, pad_token_id, device))
+                _, total_loss, finite = batch_losses(model, collate(members, pad_token_id, device))
                 if bool(finite.all()):
                     grads = (
                         torch.autograd.grad(total_loss, params, allow_unused=True) if total_loss.requires_grad else ()
@@ -172,7 +172,7 @@ def score_rows(
     """
     table = ScoreTable.empty(rows, range(len(rows)) if index is None else index)
     todo = np.flatnonzero(table.num_response_tokens > 0)
-    device = _device_of(model)
+    device = device_of(model)
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=len(todo), desc=f"scoring ({config.method})", unit="row", disable=not progress)
@@ -224,7 +224,7 @@ def _row_gradient(
     """One row alone (no padding): its mean response-token loss and `torch.autograd.grad` of it over every trainable
     parameter (None if the loss is not finite)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    batch = collate([row], pad_token_id, _device_of(model))
+    batch = collate([row], pad_token_id, device_of(model))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     loss = per_sample_loss(logits, batch["labels"])[0][0]
     if not torch.isfinite(loss):
