@@ -596,3 +596,31 @@ def test_each_online_arm_is_read_against_the_online_random_arm_of_the_paper_reci
     }
     # Without the dumped recipe, stage records tell an online arm (its rule is then unknown: no online reference).
     assert arm_setup("x", {}, [{"arm_kind": "select", "online_rows": 60}])["online"] is True
+
+
+def test_the_paper_layout_table_gives_each_tasks_final_accuracy_from_the_stage_files(step_matched_run):
+    run, report = step_matched_run
+    markdown = (run / "report.md").read_text()
+    if not report["recipe"].get("domain_tasks"):  # without recipe.json: no task list, no table
+        assert "the paper's layout" not in markdown
+        return
+    section = markdown.split("## The final stage per task", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    cells = {row[0]: dict(zip(header, row)) for row in rows}
+    assert list(cells) == ["aligned model (start)", *report["headline"]["arms"]]
+    for arm in report["headline"]["arms"]:
+        for task, column in (
+            ("gradsift_domain_sentiment", "domain_sentiment"),
+            ("gradsift_domain_yes_no", "domain_yes_no"),
+        ):
+            values = [record["eval"][task]["acc"] for record in final_records(run, arm).values()]
+            mean, low, high = t_by_hand(values)
+            assert cells[arm][column] == f"{mean:.3f} [{low:.3f}, {high:.3f}]", (arm, task)
+        assert cells[arm]["random ref."] == (report["headline"]["arms"][arm]["references"]["vs_random"] or "–")
+    aligned = [
+        json.loads(p.read_text())["eval"]["gradsift_domain_yes_no"]["acc"]
+        for p in run.glob("seed-*/00-align/stage.json")
+    ]
+    mean, low, high = t_by_hand(aligned)
+    assert cells["aligned model (start)"]["domain_yes_no"] == f"{mean:.3f} [{low:.3f}, {high:.3f}]"

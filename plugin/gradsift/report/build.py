@@ -120,7 +120,8 @@ def aligned_row(seeds: dict[int, dict[str, Any]], tasks: list[str | None] | None
     if not per_seed:
         return None
     cells = _aggregate(per_seed, docs, n_resamples)["stages"]["0"]
-    return {"stage": f"00-{cells.pop('name')}", **{key: cells.get(key) for key in HEADLINE.values()}}
+    stage = f"00-{cells.pop('name')}"
+    return {"stage": stage, **{key: cells.get(key) for key in HEADLINE.values()}, "stage_cells": cells}
 
 
 def _aggregate(

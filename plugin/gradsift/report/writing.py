@@ -17,6 +17,7 @@ from gradsift.fileio import atomic_path, write_json
 from gradsift.report.build import HEADLINE, HEADLINE_DIFFERENCES, HEADLINE_FULL_DIFFERENCES, build_report
 from gradsift.report.plots import write_plots
 from gradsift.report.stages import (
+    ACCURACY_METRICS,
     FORGETTING_KEYS,
     REFUSAL_METRICS,
     is_overrefusal_task,
@@ -126,6 +127,47 @@ def headline_table(report: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def task_table(report: dict[str, Any]) -> str | None:
+    """The paper's layout: per arm (the aligned model first) the final stage's attack success, over-refusal and each
+    domain task's accuracy, BWT, KL to the aligned model, and the paired differences to the arm's random reference;
+    None with fewer than two domain tasks (the headline says it all)."""
+    tasks = [task for task in report.get("recipe", {}).get("domain_tasks") or [] if task]
+    if len(tasks) < 2:
+        return None
+    bare = one_seed(report)
+
+    def accuracy(cells: dict[str, Any], task: str) -> Any:
+        key = next((f"{task}/{m}" for m in ACCURACY_METRICS if f"{task}/{m}" in cells), None)
+        return cells.get(key) if key else None
+
+    keys = ("pooled/attack_success_rate", "pooled/over_refusal_rate")
+    header = ["arm", "attack success", "over-refusal", *[short_key(t) for t in tasks], "BWT", "KL to aligned"]
+    header += ["random ref.", "Δ attack success vs random ref.", "Δ ACC vs random ref."]
+    rows = []
+    aligned = report["headline"].get("aligned")
+    if aligned:
+        cells = aligned.get("stage_cells", {})
+        start = [_fmt_interval(aligned.get(k), bare=bare) for k in keys]
+        start += [_fmt_interval(accuracy(cells, t), bare=bare) for t in tasks]
+        rows.append(["aligned model (start)", *start, *["–"] * 5])
+    for name, row in report["headline"]["arms"].items():
+        arm = report["arms"][name]["mean"]
+        cells = arm["stages"][str(int(row["stage"].split("-", 1)[0]))]
+        rows.append(
+            [
+                name,
+                *[_fmt_interval(row.get(k), bare=bare) for k in keys],
+                *[_fmt_interval(accuracy(cells, t), bare=bare) for t in tasks],
+                _fmt_interval(row.get("bwt"), signed=True, bare=bare),
+                _fmt_interval(row.get("drift/aligned"), bare=bare),
+                row["references"]["vs_random"] or "–",
+                _fmt_interval(row["vs_random"].get("pooled/attack_success_rate"), True, bare),
+                _fmt_interval(row["vs_random"].get("average_accuracy"), True, bare),
+            ]
+        )
+    return _table(header, rows)
+
+
 def _refusal_tasks(report: dict[str, Any]) -> list[str]:
     stages = [stage for arm in report["arms"].values() for stage in arm["mean"].get("stages", {}).values()]
     tasks = {task_metric(key)[0] for stage in stages for key in stage}
@@ -210,6 +252,14 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
         "paired by seed; † marks a difference whose interval excludes 0.",
         "",
     ]
+    tasks = task_table(report)
+    if tasks is not None:
+        parts += [f"## The final stage per task (the paper's layout, mean {over_seeds})", "", tasks, ""]
+        parts += [
+            "Each task's column is its accuracy metric after the last stage (`ref_byte_prob` for the packaged real "
+            "data: the held-out reference answers' probability per byte); BWT and the differences as in the headline.",
+            "",
+        ]
     for task in refusal_tasks:
         parts += [f"## Refusal per stage: `{task}`", "", refusal_table(report, task), ""]
     if refusal_tasks:
