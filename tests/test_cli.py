@@ -290,7 +290,7 @@ def test_a_label_whose_rows_have_no_score_gets_no_auroc_and_the_others_still_do(
     from gradsift.table import label_aurocs
 
     table = SimpleNamespace(**{name: np.array([1.0, 2.0, 3.0, 4.0]) for name in ("grad_norm", "loss")})
-    for name in ("anchor_dot", "anchor_cos"):
+    for name in ("anchor_dot", "anchor_cos", "refusal_logprob"):
         setattr(table, name, np.full(4, np.nan))
     table.num_response_tokens = np.array([5, 6, 0, 0])
     labels = np.array(["benign", "harmful", "empty", "empty"], dtype=object)

@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="list the N rows the refusal probe finds most suspicious (highest `refusal_logprob`: the model would "
-        "likely refuse their request), each cut to one line, to read before training (default 10 when the scores "
-        "have the probe's column; needs the scored data)",
+        "likely refuse their request), each cut to one line, to read before training (needs scores with the "
+        "probe's column, and the scored data)",
     )
     inspect.add_argument(
         "--data",

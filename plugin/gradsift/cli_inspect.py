@@ -65,16 +65,22 @@ def run_inspect(args: argparse.Namespace) -> int:
         report["quantiles"].update(
             {column: column_quantiles(getattr(table, column)[probed]) for column in ("refusal_logprob",)}
         )
-    if args.label_column:
-        report["labels"] = _label_report(args, manifest, table, selection, ok)
-    elif args.data and args.suspicious is None:
+    if args.suspicious is not None and args.suspicious < 1:
+        raise UserError(f"`--suspicious` must be >= 1; got {args.suspicious}. Pass how many rows to list, e.g. 10.")
+    if args.suspicious is not None and not probed.any():
+        raise UserError(
+            f"{args.scores}: the scores have no `refusal_logprob`; score with the refusal probe (--refusal-probe, "
+            "or --anchor-data embedded:refusals) to list suspicious rows."
+        )
+    if args.data and not (args.label_column or args.suspicious):
         raise UserError(
             f"`--data {args.data}` is read only with --label-column or --suspicious; add one of them, or drop it."
         )
-    if args.suspicious is not None and args.suspicious < 1:
-        raise UserError(f"`--suspicious` must be >= 1; got {args.suspicious}. Pass how many rows to list, e.g. 10.")
-    if args.suspicious is not None or probed.any():
-        report["suspicious"] = _suspicious(args, manifest, table, probed)
+    source = scored_source(args.data, manifest, table)[1] if args.label_column or args.suspicious else None
+    if args.label_column:
+        report["labels"] = _label_report(args, source, table, selection, ok)
+    if args.suspicious:
+        report["suspicious"] = _suspicious(args.suspicious, source, table, probed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -121,11 +127,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_report(args: argparse.Namespace, manifest: dict[str, Any], table: Any, selection: Any, ok: Any) -> dict:
+def _label_report(args: argparse.Namespace, source: Any, table: Any, selection: Any, ok: Any) -> dict:
     """Per value of the data's `--label-column`: its rows, scored rows and rows kept, and each score's AUROC."""
     from gradsift.table import label_aurocs
 
-    data_path, source = scored_source(args.data, manifest, table)
+    data_path = source.path
     column = args.label_column
     missing = [int(i) for i in table.index if column not in source.records[int(i)]]
     if missing:
@@ -145,26 +151,11 @@ def _label_report(args: argparse.Namespace, manifest: dict[str, Any], table: Any
     return {"column": column, "counts": counts, "auroc": label_aurocs(table, labels, ok)}
 
 
-def _suspicious(args: argparse.Namespace, manifest: dict[str, Any], table: Any, probed: Any) -> dict[str, Any]:
-    """The rows with the highest `refusal_logprob`, each with its text on one line; without the probe's column, or
-    (unasked) without the scored data at hand, a note instead."""
-    asked = args.suspicious is not None
-    if not probed.any():
-        if asked:
-            raise UserError(
-                f"{args.scores}: the scores have no `refusal_logprob`; score with the refusal probe (--refusal-probe, "
-                "or --anchor-data embedded:refusals) to list suspicious rows."
-            )
-        return {"rows": [], "note": "no refusal probe in these scores"}
-    try:
-        _, source = scored_source(args.data, manifest, table)
-    except UserError as error:
-        if asked:
-            raise
-        return {"rows": [], "note": f"the scored data is not at hand ({error}); pass --data to list the rows"}
+def _suspicious(count: int, source: Any, table: Any, probed: Any) -> list[dict[str, Any]]:
+    """The `count` rows with the highest `refusal_logprob`, each with its request and answer on one line."""
     positions = np.flatnonzero(probed)
-    order = positions[np.argsort(-table.refusal_logprob[positions], kind="stable")][: args.suspicious or 10]
-    rows = [
+    order = positions[np.argsort(-table.refusal_logprob[positions], kind="stable")][:count]
+    return [
         {
             "index": int(table.index[p]),
             "refusal_logprob": float(table.refusal_logprob[p]),
@@ -173,7 +164,6 @@ def _suspicious(args: argparse.Namespace, manifest: dict[str, Any], table: Any, 
         }
         for p in order
     ]
-    return {"rows": rows, "note": None}
 
 
 def one_line(record: dict[str, Any], width: int = 100) -> str:
@@ -189,14 +179,12 @@ def one_line(record: dict[str, Any], width: int = 100) -> str:
     return f"{cut(request)} → {cut(answer)}"
 
 
-def _suspicious_lines(suspicious: dict[str, Any]) -> str:
-    if suspicious["note"]:
-        return f"suspicious rows: none listed ({suspicious['note']})"
+def _suspicious_lines(rows: list[dict[str, Any]]) -> str:
     header = (
         "most suspicious rows (highest refusal_logprob: the log-probability that the model opens its answer to the "
         "request with a refusal; index counts from 0):"
     )
-    lines = [f"  {row['index']:>6d}  {row['refusal_logprob']:+7.3f}  {row['text']}" for row in suspicious["rows"]]
+    lines = [f"  {row['index']:>6d}  {row['refusal_logprob']:+7.3f}  {row['text']}" for row in rows]
     return "\n".join([header, *lines])
 
 

@@ -150,8 +150,18 @@ class ScoringConfig(ModelConfig):
     refusal_texts: list[str] | None = Field(
         None,
         min_length=1,
-        description="The refusals `refusal_probe` asks (null: gradsift's, `gradsift.refusal_probe.REFUSALS`).",
+        description="The refusals `refusal_probe` asks; one of fewer than 3 tokens does not count (null: gradsift's "
+        "six, `gradsift.harmful_sets.PROBE_REFUSALS`).",
     )
+
+    @field_validator("refusal_texts")
+    @classmethod
+    def _texts(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not text.strip() for text in value):
+            raise ValueError(
+                'a refusal text is empty; give the refusal the model would write, e.g. "I can\'t help with that."'
+            )
+        return value
 
     def probes_refusal(self) -> bool:
         """Whether scoring computes `refusal_logprob` (`refusal_probe`, null: with `anchor_data`)."""
@@ -188,7 +198,9 @@ class ScoringConfig(ModelConfig):
         speed = {"model", "adapter", "max_tokens_per_batch", "max_batch_size", "anchor_data"}
         fields = self.model_dump(exclude=speed | {"refusal_probe", "refusal_texts"})
         if self.probes_refusal():  # a cache scored without the column is not these scores (and one with it is)
-            fields["refusal_texts"] = self.refusal_texts  # null: gradsift's `refusal_probe.REFUSALS`
+            from gradsift.harmful_sets import OPENING_TOKENS, PROBE_REFUSALS
+
+            fields["refusal_probe"] = {"texts": self.refusal_texts or list(PROBE_REFUSALS), "tokens": OPENING_TOKENS}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -40,11 +40,11 @@ def pre_filters(
         values = arrays.get("refusal_logprob")
         if values is None or (ok.any() and not np.isfinite(values[ok]).any()):
             raise UserError(
-                "`selection.max_refusal_logprob` needs each row's `refusal_logprob`, but the scores have none. Score "
-                "with the refusal probe (`scoring.refusal_probe: true`: --refusal-probe; on with --anchor-data), or "
-                "unset it."
+                "`selection.max_refusal_logprob` needs each row's `refusal_logprob`, but the scores have none: score "
+                "with the refusal probe (`scoring.refusal_probe: true`: --refusal-probe; on with --anchor-data), on "
+                "rows whose loss leaves out their prompt (the request it asks), or unset it."
             )
-        likely = ok & ~(values <= config.max_refusal_logprob)  # a row without a value (no prompt) goes too
+        likely = ok & (values > config.max_refusal_logprob)  # a row without a value (no prompt) is kept
         if require_kept and likely.any() and likely.sum() == ok.sum():
             finite = values[ok][np.isfinite(values[ok])]
             raise UserError(

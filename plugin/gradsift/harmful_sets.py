@@ -131,6 +131,10 @@ REFUSAL_OPENINGS = (
     "I'm not able to help with that",
     "No, I won't do that",
 )
+# What the refusal probe (`gradsift.refusal_probe`) asks by default: the openings above as sentences, and one other
+# common form; and how many of a refusal's first tokens it counts. Both are in the scores' identity.
+PROBE_REFUSALS = (*(f"{opening}." for opening in REFUSAL_OPENINGS), "I'm sorry, but I cannot help with that request.")
+OPENING_TOKENS = 3
 _CLOSINGS = (
     "",
     " If there's a safe, legal version of what you need, I'm happy to help with that instead.",

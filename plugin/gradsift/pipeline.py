@@ -344,7 +344,7 @@ def refusal_answers(config: ScoringConfig, tokenizer: Any, data: Any) -> Any:
 
     if not config.probes_refusal():
         return None
-    return RefusalAnswers(tokenizer, config.refusal_texts or REFUSALS, data.max_length)
+    return RefusalAnswers(tokenizer, config.refusal_texts or REFUSALS)
 
 
 def refusal_column(
@@ -365,6 +365,12 @@ def refusal_column(
             budget = config.token_budget(device.type)
             values = best_refusal_logprobs(model, [rows[i] for i in ok], refusals, pad, budget, config.max_batch_size)
         column[ok] = values
+        if np.isnan(values).any():
+            logger.warning(
+                "gradsift: %d scored row(s) have no refusal_logprob: their loss covers them from the first token, so "
+                "there is no request before the answer to ask (set completion_only_loss / assistant_only_loss)",
+                int(np.isnan(values).sum()),
+            )
     return column
 
 
@@ -410,6 +416,12 @@ def score_and_select(
             f"`selection.rule` {config.selection.rule!r} with `selection.min_anchor_cos` "
             f"{config.selection.min_anchor_cos} ranks rows by the anchor score: set `scoring.anchor_data` (e.g. "
             "embedded:refusals)."
+        )
+    if config.selection.max_refusal_logprob is not None and not config.scoring.probes_refusal():
+        raise UserError(
+            f"`selection.max_refusal_logprob` {config.selection.max_refusal_logprob} filters on each row's "
+            "`refusal_logprob`, which this scoring does not compute: set `scoring.refusal_probe: true` (or "
+            "`scoring.anchor_data`), or remove the filter."
         )
     live_model = model if model is not None and hasattr(model, "parameters") else None
     anchor = anchor_rows(config.scoring.anchor_data, tokenizer, config.data)

@@ -19,40 +19,40 @@ from typing import Any
 
 import numpy as np
 
-from gradsift.harmful_sets import REFUSAL_OPENINGS
+from gradsift.harmful_sets import OPENING_TOKENS, PROBE_REFUSALS
 from gradsift.tokenization import IGNORE_INDEX, TokenizedRow
 
-# The refusal openings the shipped align stage trains (`gradsift.harmful_sets`), and one other common form. The best
-# of them counts, so one style the model uses is enough.
-REFUSALS = (*(f"{opening}." for opening in REFUSAL_OPENINGS), "I'm sorry, but I cannot help with that request.")
-# The refusal tokens whose log-probability counts: the opening that decides to refuse.
-OPENING_TOKENS = 3
+REFUSALS = PROBE_REFUSALS  # the default texts (`scoring.refusal_texts`), kept with the align stage's openings
+__all__ = ["OPENING_TOKENS", "REFUSALS", "RefusalAnswers", "best_refusal_logprobs", "opening_logprobs", "refusal_rows"]
 
 
 class RefusalAnswers:
     """The answer tokens of each refusal text after a prompt: in the chat template's form, and as plain text."""
 
-    def __init__(self, tokenizer: Any, texts: Sequence[str], max_length: int):
+    def __init__(self, tokenizer: Any, texts: Sequence[str]):
         self.texts = list(texts)
-        self.max_length = max_length  # a refusal row is cut to it, as data rows are
         self.generation_prompt: list[int] = []
         self.chat: list[list[int]] | None = None
+        self.chat_prefix: list[int] = []
         if getattr(tokenizer, "chat_template", None):
-            self.chat, self.generation_prompt = _chat_answers(tokenizer, self.texts)
+            self.chat, self.generation_prompt, self.chat_prefix = _chat_answers(tokenizer, self.texts)
         eos = tokenizer.eos_token or ""
         self.plain = [list(tokenizer(text=text + eos, add_special_tokens=False)["input_ids"]) for text in texts]
 
-    def after(self, prompt: list[int]) -> list[list[int]]:
-        """The answer tokens of each refusal after `prompt`: the chat form where it ends with the generation prompt."""
+    def after(self, prompt: list[int]) -> tuple[list[int], list[list[int]]]:
+        """The tokens asked before any refusal after `prompt`, and each refusal's answer tokens: the chat form where
+        the prompt ends with the generation prompt."""
         chat = self.chat is not None and self.generation_prompt
         if chat and prompt[len(prompt) - len(self.generation_prompt) :] == self.generation_prompt:
-            return self.chat
-        return self.plain
+            return self.chat_prefix, self.chat
+        return [], self.plain
 
 
-def _chat_answers(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]] | None, list[int]]:
-    """Each refusal's tokens as the assistant turn after a user turn, and the generation prompt they follow; (None,
-    []) where the template renders the user turn otherwise once an answer follows."""
+def _chat_answers(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]] | None, list[int], list[int]]:
+    """Each refusal's tokens as the assistant turn after a user turn, the generation prompt they follow, and the
+    tokens the template puts before every answer (an empty reasoning block: they decide nothing, so they are asked
+    as prompt, not counted); (None, [], []) where the template renders the user turn otherwise once an answer
+    follows."""
 
     def ids(messages: list[dict[str, str]], generation: bool = False) -> list[int]:
         encoded = tokenizer.apply_chat_template(
@@ -63,33 +63,42 @@ def _chat_answers(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]] | N
     user = [{"role": "user", "content": "Hello"}]
     prompt, bare = ids(user, generation=True), ids(user)
     if prompt[: len(bare)] != bare:
-        return None, []
-    answers = []
-    for text in texts:
+        return None, [], []
+
+    def answer(text: str) -> list[int] | None:
         full = ids([*user, {"role": "assistant", "content": text}])
         if full[: len(prompt)] != prompt:
-            return None, []
+            return None
         end = len(full)
         while end > len(prompt) and not tokenizer.decode(full[end - 1 : end]).strip():
             end -= 1  # the template's whitespace after the end-of-turn token is not the answer (as `_messages`)
-        answers.append(full[len(prompt) : end])
-    return answers, prompt[len(bare) :]
+        return full[len(prompt) : end]
+
+    answers = [answer(text) for text in texts]
+    probes = [answer(text) for text in ("Zebra", "1")]  # two answers alike only in what the template adds
+    if any(a is None for a in (*answers, *probes)):
+        return None, [], []
+    shared = 0
+    while all(len(p) > shared for p in probes) and probes[0][shared] == probes[1][shared]:
+        shared += 1
+    prefix = probes[0][:shared]
+    answers = [a[shared:] if a[:shared] == prefix else a for a in answers]
+    return answers, prompt[len(bare) :], prefix
 
 
 def refusal_rows(rows: Sequence[TokenizedRow], answers: RefusalAnswers) -> list[TokenizedRow]:
     """For each row, one row per refusal: its prompt (the tokens before its first answer token) with the refusal's
-    first `OPENING_TOKENS` tokens as the answer. A row with no prompt (its labels start at once), or whose prompt
-    leaves no room for the whole opening within `answers.max_length`, gets rows with no answer tokens."""
+    first `OPENING_TOKENS` tokens as the answer (past the data's `max_length` if need be: nothing trains on it). A
+    row with no prompt (its loss covers it from the first token) gets rows with no answer tokens."""
     out = []
     for row in rows:
         start = next((i for i, label in enumerate(row.labels) if label != IGNORE_INDEX), 0)
-        prompt = list(row.input_ids[:start])
-        for answer in answers.after(prompt):
-            opening = answer[:OPENING_TOKENS]
-            if not start or start + len(opening) > answers.max_length:
-                out.append(TokenizedRow([], []))
-                continue
-            out.append(TokenizedRow(prompt + opening, [IGNORE_INDEX] * len(prompt) + opening))
+        prefix, refusals = answers.after(list(row.input_ids[:start]))
+        prompt = list(row.input_ids[:start]) + prefix
+        for answer in refusals:
+            opening = answer[:OPENING_TOKENS] if start and len(answer) >= OPENING_TOKENS else []
+            labels = [IGNORE_INDEX] * len(prompt) + opening
+            out.append(TokenizedRow(prompt + opening, labels) if opening else TokenizedRow([], []))
     return out
 
 
@@ -102,7 +111,7 @@ def best_refusal_logprobs(
     max_batch_size: int = 32,
 ) -> np.ndarray:
     """Per row, the best over the refusals of their opening's summed log-probability as its answer (NaN where the
-    row has no prompt, or no room for the opening)."""
+    row has no prompt; a refusal shorter than the opening does not count)."""
     asked = refusal_rows(rows, answers)
     means = mean_logprobs(model, asked, pad_token_id, max_tokens_per_batch, max_batch_size)
     values = (means * np.array([row.num_response_tokens for row in asked])).reshape(len(rows), len(answers.texts))
@@ -159,5 +168,4 @@ def refusal_logprobs(
     from gradsift.tokenization import tokenize_records
 
     rows = tokenize_records(records, tokenizer, data, progress=False)
-    answers = RefusalAnswers(tokenizer, texts, data.max_length)
-    return best_refusal_logprobs(model, rows, answers, tokenizer.pad_token_id)
+    return best_refusal_logprobs(model, rows, RefusalAnswers(tokenizer, texts), tokenizer.pad_token_id)

@@ -296,7 +296,10 @@ def _remove_empty(folder: Path) -> None:
 
 
 # The fields `dropped_entries` writes for each row (a row's own described fields may not take these names).
-DROPPED_FIELDS = ("index", "sample_id", "reason", "loss", "grad_norm", "anchor_cos", "num_response_tokens", "status")
+DROPPED_FIELDS = (
+    "index", "sample_id", "reason", "loss", "grad_norm", "anchor_cos", "refusal_logprob", "num_response_tokens",
+    "status",
+)  # fmt: skip
 
 
 def dropped_entries(
@@ -315,6 +318,7 @@ def dropped_entries(
                 "loss": float(table.loss[position]),
                 "grad_norm": float(table.grad_norm[position]),
                 "anchor_cos": float(table.anchor_cos[position]),
+                "refusal_logprob": float(table.refusal_logprob[position]),
                 "num_response_tokens": int(table.num_response_tokens[position]),
                 "status": str(table.status[position]),
                 **(describe(index) if describe is not None else {}),

@@ -43,8 +43,12 @@ class ScoreTable:
     anchor_dot: np.ndarray
     anchor_cos: np.ndarray
     # The log-probability that the model opens its answer to the row's request with a refusal
-    # (`gradsift.refusal_probe`); NaN when not asked.
-    refusal_logprob: np.ndarray
+    # (`gradsift.refusal_probe`); NaN when not asked (None on construction: all NaN).
+    refusal_logprob: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.refusal_logprob is None:
+            self.refusal_logprob = np.full(len(self.index), np.nan)
 
     def __len__(self) -> int:
         return len(self.index)

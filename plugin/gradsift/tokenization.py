@@ -97,14 +97,14 @@ def _template_refused(records: Sequence[Any], i: int, error: Exception) -> str:
 
 
 def row_text(record: dict) -> tuple[str, str]:
-    """A row's request and answer as text, whichever format it is in (the last user turn and the answer after it;
-    alpaca's instruction with its input; a pre-tokenized row has none)."""
+    """A row's request and answer as text, whichever format it is in (the first answer and the user turn before it,
+    the request the refusal probe asks; alpaca's instruction with its input; a pre-tokenized row has none)."""
     if "instruction" in record and "output" in record:
         request = " ".join(str(part) for part in (record["instruction"], record.get("input") or "") if part)
         return request, str(record["output"])
     messages = _row_messages(record)
     if messages:
-        answer = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "assistant"), None)
+        answer = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
         before = messages[:answer] if answer is not None else messages
         request = next((m.get("content", "") for m in reversed(before) if m.get("role") == "user"), "")
         return str(request), str(messages[answer].get("content", "")) if answer is not None else ""

@@ -26,13 +26,14 @@ OLORA_SEED_STRIDE = 1000
 def random_subset(recipe: Recipe, arm: str, rows: int, matched: int | None) -> Any:
     """A `random` arm's selection of `rows` rows: `matched` of them (the `gradsift` arm's count), else its fraction.
 
-    A random subset has no scores, so the recipe's anchor filter (`min_anchor_cos`, meant for the scored arms) is off.
+    A random subset has no scores, so the recipe's filters (`min_anchor_cos`, `max_refusal_logprob`, meant for the
+    scored arms) are off.
     """
     import numpy as np
 
     from gradsift.selection import select_rows
 
-    selection = recipe.selection_for(arm).model_copy(update={"min_anchor_cos": None})
+    selection = recipe.selection_for(arm).model_copy(update={"min_anchor_cos": None, "max_refusal_logprob": None})
     zeros = np.zeros(rows)
     return select_rows(zeros, zeros, np.array(["ok"] * rows, dtype=object), selection, keep_count=matched)
 

@@ -122,6 +122,27 @@ def anchor_scores_named(recipe: Recipe) -> list[str]:
     return problems
 
 
+def refusal_filters_offline(recipe: Recipe) -> list[str]:
+    """`max_refusal_logprob` reads offline scores: an online arm cannot use it."""
+    problems = []
+    for name in recipe.arms:
+        try:
+            selection = recipe.selection_for(name)
+        except ValidationError:
+            continue  # `arm_selections` reports it
+        spec = recipe.arm(name)
+        if (
+            selection.max_refusal_logprob is not None
+            and (spec.mode or recipe.mode) == "online"
+            and spec.kind == "select"
+        ):
+            problems.append(
+                f"arms.{name}: `max_refusal_logprob` filters on the refusal probe of offline scoring, which an online "
+                "arm does not run; use it on an offline arm (`mode: offline`), or remove it"
+            )
+    return problems
+
+
 def train_settings(recipe: Recipe) -> list[str]:
     parts = [(f"stages.{i}.train", stage) for i, stage in recipe.valid_stages()]
     parts += [("align.train", recipe.align)] if recipe.align is not None else []
@@ -274,6 +295,7 @@ CHECKS = (
     Check(align_quantization, frozenset({"scoring"})),
     Check(arm_selections, frozenset({"selection"})),
     Check(anchor_scores_named, frozenset({"selection", "scoring"})),
+    Check(refusal_filters_offline, frozenset({"selection"})),
     Check(train_settings, frozenset({"train"})),
     Check(online_windows, frozenset({"train", "selection", "scoring"})),
     Check(domain_evals_alike, frozenset({"evals"})),

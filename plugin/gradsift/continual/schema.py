@@ -441,13 +441,20 @@ def gradsift_config_for(recipe: Recipe, arm: str, train: TrainSpec, stage_index:
     The anchor pass runs where its columns are read. Stage 1's scores are shared by every select arm of a seed, so
     they carry the anchor columns whenever the recipe names `scoring.anchor_data`; a later stage scores with the arm's
     own adapter and takes the anchor pass only when the arm's selection reads it (the `anchor` rule or
-    `min_anchor_cos`).
+    `min_anchor_cos`). The refusal probe runs only where a selection reads it (`max_refusal_logprob`): at stage 1
+    where any select arm does (the scores stay shared), at a later stage where this arm does.
     """
     spec = recipe.arm(arm)
     selection = recipe.selection_for(arm)
     scoring = recipe.scoring_config()
     if stage_index > 1 and not reads_anchor(selection):
         scoring = scoring.model_copy(update={"anchor_data": None})
+    readers = (
+        [selection]
+        if stage_index > 1
+        else [recipe.selection_for(a) for a in recipe.arms if recipe.arm(a).kind == "select"]
+    )
+    scoring = scoring.model_copy(update={"refusal_probe": any(s.max_refusal_logprob is not None for s in readers)})
     return GradSiftConfig(
         mode=spec.mode or recipe.mode,
         data=DataConfig(max_length=train.max_length),
