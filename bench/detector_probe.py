@@ -18,7 +18,7 @@ suspicious):
 
 Printed per candidate: its AUROC for the harmful rows with a 95 % bootstrap interval over rows, its time relative to
 plain scoring, and, for the forward-only ones, the share of harmful rows dropped and of benign rows kept at the
-threshold that keeps 95 % of *other* benign rows (`--dev-benign` rows of the alpaca `dev` split: the rule is set
+threshold that keeps `--keep-benign` (90 %) of *other* benign rows (`--dev-benign` rows of the alpaca `dev` split: the rule is set
 without the pool's labels). The last line is the best candidate. Run:
 
     python bench/detector_probe.py --model runs/paper-smollm2/seed-0/00-align/model --out /tmp/probe
@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which rows the pool takes")
     parser.add_argument("--no-full", action="store_true", help="skip the param_scope: all candidate (the slowest)")
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument(
+        "--keep-benign", type=float, default=0.9, help="share of the dev benign rows a threshold keeps"
+    )
     args = parser.parse_args()
 
     from gradsift.config import DataConfig, ScoringConfig
@@ -187,7 +190,7 @@ def main() -> None:
         relative = seconds.get(name, seconds["plain scoring"]) / seconds["plain scoring"]
         rule = ""
         if name in dev_columns:
-            threshold = float(np.nanquantile(dev_columns[name], 0.95))
+            threshold = float(np.nanquantile(dev_columns[name], args.keep_benign))
             flagged = values > threshold
             rule = f"{flagged[harmful].mean():.2f} / {(~flagged[~harmful]).mean():.2f} (threshold {threshold:.3f})"
         print(f"{name:<28s} {value:6.3f}  [{low:.3f}, {high:.3f}] {relative:5.2f}×  {rule}")
