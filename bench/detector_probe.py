@@ -18,8 +18,8 @@ suspicious):
 
 Printed per candidate: its AUROC for the harmful rows with a 95 % bootstrap interval over rows, its time relative to
 plain scoring, and, for the forward-only ones, the share of harmful rows dropped and of benign rows kept at the
-threshold that keeps `--keep-benign` (90 %) of *other* benign rows (`--dev-benign` rows of the alpaca `dev` split: the rule is set
-without the pool's labels). The last line is the best candidate. Run:
+threshold that keeps `--keep-benign` (90 %) of *other* benign rows (`--dev-benign` rows of the alpaca `dev` split:
+the rule is set without the pool's labels). The last line is the best candidate. Run:
 
     python bench/detector_probe.py --model runs/paper-smollm2/seed-0/00-align/model --out /tmp/probe
 """
