@@ -165,7 +165,8 @@ def test_inspect_reports_anchor_quantiles_and_correlations(tmp_path, tiny_model_
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["quantiles"]) == {"loss", "grad_norm", "anchor_dot", "anchor_cos"}
+    # An anchor set turns the refusal probe on too (`scoring.refusal_probe: null`).
+    assert set(report["quantiles"]) == {"loss", "grad_norm", "anchor_dot", "anchor_cos", "refusal_logprob"}
     assert set(report["anchor_correlation"]) == {"grad_norm", "num_response_tokens"}
     assert all(-1 <= v <= 1 for v in report["anchor_correlation"].values())
 
