@@ -168,7 +168,7 @@ def main() -> None:
     model = load_for_eval(ScoringConfig(model=args.model))
     tokenizer = load_tokenizer(args.model)
     config = DataConfig(max_length=args.max_length)
-    answers = RefusalAnswers(tokenizer, REFUSALS, args.max_length)
+    answers = RefusalAnswers(tokenizer, REFUSALS)
     tokenized = tokenize_records(rows, tokenizer, config, progress=False)
     start = time.perf_counter()
     columns["refusal_logprob"] = best_refusal_logprobs(model, tokenized, answers, tokenizer.pad_token_id)
