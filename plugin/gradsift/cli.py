@@ -269,7 +269,7 @@ def _score(args: argparse.Namespace, config: GradSiftConfig, team: Team) -> tupl
         describe={"data": config.data.model_dump()},
         team=team,
         anchor=anchor,
-        refusals=refusal_answers(config.scoring, tokenizer, config.data),
+        refusals=refusal_answers(config.scoring, tokenizer),
     )
     return result, len(rows)
 

@@ -338,7 +338,7 @@ def _score_shards(
     return tables
 
 
-def refusal_answers(config: ScoringConfig, tokenizer: Any, data: Any) -> Any:
+def refusal_answers(config: ScoringConfig, tokenizer: Any) -> Any:
     """The refusals scoring asks each row's request (`refusal_probe.RefusalAnswers`), or None when it asks none."""
     from gradsift.refusal_probe import REFUSALS, RefusalAnswers
 
@@ -425,7 +425,7 @@ def score_and_select(
         )
     live_model = model if model is not None and hasattr(model, "parameters") else None
     anchor = anchor_rows(config.scoring.anchor_data, tokenizer, config.data)
-    refusals = refusal_answers(config.scoring, tokenizer, config.data)
+    refusals = refusal_answers(config.scoring, tokenizer)
     fingerprints = fingerprints_for(
         config,
         tokenizer,
