@@ -92,7 +92,7 @@ def refusal_rows(rows: Sequence[TokenizedRow], answers: RefusalAnswers) -> list[
     row with no prompt (its loss covers it from the first token) gets rows with no answer tokens."""
     out = []
     for row in rows:
-        start = next((i for i, label in enumerate(row.labels) if label != IGNORE_INDEX), 0)
+        start = prompt_end(row)
         prefix, refusals = answers.after(list(row.input_ids[:start]))
         prompt = list(row.input_ids[:start]) + prefix
         for answer in refusals:
@@ -100,6 +100,11 @@ def refusal_rows(rows: Sequence[TokenizedRow], answers: RefusalAnswers) -> list[
             labels = [IGNORE_INDEX] * len(prompt) + opening
             out.append(TokenizedRow(prompt + opening, labels) if opening else TokenizedRow([], []))
     return out
+
+
+def prompt_end(row: TokenizedRow) -> int:
+    """Where the row's first answer token is: its prompt's length (0: its loss covers it from the first token)."""
+    return next((i for i, label in enumerate(row.labels) if label != IGNORE_INDEX), 0)
 
 
 def best_refusal_logprobs(
@@ -113,8 +118,8 @@ def best_refusal_logprobs(
     """Per row, the best over the refusals of their opening's summed log-probability as its answer (NaN where the
     row has no prompt; a refusal shorter than the opening does not count)."""
     asked = refusal_rows(rows, answers)
-    means = mean_logprobs(model, asked, pad_token_id, max_tokens_per_batch, max_batch_size)
-    values = (means * np.array([row.num_response_tokens for row in asked])).reshape(len(rows), len(answers.texts))
+    values = summed_logprobs(model, asked, pad_token_id, max_tokens_per_batch, max_batch_size)
+    values = values.reshape(len(rows), len(answers.texts))
     found = np.isfinite(values).any(axis=1)
     best = np.full(len(rows), np.nan)
     best[found] = np.nanmax(values[found], axis=1)
@@ -126,11 +131,22 @@ def opening_logprobs(model: Any, rows: Sequence[TokenizedRow], pad_token_id: int
     opening is compared with in `bench/detector_probe.py`'s margin)."""
     openings = []
     for row in rows:
-        start = next((i for i, label in enumerate(row.labels) if label != IGNORE_INDEX), 0)
+        start = prompt_end(row)
         end = start + OPENING_TOKENS
         openings.append(TokenizedRow(row.input_ids[:end], row.labels[:end]) if start else TokenizedRow([], []))
-    means = mean_logprobs(model, openings, pad_token_id, **batching)
-    return means * np.array([row.num_response_tokens for row in openings])
+    return summed_logprobs(model, openings, pad_token_id, **batching)
+
+
+def summed_logprobs(
+    model: Any,
+    rows: Sequence[TokenizedRow],
+    pad_token_id: int,
+    max_tokens_per_batch: int = 4096,
+    max_batch_size: int = 32,
+) -> np.ndarray:
+    """Per row, the summed log-probability of its answer tokens (NaN without one)."""
+    means = mean_logprobs(model, rows, pad_token_id, max_tokens_per_batch, max_batch_size)
+    return means * np.array([row.num_response_tokens for row in rows])
 
 
 def mean_logprobs(

@@ -8,12 +8,14 @@ Each returns `yaml.path: message` lines.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
 from gradsift.anchors import reads_anchor
+from gradsift.config import SelectionConfig
 from gradsift.continual.schema import (
     ARM_NAME,
     AXOLOTL_OWNED,
@@ -106,41 +108,36 @@ def arm_selections(recipe: Recipe) -> list[str]:
     return problems
 
 
-def anchor_scores_named(recipe: Recipe) -> list[str]:
-    """A select arm that reads the anchor score has `scoring.anchor_data` to take it from."""
-    problems = []
+def _select_arms(recipe: Recipe) -> Iterator[tuple[str, Any, SelectionConfig]]:
+    """(name, spec, selection) of each `select` arm whose selection validates (`arm_selections` reports the rest)."""
     for name in recipe.arms:
         try:
             selection = recipe.selection_for(name)
         except ValidationError:
-            continue  # `arm_selections` reports it
-        if reads_anchor(selection) and recipe.arm(name).kind == "select" and not recipe.scoring.anchor_data:
-            problems.append(
-                f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
-                "(e.g. embedded:refusals)"
-            )
-    return problems
+            continue
+        spec = recipe.arm(name)
+        if spec.kind == "select":
+            yield name, spec, selection
+
+
+def anchor_scores_named(recipe: Recipe) -> list[str]:
+    """A select arm that reads the anchor score has `scoring.anchor_data` to take it from."""
+    return [
+        f"arms.{name}: the anchor rule and `min_anchor_cos` need anchor scores; set `scoring.anchor_data` "
+        "(e.g. embedded:refusals)"
+        for name, _, selection in _select_arms(recipe)
+        if reads_anchor(selection) and not recipe.scoring.anchor_data
+    ]
 
 
 def refusal_filters_offline(recipe: Recipe) -> list[str]:
     """`max_refusal_logprob` reads offline scores: an online arm cannot use it."""
-    problems = []
-    for name in recipe.arms:
-        try:
-            selection = recipe.selection_for(name)
-        except ValidationError:
-            continue  # `arm_selections` reports it
-        spec = recipe.arm(name)
-        if (
-            selection.max_refusal_logprob is not None
-            and (spec.mode or recipe.mode) == "online"
-            and spec.kind == "select"
-        ):
-            problems.append(
-                f"arms.{name}: `max_refusal_logprob` filters on the refusal probe of offline scoring, which an online "
-                "arm does not run; use it on an offline arm (`mode: offline`), or remove it"
-            )
-    return problems
+    return [
+        f"arms.{name}: `max_refusal_logprob` filters on the refusal probe of offline scoring, which an online arm "
+        "does not run; use it on an offline arm (`mode: offline`), or remove it"
+        for name, spec, selection in _select_arms(recipe)
+        if selection.max_refusal_logprob is not None and (spec.mode or recipe.mode) == "online"
+    ]
 
 
 def train_settings(recipe: Recipe) -> list[str]:
