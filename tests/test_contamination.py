@@ -4,6 +4,7 @@ beside the rows and carried into dropped.jsonl, selection.json, stage.json and t
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -101,6 +102,10 @@ def test_a_clean_arm_needs_a_label_column(tmp_path, tiny_model_dir):
 def test_labels_are_counted_per_arm_and_carried_into_the_selection_files_and_the_report(tmp_path, tiny_model_dir):
     data = mixed_recipe(tmp_path, tiny_model_dir, arms=("full", "clean", "random", "gradsift"))
     data["selection"] = {"keep_fraction": 0.5, "seed": 3}
+    # A random arm sized to another select arm than `gradsift` (`match`): the size that arm kept.
+    strict = {"kind": "select", "selection": {"keep_fraction": 0.25}}
+    random_strict = {"kind": "random", "match": "strict"}
+    data["arms"] = {**dict.fromkeys(data["arms"], {}), "strict": strict, "random_strict": random_strict}
     run = tmp_path / "run"
     recipe = load_recipe(write(tmp_path, data))
     run_recipe(recipe, run, progress=False)
@@ -114,6 +119,10 @@ def test_labels_are_counted_per_arm_and_carried_into_the_selection_files_and_the
         counts = stage[arm]["labels"]
         assert {label: c["rows"] for label, c in counts.items()} == {"benign": 10, "harmful": 3}
         assert sum(c["kept"] for c in counts.values()) == stage[arm]["kept"]
+    assert stage["random"]["kept"] == stage["gradsift"]["kept"] == 6  # ⌊0.5 · 13⌋
+    assert stage["random_strict"]["kept"] == stage["strict"]["kept"] == 3  # ⌊0.25 · 13⌋
+    assert stage["random"]["selection"]["matched_to"] == "gradsift"
+    assert stage["random_strict"]["selection"]["matched_to"] == "strict"
 
     # gradsift's counts agree with its dropped.jsonl, whose every entry names its row's label.
     folder = run / "seed-0/gradsift/01-mixed"
@@ -183,3 +192,93 @@ def test_a_bad_domain_setting_is_one_line(tmp_path, tiny_model_dir):
         load_recipe(write(tmp_path, data))
     lines = [line for line in str(error.value).splitlines() if "after_each_stage.domain" in line]
     assert len(lines) == 1 and "evals.after_each_stage.domain: Input should be True, False or 'seen'" in lines[0]
+
+
+def test_a_random_arms_match_names_an_offline_select_arm(tmp_path, tiny_model_dir):
+    data = mixed_recipe(tmp_path, tiny_model_dir)
+    data["arms"] = {
+        "full": {"match": "gradsift"},
+        "gradsift": {},
+        "live": {"kind": "select", "mode": "online"},
+        "random": {"match": "live"},
+        "random_typo": {"kind": "random", "match": "gradsfit"},
+        "random_ok": {"kind": "random", "match": "gradsift"},
+        "random_rule": {"kind": "random", "selection": {"rule": "moderate"}},
+    }
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, data))
+    lines = str(error.value).splitlines()
+    full = "arms.full.match: `match` sizes a `random` arm; a `full` arm has no use for it"
+    assert any(full in line for line in lines), lines
+    for arm, got in (("random", "'live'"), ("random_typo", "'gradsfit'")):
+        assert any(
+            f"arms.{arm}.match: got {got}, which is not an offline `select` arm of this recipe; name one of its "
+            "offline select arms (gradsift" in line
+            for line in lines
+        ), lines
+    assert any("arms.random_rule.selection.rule: got 'moderate'; a `random` arm keeps a random subset" in line
+               for line in lines), lines  # fmt: skip
+    assert not any("random_ok" in line for line in lines)
+
+
+def test_offset_passes_over_rows_so_that_two_stages_of_one_source_train_disjoint_rows(tmp_path, tiny_model_dir):
+    source = tmp_path / "qa.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(10)))
+    data = tiny_recipe(tiny_model_dir)
+    data["stages"] = [
+        {"name": "first", "data": {"path": str(source), "size": 4}},
+        {"name": "second", "data": {"path": str(source), "size": 4, "offset": 4}},
+        {"name": "rest", "data": {"path": str(source), "offset": 8}},
+    ]
+    recipe = load_recipe(write(tmp_path, data))
+    stages = [[row["prompt"] for row in mixed_records(recipe, stage.data, 5)[0]] for stage in recipe.stages]
+    import random
+
+    shuffled = [f"q{i}" for i in range(10)]
+    random.Random(5).shuffle(shuffled)  # the order `size` and `offset` cut: the source shuffled by the seed
+    assert stages == [shuffled[:4], shuffled[4:8], shuffled[8:]]
+
+    past_the_end = recipe.stages[2].data[0].model_copy(update={"offset": 10})
+    with pytest.raises(UserError, match=r"has 10 rows and `offset` is 10: no row is left to take; lower `offset`"):
+        mixed_records(recipe, [past_the_end], 0)
+    data["stages"][2]["data"] = {"synthetic": "sentiment", "size": 4, "offset": 2}
+    with pytest.raises(RecipeError, match=r"stages\.2\.data: `offset` passes over rows of a file or dataset"):
+        load_recipe(write(tmp_path, data))
+
+
+def _words(text):
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def _asked(task):
+    """The prompts an offline lm-eval task of evals/tasks asks: its documents, from the function its YAML names."""
+    import sys
+
+    yaml_text = (REPO / "evals/tasks" / f"{task}.yaml").read_text()
+    function = re.search(r"custom_dataset: !function utils\.(\w+)", yaml_text).group(1)
+    sys.path.insert(0, str(REPO / "evals" / "tasks"))
+    import utils as task_utils  # the tasks' own utils.py
+
+    docs = getattr(task_utils, function)()["test"]
+    return [doc.get("prompt") or doc["question"] for doc in docs]
+
+
+def test_no_eval_prompt_of_the_contamination_recipe_is_a_training_request_exactly_or_by_most_of_its_words():
+    from gradsift.continual.checks import data_specs
+    from gradsift.continual.rows import as_prompt_completion, source_rows
+
+    recipe = load_recipe(REPO / "recipes/contaminated-smollm2.yaml")
+    tasks = {task for index in range(len(recipe.stages) + 1) for task in recipe.eval_tasks(index)[1]}
+    assert {"gradsift_refusal_harmbench_offline", "gradsift_benign_refusal_offline"} <= tasks
+    asked = [_words(prompt) for task in sorted(tasks) for prompt in _asked(task)]
+    # Every row any seed may train (each source whole: a seed takes a slice of it), the align stage's too.
+    trained = []
+    for where, spec in data_specs(recipe):
+        rows = source_rows(recipe, spec.model_copy(update={"size": None, "offset": 0}), 0)
+        trained += [(where, as_prompt_completion(row)["prompt"][-1]["content"]) for row in rows]
+    assert len(trained) > 1500 and len(asked) >= 300
+    assert "embedded:harmful-answers" in {spec.path for _, spec in data_specs(recipe)}
+    for where, request in trained:
+        words = _words(request)
+        closest = max(len(words & other) / len(words | other) for other in asked)
+        assert closest < 0.5, (where, request)

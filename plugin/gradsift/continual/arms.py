@@ -24,7 +24,8 @@ OLORA_SEED_STRIDE = 1000
 
 
 def random_subset(recipe: Recipe, arm: str, rows: int, matched: int | None) -> Any:
-    """A `random` arm's selection of `rows` rows: `matched` of them (the `gradsift` arm's count), else its fraction.
+    """A `random` arm's selection of `rows` rows: `matched` of them (the count of the arm it matches), else its
+    fraction.
 
     A random subset has no scores, so the recipe's filters (`min_anchor_cos`, `max_refusal_logprob`, meant for the
     scored arms) are off.
@@ -261,9 +262,15 @@ def stage_rows(
         }
         return kept
     if spec.kind == "random":
-        matched = kept_by(steps, step, "gradsift")
+        target = spec.match or "gradsift"
+        matched = kept_by(steps, step, target)
+        if matched is None and spec.match is not None:
+            raise UserError(
+                f"arm `{step.arm}` matches the rows arm `{target}` kept at seed {step.seed}, stage `{step.stage}`, "
+                f"and `{target}` has not run there; run it too (leave `{target}` in `--arms`)"
+            )
         chosen = random_subset(recipe, step.arm, len(records), matched)
-        record["selection"] = {"summary": chosen.summary(), "matched_to": "gradsift" if matched else None}
+        record["selection"] = {"summary": chosen.summary(), "matched_to": target if matched is not None else None}
         keep = np.asarray(chosen.keep, dtype=bool)
     elif spec.kind == "clean":
         if all(label is None for label in labels):  # nothing known to drop

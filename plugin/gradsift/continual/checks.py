@@ -83,6 +83,26 @@ def clean_arms(recipe: Recipe) -> list[str]:
     ] if clean and recipe.label_column is None else []  # fmt: skip
 
 
+def random_matches(recipe: Recipe) -> list[str]:
+    """A `random` arm's `match` names an offline `select` arm of the recipe; no other kind sets it."""
+    problems = []
+    for name in recipe.arms:
+        spec = recipe.arm(name)
+        if spec.match is None:
+            continue
+        if spec.kind != "random":
+            problems.append(f"arms.{name}.match: `match` sizes a `random` arm; a `{spec.kind}` arm has no use for it")
+            continue
+        target = recipe.arm(spec.match) if spec.match in recipe.arms else None
+        if target is None or target.kind != "select" or (target.mode or recipe.mode) == "online":
+            arms = [arm for arm in recipe.arms if recipe.arm(arm).kind == "select"]
+            problems.append(
+                f"arms.{name}.match: got {spec.match!r}, which is not an offline `select` arm of this recipe; name "
+                f"one of its offline select arms ({', '.join(arms) or 'none'}) or remove `match`"
+            )
+    return problems
+
+
 def stage_names(recipe: Recipe) -> list[str]:
     names = [stage.name for _, stage in recipe.valid_stages()]
     return [f"stages: stage names must be unique; got {names}"] if len(set(names)) != len(names) else []
@@ -102,9 +122,15 @@ def arm_selections(recipe: Recipe) -> list[str]:
     problems = []
     for name in recipe.arms:
         try:
-            recipe.selection_for(name)
+            selection = recipe.selection_for(name)
         except ValidationError as error:
             problems += error_lines(error, f"arms.{name}.selection")
+            continue
+        if recipe.arm(name).kind == "random" and selection.rule != "random":
+            problems.append(
+                f"arms.{name}.selection.rule: got {selection.rule!r}; a `random` arm keeps a random subset, so its "
+                "rule is `random`; remove `rule` (or set the arm's `kind` to `select`)"
+            )
     return problems
 
 
@@ -288,6 +314,7 @@ CHECKS = (
     Check(steps_settings),
     Check(unknown_arms),
     Check(clean_arms),
+    Check(random_matches),
     Check(stage_names),
     Check(align_quantization, frozenset({"scoring"})),
     Check(arm_selections, frozenset({"selection"})),

@@ -7,9 +7,9 @@ Each finished stage's `stage.json` records two flat {recipe key: value} maps:
   packaged source or hub id by name), the arm, its selection (`select` and `random` arms) and scoring (`select`), the
   trainer, and `previous`: the digest of the recorded `made_by` of the stage it trained on from (the align stage's
   for stage 1), so a stage trained again upstream reaches every stage after it. Settings that change only speed or
-  memory (shard and batch sizes, gradient checkpointing, the device) are left out. Not in it: the other arm a
-  stage's size or step count was matched to (a `random` arm to `gradsift`'s kept rows, `steps: full` to `full`'s
-  steps); retraining that arm alone leaves the matched stage as it was.
+  memory (shard and batch sizes, gradient checkpointing, the device) are left out. Not in it: what the other arm
+  a stage's size or step count was matched to made (a `random` arm's count of the rows its `match` arm kept,
+  `steps: full`'s count of `full`'s steps); retraining that arm alone leaves the matched stage as it was.
 - `evaluated_by`: what its numbers were measured with: the evals spec it ran, its tasks, the drift settings.
 
 A resumed run compares both with the recipe as it is now (`check_finished`): a key added, removed or changed in

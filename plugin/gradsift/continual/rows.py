@@ -79,8 +79,8 @@ def _text(value: Any) -> str:
 
 
 def source_rows(recipe: Recipe, spec: DataSpec, seed: int, label: str | None = None) -> list[dict[str, Any]]:
-    """A stage's rows as read (templates applied, a templated row keeping its `label` column), shuffled by `seed`
-    and cut to `size`."""
+    """A stage's rows as read (templates applied, a templated row keeping its `label` column), shuffled by `seed`,
+    the first `offset` passed over and cut to `size`."""
     import random
 
     from gradsift.data import load_source
@@ -97,6 +97,12 @@ def source_rows(recipe: Recipe, spec: DataSpec, seed: int, label: str | None = N
 
         rows = list(datasets.load_dataset(resolved, spec.name, split=spec.split))
     random.Random(seed).shuffle(rows)
+    if spec.offset and spec.offset >= len(rows):
+        raise UserError(
+            f"data `{spec.path}` (split {spec.split!r}) has {len(rows)} rows and `offset` is {spec.offset}: no row "
+            "is left to take; lower `offset`"
+        )
+    rows = rows[spec.offset :]
     rows = rows[: spec.size] if spec.size else rows
     if spec.prompt_template is not None:
         rows = [{**templated(row, spec), **({label: row[label]} if label and label in row else {})} for row in rows]

@@ -95,7 +95,10 @@ def describe_plan(recipe: Recipe, steps: list[Step], rerun_from: str | None = No
             mode = spec.mode or recipe.mode
             selection = recipe.selection_for(step.arm)
             floor = f", anchor cos ≥ {selection.min_anchor_cos:g}" if selection.min_anchor_cos is not None else ""
-            detail = {"select": f"select {selection.rule}{floor} ({mode})", "random": "random subset"}
+            if selection.max_refusal_logprob is not None:
+                floor += f", refusal log-prob ≤ {selection.max_refusal_logprob:g}"
+            sized = f", the size {spec.match} kept" if spec.match else ""
+            detail = {"select": f"select {selection.rule}{floor} ({mode})", "random": f"random subset{sized}"}
             detail["ewc"] = f"EWC λ {spec.ewc_lambda:g}" + (
                 ", anchors after each stage" if spec.ewc_every_stage else ""
             )

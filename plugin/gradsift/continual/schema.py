@@ -95,6 +95,13 @@ class DataSpec(StrictModel):
         "the current one), a packaged source (`embedded:alpaca-gpt4-demo`, with `split`), or a hub dataset id.",
     )
     size: int | None = Field(None, ge=1, description="Rows to take (the first `size` after a seeded shuffle).")
+    offset: int = Field(
+        0,
+        ge=0,
+        description="Rows of the seeded shuffle to pass over before taking `size`: two stages that read one source "
+        "with offsets 0 and the first one's `size` train disjoint rows of it (a file, packaged source or hub "
+        "dataset; not a synthetic task).",
+    )
     split: str = "train"
     name: str | None = Field(None, description="Hub dataset configuration (e.g. `main` for gsm8k).")
     prompt_template: str | None = Field(
@@ -110,6 +117,8 @@ class DataSpec(StrictModel):
             raise ValueError("give exactly one of `synthetic` (a task name) or `path` (a file or hub dataset)")
         if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
             raise ValueError(f"unknown synthetic task {self.synthetic!r}; choose from {', '.join(SYNTHETIC_TASKS)}")
+        if self.synthetic is not None and self.offset:
+            raise ValueError("`offset` passes over rows of a file or dataset; a synthetic task generates its rows")
         if (self.prompt_template is None) != (self.completion_template is None):
             raise ValueError("give both `prompt_template` and `completion_template`, or neither")
         return self
@@ -196,6 +205,12 @@ class ArmSpec(StrictModel):
         "benign",
         description="`clean`: train only the rows whose label (`label_column`, compared as text) is this value: the "
         "ceiling a filter of contaminated data can reach. A stage whose rows carry no label trains every row.",
+    )
+    match: str | None = Field(
+        None,
+        description="`random`: the offline `select` arm whose kept row count this subset takes, at each seed and "
+        "stage (a size-matched baseline for that rule). Default: `gradsift` where the recipe has it, else the arm's "
+        "`keep_fraction`.",
     )
     steps: Literal["kept", "full"] | None = Field(
         None,
@@ -360,7 +375,11 @@ class Recipe(StrictModel):
         return builtin.model_copy(update=update)
 
     def selection_for(self, arm: str) -> SelectionConfig:
-        return SelectionConfig(**{**self.selection.model_dump(), **self.arm(arm).selection})
+        """The arm's selection: the recipe's `selection:` with the arm's overrides; a `random` arm's rule is
+        `random` unless it sets one (which `checks.arm_selections` then refuses)."""
+        spec = self.arm(arm)
+        kind = {"rule": "random"} if spec.kind == "random" else {}
+        return SelectionConfig(**{**self.selection.model_dump(), **kind, **spec.selection})
 
     def train_for(self, stage: StageSpec | AlignSpec) -> TrainSpec:
         return TrainSpec(**{**self.train.model_dump(), **stage.train})
