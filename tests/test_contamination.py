@@ -208,12 +208,12 @@ def test_a_random_arms_match_names_an_offline_select_arm(tmp_path, tiny_model_di
     with pytest.raises(RecipeError) as error:
         load_recipe(write(tmp_path, data))
     lines = str(error.value).splitlines()
-    full = "arms.full.match: `match` sizes a `random` arm; a `full` arm has no use for it"
+    full = "arms.full.match: got 'gradsift'; `match` sizes a `random` arm, and a `full` arm has no use for it; remove"
     assert any(full in line for line in lines), lines
     for arm, got in (("random", "'live'"), ("random_typo", "'gradsfit'")):
         assert any(
             f"arms.{arm}.match: got {got}, which is not an offline `select` arm of this recipe; name one of its "
-            "offline select arms (gradsift" in line
+            "offline select arms (gradsift) or remove `match`" in line
             for line in lines
         ), lines
     assert any("arms.random_rule.selection.rule: got 'moderate'; a `random` arm keeps a random subset" in line
@@ -238,11 +238,21 @@ def test_offset_passes_over_rows_so_that_two_stages_of_one_source_train_disjoint
     random.Random(5).shuffle(shuffled)  # the order `size` and `offset` cut: the source shuffled by the seed
     assert stages == [shuffled[:4], shuffled[4:8], shuffled[8:]]
 
+    # A recipe whose offset leaves no row, or fewer than `size`, is refused with the key before anything runs.
+    data["stages"][2]["data"] = {"path": str(source), "offset": 10}
+    with pytest.raises(RecipeError, match=r"stages\.2\.data\.offset: got 10; `.*qa\.jsonl` \(split 'train'\) has 10 "
+                       r"rows, so none is left after it; lower `offset`"):  # fmt: skip
+        load_recipe(write(tmp_path, data))
+    data["stages"][2]["data"] = {"path": str(source), "offset": 8, "size": 4}
+    with pytest.raises(RecipeError, match=r"stages\.2\.data\.size: got 4 after `offset` 8; .* has 10 rows, so 2 are "
+                       r"left; lower `size` or `offset`"):  # fmt: skip
+        load_recipe(write(tmp_path, data))
+    # A hub dataset is read when its stage starts: the run stops there with the source named.
     past_the_end = recipe.stages[2].data[0].model_copy(update={"offset": 10})
     with pytest.raises(UserError, match=r"has 10 rows and `offset` is 10: no row is left to take; lower `offset`"):
         mixed_records(recipe, [past_the_end], 0)
     data["stages"][2]["data"] = {"synthetic": "sentiment", "size": 4, "offset": 2}
-    with pytest.raises(RecipeError, match=r"stages\.2\.data: `offset` passes over rows of a file or dataset"):
+    with pytest.raises(RecipeError, match=r"stages\.2\.data: got offset 2; `offset` passes over rows of a file or "):
         load_recipe(write(tmp_path, data))
 
 
@@ -252,13 +262,16 @@ def _words(text):
 
 def _asked(task):
     """The prompts an offline lm-eval task of evals/tasks asks: its documents, from the function its YAML names."""
+    import importlib
     import sys
 
     yaml_text = (REPO / "evals/tasks" / f"{task}.yaml").read_text()
     function = re.search(r"custom_dataset: !function utils\.(\w+)", yaml_text).group(1)
     sys.path.insert(0, str(REPO / "evals" / "tasks"))
-    import utils as task_utils  # the tasks' own utils.py
-
+    try:
+        task_utils = importlib.import_module("utils")  # the tasks' own utils.py
+    finally:
+        sys.path.remove(str(REPO / "evals" / "tasks"))
     docs = getattr(task_utils, function)()["test"]
     return [doc.get("prompt") or doc["question"] for doc in docs]
 
@@ -282,3 +295,29 @@ def test_no_eval_prompt_of_the_contamination_recipe_is_a_training_request_exactl
         words = _words(request)
         closest = max(len(words & other) / len(words | other) for other in asked)
         assert closest < 0.5, (where, request)
+
+
+def test_a_random_arm_left_without_its_match_arm_is_refused_before_anything_trains(tmp_path, tiny_model_dir):
+    from gradsift.continual.arms import kept_by
+    from gradsift.continual.layout import RunLayout, Step
+    from gradsift.continual.runner import plan, unmatched
+
+    data = mixed_recipe(tmp_path, tiny_model_dir, arms=())
+    data["arms"] = {"strict": {"kind": "select"}, "random": {"match": "strict"}}
+    recipe = load_recipe(write(tmp_path, data))
+    expected = (
+        r"arms\.random\.match: `strict` \(whose kept count sizes this arm\) has no finished stage `mixed` at seed 0; "
+        r"add `strict` to --arms or remove `match`"
+    )
+    with pytest.raises(UserError, match=expected):
+        plan(recipe, tmp_path / "run", arms=["random"])
+    assert [step.arm for step in plan(recipe, tmp_path / "run")] == [None, "strict", "random"]  # random after strict
+    # Once `strict` has finished its stage (in an earlier invocation), `--arms random` alone reads its count there.
+    layout = RunLayout(tmp_path / "run")
+    finished = RunLayout.stage_file(Step(0, "strict", 1, "mixed", layout).folder)
+    finished.parent.mkdir(parents=True)
+    finished.write_text(json.dumps({"kept": 5}))
+    unmatched(recipe, layout, ["random"], [0])  # no error
+    assert kept_by(Step(0, "random", 1, "mixed", layout), "strict") == 5
+    with pytest.raises(UserError, match="has no finished stage `mixed` at seed 1"):
+        unmatched(recipe, layout, ["random"], [0, 1])

@@ -81,9 +81,12 @@ def full_steps_by(steps: list[Step], step: Step) -> int | None:
     return None
 
 
-def kept_by(steps: list[Step], step: Step, arm: str) -> int | None:
-    """Rows the `arm` arm kept at the same seed and stage, if it ran."""
-    return next((int(record["kept"]) for name, record in finished_beside(steps, step) if name == arm), None)
+def kept_by(step: Step, arm: str) -> int | None:
+    """Rows the `arm` arm kept at the same seed and stage, if it finished there (in this run or an earlier one)."""
+    other = Step(step.seed, arm, step.index, step.stage, step.layout)
+    if not other.done():
+        return None
+    return int(json.loads(RunLayout.stage_file(other.folder).read_text(encoding="utf-8"))["kept"])
 
 
 def kl_trainer_class() -> type:
@@ -263,11 +266,11 @@ def stage_rows(
         return kept
     if spec.kind == "random":
         target = spec.match or "gradsift"
-        matched = kept_by(steps, step, target)
-        if matched is None and spec.match is not None:
+        matched = kept_by(step, target) if target in recipe.arms and recipe.is_offline_select(target) else None
+        if matched is None and spec.match is not None:  # `plan` refuses this before anything trains
             raise UserError(
-                f"arm `{step.arm}` matches the rows arm `{target}` kept at seed {step.seed}, stage `{step.stage}`, "
-                f"and `{target}` has not run there; run it too (leave `{target}` in `--arms`)"
+                f"arms.{step.arm}.match: `{target}` (whose kept count sizes this arm) has no finished stage "
+                f"`{step.stage}` at seed {step.seed}; add `{target}` to --arms or remove `match`"
             )
         chosen = random_subset(recipe, step.arm, len(records), matched)
         record["selection"] = {"summary": chosen.summary(), "matched_to": target if matched is not None else None}

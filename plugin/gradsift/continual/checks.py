@@ -91,11 +91,13 @@ def random_matches(recipe: Recipe) -> list[str]:
         if spec.match is None:
             continue
         if spec.kind != "random":
-            problems.append(f"arms.{name}.match: `match` sizes a `random` arm; a `{spec.kind}` arm has no use for it")
+            problems.append(
+                f"arms.{name}.match: got {spec.match!r}; `match` sizes a `random` arm, and a `{spec.kind}` arm has no "
+                "use for it; remove `match` (or set `kind: random`)"
+            )
             continue
-        target = recipe.arm(spec.match) if spec.match in recipe.arms else None
-        if target is None or target.kind != "select" or (target.mode or recipe.mode) == "online":
-            arms = [arm for arm in recipe.arms if recipe.arm(arm).kind == "select"]
+        if spec.match not in recipe.arms or not recipe.is_offline_select(spec.match):
+            arms = [arm for arm in recipe.arms if recipe.is_offline_select(arm)]
             problems.append(
                 f"arms.{name}.match: got {spec.match!r}, which is not an offline `select` arm of this recipe; name "
                 f"one of its offline select arms ({', '.join(arms) or 'none'}) or remove `match`"

@@ -134,14 +134,30 @@ def _check_data(recipe: Recipe, base: Path) -> list[str]:
             resolved = resolve_path(spec.path, base)
             if not isinstance(resolved, Path) and not is_packaged(resolved):
                 continue  # a hub id: read (and its format checked) when its stage starts; a dry run downloads nothing
-            problem = _rows_problem(load_source(str(resolved), split=spec.split).records, spec)
+            records = load_source(str(resolved), split=spec.split).records
+            problem = _rows_problem(records, spec)
         except UserError as error:
             problem = str(error)
         except OSError as error:
             problem = f"{spec.path!r} cannot be read: {error.strerror or error}"
         if problem:
             problems.append(f"{where}.path: {problem}")
+        elif spec.offset:
+            problems += _offset_problems(where, spec, len(records))
     return problems
+
+
+def _offset_problems(where: str, spec: DataSpec, rows: int) -> list[str]:
+    """An `offset` that leaves no row, or fewer than `size`, of a source of `rows` rows."""
+    source = f"`{spec.path}` (split {spec.split!r}) has {rows} rows"
+    if spec.offset >= rows:
+        return [f"{where}.offset: got {spec.offset}; {source}, so none is left after it; lower `offset`"]
+    if spec.size is not None and spec.offset + spec.size > rows:
+        return [
+            f"{where}.size: got {spec.size} after `offset` {spec.offset}; {source}, so {rows - spec.offset} are left; "
+            "lower `size` or `offset`"
+        ]
+    return []
 
 
 def _rows_problem(records: list[Any], spec: DataSpec) -> str | None:

@@ -63,17 +63,35 @@ def plan(recipe: Recipe, out: Path, arms: list[str] | None = None, seeds: list[i
     unknown = [arm for arm in arms if arm not in recipe.arms]
     if unknown:
         raise RecipeError(f"--arms {', '.join(unknown)}: not in the recipe's arms ({', '.join(recipe.arms)}).")
-    # `random` matches the size the `gradsift` arm kept, so it runs after it; a step-matched arm matches the steps
-    # `full` took, so `full` runs first.
+    # A `random` arm matches the size its `match` arm (default `gradsift`) kept, so it runs after the select arms; a
+    # step-matched arm matches the steps `full` took, so `full` runs first.
     arms = sorted(arms, key=lambda arm: {"full": 0, "random": 2}.get(recipe.arm(arm).kind, 1))
     layout = RunLayout(out)
+    seeds = seeds if seeds is not None else recipe.seeds
+    unmatched(recipe, layout, arms, seeds)
     steps = []
-    for seed in seeds if seeds is not None else recipe.seeds:
+    for seed in seeds:
         if recipe.align is not None:
             steps.append(Step(seed, None, 0, "align", layout))
         for arm in arms:
             steps += [Step(seed, arm, k, stage.name, layout) for k, stage in enumerate(recipe.stages, start=1)]
     return steps
+
+
+def unmatched(recipe: Recipe, layout: RunLayout, arms: list[str], seeds: list[int]) -> None:
+    """Raise `UserError` when a `random` arm's `match` arm is left out of `arms` and has not finished a stage the
+    random arm needs its kept count of."""
+    for arm in arms:
+        target = recipe.arm(arm).match
+        if target is None or target in arms:
+            continue
+        for seed in seeds:
+            for k, stage in enumerate(recipe.stages, start=1):
+                if not Step(seed, target, k, stage.name, layout).done():
+                    raise UserError(
+                        f"arms.{arm}.match: `{target}` (whose kept count sizes this arm) has no finished stage "
+                        f"`{stage.name}` at seed {seed}; add `{target}` to --arms or remove `match`"
+                    )
 
 
 def describe_plan(recipe: Recipe, steps: list[Step], rerun_from: str | None = None) -> str:

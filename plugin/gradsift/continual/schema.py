@@ -94,7 +94,9 @@ class DataSpec(StrictModel):
         description="A .jsonl/.json/.parquet file or saved dataset folder (relative: to the recipe's folder, else "
         "the current one), a packaged source (`embedded:alpaca-gpt4-demo`, with `split`), or a hub dataset id.",
     )
-    size: int | None = Field(None, ge=1, description="Rows to take (the first `size` after a seeded shuffle).")
+    size: int | None = Field(
+        None, ge=1, description="Rows to take (the first `size` after a seeded shuffle and `offset`)."
+    )
     offset: int = Field(
         0,
         ge=0,
@@ -118,7 +120,10 @@ class DataSpec(StrictModel):
         if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
             raise ValueError(f"unknown synthetic task {self.synthetic!r}; choose from {', '.join(SYNTHETIC_TASKS)}")
         if self.synthetic is not None and self.offset:
-            raise ValueError("`offset` passes over rows of a file or dataset; a synthetic task generates its rows")
+            raise ValueError(
+                f"got offset {self.offset}; `offset` passes over rows of a file or dataset, and a synthetic task "
+                "generates its rows; remove `offset`"
+            )
         if (self.prompt_template is None) != (self.completion_template is None):
             raise ValueError("give both `prompt_template` and `completion_template`, or neither")
         return self
@@ -209,8 +214,8 @@ class ArmSpec(StrictModel):
     match: str | None = Field(
         None,
         description="`random`: the offline `select` arm whose kept row count this subset takes, at each seed and "
-        "stage (a size-matched baseline for that rule). Default: `gradsift` where the recipe has it, else the arm's "
-        "`keep_fraction`.",
+        "stage (a size-matched baseline for that rule). Default: `gradsift`'s count where it is an offline arm that "
+        "finished the stage, else the arm's `keep_fraction`.",
     )
     steps: Literal["kept", "full"] | None = Field(
         None,
@@ -373,6 +378,11 @@ class Recipe(StrictModel):
         if "selection" in update:
             update["selection"] = {**builtin.selection, **spec.selection}
         return builtin.model_copy(update=update)
+
+    def is_offline_select(self, arm: str) -> bool:
+        """Whether `arm` selects once per stage from offline scores (a `select` arm not in `mode: online`)."""
+        spec = self.arm(arm)
+        return spec.kind == "select" and (spec.mode or self.mode) != "online"
 
     def selection_for(self, arm: str) -> SelectionConfig:
         """The arm's selection: the recipe's `selection:` with the arm's overrides; a `random` arm's rule is
