@@ -580,7 +580,7 @@ def test_each_online_arm_is_read_against_the_online_random_arm_of_the_paper_reci
     paper = Path(__file__).resolve().parents[1] / "recipes" / "paper-smollm2.yaml"
     recipe = load_recipe(paper).model_dump(mode="json")  # as recipe.json holds it
     setups = {name: arm_setup(name, recipe, []) for name in recipe["arms"]}
-    assert setups["high_online"] == {"kind": "select", "steps": None, "online": True, "rule": "high"}
+    assert setups["high_online"] == {"kind": "select", "steps": None, "online": True, "rule": "high", "match": None}
     references = {name: random_reference(name, setups) for name in setups}
     assert references == {
         "full": "random",
@@ -593,6 +593,20 @@ def test_each_online_arm_is_read_against_the_online_random_arm_of_the_paper_reci
         "kl": "random",
         "ewc": "random",
         "olora": "random",
+    }
+    # A random arm sized to an arm by its `match` is that arm's reference; the others keep `random`.
+    contaminated = paper.parent / "contaminated-smollm2.yaml"
+    recipe = load_recipe(contaminated).model_dump(mode="json")
+    setups = {name: arm_setup(name, recipe, []) for name in recipe["arms"]}
+    references = {name: random_reference(name, setups) for name in setups}
+    assert references == {
+        "full": "random",
+        "clean": "random",
+        "detector": "random_detector",
+        "moderate": "random",
+        "anchor": "random",
+        "random": None,
+        "random_detector": None,
     }
     # Without the dumped recipe, stage records tell an online arm (its rule is then unknown: no online reference).
     assert arm_setup("x", {}, [{"arm_kind": "select", "online_rows": 60}])["online"] is True

@@ -79,7 +79,7 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
         stage_records = [record for entry in seeds.values() for record in entry["arms"].get(arm, {}).values()]
         setup = arm_setup(arm, recipe_meta.get("recipe") or {}, stage_records)
         arms[arm] = {**setup, "seeds": per_seed, "mean": _aggregate(per_seed, docs, n_resamples)}
-    setups = {name: {key: arm.get(key) for key in ("kind", "steps", "online", "rule")} for name, arm in arms.items()}
+    setups = {name: {key: arm.get(key) for key in SETUP_KEYS} for name, arm in arms.items()}
     for name, arm in arms.items():
         full = "full" if "full" in arms and name != "full" else None
         arm["references"] = {"vs_random": random_reference(name, setups), "vs_full": full}
@@ -93,8 +93,8 @@ def build_report(run_dir: Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[
             "confidence": CONFIDENCE,
             "over_seeds": "Student t: mean ± t.ppf(0.975, n−1)·s/√n, s with ddof=1; None below two seeds",
             "differences": "vs_random / vs_full: arm − reference paired by seed, same t interval; vs_random's "
-            "reference is, for an online arm, the online arm with the random rule, else the random-kind arm with the "
-            "same steps setting, else `random`",
+            "reference is, for an online arm, the online arm with the random rule, else the random-kind arm sized to "
+            "it (`match`) with the same steps setting, else one with the same steps setting, else `random`",
             "over_prompts": {"method": "percentile", "n_resamples": n_resamples, "seed": BOOTSTRAP_SEED},
         },
         "headline": {**headline(arms), "aligned": aligned_row(seeds, tasks, n_resamples)},
@@ -148,15 +148,24 @@ def _aggregate(
     return out
 
 
+SETUP_KEYS = ("kind", "steps", "online", "rule", "match")  # `arm_setup`'s keys, what `random_reference` reads
+
+
 def arm_setup(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Return how an arm trained: {"kind": an `ArmSpec.kind`, "steps": "kept" | "full" | None, "online": whether it
-    selected inside each batch, "rule": an online arm's selection rule (else None)}.
+    selected inside each batch, "rule": an online arm's selection rule (else None), "match": the arm a random arm's
+    `match` names (else None)}.
 
     `steps` is None where the setting does not apply (online arms and the other kinds train on every row). Read from
     the dumped recipe (recipe.json's `recipe`) when it lists the arm, as the runner decides it; otherwise from the
     arm's stage.json files: `arm_kind` (else the built-in meaning of the name), `full` where one has `max_steps`,
-    online where one has `online_rows` (its rule then unknown).
+    online where one has `online_rows` (its rule then unknown), and no `match`.
     """
+    return {**_trained_as(name, recipe, records), "match": ((recipe.get("arms") or {}).get(name) or {}).get("match")}
+
+
+def _trained_as(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`arm_setup` but its `match`."""
     spec = (recipe.get("arms") or {}).get(name)
     if spec is not None:
         default = ArmSpec().kind
@@ -179,8 +188,8 @@ def arm_setup(name: str, recipe: Mapping[str, Any], records: Sequence[Mapping[st
 def random_reference(name: str, setups: Mapping[str, Mapping[str, Any]]) -> str | None:
     """Return the arm that `name`'s `vs_random` compares with: for an online arm, the online arm with the `random`
     rule (random rows of every batch, the same steps: the paper's fair baseline for an online method); otherwise the
-    random-kind arm with the same `steps` setting (`random` first, then by name); else `random`. None for a random
-    arm (of either kind) or when there is none."""
+    random-kind arm with the same `steps` setting (the one sized to it by its `match` first, then `random`, then by
+    name); else `random`. None for a random arm (of either kind) or when there is none."""
     if setups[name]["kind"] == "random" or (setups[name].get("online") and setups[name].get("rule") == "random"):
         return None
     if setups[name].get("online"):
@@ -191,12 +200,12 @@ def random_reference(name: str, setups: Mapping[str, Mapping[str, Any]]) -> str 
             return online_random[0]
     steps = setups[name]["steps"]
     matched = sorted(
-        (other != "random", other)
+        (setup.get("match") != name, other != "random", other)
         for other, setup in setups.items()
         if other != name and setup["kind"] == "random" and steps is not None and setup["steps"] == steps
     )
     if matched:
-        return matched[0][1]
+        return matched[0][-1]
     return "random" if "random" in setups and name != "random" else None
 
 
