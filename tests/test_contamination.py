@@ -321,3 +321,22 @@ def test_a_random_arm_left_without_its_match_arm_is_refused_before_anything_trai
     assert kept_by(Step(0, "random", 1, "mixed", layout), "strict") == 5
     with pytest.raises(UserError, match="has no finished stage `mixed` at seed 1"):
         unmatched(recipe, layout, ["random"], [0, 1])
+
+
+def test_offset_and_match_are_part_of_what_made_a_stage(tmp_path, tiny_model_dir):
+    # A finished stage made with another `offset` or another `match` is a change of the recipe (`made_by`), so a
+    # resumed run stops on it instead of mixing two recipes.
+    from gradsift.continual.fingerprint import Fingerprints
+    from gradsift.continual.layout import RunLayout, Step
+
+    data = mixed_recipe(tmp_path, tiny_model_dir, arms=())
+    data["arms"] = {"strict": {"kind": "select"}, "loose": {"kind": "select"}, "random": {"match": "strict"}}
+    step = Step(0, "random", 1, "mixed", RunLayout(tmp_path / "run"))
+    made = Fingerprints(load_recipe(write(tmp_path, data))).made_by(step)
+    data["stages"][0]["data"][0]["offset"] = 2
+    data["stages"][0]["data"][0]["size"] = 8
+    moved = Fingerprints(load_recipe(write(tmp_path, data))).made_by(step)
+    assert {key for key in made if made[key] != moved.get(key)} == {"data.0.offset", "data.0.size"}
+    data["arms"]["random"] = {"match": "loose"}
+    rematched = Fingerprints(load_recipe(write(tmp_path, data))).made_by(step)
+    assert {key for key in moved if moved[key] != rematched.get(key)} == {"arm.match"}
