@@ -638,3 +638,28 @@ def test_the_paper_layout_table_gives_each_tasks_final_accuracy_from_the_stage_f
     ]
     mean, low, high = t_by_hand(aligned)
     assert cells["aligned model (start)"]["domain_yes_no"] == f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def test_accuracy_by_length_bins_each_task_by_the_metric_its_samples_log(tmp_path):
+    """A `ref_byte_prob` task (Alpaca, GSM8K) logs no `acc`: it is binned by `ref_byte_prob`, and a task logging
+    both (MedMCQA) by `ref_byte_prob` too, as `accuracy_metric` reads the task's results."""
+    from gradsift.report import length_bin_accuracy
+
+    run_eval = tmp_path / "eval" / "run"
+    run_eval.mkdir(parents=True)
+    alpaca = [
+        ({"question": "q", "reply": "one two"}, 0.5),
+        ({"question": "q", "reply": "one two three"}, 0.7),
+        ({"question": "q", "reply": "a b c d"}, 0.9),
+    ]
+    lines = [json.dumps({"doc": doc, "ref_byte_prob": p}) for doc, p in alpaca]
+    (run_eval / "samples_gradsift_domain_alpaca_offline_2026-01-01T00-00-00.jsonl").write_text("\n".join(lines) + "\n")
+    mc = [json.dumps({"doc": {"question": "q", "choices": ["x"], "gold": 0}, "acc": 1.0, "ref_byte_prob": 0.25})]
+    (run_eval / "samples_gradsift_domain_medmcqa_offline_2026-01-01T00-00-00.jsonl").write_text(mc[0] + "\n")
+    out = length_bin_accuracy(tmp_path)
+    assert out["gradsift_domain_alpaca_offline"] == {
+        "1–2 words": {"acc": 0.5, "n": 1, "metric": "ref_byte_prob"},
+        "3–8 words": {"acc": pytest.approx(0.8), "n": 2, "metric": "ref_byte_prob"},
+    }
+    # No reference answer: one "word" bin; the MC task's ref_byte_prob, not its acc.
+    assert out["gradsift_domain_medmcqa_offline"] == {"1–2 words": {"acc": 0.25, "n": 1, "metric": "ref_byte_prob"}}

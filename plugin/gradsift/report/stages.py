@@ -231,19 +231,26 @@ def _bin_label(low: int, high: int) -> str:
     return f"{low}+ words" if high >= 10**9 else f"{low}–{high} words"
 
 
-def length_bin_accuracy(stage_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Accuracy per domain task and reference-answer length bin, from a stage's logged lm-eval samples."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+def length_bin_accuracy(stage_dir: Path) -> dict[str, dict[str, dict[str, float | int | str]]]:
+    """Accuracy per domain task and reference-answer length bin, from a stage's logged lm-eval samples.
+
+    A task's accuracy is the first of `ACCURACY_METRICS` its samples log (as `accuracy_metric` reads a
+    task's results), so a `ref_byte_prob` task is binned by that; each cell names its `metric`.
+    """
+    out: dict[str, dict[str, dict[str, float | int | str]]] = {}
     for path in sorted(RunLayout.eval_dir(stage_dir).rglob("samples_gradsift_domain_*.jsonl")):
         task = path.name[len("samples_") :].rsplit("_", 1)[0]
+        samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        metric = accuracy_metric(samples[0]) if samples else None
+        if metric is None:
+            continue
         bins: dict[str, list[float]] = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            sample = json.loads(line)
+        for sample in samples:
             doc = sample["doc"]
             words = len(str(doc.get("reply", doc.get("answer", ""))).split())
             label = next(_bin_label(lo, hi) for lo, hi in LENGTH_BINS if lo <= max(words, 1) <= hi)
-            bins.setdefault(label, []).append(float(sample["acc"]))
-        out[task] = {label: {"acc": float(np.mean(v)), "n": len(v)} for label, v in bins.items()}
+            bins.setdefault(label, []).append(float(sample[metric]))
+        out[task] = {label: {"acc": float(np.mean(v)), "n": len(v), "metric": metric} for label, v in bins.items()}
     return out
 
 

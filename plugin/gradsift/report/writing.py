@@ -291,10 +291,11 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
         for seed, data in arm["seeds"].items():
             for task, bins in data.get("final_accuracy_by_length", {}).items():
                 for label, cell in bins.items():
-                    rows.append([name, seed, short_key(task), label, cell["n"], cell["acc"]])
+                    metric = cell.get("metric", "acc")
+                    rows.append([name, seed, short_key(task), label, cell["n"], metric, cell["acc"]])
     if rows:
         parts += ["## Accuracy by task and answer length (after the last stage)", ""]
-        parts += [_table(["arm", "seed", "task", "reference answer", "n", "acc"], rows), ""]
+        parts += [_table(["arm", "seed", "task", "reference answer", "n", "metric", "mean"], rows), ""]
     if figures:
         parts += ["## Plots", ""] + [f"![{key}]({path.name})" for key, path in figures.items()] + [""]
     return "\n".join(parts)
