@@ -291,8 +291,7 @@ def markdown(report: dict[str, Any], figures: dict[str, Path] | None = None) -> 
         for seed, data in arm["seeds"].items():
             for task, bins in data.get("final_accuracy_by_length", {}).items():
                 for label, cell in bins.items():
-                    metric = cell.get("metric", "acc")
-                    rows.append([name, seed, short_key(task), label, cell["n"], metric, cell["acc"]])
+                    rows.append([name, seed, short_key(task), label, cell["n"], cell["metric"], cell["acc"]])
     if rows:
         parts += ["## Accuracy by task and answer length (after the last stage)", ""]
         parts += [_table(["arm", "seed", "task", "reference answer", "n", "metric", "mean"], rows), ""]
